@@ -1,0 +1,1 @@
+"""Backends (installed as ``flannel.backends``): how the data plane is programmed."""

@@ -1,0 +1,63 @@
+"""``alloc``: lease a subnet and do nothing else (flannel's alloc backend, reference §9.5).
+
+Useful when another component programs the data plane from subnet.env, and as the smallest real
+backend plugin: it goes through the same registration and event pipeline as the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from flannel.backends.base import Backend, Network
+from flannel.config import NetworkConfig
+from flannel.lease import Batch, Lease, LeaseAttrs, LeaseSource
+
+log = logging.getLogger(__name__)
+
+
+class AllocNetwork(Network):
+    def __init__(self, lease: Lease, mtu: int) -> None:
+        self._lease = lease
+        self._mtu = mtu
+        self.peers: dict[object, Lease] = {}
+
+    @property
+    def lease(self) -> Lease:
+        return self._lease
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    def on_lease_renewed(self, lease: Lease) -> None:
+        self._lease = lease
+
+    def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
+        """No data plane: just keep a peer table (for logs and tests)."""
+        from flannel.lease import EventType
+
+        while not stop.is_set():
+            try:
+                batch = batches.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if batch is None:
+                return
+            for ev in batch.events:
+                if ev.type is EventType.ADDED:
+                    self.peers[ev.lease.ident] = ev.lease
+                else:
+                    self.peers.pop(ev.lease.ident, None)
+            log.debug("alloc: %d peers known", len(self.peers))
+
+
+class AllocBackend(Backend):
+    type_name = "alloc"
+
+    def register_network(self, *, config: NetworkConfig, leases: LeaseSource) -> Network:
+        attrs = LeaseAttrs(public_ip=self.ext_iface.ext_addr or LeaseAttrs().public_ip,
+                           public_ipv6=self.ext_iface.ext_v6_addr if config.enable_ipv6 else None)
+        lease = leases.acquire_lease(attrs)
+        return AllocNetwork(lease, self.ext_iface.mtu)

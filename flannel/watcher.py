@@ -1,0 +1,101 @@
+"""LeaseWatcher: turns a subnet manager's snapshots and events into diffed batches for a backend.
+
+Differences from flannel's LeaseWatcher (reference §6.2, §14):
+* a snapshot re-emits ADDED for leases whose attributes changed (flannel silently dropped them);
+* an empty event list is just nothing: it is never treated as an empty snapshot;
+* an ADDED that repeats exactly what we already track (a renewal) is not re-emitted;
+* batches are bounded (``max_batch``), so one huge snapshot does not become one huge transaction;
+  the last batch of every snapshot carries ``synced=True`` so backends know when to reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flannel.lease import Batch, EventType, Lease, LeaseEvent, WatchResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 500
+
+Ident = tuple[object, object]
+
+
+class LeaseWatcher:
+    """Tracks the remote leases a backend has been told about. Not thread-safe: one consumer."""
+
+    def __init__(self, own: Lease, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._own = own
+        self._max_batch = max_batch
+        self._tracked: dict[Ident, Lease] = {}
+
+    @property
+    def own(self) -> Lease:
+        return self._own
+
+    def set_own(self, lease: Lease) -> None:
+        """Our lease changed (re-acquired). If it now occupies a slot we tracked as remote, the
+        backend is told to forget that peer."""
+        self._own = lease
+        stale = self._tracked.pop(lease.ident, None)
+        if stale is not None:
+            log.warning("our lease %s was tracked as a remote peer; dropping it", lease.describe())
+
+    def tracked(self) -> list[Lease]:
+        return list(self._tracked.values())
+
+    def apply(self, result: WatchResult) -> list[Batch]:
+        """Diff one watch result against what we track. Returns zero or more bounded batches."""
+        if result.snapshot is not None:
+            return self._chunk(self._reset(result.snapshot), synced=True)
+        return self._chunk(self._update(result.events), synced=False)
+
+    def _is_own(self, lease: Lease) -> bool:
+        return lease.ident == self._own.ident
+
+    def _update(self, events: tuple[LeaseEvent, ...]) -> list[LeaseEvent]:
+        out: list[LeaseEvent] = []
+        for ev in events:
+            if self._is_own(ev.lease):
+                continue
+            ident = ev.lease.ident
+            if ev.type is EventType.ADDED:
+                old = self._tracked.get(ident)
+                self._tracked[ident] = ev.lease
+                if old is None or old.attrs != ev.lease.attrs:
+                    out.append(ev)
+            else:
+                old = self._tracked.pop(ident, None)
+                if old is None:
+                    log.info("removed lease %s was not known; passing it on", ev.lease.describe())
+                    out.append(ev)
+                else:
+                    out.append(LeaseEvent(EventType.REMOVED, old))  # carries the stored attributes
+        return out
+
+    def _reset(self, snapshot: tuple[Lease, ...]) -> list[LeaseEvent]:
+        out: list[LeaseEvent] = []
+        fresh: dict[Ident, Lease] = {}
+        for lease in snapshot:
+            if self._is_own(lease):
+                continue
+            fresh[lease.ident] = lease
+            old = self._tracked.get(lease.ident)
+            if old is None or old.attrs != lease.attrs:
+                out.append(LeaseEvent(EventType.ADDED, lease))
+        for ident, old in self._tracked.items():
+            if ident not in fresh:
+                out.append(LeaseEvent(EventType.REMOVED, old))
+        self._tracked = fresh
+        return out
+
+    def _chunk(self, events: list[LeaseEvent], *, synced: bool) -> list[Batch]:
+        n = self._max_batch
+        chunks = [tuple(events[i:i + n]) for i in range(0, len(events), n)]
+        if synced:
+            if not chunks:
+                return [Batch((), synced=True)]
+            return [Batch(c, synced=(i == len(chunks) - 1)) for i, c in enumerate(chunks)]
+        return [Batch(c) for c in chunks]

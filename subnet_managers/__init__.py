@@ -1,0 +1,1 @@
+"""Subnet managers (installed as ``flannel.subnet_managers``): where leases are stored."""

@@ -1,0 +1,70 @@
+"""The SubnetManager ABC: what both stores (etcd, the Kubernetes API) really do.
+
+Store-specific state (etcd revisions, kube resourceVersions, node objects) never leaves the
+implementation. Every method may block; the daemon calls them from its own threads.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Callable, Iterator
+
+from flannel.config import NetworkConfig
+from flannel.lease import Lease, LeaseAttrs, WatchResult
+
+
+class SubnetManager(abc.ABC):
+    """A lease store. Constructed by the daemon from the CLI options; no I/O in ``__init__``."""
+
+    #: entry-point name ("etcd", "kube")
+    kind: str = ""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """A human description for the startup log (e.g. ``etcd at http://...:2379 (prefix ...)``)."""
+
+    @abc.abstractmethod
+    def get_network_config(self) -> NetworkConfig:
+        """Read and validate the network config.
+
+        :raises errors.ConfigNotFound: not there yet (the daemon waits and retries).
+        :raises errors.ConfigError: present but invalid (fatal).
+        :raises errors.StoreUnavailable: the store cannot be reached (retried).
+        """
+
+    @abc.abstractmethod
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        """Get this node's lease, publishing ``attrs``. Retries transient failures itself.
+
+        :raises errors.NetworkFull: no free subnet (fatal).
+        :raises errors.ConfigError: e.g. kube podCIDR outside the network.
+        """
+
+    @abc.abstractmethod
+    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        """Yield a snapshot of all leases, then events, forever (until ``stop`` is set).
+
+        Reconnects and relists internally; never raises for transient store problems. A record
+        that cannot be decoded is logged and skipped; it never ends the watch.
+        """
+
+    @abc.abstractmethod
+    def complete_lease(self, lease: Lease, stop: threading.Event,
+                       on_lease: Callable[[Lease], None] | None = None) -> None:
+        """Keep our own lease alive until ``stop`` is set (etcd: renew, re-acquire if lost;
+        kube: mark the node network available). ``on_lease`` is called with each new version of
+        our lease (renewal or re-acquisition)."""
+
+    def stored_public_ips(self) -> tuple[str | None, str | None]:
+        """Public IPv4/IPv6 the store assigns to this node, overriding the flags (kube
+        ``node-public-ip`` annotations). Default: none."""
+        return None, None
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        """BackendData / BackendV6Data this node published before (kube only). Default: none."""
+        return None, None
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
