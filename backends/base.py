@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease, LeaseSource
+from flannel.options import AgentOptions
 
 @dataclass(frozen=True)
 class ExternalInterface:
@@ -29,14 +30,6 @@ class ExternalInterface:
     ext_addr: IPv4Address | None
     iface_v6_addr: IPv6Address | None = None
     ext_v6_addr: IPv6Address | None = None
-
-
-@dataclass(frozen=True)
-class DaemonOptions:
-    """The few daemon-wide options a backend may need (not the whole CLI)."""
-
-    ip_masq: bool = False
-    netns: str | None = None  # only for tests that drive a backend in-process
 
 
 class Network(abc.ABC):
@@ -77,9 +70,10 @@ class Backend(abc.ABC):
     #: the ``Backend.Type`` this plugin implements, and the ``BackendType`` in its leases
     type_name: ClassVar[str] = ""
 
-    def __init__(self, ext_iface: ExternalInterface, options: DaemonOptions | None = None) -> None:
+    def __init__(self, ext_iface: ExternalInterface, options: AgentOptions | None = None) -> None:
+        """Store dependencies only; no I/O here (that happens in ``register_network``)."""
         self.ext_iface = ext_iface
-        self.options = options or DaemonOptions()
+        self.options = options or AgentOptions()
 
     @abc.abstractmethod
     def register_network(self, *, config: NetworkConfig, leases: LeaseSource) -> Network:

@@ -1,0 +1,77 @@
+"""Network-namespace plumbing for tests, the lab and benchmarks (via iproute2, an independent tool).
+
+Every namespace gets a per-run prefix so parallel runs don't collide, and ``cleanup_prefix``
+removes whatever a crashed run left behind. Only namespaces we created are ever touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def run_prefix() -> str:
+    """A short unique prefix for one run's namespaces, e.g. ``ft3a9c-``."""
+    return f"ft{uuid.uuid4().hex[:4]}-"
+
+
+class NetNS:
+    """A named network namespace with loopback up."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        run("ip", "netns", "add", name)
+        self.ip("link", "set", "lo", "up")
+
+    def exec(self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
+        return run("ip", "netns", "exec", self.name, *cmd, check=check, timeout=timeout, input=input)
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        return run("ip", "-n", self.name, *args, check=check)
+
+    def popen(self, *cmd: str, **kw: object) -> "subprocess.Popen[bytes]":
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)  # type: ignore[call-overload]
+
+    def delete(self) -> None:
+        # kill anything still running inside (only processes in *our* namespace)
+        pids = run("ip", "netns", "pids", self.name, check=False).split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        run("ip", "netns", "del", self.name, check=False)
+
+    def __enter__(self) -> "NetNS":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
+def veth_pair(a: NetNS, a_if: str, b: NetNS, b_if: str) -> None:
+    """Create a veth pair with one end in each namespace (both up)."""
+    tmp = f"v{uuid.uuid4().hex[:10]}"
+    run("ip", "link", "add", tmp, "type", "veth", "peer", "name", tmp + "p")
+    run("ip", "link", "set", tmp, "netns", a.name, "name", a_if)
+    run("ip", "link", "set", tmp + "p", "netns", b.name, "name", b_if)
+    a.ip("link", "set", a_if, "up")
+    b.ip("link", "set", b_if, "up")
+
+
+def cleanup_prefix(prefix: str) -> None:
+    """Delete every namespace whose name starts with ``prefix`` (leftovers of a crashed run)."""
+    for line in run("ip", "netns", "list", check=False).splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(prefix):
+            ns = NetNS.__new__(NetNS)
+            ns.name = name
+            ns.delete()
