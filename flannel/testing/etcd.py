@@ -29,7 +29,11 @@ def etcd_available() -> bool:
 class EtcdServer:
     """One single-member etcd. ``stop()`` keeps the data dir so ``start()`` resumes it."""
 
-    def __init__(self, data_dir: str | None = None, *, host: str = "127.0.0.1", log_path: str | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, *, host: str = "127.0.0.1", log_path: str | None = None,
+                 netns: str | None = None) -> None:
+        """``netns``: run etcd inside that network namespace, listening on ``host`` there (agents in
+        other namespaces reach it over the test underlay; the root namespace is not involved)."""
+        self.netns = netns
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="flannel-etcd-")
         self.host = host
@@ -52,6 +56,8 @@ class EtcdServer:
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                "--initial-cluster", f"{name}={peer}", "--log-level", "warn"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -63,14 +69,23 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.healthy():
+                return
             time.sleep(0.1)
         raise TimeoutError(f"etcd at {self.endpoint} not healthy after {timeout}s; see {self.log_path}")
+
+    def healthy(self) -> bool:
+        if self.netns:
+            try:
+                self.etcdctl("endpoint", "health", "--command-timeout=1s")
+                return True
+            except (RuntimeError, subprocess.TimeoutExpired):
+                return False
+        try:
+            with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is None:
@@ -87,7 +102,10 @@ class EtcdServer:
     def etcdctl(self, *args: str, input: bytes | None = None) -> str:
         """Run etcdctl (API v3) against this server; returns stdout. Raises on failure."""
         env = dict(os.environ, ETCDCTL_API="3")
-        res = subprocess.run([ETCDCTL_BIN, "--endpoints", self.endpoint, *args], input=input,
+        cmd = [ETCDCTL_BIN, "--endpoints", self.endpoint, *args]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        res = subprocess.run(cmd, input=input,
                              capture_output=True, env=env, timeout=30)
         if res.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {res.stderr.decode().strip()}")

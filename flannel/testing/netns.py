@@ -6,9 +6,14 @@ removes whatever a crashed run left behind. Only namespaces we created are ever 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import subprocess
 import uuid
+from typing import Iterator
+
+_CLONE_NEWNET = 0x40000000
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
@@ -75,3 +80,24 @@ def cleanup_prefix(prefix: str) -> None:
             ns = NetNS.__new__(NetNS)
             ns.name = name
             ns.delete()
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Switch *the calling thread* into namespace ``name`` for the block (setns(2)).
+
+    Sockets created inside the block stay in that namespace after it ends, so a test can e.g. open
+    a listening socket in the lab's hub namespace and serve it from a thread. Don't start threads
+    or clients that open sockets later (grpc) from here: they would be in the root namespace.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as orig, open(f"/run/netns/{name}") as target:
+        if libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if libc.setns(orig.fileno(), _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns(back): {os.strerror(err)}")

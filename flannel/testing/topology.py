@@ -1,0 +1,85 @@
+"""Multi-host test topology: "hosts" are network namespaces on a shared L2 underlay.
+
+    hub namespace (<prefix>hub): bridge ``br0`` with the hub address (.254); etcd and the kube
+    stand-in API server listen here, so agents reach them over the underlay, never via the root
+    namespace. The hub has no route out of the machine.
+    host namespaces (<prefix>h1, ...): ``eth0`` (veth into br0) with 198.18.0.N/24, default route
+    via the hub address (which leads nowhere: traffic to non-lab addresses dies in the hub).
+
+Only addresses in 198.18.0.0/15 are used on the underlay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from flannel.testing.netns import NetNS, run, veth_pair
+
+DEFAULT_UNDERLAY = "198.18.0.0/24"
+
+
+@dataclass
+class Host:
+    name: str
+    ns: NetNS
+    ip: ipaddress.IPv4Address
+    ifname: str = "eth0"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Underlay:
+    """The hub namespace and its bridge; ``add_host`` plugs a new host namespace into it."""
+
+    def __init__(self, prefix: str, *, subnet: str = DEFAULT_UNDERLAY, mtu: int = 1500) -> None:
+        self.prefix = prefix
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self.mtu = mtu
+        self.hub_ip = self.subnet.network_address + 254
+        self.hub = NetNS(prefix + "hub")
+        self.hub.ip("link", "add", "br0", "type", "bridge")
+        self.hub.ip("addr", "add", f"{self.hub_ip}/{self.subnet.prefixlen}", "dev", "br0")
+        self.hub.ip("link", "set", "br0", "up")
+        self.hosts: dict[str, Host] = {}
+        self._next = 1
+
+    def add_host(self, name: str, *, index: int | None = None) -> Host:
+        idx = index if index is not None else self._next
+        self._next = max(self._next, idx + 1)
+        ns = NetNS(self.prefix + name)
+        port = f"p{idx}"
+        veth_pair(ns, "eth0", self.hub, port)
+        self.hub.ip("link", "set", port, "master", "br0")
+        ip = self.subnet.network_address + idx
+        ns.ip("link", "set", "eth0", "mtu", str(self.mtu))
+        self.hub.ip("link", "set", port, "mtu", str(self.mtu))
+        ns.ip("addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", "eth0")
+        ns.ip("route", "add", "default", "via", str(self.hub_ip))
+        # forwarding on, as on any node that routes pod traffic
+        ns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        host = Host(name=name, ns=ns, ip=ip)
+        self.hosts[name] = host
+        return host
+
+    def remove_host(self, name: str) -> None:
+        host = self.hosts.pop(name)
+        host.ns.delete()
+
+    def close(self) -> None:
+        for name in list(self.hosts):
+            self.remove_host(name)
+        self.hub.delete()
+
+    def __enter__(self) -> "Underlay":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ping(ns: NetNS, dst: str, *, count: int = 1, timeout: int = 2, src: str | None = None) -> bool:
+    args = ["ping", "-c", str(count), "-W", str(timeout), "-i", "0.2", "-q"]
+    if src:
+        args += ["-I", src]
+    out = run("ip", "netns", "exec", ns.name, *args, dst, check=False, timeout=count * timeout + 10)
+    return " 0% packet loss" in out
