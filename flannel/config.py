@@ -200,7 +200,8 @@ def _validate_family(f: Mapping[str, Any], version: int) -> tuple[Any, int, Any,
                                   f"({net_name} is /{net.prefixlen}, so {len_name} must be at least {net.prefixlen + 2}; got {subnet_len})")
     else:
         if net.prefixlen > min_net_len:
-            raise _fail(net_name, f"network is too small. Minimum useful network prefix is /{min_net_len} (got {net})")
+            small = "network" if version == 4 else "IPv6Network"
+            raise _fail(net_name, f"{small} is too small. Minimum useful network prefix is /{min_net_len} (got {net})")
         default_len = 24 if version == 4 else 64
         subnet_len = default_len if net.prefixlen <= default_len - 2 else net.prefixlen + 2
     size = 1 << (bits - subnet_len)

@@ -83,3 +83,70 @@ def ping(ns: NetNS, dst: str, *, count: int = 1, timeout: int = 2, src: str | No
         args += ["-I", src]
     out = run("ip", "netns", "exec", ns.name, *args, dst, check=False, timeout=count * timeout + 10)
     return " 0% packet loss" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods: a namespace behind the host's ``cni0`` bridge, addressed from the host's flannel subnet.
+# This is what the CNI bridge plugin does for a real pod; doing it with iproute2 keeps the lab
+# independent of the CNI plugin (kube mode uses the real plugin instead).
+
+BRIDGE = "cni0"
+
+
+@dataclass
+class Pod:
+    name: str
+    ns: NetNS
+    host: Host
+    ip: ipaddress.IPv4Address
+    ifname: str = "eth0"
+
+
+def subnet_env_gateway(env: dict[str, str]) -> tuple[ipaddress.IPv4Interface, int]:
+    """(bridge address, MTU) from a parsed subnet.env: FLANNEL_SUBNET is the first usable address
+    of the host's lease with its prefix length, exactly what the CNI plugin gives the bridge."""
+    try:
+        gw = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
+        mtu = int(env["FLANNEL_MTU"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"subnet.env lacks a usable FLANNEL_SUBNET/FLANNEL_MTU ({env!r}): {e}") from e
+    return gw, mtu
+
+
+def ensure_bridge(host: Host, gateway: ipaddress.IPv4Interface, mtu: int) -> None:
+    """Create ``cni0`` in the host with the gateway address (idempotent; a stale address from an
+    earlier lease is replaced so pods never get a gateway outside the current subnet)."""
+    links = host.ns.ip("-o", "link", "show", "dev", BRIDGE, check=False)
+    if not links.strip():
+        host.ns.ip("link", "add", BRIDGE, "type", "bridge")
+    host.ns.ip("link", "set", BRIDGE, "mtu", str(mtu))
+    addrs = host.ns.ip("-o", "-4", "addr", "show", "dev", BRIDGE)
+    have = [line.split()[3] for line in addrs.splitlines() if len(line.split()) > 3]
+    for a in have:
+        if a != str(gateway):
+            host.ns.ip("addr", "del", a, "dev", BRIDGE)
+    if str(gateway) not in have:
+        host.ns.ip("addr", "add", str(gateway), "dev", BRIDGE)
+    host.ns.ip("link", "set", BRIDGE, "up")
+
+
+def add_pod(host: Host, ns_name: str, *, index: int, gateway: ipaddress.IPv4Interface, mtu: int,
+            name: str | None = None) -> Pod:
+    """Pod ``index`` (1, 2, ...) of ``host``: namespace ``ns_name``, ``eth0`` = veth into cni0,
+    address gateway + index, default route via the gateway (the bridge address)."""
+    ip = gateway.ip + index
+    if ip not in gateway.network or ip == gateway.network.broadcast_address:
+        raise ValueError(f"pod index {index} does not fit in {gateway.network}")
+    ensure_bridge(host, gateway, mtu)
+    ns = NetNS(ns_name)
+    host_if = f"veth{index}"
+    try:
+        veth_pair(ns, "eth0", host.ns, host_if)
+        host.ns.ip("link", "set", host_if, "master", BRIDGE, "mtu", str(mtu))
+        ns.ip("link", "set", "eth0", "mtu", str(mtu))
+        ns.ip("addr", "add", f"{ip}/{gateway.network.prefixlen}", "dev", "eth0")
+        ns.ip("route", "add", "default", "via", str(gateway.ip))
+    except BaseException:
+        ns.delete()
+        raise
+    return Pod(name=name or ns_name, ns=ns, host=host, ip=ip)

@@ -1,0 +1,114 @@
+"""LeaseWatcher diffing (reference §6.2) and our fixes of flannel's bugs (§14.2, §14.3)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent, WatchResult
+from flannel.watcher import LeaseWatcher
+
+
+def lease(n: int, ip: str = "", mac: str = "aa") -> Lease:
+    return Lease(subnet=IPv4Network(f"10.5.{n}.0/24"),
+                 attrs=LeaseAttrs(public_ip=IPv4Address(ip or f"192.168.0.{n}"), backend_type="vxlan",
+                                  backend_data=f'{{"VtepMAC":"{mac}"}}'))
+
+
+def added(le: Lease) -> LeaseEvent:
+    return LeaseEvent(EventType.ADDED, le)
+
+
+def removed(le: Lease) -> LeaseEvent:
+    return LeaseEvent(EventType.REMOVED, le)
+
+
+def flat(batches: list[Batch]) -> list[tuple[EventType, object]]:
+    return [(e.type, e.lease.subnet) for b in batches for e in b.events]
+
+
+OWN = lease(1)
+
+
+def test_snapshot_emits_remote_leases_only_and_is_synced():
+    w = LeaseWatcher(OWN)
+    out = w.apply(WatchResult.of_snapshot([OWN, lease(2), lease(3)]))
+    assert flat(out) == [(EventType.ADDED, lease(2).subnet), (EventType.ADDED, lease(3).subnet)]
+    assert out[-1].synced
+
+
+def test_empty_snapshot_still_yields_one_synced_batch():
+    out = LeaseWatcher(OWN).apply(WatchResult.of_snapshot([]))
+    assert out == [Batch((), synced=True)]
+
+
+def test_events_skip_own_and_duplicates():
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2)]))
+    out = w.apply(WatchResult.of_events([added(OWN), added(lease(2)), added(lease(4))]))
+    assert flat(out) == [(EventType.ADDED, lease(4).subnet)]  # renewal of 2 is not news
+    assert not out[0].synced
+
+
+def test_changed_attrs_in_event_are_reemitted():
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2)]))
+    out = w.apply(WatchResult.of_events([added(lease(2, mac="bb"))]))
+    assert out[0].events[0].lease.attrs.backend_data == '{"VtepMAC":"bb"}'
+
+
+def test_removed_carries_stored_attributes():
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2)]))
+    bare = Lease(subnet=lease(2).subnet, attrs=LeaseAttrs())  # etcd deletes carry no attributes
+    out = w.apply(WatchResult.of_events([removed(bare)]))
+    assert out[0].events[0] == removed(lease(2))
+    assert w.tracked() == []
+
+
+def test_unknown_removal_passed_on():
+    w = LeaseWatcher(OWN)
+    out = w.apply(WatchResult.of_events([removed(lease(7))]))
+    assert flat(out) == [(EventType.REMOVED, lease(7).subnet)]
+
+
+def test_empty_event_result_removes_nothing():
+    """flannel bug §14.2: an empty result was treated as an empty snapshot and removed every peer."""
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2), lease(3)]))
+    assert w.apply(WatchResult.of_events([])) == []
+    assert len(w.tracked()) == 2
+
+
+def test_relist_diff_reemits_changed_and_removes_missing():
+    """flannel bug §14.3: a relist never re-emitted leases whose attributes changed."""
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2), lease(3), lease(4)]))
+    out = w.apply(WatchResult.of_snapshot([lease(2), lease(3, ip="192.168.9.9"), lease(5)]))
+    assert sorted(flat(out), key=str) == sorted([
+        (EventType.ADDED, lease(3).subnet), (EventType.ADDED, lease(5).subnet), (EventType.REMOVED, lease(4).subnet),
+    ], key=str)
+    assert out[-1].synced
+
+
+def test_batches_are_bounded_and_only_last_is_synced():
+    w = LeaseWatcher(OWN, max_batch=3)
+    out = w.apply(WatchResult.of_snapshot([lease(n) for n in range(2, 10)]))
+    assert [len(b.events) for b in out] == [3, 3, 2]
+    assert [b.synced for b in out] == [False, False, True]
+    out = w.apply(WatchResult.of_events([added(lease(n)) for n in range(20, 27)]))
+    assert [len(b.events) for b in out] == [3, 3, 1] and not any(b.synced for b in out)
+
+
+def test_set_own_drops_tracked_slot():
+    w = LeaseWatcher(OWN)
+    w.apply(WatchResult.of_snapshot([lease(2)]))
+    w.set_own(lease(2))
+    assert w.tracked() == []
+    assert w.apply(WatchResult.of_events([added(lease(2))])) == []
+
+
+def test_max_batch_validation():
+    with pytest.raises(ValueError):
+        LeaseWatcher(OWN, max_batch=0)
