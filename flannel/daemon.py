@@ -1,0 +1,338 @@
+"""The daemon lifecycle: startup in flannel's order, the lease pipeline, clean shutdown.
+
+Startup follows reference §0 (kube-only steps live in the kube subnet manager): load the subnet
+manager plugin → signal handlers → health server → wait for the network config (retry every
+second) → public IPs stored in the store override the flags → external interface → load and
+construct the backend → ``register_network`` (acquires the lease) → traffic rules → subnet.env
+→ "flannel is ready" → event pipeline → keep the lease alive.
+
+Concurrency (DESIGN §4): one stop ``threading.Event`` and plain threads. The main thread only
+supervises: the startup and every loop run on worker threads, so SIGTERM is honoured within a
+few seconds even when a worker is stuck in a blocking store call. Threads:
+
+* ``startup``   – the sequence above, then waits for stop and shuts down;
+* ``watch``     – ``subnet_manager.watch_leases`` → ``LeaseWatcher`` → a queue of ``Batch``;
+* ``network``   – ``Network.run(queue, stop)`` (the backend's event loop);
+* ``lease``     – ``subnet_manager.complete_lease`` (renewal, re-acquisition);
+* ``health``    – the HTTP server (flannel.health).
+
+A thread that dies with an exception stops the daemon with that error (exit 1 via the CLI): a
+half-working agent that no longer follows leases is worse than a restart. The composed objects
+(manager, backend, network) are plain dependencies; nothing here inherits from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any, Callable, Iterator
+
+from flannel import errors, health, iface, plugins, subnet_file
+from flannel.backends.base import Backend, ExternalInterface, Network
+from flannel.config import NetworkConfig
+from flannel.lease import Batch, Lease
+from flannel.options import AgentOptions
+from flannel.subnet_managers.base import SubnetManager
+from flannel.watcher import LeaseWatcher
+
+log = logging.getLogger(__name__)
+
+CONFIG_RETRY_SECONDS = 1.0
+SHUTDOWN_GRACE_SECONDS = 5.0
+POLL_SECONDS = 0.2
+
+
+class _Stopped(Exception):
+    """Stop was requested while starting up: unwind quietly (exit 0)."""
+
+
+@contextlib.contextmanager
+def signal_handlers(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``stop``; a second one exits at once. Previous handlers are restored.
+
+    Only the main thread may install handlers; elsewhere (tests driving ``run`` from a thread)
+    this is a no-op and the caller sets ``stop`` itself.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting immediately", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def load_subnet_manager(opts: AgentOptions) -> SubnetManager:
+    cls = plugins.load(plugins.SUBNET_MANAGERS, opts.subnet_manager)
+    manager: SubnetManager = cls(opts)
+    return manager
+
+
+def load_backend(config: NetworkConfig) -> type[Backend]:
+    """The backend class named by the config; unknown → PluginError listing the installed ones."""
+    return plugins.load(plugins.BACKENDS, config.backend_type)  # type: ignore[no-any-return]
+
+
+class Daemon:
+    """One agent run. ``run()`` returns on a clean stop and raises FlannelError on failure."""
+
+    def __init__(self, opts: AgentOptions, *, manager: SubnetManager | None = None,
+                 stop: threading.Event | None = None,
+                 select_interface: Callable[..., ExternalInterface] = iface.select) -> None:
+        self.opts = opts
+        self.stop = stop or threading.Event()
+        self.ready = threading.Event()
+        self.manager = manager
+        self.select_interface = select_interface
+        self.network: Network | None = None
+        self.lease: Lease | None = None
+        self.watcher: LeaseWatcher | None = None
+        self.batches: "queue.Queue[Batch | None]" = queue.Queue()
+        self._health: health.HealthServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._lock = threading.Lock()
+
+    # --- supervision ---------------------------------------------------------------------------
+    def run(self) -> None:
+        main = self._spawn("startup", self._main)
+        while main.is_alive() and not self.stop.wait(POLL_SECONDS):
+            pass
+        main.join(SHUTDOWN_GRACE_SECONDS)
+        if main.is_alive():  # most likely startup blocked in a store call: closing the store ends it
+            self._closing = True
+            _close_quietly("subnet manager", self.manager.close if self.manager else None)
+            main.join(SHUTDOWN_GRACE_SECONDS)
+        if main.is_alive():
+            log.warning("shutdown did not finish within %.0fs; exiting anyway", SHUTDOWN_GRACE_SECONDS * 2)
+        if self._failure is not None:
+            raise self._failure
+        log.info("Exiting cleanly...")
+
+    def _spawn(self, name: str, target: Callable[[], None], *, until_stop: bool = False) -> threading.Thread:
+        """Start a worker. ``until_stop``: returning before stop is a failure (the loop must not end)."""
+        t = threading.Thread(target=self._guarded, args=(name, target, until_stop), name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+        return t
+
+    def _guarded(self, name: str, target: Callable[[], None], until_stop: bool = False) -> None:
+        try:
+            target()
+            if until_stop and not self.stop.is_set():
+                raise errors.FlannelError(f"the {name} loop ended unexpectedly")
+        except _Stopped:
+            log.info("stopped during startup")
+        except errors.FlannelError as e:
+            if self._closing:
+                log.info("%s ended during shutdown: %s", name, e)
+                return
+            self.fail(e)
+        except BaseException as e:  # a crash in any thread must stop the daemon, never hang it
+            log.exception("thread %s died", name)
+            self.fail(errors.FlannelError(f"internal error in thread {name}: {type(e).__name__}: {e}"))
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first failure and stop everything."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+        self.stop.set()
+
+    # --- the startup sequence ------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._startup()
+            self.stop.wait()
+        finally:
+            self._shutdown()
+
+    def _startup(self) -> None:
+        manager = self.manager = self.manager or load_subnet_manager(self.opts)
+        log.info("subnet manager: %s", manager.name)
+        self._start_health()
+        config = self._wait_for_config(manager)
+        ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
+                                    ipv6=config.enable_ipv6)
+        backend = load_backend(config)(ext, self.opts)
+        network = self.network = backend.register_network(config=config, leases=manager)
+        self.lease = network.lease
+        log.info("acquired lease %s", network.lease.describe())
+        self._check_stop()
+        self._setup_traffic_rules(config=config, lease=network.lease, ext_iface=ext)
+        self._write_subnet_file(config, network)
+        self._start_pipeline(network)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def _start_health(self) -> None:
+        if not self.opts.healthz_port:
+            return
+        self._health = health.HealthServer(self.opts.healthz_ip, self.opts.healthz_port,
+                                           ready=self.ready, debug=self.debug_leases)
+        self._health.start()
+
+    def _wait_for_config(self, manager: SubnetManager) -> NetworkConfig:
+        """Retry every second while the config is missing or the store is down (ConfigError is fatal)."""
+        while True:
+            self._check_stop()
+            try:
+                config: NetworkConfig = manager.get_network_config()
+            except (errors.ConfigNotFound, errors.StoreUnavailable) as e:
+                log.warning("network config not available yet (%s); retrying in %.0fs", e, CONFIG_RETRY_SECONDS)
+                self.stop.wait(CONFIG_RETRY_SECONDS)
+                continue
+            log.info("network config: %s, backend %s", config.network or config.ipv6_network, config.backend_type)
+            return config
+
+    def _with_stored_public_ips(self, manager: SubnetManager) -> AgentOptions:
+        """Public IPs the store holds for this node (kube annotations) override the flags."""
+        v4, v6 = manager.stored_public_ips()
+        return dataclasses.replace(self.opts, public_ip=v4 or self.opts.public_ip,
+                                   public_ipv6=v6 or self.opts.public_ipv6)
+
+    def _setup_traffic_rules(self, *, config: NetworkConfig, lease: Lease, ext_iface: ExternalInterface) -> None:
+        """Masquerade / forward rules and the blackhole route (reference §11, §0 steps 16–20).
+
+        TODO(traffic rules): wire ``flannel.traffic`` (the iptables/nftables module written by
+        another helper) here; it must run before subnet.env is written (readiness implies the rules
+        are in place), and the previous values come from the *old* subnet.env, i.e. read them now::
+
+            prev = subnet_file.read(self.opts.subnet_file)   # FLANNEL_NETWORK / FLANNEL_SUBNET
+            tm = traffic.create(self.opts, config)
+            tm.setup(lease, <prev network>, <prev subnet>)    # BackendError → exit 1
+            self._spawn("traffic", lambda: tm.run_resync(self.stop), until_stop=True)
+        """
+
+    def _write_subnet_file(self, config: NetworkConfig, network: Network) -> None:
+        try:
+            subnet_file.write(self.opts.subnet_file, config=config, lease=network.lease,
+                              mtu=network.mtu, ip_masq=self.opts.ip_masq)
+        except OSError as e:
+            log.warning("failed to write subnet file %s: %s (not ready)", self.opts.subnet_file, e)
+            return
+        log.info("Wrote subnet file to %s", self.opts.subnet_file)
+        self.ready.set()
+        log.info("flannel is ready")
+
+    # --- the running pipeline ------------------------------------------------------------------
+    def _start_pipeline(self, network: Network) -> None:
+        self.watcher = LeaseWatcher(network.lease)
+        self._spawn("network", lambda: network.run(self.batches, self.stop), until_stop=True)
+        self._spawn("watch", self._watch, until_stop=True)
+        self._spawn("lease", self._keep_lease)
+        sd_notify("READY=1")
+
+    def _watch(self) -> None:
+        assert self.manager is not None and self.watcher is not None
+        for result in self.manager.watch_leases(self.stop):
+            with self._lock:
+                batches = self.watcher.apply(result)
+            for batch in batches:
+                self.batches.put(batch)
+            if self.stop.is_set():
+                return
+
+    def _keep_lease(self) -> None:
+        assert self.manager is not None and self.lease is not None
+        self.manager.complete_lease(self.lease, self.stop, on_lease=self._on_lease)
+
+    def _on_lease(self, lease: Lease) -> None:
+        """A renewal or re-acquisition of our lease.
+
+        Same subnet: tell the backend and the watcher. A *different* subnet means pods on this
+        host hold addresses the network no longer routes here, and subnet.env, the rules and the
+        backend's devices all describe the old subnet; rather than patch all of that in place we
+        exit 1 and let the supervisor restart us: a fresh start converges on the new lease.
+        """
+        assert self.lease is not None and self.network is not None and self.watcher is not None
+        if lease.ident != self.lease.ident:
+            self.fail(errors.FlannelError(f"our lease moved from {self.lease.describe()} to {lease.describe()}; "
+                                          "exiting so that a restart sets everything up for the new subnet"))
+            return
+        self.network.on_lease_renewed(lease)
+        with self._lock:
+            self.watcher.set_own(lease)
+
+    def debug_leases(self) -> dict[str, Any]:
+        """State for /debug/leases: our lease and the remote leases we track."""
+        with self._lock:
+            remote = self.watcher.tracked() if self.watcher else []
+        return {"own": _lease_json(self.lease) if self.lease else None,
+                "remote": sorted((_lease_json(le) for le in remote), key=lambda d: str(d["subnet"]))}
+
+    # --- shutdown ------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        self.stop.set()
+        self.batches.put(None)
+        self._join_workers()
+        _close_quietly("network", self.network.close if self.network else None)
+        _close_quietly("subnet manager", self.manager.close if self.manager else None)
+        _close_quietly("health server", self._health.stop if self._health else None)
+
+    def _join_workers(self) -> None:
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for t in self._threads:
+            if t is threading.current_thread():
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("thread %s did not stop within %.0fs", t.name, SHUTDOWN_GRACE_SECONDS)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify`` units) our state; a no-op without ``$NOTIFY_SOCKET``."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as e:
+        log.warning("sd_notify(%s) to %s failed: %s", state, path, e)
+
+
+def _close_quietly(what: str, close: Callable[[], None] | None) -> None:
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:  # shutting down: report and carry on closing the rest
+        log.exception("closing the %s failed", what)
+
+
+def _lease_json(lease: Lease) -> dict[str, Any]:
+    return {"subnet": str(lease.subnet) if lease.subnet else None,
+            "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet else None,
+            "public_ip": str(lease.attrs.public_ip), "backend_type": lease.attrs.backend_type,
+            "expiration": lease.expiration}
+
+
+def run(opts: AgentOptions, *, manager: SubnetManager | None = None, stop: threading.Event | None = None,
+        select_interface: Callable[..., ExternalInterface] = iface.select) -> None:
+    """Run the agent until SIGINT/SIGTERM (or ``stop``). Raises FlannelError on failure."""
+    d = Daemon(opts, manager=manager, stop=stop, select_interface=select_interface)
+    with signal_handlers(d.stop):
+        d.run()

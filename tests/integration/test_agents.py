@@ -1,0 +1,274 @@
+"""Real agents (``python -m flannel`` processes) in host namespaces against a real etcd.
+
+One underlay (hub namespace + bridge) and one etcd inside the hub serve the whole module; each
+test uses its own etcd prefix and its own hosts, so tests do not see each other's leases. Agents
+use the ``alloc`` backend (leases only); their logs are in tmp_path and the tail is printed when
+an agent misbehaves (AgentFailed carries it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from flannel.config import parse_network_config
+from flannel.testing.agent import AgentProcess
+from flannel.testing.etcd import EtcdServer
+from flannel.testing.netns import cleanup_prefix, run_prefix
+from flannel.testing.topology import Host, Underlay
+
+pytestmark = [pytest.mark.root, pytest.mark.etcd]
+
+CONFIG = '{"Network": "10.9.0.0/16", "SubnetLen": 24, "Backend": {"Type": "alloc"}}'
+HEALTH_PORT = 8471
+_counter = itertools.count(1)
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0, agents: tuple[AgentProcess, ...] = ()) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    tails = "\n".join(a.log_tail() for a in agents)
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[tuple[Underlay, EtcdServer]]:
+    prefix = run_prefix()
+    underlay = Underlay(prefix)
+    etcd = EtcdServer(host=str(underlay.hub_ip), netns=underlay.hub.name)
+    try:
+        etcd.start()
+        yield underlay, etcd
+    finally:
+        etcd.close()
+        underlay.close()
+        cleanup_prefix(prefix)
+
+
+class Cluster:
+    """One test's slice of the lab: an etcd prefix, hosts, agents."""
+
+    def __init__(self, underlay: Underlay, etcd: EtcdServer, workdir: Path) -> None:
+        self.underlay, self.etcd, self.workdir = underlay, etcd, workdir
+        self.prefix = f"/test{next(_counter)}/network"
+        self.hosts: list[Host] = []
+        self.agents: list[AgentProcess] = []
+
+    def put_config(self, text: str = CONFIG) -> None:
+        self.etcd.etcdctl("put", f"{self.prefix}/config", text)
+
+    def agent(self, *extra: str, host: Host | None = None, health: bool = True) -> AgentProcess:
+        if host is None:
+            host = self.underlay.add_host(f"a{len(self.underlay.hosts) + 1}-{next(_counter)}")
+            self.hosts.append(host)
+        a = AgentProcess(host.name, netns=host.ns.name, workdir=self.workdir,
+                         healthz_port=HEALTH_PORT if health else None,
+                         args=["--etcd-endpoints", self.etcd.endpoint, "--etcd-prefix", self.prefix,
+                               "--iface", "eth0", *extra])
+        self.agents.append(a)
+        return a
+
+    def host_of(self, agent: AgentProcess) -> Host:
+        return next(h for h in self.hosts if h.ns.name == agent.netns)
+
+    def keys(self) -> dict[str, dict[str, Any]]:
+        """subnet key name → {"value": decoded JSON, "lease": etcd lease id (0 = none)}."""
+        out = json.loads(self.etcd.etcdctl("get", "--prefix", f"{self.prefix}/subnets/", "-w", "json"))
+        import base64
+        res = {}
+        for kv in out.get("kvs", []):
+            key = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
+            res[key] = {"value": json.loads(base64.b64decode(kv["value"])), "lease": int(kv.get("lease", 0))}
+        return res
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.kill()
+        for h in self.hosts:
+            self.underlay.remove_host(h.name)
+
+
+@pytest.fixture
+def cluster(lab: tuple[Underlay, EtcdServer], tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(*lab, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def key_of(subnet: IPv4Network) -> str:
+    return f"{subnet.network_address}-{subnet.prefixlen}"
+
+
+def test_two_agents_get_different_subnets_and_see_each_other(cluster: Cluster) -> None:
+    cluster.put_config()
+    a, b = cluster.agent().start(), cluster.agent().start()
+    env_a, env_b = a.wait_ready(), b.wait_ready()
+    sa, sb = a.subnet(), b.subnet()
+    assert sa != sb and sa.subnet_of(IPv4Network("10.9.0.0/16")) and sb.prefixlen == 24
+    keys = cluster.keys()
+    assert set(keys) == {key_of(sa), key_of(sb)}
+    assert keys[key_of(sa)]["value"]["PublicIP"] == str(cluster.host_of(a).ip)
+    assert keys[key_of(sb)]["value"]["PublicIP"] == str(cluster.host_of(b).ip)
+    assert keys[key_of(sa)]["lease"] != 0  # a real lease with a TTL, not a reservation
+    # subnet.env: content and mode
+    assert env_a == {"FLANNEL_NETWORK": "10.9.0.0/16", "FLANNEL_SUBNET": f"{sa.network_address + 1}/24",
+                     "FLANNEL_MTU": "1500", "FLANNEL_IPMASQ": "false"}
+    assert Path(a.subnet_file).read_text() == "".join(f"{k}={v}\n" for k, v in env_a.items())
+    assert Path(a.subnet_file).stat().st_mode & 0o777 == 0o644
+    assert env_b["FLANNEL_SUBNET"] == f"{sb.network_address + 1}/24"
+    # health endpoints
+    assert a.http_get("/healthz") == (200, "flanneld is running")
+    assert a.http_get("/readyz") == (200, "flanneld is ready")
+    assert a.http_get("/nope")[0] == 404
+    wait_for(lambda: a.remote_subnets() == {str(sb)} and b.remote_subnets() == {str(sa)},
+             "each agent to see the other's lease", agents=(a, b))
+    # SIGTERM → exit 0 promptly; the lease stays (flannel leaves it for a restart)
+    assert a.stop(timeout=10) == 0 and b.stop(timeout=10) == 0
+    assert "Exiting cleanly" in a.log_text()
+    assert set(cluster.keys()) == {key_of(sa), key_of(sb)}
+
+
+def test_thirty_agents_fill_a_thirty_subnet_network(cluster: Cluster) -> None:
+    text = '{"Network": "10.9.0.0/22", "SubnetLen": 27, "Backend": {"Type": "alloc"}}'
+    config = parse_network_config(text)
+    assert config.subnet_count == 31  # /22 holds 32 /27s; flannel's default SubnetMin skips the first
+    cluster.put_config(text)
+    # a reservation of some absent host takes one more: exactly 30 free subnets are left
+    cluster.etcd.etcdctl("put", f"{cluster.prefix}/subnets/10.9.2.0-27",
+                         json.dumps({"PublicIP": "198.18.0.253", "PublicIPv6": None}))
+    agents = [cluster.agent(health=False) for _ in range(30)]
+    for a in agents:
+        a.start()
+    subnets = []
+    for a in agents:
+        a.wait_ready(timeout=120)
+        subnets.append(a.subnet())
+    assert len(set(subnets)) == 30
+    expected = {IPv4Network((n, 27)) for n in config.subnet_candidates()} - {IPv4Network("10.9.2.0/27")}
+    assert len(expected) == 30 and set(subnets) == expected
+    assert set(cluster.keys()) == {key_of(s) for s in expected} | {"10.9.2.0-27"}
+    assert cluster.keys()["10.9.2.0-27"]["value"]["PublicIP"] == "198.18.0.253"  # untouched
+    assert all(a.running for a in agents)
+    # one more agent: the network is full, a clear error and exit 1
+    extra = cluster.agent(health=False).start()
+    assert extra.wait_exit(60) == 1
+    assert "10.9.0.0/22" in extra.log_text() and not Path(extra.subnet_file).exists()
+    for a in agents:
+        a.proc.terminate()  # type: ignore[union-attr]
+    assert [a.wait_exit(20) for a in agents] == [0] * 30
+
+
+def test_restart_keeps_the_subnet(cluster: Cluster) -> None:
+    cluster.put_config()
+    a = cluster.agent().start()
+    a.wait_ready()
+    first = a.subnet()
+    lease_before = cluster.keys()[key_of(first)]["lease"]
+    assert a.stop(signal.SIGINT) == 0
+    a.start()
+    a.wait_ready()
+    assert a.subnet() == first
+    assert set(cluster.keys()) == {key_of(first)}
+    assert cluster.keys()[key_of(first)]["lease"] not in (0,)
+    assert lease_before != 0
+
+
+def test_deleted_key_is_reacquired(cluster: Cluster) -> None:
+    cluster.put_config()
+    a = cluster.agent().start()
+    a.wait_ready()
+    subnet = a.subnet()
+    cluster.etcd.etcdctl("del", f"{cluster.prefix}/subnets/{key_of(subnet)}")
+    keys = wait_for(lambda: cluster.keys() or None, "the key to reappear", agents=(a,))
+    assert set(keys) == {key_of(subnet)}
+    assert keys[key_of(subnet)]["value"]["PublicIP"] == str(cluster.host_of(a).ip)
+    assert a.running
+    assert a.debug_leases()["own"]["subnet"] == str(subnet)
+
+
+def test_reservation_survives_its_owner_restart(cluster: Cluster) -> None:
+    cluster.put_config()
+    host = cluster.underlay.add_host(f"r{next(_counter)}")
+    cluster.hosts.append(host)
+    key = f"{cluster.prefix}/subnets/10.9.77.0-24"
+    cluster.etcd.etcdctl("put", key, json.dumps({"PublicIP": str(host.ip), "PublicIPv6": None}))
+    a = cluster.agent(host=host).start()
+    a.wait_ready()
+    assert a.subnet() == IPv4Network("10.9.77.0/24")
+    assert cluster.keys()["10.9.77.0-24"]["lease"] == 0  # still a reservation (no TTL)
+    assert a.stop() == 0
+    a.start()
+    a.wait_ready()
+    assert a.subnet() == IPv4Network("10.9.77.0/24")
+    assert cluster.keys()["10.9.77.0-24"]["lease"] == 0
+
+
+def test_broken_config_in_etcd_exits_1_naming_the_field(cluster: Cluster) -> None:
+    cluster.put_config('{"Network": "10.9.0.0/16", "SubnetLen": 31, "Backend": {"Type": "alloc"}}')
+    a = cluster.agent().start()
+    assert a.wait_exit(30) == 1
+    assert "SubnetLen" in a.log_text()
+    assert not Path(a.subnet_file).exists()
+    assert cluster.keys() == {}
+
+
+def test_agents_survive_an_etcd_outage(cluster: Cluster) -> None:
+    """etcd down for 10 s: agents keep running; a lease added after the restart reaches them."""
+    cluster.put_config()
+    a, b = cluster.agent().start(), cluster.agent().start()
+    a.wait_ready(), b.wait_ready()
+    wait_for(lambda: len(a.remote_subnets()) == 1, "a to see b", agents=(a,))
+    cluster.etcd.stop()
+    c = cluster.agent()
+    try:
+        c.start()  # an agent that starts during the outage waits for etcd
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the outage itself (the scenario is "10 s without etcd")
+            assert a.running and b.running and c.running, a.log_tail() + b.log_tail() + c.log_tail()
+            time.sleep(0.5)
+        assert not Path(c.subnet_file).exists()
+        assert "network config not available yet" in c.log_text()
+    finally:
+        cluster.etcd.start()
+    cluster.etcd.etcdctl("put", f"{cluster.prefix}/subnets/10.9.200.0-24",
+                         json.dumps({"PublicIP": "198.18.0.250", "PublicIPv6": None, "BackendType": "alloc"}))
+    for agent in (a, b):
+        wait_for(lambda: "10.9.200.0/24" in agent.remote_subnets(), "the new lease after the outage",
+                 timeout=30, agents=(agent,))
+    c.wait_ready()
+    assert len({a.subnet(), b.subnet(), c.subnet()}) == 3
+    assert a.running and b.running
+    assert {key_of(a.subnet()), key_of(b.subnet()), key_of(c.subnet())} <= set(cluster.keys())
+    wait_for(lambda: str(c.subnet()) in a.remote_subnets(), "a to see the agent that started during the outage",
+             agents=(a,))
+    assert a.stop() == 0 and b.stop() == 0 and c.stop() == 0
+
+
+def test_short_ttl_is_renewed(cluster: Cluster) -> None:
+    """A 4 s lease outlives several TTLs because the agent renews it (same key, same subnet)."""
+    cluster.put_config()
+    a = cluster.agent("--subnet-lease-ttl", "4").start()
+    a.wait_ready()
+    key = key_of(a.subnet())
+    lease_id = cluster.keys()[key]["lease"]
+    ttl = json.loads(cluster.etcd.etcdctl("lease", "timetolive", format(lease_id, "x"), "-w", "json"))
+    assert 0 < ttl["granted-ttl"] <= 4
+    end = time.monotonic() + 10
+    while time.monotonic() < end:  # 2.5 TTLs: without renewals the key would be gone
+        assert key in cluster.keys(), a.log_tail()
+        time.sleep(0.5)
+    assert a.running and a.subnet() == IPv4Network(key.replace("-", "/"))
+    assert "Lease renewed" in a.log_text() and "acquiring a lease again" not in a.log_text()
