@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 ETCD_BIN = os.environ.get("FLANNEL_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL_BIN = os.environ.get("FLANNEL_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -30,10 +31,12 @@ class EtcdServer:
     """One single-member etcd. ``stop()`` keeps the data dir so ``start()`` resumes it."""
 
     def __init__(self, data_dir: str | None = None, *, host: str = "127.0.0.1", log_path: str | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, extra_args: Sequence[str] = ()) -> None:
         """``netns``: run etcd inside that network namespace, listening on ``host`` there (agents in
-        other namespaces reach it over the test underlay; the root namespace is not involved)."""
+        other namespaces reach it over the test underlay; the root namespace is not involved).
+        ``extra_args``: more etcd flags (e.g. TLS: ``--cert-file ... --client-cert-auth``)."""
         self.netns = netns
+        self.extra_args = tuple(extra_args)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="flannel-etcd-")
         self.host = host
@@ -55,7 +58,7 @@ class EtcdServer:
         cmd = [ETCD_BIN, "--name", name, "--data-dir", os.path.join(self.data_dir, "data"),
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"{name}={peer}", "--log-level", "warn"]
+               "--initial-cluster", f"{name}={peer}", "--log-level", "warn", *self.extra_args]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = open(self.log_path, "ab")

@@ -1,0 +1,237 @@
+"""flannelctl: manage the network config, leases and reservations in etcd (clusters without Kubernetes).
+
+It connects exactly like the daemon (same ``--etcd-*`` flags and ``FLANNELD_ETCD_*`` variables) and
+goes through the same storage module (``subnet_managers/etcd/registry.py``), so what it writes is
+byte for byte what flannel writes. ``config set`` validates with the daemon's parser before writing
+anything; ``reservations add`` writes a key without an etcd lease, which a node whose public IP
+matches takes over as a reservation (it stays one, unlike in flannel, reference §14.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, Callable
+
+import click
+
+from flannel import errors, wire
+from flannel.config import parse_network_config
+from flannel.lease import Lease, LeaseAttrs
+from flannel.options import DEFAULT_ETCD_ENDPOINTS, DEFAULT_ETCD_PREFIX
+from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP
+
+class _Ctx:
+    def __init__(self, **conn: Any) -> None:
+        self.conn = conn
+        self._registry: Any = None
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from flannel.subnet_managers.etcd.registry import EtcdRegistry
+            self._registry = EtcdRegistry(**self.conn, warn_insecure=False)
+        return self._registry
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """FlannelError → a one-line message and exit 1 (usage errors exit 2)."""
+    try:
+        return fn()
+    except errors.UsageError as e:
+        raise click.UsageError(str(e)) from None
+    except errors.FlannelError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _split_endpoints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    eps = tuple(e.strip() for e in value.split(",") if e.strip())
+    if not eps:
+        raise click.BadParameter("at least one endpoint is required")
+    return eps
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--etcd-endpoints", envvar="FLANNELD_ETCD_ENDPOINTS", default=",".join(DEFAULT_ETCD_ENDPOINTS),
+              show_default=True, callback=_split_endpoints, help="Comma-separated list of etcd endpoints.")
+@click.option("--etcd-prefix", envvar="FLANNELD_ETCD_PREFIX", default=DEFAULT_ETCD_PREFIX, show_default=True,
+              help="etcd prefix of the network.")
+@click.option("--etcd-keyfile", envvar="FLANNELD_ETCD_KEYFILE", default="", help="SSL key file used to secure etcd communication.")
+@click.option("--etcd-certfile", envvar="FLANNELD_ETCD_CERTFILE", default="", help="SSL certification file used to secure etcd communication.")
+@click.option("--etcd-cafile", envvar="FLANNELD_ETCD_CAFILE", default="", help="SSL Certificate Authority file used to secure etcd communication.")
+@click.option("--etcd-username", envvar="FLANNELD_ETCD_USERNAME", default="", help="Username for etcd authentication.")
+@click.option("--etcd-password", envvar="FLANNELD_ETCD_PASSWORD", default="", show_default=False,
+              help="Password for etcd authentication.")
+@click.pass_context
+def cli(ctx: click.Context, etcd_endpoints: tuple[str, ...], etcd_prefix: str, etcd_keyfile: str,
+        etcd_certfile: str, etcd_cafile: str, etcd_username: str, etcd_password: str) -> None:
+    """Manage a flannel network stored in etcd: config, leases, reservations."""
+    obj = _Ctx(endpoints=etcd_endpoints, prefix=etcd_prefix, keyfile=etcd_keyfile, certfile=etcd_certfile,
+               cafile=etcd_cafile, username=etcd_username, password=etcd_password)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+@cli.group()
+def config() -> None:
+    """The network config (<prefix>/config)."""
+
+
+@config.command("get")
+@click.option("--effective", is_flag=True, help="Print the config with every default filled in.")
+@click.pass_obj
+def config_get(obj: _Ctx, effective: bool) -> None:
+    """Print the network config."""
+    text = _run(obj.registry.get_config)
+    if effective:
+        text = _run(lambda: parse_network_config(text, source="etcd").to_json())
+    click.echo(text.rstrip("\n"))
+
+
+@config.command("set")
+@click.argument("file", type=click.File("r"))
+@click.pass_obj
+def config_set(obj: _Ctx, file: Any) -> None:
+    """Validate FILE (or - for stdin) as a network config and store it."""
+    text = file.read()
+    source = "stdin" if file.name in ("-", "<stdin>") else file.name
+    cfg = _run(lambda: parse_network_config(text, source=source))
+    _run(lambda: obj.registry.put_config(text))
+    click.echo(f"network config written to {obj.registry.config_key} (Network {cfg.network}, "
+               f"{cfg.subnet_count} subnets of /{cfg.subnet_len}, backend {cfg.backend_type})")
+
+
+# -- leases ---------------------------------------------------------------------------------------
+
+def _ttl_left(lease: Lease, now: float) -> str:
+    if lease.expiration is None:
+        return "reservation"
+    if lease.expiration == TTL_NOT_LOOKED_UP:
+        return "?"
+    left = max(0, int(lease.expiration - now))
+    h, rest = divmod(left, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+@cli.group()
+def leases() -> None:
+    """Leases (<prefix>/subnets/...)."""
+
+
+@leases.command("list")
+@click.pass_obj
+def leases_list(obj: _Ctx) -> None:
+    """Table of every lease: subnet, public IP, backend, TTL left (reservations never expire)."""
+    items, _ = _run(lambda: obj.registry.list_leases(ttl=True))
+    now = time.time()
+    items.sort(key=lambda l: (int(l.subnet.network_address) if l.subnet else 0))
+    v6 = any(l.ipv6_subnet is not None for l in items)
+    header = ["SUBNET"] + (["IPV6 SUBNET"] if v6 else []) + ["PUBLIC IP", "BACKEND", "TTL"]
+    rows = [header]
+    for l in items:
+        row = [str(l.subnet)] + ([str(l.ipv6_subnet or "-")] if v6 else [])
+        pub = str(l.attrs.public_ip) + (f",{l.attrs.public_ipv6}" if l.attrs.public_ipv6 else "")
+        rows.append(row + [pub, l.attrs.backend_type or "udp/alloc", _ttl_left(l, now)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if not items:
+        click.echo("(no leases)")
+
+
+# -- reservations ---------------------------------------------------------------------------------
+
+def _subnet(value: str, param: str) -> IPv4Network:
+    try:
+        return IPv4Network(value, strict=True)
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not an IPv4 subnet like 10.5.1.0/24 ({e})", param_hint=param)
+
+
+@cli.group()
+def reservations() -> None:
+    """Reservations: subnet keys without a TTL, taken by the node with the matching public IP."""
+
+
+@reservations.command("add")
+@click.argument("subnet")
+@click.option("--public-ip", required=True, help="Public IPv4 of the node the subnet is reserved for.")
+@click.option("--public-ipv6", default="", help="Public IPv6 of that node (dual stack).")
+@click.option("--ipv6-subnet", default="", help="IPv6 subnet to reserve with it (dual stack).")
+@click.option("--backend-type", default="", help="BackendType to publish (the node rewrites it when it starts).")
+@click.option("--backend-data", default="", help="BackendData JSON to publish.")
+@click.pass_obj
+def reservations_add(obj: _Ctx, subnet: str, public_ip: str, public_ipv6: str, ipv6_subnet: str,
+                     backend_type: str, backend_data: str) -> None:
+    """Reserve SUBNET (e.g. 10.5.1.0/24) for the node with --public-ip."""
+    sn = _subnet(subnet, "SUBNET")
+    try:
+        pip = IPv4Address(public_ip)
+        pip6 = IPv6Address(public_ipv6) if public_ipv6 else None
+        sn6 = IPv6Network(ipv6_subnet, strict=True) if ipv6_subnet else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    data = None
+    if backend_data:
+        try:
+            data = wire.compact_json(json.loads(backend_data))
+        except ValueError as e:
+            raise click.BadParameter(f"not valid JSON: {e}", param_hint="--backend-data") from None
+    attrs = LeaseAttrs(public_ip=pip, public_ipv6=pip6, backend_type=backend_type, backend_data=data)
+    reg = obj.registry
+    existing, _ = _run(lambda: reg.list_leases())
+    for l in existing:
+        if l.subnet is not None and l.subnet.overlaps(sn) and (l.subnet, l.ipv6_subnet) != (sn, sn6):
+            raise click.ClickException(f"{sn} overlaps the existing lease {l.describe()}; remove it first")
+        if (l.subnet, l.ipv6_subnet) == (sn, sn6) and l.attrs.public_ip != pip:
+            raise click.ClickException(f"{sn} is currently held by {l.attrs.public_ip}; "
+                                       f"it can only be reserved for that node")
+    try:
+        cfg = parse_network_config(reg.get_config())
+        if not cfg.is_compatible(sn, sn6 if cfg.enable_ipv6 else None):
+            click.echo(f"warning: {sn} does not fit the network config (Network {cfg.network}, "
+                       f"/{cfg.subnet_len} from {cfg.subnet_min} to {cfg.subnet_max}); "
+                       f"the node will not use it", err=True)
+    except errors.ConfigError:
+        pass
+    _run(lambda: reg.update_lease(sn, sn6, attrs, None))
+    click.echo(f"reserved {sn}{' & ' + str(sn6) if sn6 else ''} for {pip} ({reg.lease_key(sn, sn6)})")
+
+
+@reservations.command("remove")
+@click.argument("subnet")
+@click.pass_obj
+def reservations_remove(obj: _Ctx, subnet: str) -> None:
+    """Remove the reservation of SUBNET (a lease with a TTL is left alone)."""
+    sn = _subnet(subnet, "SUBNET")
+    reg = obj.registry
+    existing, _ = _run(lambda: reg.list_leases())
+    matches = [l for l in existing if l.subnet == sn]
+    if not matches:
+        raise click.ClickException(f"no reservation for {sn} under {reg.subnets_prefix}")
+    for l in matches:
+        if l.expiration is not None:
+            raise click.ClickException(f"{sn} is a lease held by {l.attrs.public_ip} (it has a TTL), "
+                                       f"not a reservation; not removing it")
+    for l in matches:
+        _run(lambda: reg.delete_lease(l.subnet, l.ipv6_subnet))
+        click.echo(f"removed reservation {reg.lease_key(l.subnet, l.ipv6_subnet)}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="flannelctl: %(levelname)s: %(message)s")
+    cli(prog_name="flannelctl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())  # type: ignore[func-returns-value]

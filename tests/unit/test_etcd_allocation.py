@@ -1,0 +1,253 @@
+"""The etcd allocation policy (manager.py) against an in-memory registry (flannel's MockSubnetRegistry).
+
+Mirrors flannel's AcquireLease / config-change cases (reference §13.2) and our fixes (§14.1, 14.4,
+14.5, 14.6): a lost create race retries with another subnet, IPv4-only leases do not break a
+dual-stack allocation, reservations stay reservations.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from flannel import errors
+from flannel.lease import Lease, LeaseAttrs
+from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import manager as manager_mod
+
+Key = tuple[IPv4Network, "IPv6Network | None"]
+
+FLANNEL_TEST_CONFIG = '{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'
+
+
+class FakeRegistry:
+    """In-memory ``store.Registry``: keys are subnets, values leases (expiration None = reservation)."""
+
+    def __init__(self, config: str | None, leases: list[Lease] = ()) -> None:  # type: ignore[assignment]
+        self.config = config
+        self.kv: dict[Key, Lease] = {(lease.subnet, lease.ipv6_subnet): lease for lease in leases}  # type: ignore[misc]
+        self.revision = 1
+        self.before_create: Callable[[IPv4Network, IPv6Network | None], None] | None = None
+        self.creates: list[Key] = []
+        self.updates: list[tuple[Key, int | None]] = []
+        self.deletes: list[Key] = []
+
+    def get_config(self) -> str:
+        if self.config is None:
+            raise errors.ConfigNotFound("flannel config not found in etcd store")
+        return self.config
+
+    def put_config(self, text: str) -> None:
+        self.config = text
+
+    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]:
+        return list(self.kv.values()), self.revision
+
+    def get_lease(self, subnet, ipv6_subnet, *, ttl=True):  # type: ignore[no-untyped-def]
+        return self.kv.get((subnet, ipv6_subnet)), self.revision
+
+    def create_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
+        if self.before_create is not None:
+            self.before_create(subnet, ipv6_subnet)
+        self.creates.append((subnet, ipv6_subnet))
+        if (subnet, ipv6_subnet) in self.kv:
+            raise errors.LeaseConflict(f"subnet {subnet} is already taken")
+        return self._put(subnet, ipv6_subnet, attrs, time.time() + ttl)
+
+    def update_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
+        self.updates.append(((subnet, ipv6_subnet), ttl))
+        return self._put(subnet, ipv6_subnet, attrs, None if ttl is None else time.time() + ttl)
+
+    def _put(self, subnet, ipv6_subnet, attrs, expiration):  # type: ignore[no-untyped-def]
+        self.revision += 1
+        lease = Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=expiration)
+        self.kv[(subnet, ipv6_subnet)] = lease
+        return lease
+
+    def delete_lease(self, subnet, ipv6_subnet):  # type: ignore[no-untyped-def]
+        self.revision += 1
+        self.deletes.append((subnet, ipv6_subnet))
+        self.kv.pop((subnet, ipv6_subnet), None)
+
+    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("not used by the allocation tests")
+
+    watch_lease = watch_leases
+
+    def describe(self) -> str:
+        return "fake registry"
+
+    def close(self) -> None:
+        pass
+
+
+def attrs(ip: str, **kw: object) -> LeaseAttrs:
+    return LeaseAttrs(public_ip=IPv4Address(ip), **kw)  # type: ignore[arg-type]
+
+
+def lease(net: str, ip: str, *, reservation: bool = False, v6: str | None = None) -> Lease:
+    return Lease(subnet=IPv4Network(net), ipv6_subnet=IPv6Network(v6) if v6 else None, attrs=attrs(ip),
+                 expiration=None if reservation else time.time() + 3600)
+
+
+def manager(reg: FakeRegistry, tmp_path: Path, *, hint: str | None = None, seed: int = 1) -> EtcdSubnetManager:
+    subnet_env = tmp_path / "subnet.env"
+    if hint is not None:
+        subnet_env.write_text(f"FLANNEL_NETWORK=10.3.0.0/16\nFLANNEL_SUBNET={hint}\n")
+    opts = AgentOptions(subnet_file=str(subnet_env), subnet_lease_ttl=300)
+    return EtcdSubnetManager(opts, registry=reg, rng=random.Random(seed))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def flannel_reg() -> FakeRegistry:
+    """flannel's TestAcquireLease registry: 10.3.1/2/4/5.0/24 and 10.3.31.0/24 held by 1.1.1.1."""
+    nets = ["10.3.1.0/24", "10.3.2.0/24", "10.3.4.0/24", "10.3.5.0/24", "10.3.31.0/24"]
+    return FakeRegistry(FLANNEL_TEST_CONFIG, [lease(n, "1.1.1.1") for n in nets])
+
+
+def in_range(net: IPv4Network | None, lo: str, hi: str) -> bool:
+    assert net is not None
+    return IPv4Address(lo) <= net.network_address <= IPv4Address(hi)
+
+
+def test_new_node_gets_free_subnet_in_range_and_the_same_one_again(flannel_reg, tmp_path):
+    existing = set(flannel_reg.kv)
+    m = manager(flannel_reg, tmp_path)
+    first = m.acquire_lease(attrs("1.2.3.4"))
+    assert first.subnet is not None and first.subnet.prefixlen == 24
+    assert in_range(first.subnet, "10.3.1.0", "10.3.25.0")
+    assert (first.subnet, None) not in existing
+    assert flannel_reg.kv[(first.subnet, None)].attrs.public_ip == IPv4Address("1.2.3.4")
+    again = manager(flannel_reg, tmp_path, seed=99).acquire_lease(attrs("1.2.3.4", backend_type="vxlan"))
+    assert again.subnet == first.subnet
+    assert flannel_reg.kv[(first.subnet, None)].attrs.backend_type == "vxlan"  # attrs refreshed
+    assert flannel_reg.updates[-1] == ((first.subnet, None), 300)  # reused with the configured TTL
+
+
+def test_previous_subnet_hint_is_used(flannel_reg, tmp_path):
+    got = manager(flannel_reg, tmp_path, hint="10.3.6.1/24").acquire_lease(attrs("1.2.3.4"))
+    assert got.subnet == IPv4Network("10.3.6.0/24")
+
+
+def test_hint_outside_network_is_not_used(flannel_reg, tmp_path):
+    got = manager(flannel_reg, tmp_path, hint="10.4.1.1/24").acquire_lease(attrs("1.2.3.4"))
+    assert got.subnet != IPv4Network("10.4.1.0/24")
+    assert in_range(got.subnet, "10.3.1.0", "10.3.25.0")
+
+
+def test_hint_held_by_another_node_is_not_used(flannel_reg, tmp_path):
+    got = manager(flannel_reg, tmp_path, hint="10.3.2.1/24").acquire_lease(attrs("1.2.3.4"))
+    assert got.subnet != IPv4Network("10.3.2.0/24")
+    assert flannel_reg.kv[(IPv4Network("10.3.2.0/24"), None)].attrs.public_ip == IPv4Address("1.1.1.1")
+
+
+def test_config_change_moves_lease_into_new_network(flannel_reg, tmp_path):
+    m = manager(flannel_reg, tmp_path)
+    old = m.acquire_lease(attrs("1.2.3.4"))
+    flannel_reg.config = '{ "Network": "10.4.0.0/16" }'
+    new = m.acquire_lease(attrs("1.2.3.4"))
+    assert new.subnet is not None and new.subnet.subnet_of(IPv4Network("10.4.0.0/16"))
+    assert (old.subnet, None) in flannel_reg.deletes  # the incompatible lease was deleted, as flannel does
+    assert (old.subnet, None) not in flannel_reg.kv
+
+
+def test_full_network_names_network_and_size(tmp_path):
+    cfg = '{"Network": "10.9.0.0/16", "SubnetMin": "10.9.1.0", "SubnetMax": "10.9.3.0"}'
+    reg = FakeRegistry(cfg, [lease(f"10.9.{i}.0/24", f"1.1.1.{i}") for i in (1, 2, 3)])
+    with pytest.raises(errors.NetworkFull) as exc:
+        manager(reg, tmp_path).acquire_lease(attrs("1.2.3.4"))
+    msg = str(exc.value)
+    assert "10.9.0.0/16" in msg and "all 3 /24 subnets" in msg
+
+
+def test_lost_create_race_retries_with_another_subnet(tmp_path):
+    cfg = '{"Network": "10.9.0.0/16", "SubnetMin": "10.9.1.0", "SubnetMax": "10.9.4.0"}'
+    reg = FakeRegistry(cfg)
+    stolen: list[IPv4Network] = []
+
+    def rival(subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> None:
+        if not stolen:  # another node creates exactly our pick between our list and our create
+            stolen.append(subnet)
+            reg.kv[(subnet, ipv6_subnet)] = lease(str(subnet), "9.9.9.9")
+    reg.before_create = rival
+    got = manager(reg, tmp_path).acquire_lease(attrs("1.2.3.4"))
+    assert got.subnet is not None and got.subnet != stolen[0]
+    assert len(reg.creates) == 2
+    assert reg.kv[(stolen[0], None)].attrs.public_ip == IPv4Address("9.9.9.9")
+
+
+def test_random_pick_is_among_first_100_free(tmp_path):
+    reg = FakeRegistry('{"Network": "10.0.0.0/8"}', [lease("10.0.1.0/24", "1.1.1.1")])
+    first_free = [IPv4Network(f"10.0.{i}.0/24") for i in range(2, 102)]  # 10.0.1.0 taken: 100 free after it
+    picks = {manager(FakeRegistry(reg.config, list(reg.kv.values())), tmp_path, seed=s)
+             .acquire_lease(attrs("1.2.3.4")).subnet for s in range(40)}
+    assert picks <= set(first_free)
+    assert len(picks) > 5  # random, not always the first
+
+
+def test_reservation_stays_a_reservation(tmp_path):
+    reg = FakeRegistry('{"Network": "10.5.0.0/16"}', [lease("10.5.7.0/24", "1.2.3.4", reservation=True)])
+    got = manager(reg, tmp_path).acquire_lease(attrs("1.2.3.4", backend_type="vxlan"))
+    assert got.subnet == IPv4Network("10.5.7.0/24")
+    assert got.expiration is None
+    assert reg.updates == [((IPv4Network("10.5.7.0/24"), None), None)]  # re-put without a TTL
+    assert manager(reg, tmp_path)._renew_at(got) is None  # never renewed
+
+
+def test_incompatible_reservation_is_not_deleted(tmp_path):
+    reg = FakeRegistry('{"Network": "10.5.0.0/16"}', [lease("10.6.7.0/24", "1.2.3.4", reservation=True)])
+    got = manager(reg, tmp_path).acquire_lease(attrs("1.2.3.4"))
+    assert got.subnet is not None and got.subnet.subnet_of(IPv4Network("10.5.0.0/16"))
+    assert reg.deletes == []
+
+
+def test_dual_stack_with_ipv4_only_leases(tmp_path):
+    cfg = '{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00::/48"}'
+    reg = FakeRegistry(cfg, [lease("10.5.1.0/24", "1.1.1.1"),
+                             lease("10.5.2.0/24", "1.1.1.2", v6="fc00:0:0:1::/64")])
+    got = manager(reg, tmp_path).acquire_lease(attrs("1.2.3.4", public_ipv6=IPv6Address("fd00::4")))
+    assert got.subnet not in (IPv4Network("10.5.1.0/24"), IPv4Network("10.5.2.0/24"))
+    assert got.ipv6_subnet is not None and got.ipv6_subnet.prefixlen == 64
+    assert got.ipv6_subnet.subnet_of(IPv6Network("fc00::/48"))
+    assert got.ipv6_subnet != IPv6Network("fc00:0:0:1::/64")
+
+
+def test_ipv6_only_nodes_do_not_share_the_unspecified_ipv4(tmp_path):
+    reg = FakeRegistry('{"Network": "10.5.0.0/16"}', [
+        Lease(subnet=IPv4Network("10.5.3.0/24"), attrs=LeaseAttrs(public_ipv6=IPv6Address("fd00::1")),
+              expiration=time.time() + 60)])
+    got = manager(reg, tmp_path).acquire_lease(LeaseAttrs(public_ipv6=IPv6Address("fd00::2")))
+    assert got.subnet != IPv4Network("10.5.3.0/24")
+
+
+def test_renew_time_uses_margin_or_half_the_remaining_time(tmp_path):
+    m = manager(FakeRegistry(None), tmp_path)  # renew margin 60 min
+    now = time.time()
+    long = m._renew_at(Lease(subnet=IPv4Network("10.5.1.0/24"), attrs=attrs("1.1.1.1"), expiration=now + 86400))
+    assert long is not None and abs(long - (now + 86400 - 3600)) < 5
+    short = m._renew_at(Lease(subnet=IPv4Network("10.5.1.0/24"), attrs=attrs("1.1.1.1"), expiration=now + 4))
+    assert short is not None and abs(short - (now + 2)) < 1
+
+
+@pytest.mark.parametrize("config,error", [
+    (None, errors.ConfigNotFound),
+    ('{"Network": "10.5.0.0/30"}', errors.ConfigError),
+    ("not json", errors.ConfigError),
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fc00::/48"}', errors.ConfigError),
+])
+def test_network_config_errors(tmp_path, config, error):
+    with pytest.raises(error):
+        manager(FakeRegistry(config), tmp_path).get_network_config()
+
+
+def test_free_candidates_respect_other_prefix_lengths():
+    taken = [IPv4Network("10.5.0.0/22")]  # covers 10.5.0-3.0/24
+    free = manager_mod._free_candidates(range(int(IPv4Address("10.5.1.0")), int(IPv4Address("10.5.8.0")) + 1, 256),
+                                        24, 4, taken)
+    assert [str(IPv4Address(c)) for c in free] == [f"10.5.{i}.0" for i in range(4, 9)]
