@@ -60,14 +60,14 @@ def lease_race() -> tenacity.Retrying:
         retry=tenacity.retry_if_exception_type(errors.LeaseConflict),
         wait=tenacity.wait_random(0, 0.05),
         stop=tenacity.stop_after_attempt(LEASE_RACE_ATTEMPTS),
-        before_sleep=tenacity.before_sleep_log(log, logging.INFO),
+        before_sleep=_log_wait("creating the lease (lost a race for the subnet)", logging.INFO),
         reraise=True,
     )
 
 
-def _log_wait(what: str) -> Any:
+def _log_wait(what: str, level: int = logging.WARNING) -> Any:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
-        log.warning("%s failed (attempt %d): %s; retrying in %.1fs", what, state.attempt_number, exc, wait)
+        log.log(level, "%s failed (attempt %d): %s; retrying in %.1fs", what, state.attempt_number, exc, wait)
     return before_sleep

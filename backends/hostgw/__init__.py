@@ -1,1 +1,9 @@
-"""Placeholder package; filled in by its issue."""
+"""host-gw backend (reference §9.2): ``S via PublicIP dev <ext>`` per peer, nodes on one L2 segment.
+
+``network.py`` is the pure translation; the kernel side and the reconcile loop are shared with vxlan
+(``flannel.backends.vxlan.device`` / ``.backend``).
+"""
+
+from flannel.backends.hostgw.backend import HostGWBackend, HostGWNetwork
+
+__all__ = ["HostGWBackend", "HostGWNetwork"]
