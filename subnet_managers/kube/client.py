@@ -1,0 +1,329 @@
+"""The only module that talks to the ``kubernetes`` client: raw JSON in, flannel errors out.
+
+Why raw JSON (``_preload_content=False``): the manager needs a handful of fields per node, and
+deserialising thousands of ``V1Node`` models on every relist costs far more than the JSON parse.
+Why a thread per watch: a blocking request or read on the watch socket cannot observe the agent's
+stop event, so the watch is opened and read on its own thread into a queue, and ``close()`` shuts
+the socket down to end it promptly.
+
+Errors are converted here, once (kopf's ``check_response`` pattern): connection problems, 429 and
+5xx → ``StoreUnavailable`` (retried by the caller); 401/403 → ``PermissionDenied`` naming the verb
+and resource; 404 → ``NotFound``; 410 → ``Expired`` (relist). Error bodies are cut to 256
+characters so nothing large or secret reaches the logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import urllib3
+from kubernetes import client as kclient
+from kubernetes import config as kconfig
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from flannel import errors
+
+log = logging.getLogger(__name__)
+
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+MERGE = "application/merge-patch+json"
+REQUEST_TIMEOUT = (5.0, 15.0)  # (connect, read) seconds for every non-watch call
+WATCH_CONNECT_TIMEOUT = 5.0
+_BODY_LIMIT = 256
+
+
+class NotFound(errors.StoreError):
+    """The object does not exist (HTTP 404)."""
+
+
+class Expired(errors.StoreError):
+    """The resourceVersion we watch from is older than the server's history (HTTP 410): relist."""
+
+
+class _End:
+    """Sentinel: the server ended the watch normally (its timeoutSeconds elapsed)."""
+
+
+END = _End()
+
+
+def _rbac_hint(verb: str, resource: str) -> str:
+    return (f'the service account needs verb "{verb}" on resource "{resource}" (API group "") in its '
+            "ClusterRole (see the flannel ClusterRole: pods get; nodes get, list, watch; nodes/status patch)")
+
+
+@contextlib.contextmanager
+def _mapped(verb: str, resource: str, name: str = "") -> Iterator[None]:
+    """Convert client/transport exceptions raised in the block into flannel errors."""
+    what = f"{verb} {resource}" + (f" {name!r}" if name else "")
+    try:
+        yield
+    except ApiException as e:
+        body = _status_message(e)
+        status = e.status or 0
+        if status == 0 or status == 429 or status >= 500:
+            raise errors.StoreUnavailable(f"API server: {what} failed ({status or 'no response'}): {body}") from e
+        if status == 401:
+            raise errors.PermissionDenied(f"API server refused {what}: 401 Unauthorized (the bearer token or "
+                                          f"client certificate was not accepted): {body}") from e
+        if status == 403:
+            raise errors.PermissionDenied(f"permission denied: cannot {verb} {resource}"
+                                          + (f" {name!r}" if name else "")
+                                          + f": {_rbac_hint(verb, resource)}; server said: {body}") from e
+        if status == 404:
+            raise NotFound(f"{what}: not found") from e
+        if status == 410:
+            raise Expired(f"{what}: 410 Gone: {body}") from e
+        raise errors.StoreError(f"API server rejected {what}: {status} {body}") from e
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise errors.StoreUnavailable(f"API server unreachable: {what}: {_reason(e)}") from e
+
+
+def _status_message(e: ApiException) -> str:
+    """The ``message`` of the Status object the server sent, else the raw body/reason (cut)."""
+    text = str(e.body or e.reason or "")
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        msg = json.loads(text).get("message")
+        if msg:
+            text = str(msg)
+    return text[:_BODY_LIMIT]
+
+
+def _reason(e: BaseException) -> str:
+    """The useful part of a urllib3 error (``Connection refused``, not the whole retry story)."""
+    reason = getattr(e, "reason", None)
+    if isinstance(reason, BaseException):
+        e = reason
+    text = str(e)
+    if isinstance(e, urllib3.exceptions.NewConnectionError) and ": " in text:
+        text = text.split(": ", 1)[1]
+    return text[:_BODY_LIMIT]
+
+
+def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient.ApiClient:
+    """Client config like client-go's: kubeconfig (server overridden by the URL if given), else the
+    URL alone, else the in-cluster service account.
+
+    :raises errors.ConfigError: the kubeconfig is unreadable, or nothing is configured and we are
+        not running in a pod.
+    """
+    cfg = kclient.Configuration()
+    try:
+        if kubeconfig_file:
+            kconfig.load_kube_config(config_file=kubeconfig_file, client_configuration=cfg,
+                                     persist_config=False)
+        elif not api_url:
+            kconfig.load_incluster_config(client_configuration=cfg)
+    except (ConfigException, OSError, ValueError, TypeError) as e:
+        src = f"kubeconfig {kubeconfig_file}" if kubeconfig_file else "in-cluster service account"
+        hint = "" if kubeconfig_file else " (outside a pod, pass --kubeconfig-file or --kube-api-url)"
+        raise errors.ConfigError(f"cannot load Kubernetes client config from {src}: {e}{hint}") from None
+    if api_url:
+        cfg.host = api_url.rstrip("/")
+    cfg.retries = 0  # we retry with our own policies; never silently inside urllib3
+    return kclient.ApiClient(cfg)
+
+
+class NodeWatch:
+    """One ``watch`` on nodes, opened *and* read on its own thread, events into a queue.
+
+    Nothing here blocks the caller: the request itself (which could hang on a server that accepts
+    connections but never answers) and the stream both run on the reader thread, and ``get()``
+    waits on the queue with a timeout, so the watch loop can look at its stop event.
+    ``get()`` returns ``(type, object)`` tuples, ``None`` on timeout, or ``END`` when the server
+    closed the stream normally; it raises ``Expired`` for a 410 (HTTP status or ERROR event) and
+    ``StoreUnavailable`` when the request failed or the connection broke.
+    """
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._resp: Any = None
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kube-watch-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._resp = self._opener()
+        except Exception as e:  # noqa: BLE001 - not swallowed: get() re-raises it on the caller's thread
+            self._q.put(e)
+            return
+        if self._closed.is_set():  # closed while the request was in flight
+            self._shutdown()
+        self._read()
+
+    def _read(self) -> None:
+        buf = b""
+        clean = False
+        try:
+            for chunk in self._resp.stream(65536, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        self._q.put(json.loads(line))
+            if buf.strip():
+                self._q.put(json.loads(buf))
+            self._q.put(END)
+            clean = True
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as e:
+            # AttributeError: urllib3 drops its fp when the socket is shut down under it
+            if self._closed.is_set():
+                self._q.put(END)
+            else:
+                self._q.put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
+        except Exception as e:  # noqa: BLE001 - a bug: re-raised by get() on the caller's thread
+            self._q.put(e)
+        finally:
+            # a stream that ended cleanly can go back to the pool; a broken one must not
+            with contextlib.suppress(Exception):
+                if clean:
+                    self._resp.release_conn()
+                else:
+                    self._resp.close()
+
+    def get(self, timeout: float) -> tuple[str, dict[str, Any]] | _End | None:
+        try:
+            item = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, (Exception, _End)):
+            if isinstance(item, Exception):
+                raise item
+            return item
+        return self._event(item)
+
+    @staticmethod
+    def _event(item: Any) -> tuple[str, dict[str, Any]]:
+        if not isinstance(item, dict) or not isinstance(item.get("object"), dict):
+            raise errors.StoreUnavailable(f"watch on nodes sent a malformed event: {str(item)[:_BODY_LIMIT]}")
+        etype, obj = str(item.get("type")), item["object"]
+        if etype == "ERROR":
+            code = obj.get("code")
+            msg = str(obj.get("message", ""))[:_BODY_LIMIT]
+            if code == 410:
+                raise Expired(f"watch on nodes: 410 Gone ({obj.get('reason', 'Expired')}): {msg}")
+            raise errors.StoreUnavailable(f"watch on nodes: server error {code}: {msg}")
+        return etype, obj
+
+    def _shutdown(self) -> None:
+        resp = self._resp
+        if resp is None:
+            return
+        with contextlib.suppress(Exception):
+            resp.shutdown()  # urllib3 >= 2.3: unblocks a read in progress on another thread
+        with contextlib.suppress(Exception):
+            resp.close()
+
+    def close(self) -> None:
+        """End the stream now. Idempotent. A request still in flight is abandoned (its thread is
+        a daemon and ends at its own timeout)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._shutdown()
+        self._thread.join(timeout=1)
+
+    def __enter__(self) -> "NodeWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class KubeClient:
+    """The few API calls flannel makes (they are exactly what its ClusterRole allows, §5.9)."""
+
+    def __init__(self, *, kubeconfig_file: str = "", api_url: str = "") -> None:
+        self._kubeconfig_file = kubeconfig_file
+        self._api_url = api_url
+        self._lock = threading.Lock()
+        self._api_client: kclient.ApiClient | None = None
+
+    def _api(self) -> kclient.CoreV1Api:
+        with self._lock:
+            if self._api_client is None:
+                self._api_client = build_api_client(kubeconfig_file=self._kubeconfig_file,
+                                                    api_url=self._api_url)
+            return kclient.CoreV1Api(self._api_client)
+
+    @property
+    def host(self) -> str:
+        """Where we talk to, for logs (before the first call: where the config comes from)."""
+        if self._api_client is not None:
+            return str(self._api_client.configuration.host)
+        if self._api_url:
+            return self._api_url
+        return f"from kubeconfig {self._kubeconfig_file}" if self._kubeconfig_file else "in-cluster"
+
+    @staticmethod
+    def _json(resp: Any, what: str) -> dict[str, Any]:
+        try:
+            obj = json.loads(resp.data)
+        except ValueError as e:
+            raise errors.StoreUnavailable(f"API server: {what}: response is not JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise errors.StoreUnavailable(f"API server: {what}: response is not a JSON object")
+        return obj
+
+    def get_node(self, name: str) -> dict[str, Any]:
+        with _mapped("get", "nodes", name):
+            resp = self._api().read_node(name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            return self._json(resp, f"get node {name}")
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        with _mapped("get", "pods", f"{namespace}/{name}"):
+            resp = self._api().read_namespaced_pod(name, namespace, _preload_content=False,
+                                                   _request_timeout=REQUEST_TIMEOUT)
+            return self._json(resp, f"get pod {namespace}/{name}")
+
+    def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
+        """All nodes and the list's resourceVersion (the point to watch from)."""
+        with _mapped("list", "nodes"):
+            resp = self._api().list_node(_preload_content=False, _request_timeout=(5.0, 60.0))
+            obj = self._json(resp, "list nodes")
+        items = obj.get("items") or []
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if not rv:
+            raise errors.StoreUnavailable("API server: list nodes returned no metadata.resourceVersion")
+        return [i for i in items if isinstance(i, dict)], rv
+
+    def watch_nodes(self, resource_version: str, *, timeout_seconds: int) -> NodeWatch:
+        """Start a watch on all nodes from ``resource_version`` (events after it), with bookmarks.
+
+        Returns at once; the request is made on the watch's thread (see ``NodeWatch``).
+        :raises errors.ConfigError: the client configuration cannot be loaded.
+        """
+        api = self._api()
+
+        def open_watch() -> Any:
+            with _mapped("watch", "nodes"):
+                return api.list_node(
+                    watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
+                    timeout_seconds=timeout_seconds, _preload_content=False,
+                    # a silent dead connection is noticed after the server's own timeout plus slack
+                    _request_timeout=(WATCH_CONNECT_TIMEOUT, float(timeout_seconds) + 30.0))
+
+        return NodeWatch(open_watch)
+
+    def patch_node_status(self, name: str, body: dict[str, Any], *,
+                          content_type: str = STRATEGIC_MERGE) -> dict[str, Any]:
+        """PATCH ``nodes/<name>/status`` (annotations and conditions both go through it, §5.9)."""
+        with _mapped("patch", "nodes/status", name):
+            resp = self._api().patch_node_status(name, body, _content_type=content_type,
+                                                 _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            return self._json(resp, f"patch node {name} status")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._api_client is not None:
+                with contextlib.suppress(Exception):
+                    self._api_client.close()
+                self._api_client = None

@@ -1,0 +1,379 @@
+"""KubeSubnetManager against the stand-in API server, through the real ``kubernetes`` client.
+
+Managers run in-process in the root namespace and talk to the stand-in on 127.0.0.1 (no kernel
+state is touched, so no namespace is needed). The watch output goes through the real
+LeaseWatcher, so ``Follower.peers()`` is exactly what a backend would have programmed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from flannel import errors
+from flannel.lease import EventType, LeaseAttrs
+from flannel.subnet_managers.kube import KubeSubnetManager
+from tests.kubeapi import KubeAPIServer
+from tests.kubeapi.harness import Follower, make_env, wait_until
+
+P = "flannel.alpha.coreos.com/"
+TOKEN = "s3cr3t-token"
+
+
+def vxlan_attrs(i: int, *, v6: bool = False) -> LeaseAttrs:
+    bd = json.dumps({"VNI": 1, "VtepMAC": f"aa:bb:cc:00:00:{i:02x}"}, separators=(",", ":"))
+    if not v6:
+        return LeaseAttrs(public_ip=IPv4Address(f"198.18.0.{i}"), backend_type="vxlan", backend_data=bd)
+    bd6 = json.dumps({"VNI": 1, "VtepMAC": f"aa:bb:cc:00:01:{i:02x}"}, separators=(",", ":"))
+    return LeaseAttrs(public_ip=IPv4Address(f"198.18.0.{i}"), public_ipv6=IPv6Address(f"fd00:18::{i}"),
+                      backend_type="vxlan", backend_data=bd, backend_v6_data=bd6)
+
+
+def remote_annotations(i: int, *, v6: bool = False) -> dict[str, str]:
+    """What another node's agent would have published."""
+    a = vxlan_attrs(i, v6=v6)
+    out = {P + "kube-subnet-manager": "true", P + "backend-type": "vxlan", P + "backend-data": a.backend_data,
+           P + "public-ip": str(a.public_ip)}
+    if v6:
+        out.update({P + "backend-v6-data": a.backend_v6_data, P + "public-ipv6": str(a.public_ipv6)})
+    return out
+
+
+@pytest.fixture
+def server():
+    srv = KubeAPIServer(token=TOKEN, bookmark_interval=1.0).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def env(server, tmp_path):
+    return make_env(server, str(tmp_path))
+
+
+@pytest.fixture
+def managers():
+    made: list[KubeSubnetManager] = []
+    followers: list[Follower] = []
+
+    class Factory:
+        def __call__(self, env, node: str, **opts) -> KubeSubnetManager:
+            m = KubeSubnetManager(env.options(**opts), node_name=node)
+            made.append(m)
+            return m
+
+        def follow(self, manager, own) -> Follower:
+            f = Follower(manager, own).start()
+            followers.append(f)
+            return f
+
+    yield Factory()
+    for f in followers:
+        f.stop.set()
+    for f in followers:
+        assert f.close(), "watch_leases did not honour stop"
+    for m in made:
+        m.close()
+
+
+def test_three_nodes_exchange_annotations_and_see_each_other(server, env, managers):
+    for i in (1, 2, 3):
+        server.add_node(f"node{i}", [f"10.244.{i}.0/24"])
+    ms = [managers(env, f"node{i}") for i in (1, 2, 3)]
+    leases = [m.acquire_lease(vxlan_attrs(i)) for i, m in zip((1, 2, 3), ms)]
+    assert [str(l.subnet) for l in leases] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
+    # the annotations on the node objects are flannel's (reference §17)
+    ann = server.get_node("node2")["metadata"]["annotations"]
+    assert ann == {P + "backend-type": "vxlan", P + "backend-data": '{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:02"}',
+                   P + "public-ip": "198.18.0.2", P + "kube-subnet-manager": "true"}
+    followers = [managers.follow(m, l) for m, l in zip(ms, leases)]
+    for i, f in zip((1, 2, 3), followers):
+        others = {f"10.244.{j}.0/24" for j in (1, 2, 3) if j != i}
+        peers = f.wait_peers(lambda p, o=others: set(p) == o, f"node{i} to see {others}")
+        for j in (1, 2, 3):
+            if j != i:
+                assert peers[f"10.244.{j}.0/24"].attrs == vxlan_attrs(j)
+        assert f.batches[0].synced, "the first batch must end the initial snapshot"
+
+
+def test_acquire_again_does_not_patch_when_nothing_changed(server, env, managers):
+    server.add_node("node1", ["10.244.1.0/24"])
+    managers(env, "node1").acquire_lease(vxlan_attrs(1))
+    rv = server.get_node("node1")["metadata"]["resourceVersion"]
+    managers(env, "node1").acquire_lease(vxlan_attrs(1))
+    assert server.get_node("node1")["metadata"]["resourceVersion"] == rv
+    # a changed address patches exactly that key
+    managers(env, "node1").acquire_lease(dataclasses.replace(vxlan_attrs(1), public_ip=IPv4Address("198.18.0.77")))
+    node = server.get_node("node1")
+    assert node["metadata"]["resourceVersion"] != rv
+    assert node["metadata"]["annotations"][P + "public-ip"] == "198.18.0.77"
+
+
+def test_nodes_added_changed_in_either_family_and_deleted(server, tmp_path, managers):
+    env = make_env(server, str(tmp_path), net_conf={
+        "Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/48", "Backend": {"Type": "vxlan"}})
+    server.add_node("me", ["10.244.1.0/24", "fd00:10:0:1::/64"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1, v6=True))
+    assert own.ipv6_subnet is not None and str(own.ipv6_subnet) == "fd00:10:0:1::/64"
+    f = managers.follow(m, own)
+    wait_until(lambda: f.batches, what="initial snapshot")
+
+    server.add_node("peer", ["10.244.2.0/24", "fd00:10:0:2::/64"], annotations=remote_annotations(2, v6=True))
+    peer = f.wait_peers(lambda p: "10.244.2.0/24" in p, "peer added")["10.244.2.0/24"]
+    assert peer.attrs == vxlan_attrs(2, v6=True) and str(peer.ipv6_subnet) == "fd00:10:0:2::/64"
+
+    # a change confined to the IPv6 annotations is applied (flannel ignored it, §14.9)
+    server.set_annotations("peer", {P + "backend-v6-data": '{"VNI":1,"VtepMAC":"aa:bb:cc:00:09:09"}'})
+    f.wait_peers(lambda p: p["10.244.2.0/24"].attrs.backend_v6_data == '{"VNI":1,"VtepMAC":"aa:bb:cc:00:09:09"}',
+                 "v6-only change applied")
+    # ... and one confined to IPv4
+    server.set_annotations("peer", {P + "public-ip": "198.18.0.22"})
+    f.wait_peers(lambda p: p["10.244.2.0/24"].attrs.public_ip == IPv4Address("198.18.0.22"), "v4-only change applied")
+
+    # kubelet heartbeats and broken annotations change nothing a backend sees
+    n_events = len(f.events())
+    server.heartbeat("peer")
+    server.set_annotations("peer", {P + "public-ipv6": "not-an-address"})
+    server.add_node("bare", ["10.244.3.0/24"])  # no annotations at all (§14.11)
+    server.add_node("broken", ["10.244.4.0/24"], annotations={P + "kube-subnet-manager": "true"})
+    server.add_node("marker", ["10.244.5.0/24", "fd00:10:0:5::/64"], annotations=remote_annotations(5, v6=True))
+    f.wait_peers(lambda p: "10.244.5.0/24" in p, "a later node arrives (so the earlier events were processed)")
+    assert set(f.peers()) == {"10.244.2.0/24", "10.244.5.0/24"}
+    assert f.peers()["10.244.2.0/24"].attrs.public_ip == IPv4Address("198.18.0.22")
+    assert len(f.events()) == n_events + 1
+
+    server.delete_node("peer")
+    f.wait_peers(lambda p: set(p) == {"10.244.5.0/24"}, "peer removed")
+    removed = [l for t, l in f.events() if t is EventType.REMOVED]
+    assert [str(l.subnet) for l in removed] == ["10.244.2.0/24"]
+    assert removed[0].attrs.backend_data == vxlan_attrs(2).backend_data  # carries its attributes
+
+
+def test_watch_cut_and_410_gone_mid_run_miss_nothing(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    for i in (2, 3):
+        server.add_node(f"n{i}", [f"10.244.{i}.0/24"], annotations=remote_annotations(i))
+    f = managers.follow(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24", "10.244.3.0/24"}, "initial peers")
+
+    # 1) the connection drops; changes made meanwhile are replayed from the resourceVersion
+    server.cut_watches()
+    server.add_node("n4", ["10.244.4.0/24"], annotations=remote_annotations(4))
+    server.set_annotations("n2", {P + "public-ip": "198.18.0.102"})
+    f.wait_peers(lambda p: "10.244.4.0/24" in p and p["10.244.2.0/24"].attrs.public_ip == IPv4Address("198.18.0.102"),
+                 "changes across a dropped watch")
+    assert f.snapshots == 1, "a dropped connection must re-watch, not relist"
+
+    # 2) history compacted while the watch is down: 410 → relist → the diff has everything
+    server.cut_watches()
+    server.delete_node("n3")
+    server.add_node("n5", ["10.244.5.0/24"], annotations=remote_annotations(5))
+    server.set_annotations("n4", {P + "backend-data": '{"VNI":1,"VtepMAC":"aa:bb:cc:00:04:44"}'})
+    server.compact()
+    server.cut_watches()
+    peers = f.wait_peers(lambda p: set(p) == {"10.244.2.0/24", "10.244.4.0/24", "10.244.5.0/24"}
+                         and p["10.244.4.0/24"].attrs.backend_data == '{"VNI":1,"VtepMAC":"aa:bb:cc:00:04:44"}',
+                         "state after compaction")
+    assert peers["10.244.5.0/24"].attrs == vxlan_attrs(5)
+    wait_until(lambda: f.snapshots >= 2, what="a relist after 410")
+
+    # 3) and the watch keeps working afterwards
+    server.set_annotations("n5", {P + "public-ip": "198.18.0.105"})
+    f.wait_peers(lambda p: p["10.244.5.0/24"].attrs.public_ip == IPv4Address("198.18.0.105"), "events after relist")
+
+
+def test_api_server_down_for_10s_manager_survives_and_catches_up(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "initial peer")
+
+    server.stop()
+    # the cluster changes while this agent cannot see it (another API server replica took the
+    # writes); the history it would need is gone by the time it reconnects
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    server.delete_node("n2")
+    server.compact()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert f.thread.is_alive(), "the watch thread died while the API server was down"
+        time.sleep(0.5)
+    assert set(f.peers()) == {"10.244.2.0/24"}, "nothing may be removed while the server is unreachable"
+    server.start()
+    f.wait_peers(lambda p: set(p) == {"10.244.3.0/24"}, "caught up after the outage", timeout=20)
+
+
+def test_acquire_waits_for_the_api_server(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    server.stop()
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(m.acquire_lease(vxlan_attrs(1))), daemon=True)
+    t.start()
+    time.sleep(1.0)  # let it fail at least once against the closed port
+    assert not result
+    server.start()
+    t.join(20)
+    assert result and str(result[0].subnet) == "10.244.1.0/24"
+    assert server.get_node("me")["metadata"]["annotations"][P + "public-ip"] == "198.18.0.1"
+
+
+def test_403_on_patch_names_the_missing_permission(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    server.deny("patch", "nodes/status")
+    with pytest.raises(errors.PermissionDenied) as exc:
+        managers(env, "me").acquire_lease(vxlan_attrs(1))
+    msg = str(exc.value)
+    assert 'verb "patch"' in msg and 'resource "nodes/status"' in msg and "ClusterRole" in msg
+
+
+def test_wrong_token_is_a_clear_permission_error(server, env, managers, tmp_path):
+    from tests.kubeapi.kubeconfig import write_kubeconfig
+
+    server.add_node("me", ["10.244.1.0/24"])
+    write_kubeconfig(env.kubeconfig, server.url, "wrong-token")
+    with pytest.raises(errors.PermissionDenied, match="401"):
+        managers(env, "me").acquire_lease(vxlan_attrs(1))
+
+
+def test_network_unavailable_condition_is_set_once(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    stop = threading.Event()
+    t = threading.Thread(target=m.complete_lease, args=(own, stop), daemon=True)
+    t.start()
+
+    def condition():
+        conds = {c["type"]: c for c in server.get_node("me")["status"]["conditions"]}
+        return conds.get("NetworkUnavailable")
+
+    cond = wait_until(condition, what="NetworkUnavailable condition")
+    assert (cond["status"], cond["reason"], cond["message"]) == ("False", "FlannelIsUp", "Flannel is running on this node")
+    assert "Ready" in {c["type"] for c in server.get_node("me")["status"]["conditions"]}, "conditions merge by type"
+    stop.set()
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_network_unavailable_not_touched_when_disabled(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me", set_node_network_unavailable=False)
+    own = m.acquire_lease(vxlan_attrs(1))
+    stop = threading.Event()
+    stop.set()
+    m.complete_lease(own, stop)
+    assert "NetworkUnavailable" not in {c["type"] for c in server.get_node("me")["status"]["conditions"]}
+
+
+def test_pod_cidr_outside_network_is_a_config_error(server, env, managers):
+    server.add_node("me", ["10.99.0.0/24"])
+    with pytest.raises(errors.ConfigError, match='doesn\'t contain "10.99.0.0/24" PodCIDR of the "me" node'):
+        managers(env, "me").acquire_lease(vxlan_attrs(1))
+
+
+def test_node_name_from_the_pod_spec(server, env, monkeypatch):
+    server.add_node("worker-7", ["10.244.7.0/24"])
+    server.add_pod("kube-flannel", "kube-flannel-ds-abcde", "worker-7")
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    monkeypatch.setenv("POD_NAME", "kube-flannel-ds-abcde")
+    monkeypatch.setenv("POD_NAMESPACE", "kube-flannel")
+    m = KubeSubnetManager(env.options())
+    try:
+        assert str(m.acquire_lease(vxlan_attrs(7)).subnet) == "10.244.7.0/24"
+        assert "worker-7" in m.name
+    finally:
+        m.close()
+    monkeypatch.setenv("POD_NAME", "no-such-pod")
+    m2 = KubeSubnetManager(env.options())
+    with pytest.raises(errors.ConfigError, match="error retrieving pod spec for 'kube-flannel/no-such-pod'"):
+        m2.node_name()
+    m2.close()
+
+
+def test_public_ip_overwrite_and_node_public_ip(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"], annotations={P + "public-ip-overwrite": "203.0.113.9",
+                                                          P + "node-public-ip": "198.18.0.50"})
+    m = managers(env, "me")
+    assert m.stored_public_ips() == ("198.18.0.50", None)
+    lease = m.acquire_lease(vxlan_attrs(1))
+    assert lease.attrs.public_ip == IPv4Address("198.18.0.1")  # the lease keeps the detected address
+    assert server.get_node("me")["metadata"]["annotations"][P + "public-ip"] == "203.0.113.9"
+
+
+def test_vxlan_mac_survives_a_restart_through_the_annotation(server, tmp_path, managers):
+    env = make_env(server, str(tmp_path))
+    server.add_node("me", ["10.244.1.0/24"])
+    first = managers(env, "me", kube_annotation_prefix="example.com/pfx")  # a prefix with a slash (§14.10)
+    assert first.stored_backend_data() == (None, None)
+    first.acquire_lease(vxlan_attrs(1))
+    assert "example.com/pfx-backend-data" in server.get_node("me")["metadata"]["annotations"]
+    again = managers(env, "me", kube_annotation_prefix="example.com/pfx")
+    assert again.stored_backend_data() == ('{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:01"}', None)
+
+
+def test_our_annotations_are_restored_if_someone_removes_them(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    wait_until(lambda: f.batches, what="initial snapshot")
+    server.set_annotations("me", {P + "public-ip": None, P + "kube-subnet-manager": None})
+    wait_until(lambda: server.get_node("me")["metadata"]["annotations"].get(P + "public-ip") == "198.18.0.1",
+               what="annotations restored")
+
+
+def test_missing_net_conf_is_a_config_error(server, env, managers, tmp_path):
+    m = managers(env, "me", net_config_path=str(tmp_path / "nope.json"))
+    with pytest.raises(errors.ConfigError, match="failed to read net conf"):
+        m.get_network_config()
+
+
+def test_acquire_waits_for_the_node_and_its_pod_cidr(server, env, managers, monkeypatch):
+    from flannel.subnet_managers.kube import manager as manager_mod
+
+    monkeypatch.setattr(manager_mod, "NODE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(manager_mod, "NODE_WAIT_SECONDS", 10.0)
+    m = managers(env, "late")
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(m.acquire_lease(vxlan_attrs(1))), daemon=True)
+    t.start()
+    server.add_node("late")  # registered by the kubelet, no podCIDR yet
+    server.modify_node("late", {"spec": {"podCIDR": "10.244.8.0/24", "podCIDRs": ["10.244.8.0/24"]}})
+    t.join(10)
+    assert result and str(result[0].subnet) == "10.244.8.0/24"
+
+
+def test_acquire_gives_up_on_a_node_that_never_appears(server, env, managers, monkeypatch):
+    from flannel.subnet_managers.kube import manager as manager_mod
+
+    monkeypatch.setattr(manager_mod, "NODE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(manager_mod, "NODE_WAIT_SECONDS", 0.5)
+    with pytest.raises(errors.ConfigError, match="node 'ghost' not found"):
+        managers(env, "ghost").acquire_lease(vxlan_attrs(1))
+
+
+def test_stop_is_honoured_while_a_watch_request_hangs(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = Follower(m, own).start()
+    wait_until(lambda: f.batches, what="initial snapshot")
+    server.hang_watches.set()
+    seen = server.watch_requests
+    server.cut_watches()  # the re-watch request now gets no answer at all
+    wait_until(lambda: server.watch_requests > seen, what="the re-watch to reach the server")
+    try:
+        assert f.close(timeout=5.0), "watch_leases did not return after stop while its request hung"
+    finally:
+        server.hang_watches.clear()

@@ -1,0 +1,229 @@
+"""The stand-in's object store: nodes and pods, one resourceVersion counter, a bounded watch history.
+
+Like etcd behind the real API server: every change gets the next resourceVersion (one counter for
+all kinds, so a kind sees gaps), node changes are recorded in a history window that watches replay
+from, and a watch from a version that fell out of the window is told ``410 Gone``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import datetime
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tests.kubeapi.patch import merge_patch, strategic_merge_patch
+
+JSON = dict[str, Any]
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class APIError(Exception):
+    """Becomes a ``Status`` response with this code and reason."""
+
+    def __init__(self, code: int, reason: str, message: str, details: JSON | None = None) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+
+    def status(self) -> JSON:
+        out: JSON = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                     "message": self.message, "reason": self.reason, "code": self.code}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+def not_found(kind: str, name: str) -> APIError:
+    return APIError(404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind})
+
+
+def make_node(name: str, *, pod_cidrs: list[str] | tuple[str, ...] = (), annotations: dict[str, str] | None = None,
+              labels: dict[str, str] | None = None, internal_ip: str | None = None,
+              single_pod_cidr_field: bool = False) -> JSON:
+    """A Node as a kubelet registers it and the node-ipam controller fills in (the shape of
+    ``kubectl get node -o json``). ``single_pod_cidr_field`` leaves out ``podCIDRs`` like old clusters."""
+    spec: JSON = {}
+    if pod_cidrs:
+        spec["podCIDR"] = pod_cidrs[0]
+        if not single_pod_cidr_field:
+            spec["podCIDRs"] = list(pod_cidrs)
+    ts = now_rfc3339()
+    meta: JSON = {"name": name,
+                  "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                             "kubernetes.io/arch": "amd64", **(labels or {})}}
+    if annotations is not None:
+        meta["annotations"] = dict(annotations)
+    addresses = [{"type": "Hostname", "address": name}]
+    if internal_ip:
+        addresses.insert(0, {"type": "InternalIP", "address": internal_ip})
+    return {
+        "kind": "Node", "apiVersion": "v1", "metadata": meta, "spec": spec,
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": ts,
+                            "lastTransitionTime": ts, "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status"}],
+            "addresses": addresses,
+            "nodeInfo": {"machineID": uuid.uuid4().hex, "systemUUID": str(uuid.uuid4()),
+                         "bootID": str(uuid.uuid4()), "kernelVersion": "6.1.0", "osImage": "Debian GNU/Linux 12",
+                         "containerRuntimeVersion": "containerd://1.7.0", "kubeletVersion": "v1.30.0",
+                         "kubeProxyVersion": "v1.30.0", "operatingSystem": "linux", "architecture": "amd64"},
+        },
+    }
+
+
+def make_pod(namespace: str, name: str, node_name: str) -> JSON:
+    return {"kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": "flannel"}},
+            "spec": {"nodeName": node_name, "serviceAccountName": "flannel",
+                     "containers": [{"name": "kube-flannel", "image": "pyflannel:latest"}]},
+            "status": {"phase": "Running"}}
+
+
+@dataclass(frozen=True)
+class Event:
+    rv: int
+    type: str  # ADDED / MODIFIED / DELETED
+    obj: JSON
+
+
+class ClusterState:
+    """Thread-safe; ``cond`` is notified on every change and on ``cut_watches``/``close``."""
+
+    def __init__(self, *, history_limit: int = 1000, first_rv: int = 100) -> None:
+        self.cond = threading.Condition()
+        self._rv = first_rv
+        self._floor = first_rv  # a watch from rv < floor may have missed events → 410
+        self._history: collections.deque[Event] = collections.deque()
+        self._history_limit = history_limit
+        self._nodes: dict[str, JSON] = {}
+        self._pods: dict[tuple[str, str], JSON] = {}
+        self.epoch = 0  # bumped by cut_watches(): open watches drop their connections
+        self.closed = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        with self.cond:
+            return self._rv
+
+    def list_nodes(self) -> tuple[list[JSON], int]:
+        with self.cond:
+            return [copy.deepcopy(n) for _, n in sorted(self._nodes.items())], self._rv
+
+    def get_node(self, name: str) -> JSON:
+        with self.cond:
+            if name not in self._nodes:
+                raise not_found("nodes", name)
+            return copy.deepcopy(self._nodes[name])
+
+    def get_pod(self, namespace: str, name: str) -> JSON:
+        with self.cond:
+            pod = self._pods.get((namespace, name))
+            if pod is None:
+                raise not_found("pods", name)
+            return copy.deepcopy(pod)
+
+    def events_after(self, rv: int) -> list[Event]:
+        """Node events with version > rv. :raises APIError: 410 if the window no longer covers rv."""
+        with self.cond:
+            if rv < self._floor:
+                raise APIError(410, "Expired", f"too old resource version: {rv} ({self._floor})")
+            return [e for e in self._history if e.rv > rv]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _bump(self) -> int:
+        self._rv += 1
+        return self._rv
+
+    def _record(self, etype: str, obj: JSON) -> None:
+        self._history.append(Event(self._rv, etype, copy.deepcopy(obj)))
+        while len(self._history) > self._history_limit:
+            self._floor = self._history.popleft().rv
+        self.cond.notify_all()
+
+    def create_node(self, node: JSON) -> JSON:
+        name = node.get("metadata", {}).get("name")
+        if not name:
+            raise APIError(422, "Invalid", "Node is invalid: metadata.name: Required value: name is required")
+        with self.cond:
+            if name in self._nodes:
+                raise APIError(409, "AlreadyExists", f'nodes "{name}" already exists', {"name": name, "kind": "nodes"})
+            obj = copy.deepcopy(node)
+            obj["kind"], obj["apiVersion"] = "Node", "v1"
+            meta = obj["metadata"]
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), resourceVersion=str(self._bump()))
+            obj.setdefault("spec", {})
+            obj.setdefault("status", {})
+            self._nodes[name] = obj
+            self._record("ADDED", obj)
+            return copy.deepcopy(obj)
+
+    def delete_node(self, name: str) -> JSON:
+        with self.cond:
+            obj = self._nodes.pop(name, None)
+            if obj is None:
+                raise not_found("nodes", name)
+            obj["metadata"]["resourceVersion"] = str(self._bump())
+            self._record("DELETED", obj)
+            return copy.deepcopy(obj)
+
+    def patch_node(self, name: str, patch: JSON, *, strategic: bool, subresource: str | None) -> JSON:
+        """Apply a patch like the API server: the status subresource only changes metadata and
+        status, the main resource everything but status; a no-op patch changes nothing (no new
+        version, no event)."""
+        with self.cond:
+            if name not in self._nodes:
+                raise not_found("nodes", name)
+            old = self._nodes[name]
+            want_rv = (patch.get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
+            if want_rv is not None and str(want_rv) != old["metadata"]["resourceVersion"]:
+                raise APIError(409, "Conflict", f'Operation cannot be fulfilled on nodes "{name}": the object has '
+                                                "been modified; please apply your changes to the latest version "
+                                                "and try again", {"name": name, "kind": "nodes"})
+            try:
+                new = (strategic_merge_patch if strategic else merge_patch)(old, patch)
+            except ValueError as e:
+                raise APIError(400, "BadRequest", f"invalid patch: {e}") from None
+            if not isinstance(new, dict):
+                raise APIError(400, "BadRequest", "patch must be a JSON object")
+            keep = "spec" if subresource == "status" else "status"
+            new[keep] = copy.deepcopy(old.get(keep, {}))
+            meta = new.setdefault("metadata", {})
+            for k in ("name", "uid", "creationTimestamp", "resourceVersion"):
+                meta[k] = old["metadata"][k]
+            new["kind"], new["apiVersion"] = "Node", "v1"
+            if new == old:
+                return copy.deepcopy(old)
+            meta["resourceVersion"] = str(self._bump())
+            self._nodes[name] = new
+            self._record("MODIFIED", new)
+            return copy.deepcopy(new)
+
+    def put_pod(self, pod: JSON) -> JSON:
+        with self.cond:
+            obj = copy.deepcopy(pod)
+            meta = obj["metadata"]
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), resourceVersion=str(self._bump()))
+            self._pods[(meta["namespace"], meta["name"])] = obj
+            return copy.deepcopy(obj)
+
+    def compact(self) -> int:
+        """Forget all history: every watch from an older version gets 410 and must relist."""
+        with self.cond:
+            self._floor = self._bump()
+            self._history.clear()
+            self.cond.notify_all()
+            return self._rv
+
+    def cut_watches(self) -> None:
+        with self.cond:
+            self.epoch += 1
+            self.cond.notify_all()

@@ -1,0 +1,94 @@
+"""The kube client adapter: error mapping at the boundary and client configuration (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from flannel import errors
+from flannel.subnet_managers.kube import client as kc
+from tests.kubeapi.kubeconfig import write_kubeconfig
+
+
+def raised(exc: BaseException, verb: str = "patch", resource: str = "nodes/status", name: str = "n1") -> BaseException:
+    with pytest.raises(errors.FlannelError) as info:
+        with kc._mapped(verb, resource, name):
+            raise exc
+    return info.value
+
+
+def test_403_names_verb_resource_and_the_clusterrole():
+    e = raised(ApiException(status=403, reason="Forbidden"))
+    assert isinstance(e, errors.PermissionDenied)
+    assert 'verb "patch" on resource "nodes/status"' in str(e) and "ClusterRole" in str(e) and "'n1'" in str(e)
+
+
+@pytest.mark.parametrize("status, cls", [
+    (401, errors.PermissionDenied), (404, kc.NotFound), (410, kc.Expired), (429, errors.StoreUnavailable),
+    (500, errors.StoreUnavailable), (503, errors.StoreUnavailable), (0, errors.StoreUnavailable),
+    (422, errors.StoreError),
+])
+def test_status_codes_map_to_what_the_caller_can_do(status, cls):
+    assert type(raised(ApiException(status=status, reason="x"))) is cls
+
+
+def test_transport_errors_are_store_unavailable_with_a_short_reason():
+    cause = urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
+    e = raised(urllib3.exceptions.MaxRetryError(None, "/api/v1/nodes", cause), verb="list", resource="nodes", name="")
+    assert isinstance(e, errors.StoreUnavailable)
+    assert str(e) == "API server unreachable: list nodes: Failed to establish a new connection: [Errno 111] Connection refused"
+
+
+def test_long_error_bodies_are_cut():
+    e = raised(ApiException(status=400, reason="x" * 5000))
+    assert len(str(e)) < 600
+
+
+def test_watch_error_event_410_means_relist():
+    with pytest.raises(kc.Expired, match="too old"):
+        kc.NodeWatch._event({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
+                                                          "message": "too old resource version: 5 (9)"}})
+    with pytest.raises(errors.StoreUnavailable, match="500"):
+        kc.NodeWatch._event({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "boom"}})
+    with pytest.raises(errors.StoreUnavailable, match="malformed"):
+        kc.NodeWatch._event({"type": "ADDED"})
+    assert kc.NodeWatch._event({"type": "ADDED", "object": {"a": 1}}) == ("ADDED", {"a": 1})
+
+
+def test_kubeconfig_with_token_and_url_override(tmp_path):
+    path = write_kubeconfig(str(tmp_path / "kc"), "http://198.18.0.254:6443", "tok")
+    c = kc.build_api_client(kubeconfig_file=path)
+    assert c.configuration.host == "http://198.18.0.254:6443"
+    assert c.configuration.auth_settings()["BearerToken"]["value"] == "Bearer tok"
+    c2 = kc.build_api_client(kubeconfig_file=path, api_url="http://198.18.0.253:8080/")
+    assert c2.configuration.host == "http://198.18.0.253:8080"
+    assert c2.configuration.auth_settings()["BearerToken"]["value"] == "Bearer tok"
+
+
+def test_missing_kubeconfig_is_a_config_error(tmp_path):
+    with pytest.raises(errors.ConfigError, match="cannot load Kubernetes client config from kubeconfig"):
+        kc.build_api_client(kubeconfig_file=str(tmp_path / "missing"))
+
+
+def test_outside_a_cluster_without_config_says_what_to_pass(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    with pytest.raises(errors.ConfigError, match="--kubeconfig-file or --kube-api-url"):
+        kc.build_api_client()
+
+
+def test_the_status_message_is_quoted_not_the_raw_json():
+    body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+                       "message": 'nodes "n1" is forbidden: User "x" cannot patch resource "nodes/status"'})
+    e = raised(ApiException(status=403, reason="Forbidden"))
+    e2 = raised(_with_body(ApiException(status=403, reason="Forbidden"), body))
+    assert str(e2).endswith('server said: nodes "n1" is forbidden: User "x" cannot patch resource "nodes/status"')
+    assert "server said: Forbidden" in str(e)
+
+
+def _with_body(exc: ApiException, body: str) -> ApiException:
+    exc.body = body
+    return exc
