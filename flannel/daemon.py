@@ -35,7 +35,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Iterator
 
-from flannel import errors, health, iface, plugins, subnet_file
+from flannel import errors, health, iface, plugins, subnet_file, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease
@@ -215,15 +215,19 @@ class Daemon:
     def _setup_traffic_rules(self, *, config: NetworkConfig, lease: Lease, ext_iface: ExternalInterface) -> None:
         """Masquerade / forward rules and the blackhole route (reference §11, §0 steps 16–20).
 
-        TODO(traffic rules): wire ``flannel.traffic`` (the iptables/nftables module written by
-        another helper) here; it must run before subnet.env is written (readiness implies the rules
-        are in place), and the previous values come from the *old* subnet.env, i.e. read them now::
-
-            prev = subnet_file.read(self.opts.subnet_file)   # FLANNEL_NETWORK / FLANNEL_SUBNET
-            tm = traffic.create(self.opts, config)
-            tm.setup(lease, <prev network>, <prev subnet>)    # BackendError → exit 1
-            self._spawn("traffic", lambda: tm.run_resync(self.stop), until_stop=True)
+        Runs before subnet.env is written (readiness implies the rules are in place). The previous
+        network/subnet come from the *old* subnet.env, so rules for a subnet we no longer hold are
+        recycled. A failure is fatal (BackendError → exit 1), as in flannel; the resync loop then
+        repairs rules that someone deletes while we run.
         """
+        prev = subnet_file.read(self.opts.subnet_file)
+        prev_net = _single(subnet_file.parse_networks(prev.get("FLANNEL_NETWORK"), 4))
+        prev_sub = _single(subnet_file.parse_networks(prev.get("FLANNEL_SUBNET"), 4))
+        prev_net6 = _single(subnet_file.parse_networks(prev.get("FLANNEL_IPV6_NETWORK"), 6))
+        prev_sub6 = _single(subnet_file.parse_networks(prev.get("FLANNEL_IPV6_SUBNET"), 6))
+        manager = traffic.create(self.opts, config)
+        manager.setup(lease, prev_net, prev_sub, prev_ipv6_network=prev_net6, prev_ipv6_subnet=prev_sub6)
+        self._spawn("traffic", lambda: manager.run_resync(self.stop), until_stop=True)
 
     def _write_subnet_file(self, config: NetworkConfig, network: Network) -> None:
         try:
@@ -321,6 +325,11 @@ def _close_quietly(what: str, close: Callable[[], None] | None) -> None:
         close()
     except Exception:  # shutting down: report and carry on closing the rest
         log.exception("closing the %s failed", what)
+
+
+def _single(nets: list[Any]) -> Any:
+    """The one network of a subnet.env value, or None when there are zero or several."""
+    return nets[0] if len(nets) == 1 else None
 
 
 def _lease_json(lease: Lease) -> dict[str, Any]:

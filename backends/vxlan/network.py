@@ -1,0 +1,377 @@
+"""Pure logic of the vxlan backend: options, BackendData, and lease → kernel entries (reference §7).
+
+Nothing here touches the kernel. ``device.py`` dumps the kernel's state into the same value types
+(``Route``, ``Neigh``, ``Fdb``), and ``plan`` computes the difference between what the leases
+justify and what the kernel holds, so reconciling is "one dump per table, then only the diff"
+(DESIGN §3: reconcile, don't replay). host-gw reuses the entry types and ``plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, Iterable, Mapping
+
+from flannel import errors
+from flannel.lease import Lease
+
+TYPE = "vxlan"
+Net = IPv4Network | IPv6Network
+Addr = IPv4Address | IPv6Address
+#: outer IPv4 + UDP + VXLAN + inner Ethernet headers; 70 over an IPv6 underlay (DESIGN §8, ref §14.14)
+OVERHEAD_V4 = 50
+OVERHEAD_V6 = 70
+DEFAULT_VNI = 1
+MAX_VNI = (1 << 24) - 1
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VXLANOptions:
+    """The ``Backend`` object of a vxlan network config, with flannel's defaults.
+
+    ``port`` 0 means "not sent": the kernel then uses its default 8472 (flannel's behaviour).
+    ``mtu`` 0 means "derive from the external interface".
+    """
+
+    vni: int = DEFAULT_VNI
+    port: int = 0
+    gbp: bool = False
+    learning: bool = False
+    mtu: int = 0
+    direct_routing: bool = False
+
+
+def _opt_int(fields: Mapping[str, Any], key: str, name: str, default: int, lo: int, hi: int) -> int:
+    value = fields.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise errors.ConfigError(
+            f"invalid vxlan backend option {name}: must be an integer in [{lo}, {hi}], got {json.dumps(value)}")
+    return value
+
+
+def _opt_bool(fields: Mapping[str, Any], key: str, name: str) -> bool:
+    value = fields.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise errors.ConfigError(f"invalid vxlan backend option {name}: must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def parse_options(backend: Mapping[str, Any]) -> VXLANOptions:
+    """Parse the ``Backend`` JSON object (keys case-insensitive, like Go's encoding/json).
+
+    :raises errors.ConfigError: naming the option and the rule it breaks.
+    """
+    f = {str(k).lower(): v for k, v in backend.items()}
+    return VXLANOptions(
+        vni=_opt_int(f, "vni", "VNI", DEFAULT_VNI, 0, MAX_VNI),
+        port=_opt_int(f, "port", "Port", 0, 0, 65535),
+        gbp=_opt_bool(f, "gbp", "GBP"),
+        learning=_opt_bool(f, "learning", "Learning"),
+        mtu=_opt_int(f, "mtu", "MTU", 0, 0, 65535),
+        direct_routing=_opt_bool(f, "directrouting", "DirectRouting"),
+    )
+
+
+def device_name(vni: int, *, v6: bool = False) -> str:
+    return f"flannel-v6.{vni}" if v6 else f"flannel.{vni}"
+
+
+def device_mtu(opts: VXLANOptions, ext_mtu: int, *, ipv6_underlay: bool = False) -> int:
+    """``C − 50`` (``C`` = MTU option or the external MTU); ``C − 70`` over an IPv6 underlay."""
+    base = opts.mtu or ext_mtu
+    mtu = base - (OVERHEAD_V6 if ipv6_underlay else OVERHEAD_V4)
+    if mtu < 68:
+        raise errors.ConfigError(f"invalid vxlan backend option MTU: {base} leaves a device MTU of {mtu} (< 68)")
+    return mtu
+
+
+# --------------------------------------------------------------------------------------------
+# MAC addresses and BackendData
+# --------------------------------------------------------------------------------------------
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def normalize_mac(text: str) -> str:
+    """Colon, hyphen or dot notation → lowercase colon form. :raises ValueError:."""
+    if not isinstance(text, str):
+        raise ValueError(f"MAC must be a string, got {type(text).__name__}")
+    if "." in text:
+        groups = text.split(".")
+        if len(groups) != 3 or not all(len(g) == 4 and _HEX.fullmatch(g) for g in groups):
+            raise ValueError(f"{text!r} is not a MAC address")
+        raw = "".join(groups)
+    else:
+        parts = re.split(r"[:-]", text)
+        if len(parts) != 6 or not all(len(p) == 2 and _HEX.fullmatch(p) for p in parts):
+            raise ValueError(f"{text!r} is not a MAC address")
+        raw = "".join(parts)
+    raw = raw.lower()
+    return ":".join(raw[i:i + 2] for i in range(0, 12, 2))
+
+
+def random_mac(rand: bytes) -> str:
+    """flannel's random VTEP MAC from 6 CSPRNG bytes: unicast, locally administered."""
+    b = bytearray(rand[:6])
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+@dataclass(frozen=True)
+class VtepData:
+    vni: int
+    mac: str
+
+
+def encode_backend_data(vni: int, mac: str) -> str:
+    """``{"VNI":1,"VtepMAC":"aa:bb:..."}`` exactly as flannel writes it."""
+    from flannel.wire import compact_json
+
+    return compact_json({"VNI": vni, "VtepMAC": mac})
+
+
+def parse_backend_data(text: str | None) -> VtepData:
+    """Decode a remote lease's BackendData. ``VNI`` is informative only (flannel ignores it).
+
+    :raises errors.BadLeaseRecord: missing/invalid JSON or VtepMAC.
+    """
+    if text is None:
+        raise errors.BadLeaseRecord("no BackendData")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise errors.BadLeaseRecord(f"BackendData is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise errors.BadLeaseRecord(f"BackendData must be a JSON object, got {text!r}")
+    f = {str(k).lower(): v for k, v in obj.items()}
+    try:
+        mac = normalize_mac(f.get("vtepmac"))  # type: ignore[arg-type]
+    except ValueError as e:
+        raise errors.BadLeaseRecord(f"BackendData.VtepMAC: {e}") from None
+    if mac == ZERO_MAC or int(mac[:2], 16) & 1:
+        raise errors.BadLeaseRecord(f"BackendData.VtepMAC {mac} is not a unicast address")
+    vni = f.get("vni", 0)
+    if isinstance(vni, bool) or not isinstance(vni, int):
+        vni = 0
+    return VtepData(vni=vni, mac=mac)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel entries (value types shared with device.py and host-gw)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """``dst via gateway dev <dev> [onlink]`` in the main table (IPv4 or IPv6)."""
+
+    dst: Net
+    gateway: Addr
+    dev: str
+    onlink: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.dst} via {self.gateway} dev {self.dev}{' onlink' if self.onlink else ''}"
+
+
+@dataclass(frozen=True)
+class Neigh:
+    """A permanent neighbour ``ip lladdr mac dev <dev>``."""
+
+    ip: Addr
+    mac: str
+    dev: str
+
+    def __str__(self) -> str:
+        return f"neigh {self.ip} lladdr {self.mac} dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class Fdb:
+    """A permanent vxlan fdb entry ``mac dst <ip> dev <dev> self``."""
+
+    mac: str
+    dst: Addr
+    dev: str
+
+    def __str__(self) -> str:
+        return f"fdb {self.mac} dst {self.dst} dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """A set of managed entries: either desired (from leases) or actual (a kernel dump)."""
+
+    routes: frozenset[Route] = frozenset()
+    neighs: frozenset[Neigh] = frozenset()
+    fdbs: frozenset[Fdb] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.routes) + len(self.neighs) + len(self.fdbs)
+
+    def union(self, other: "KernelState") -> "KernelState":
+        return KernelState(self.routes | other.routes, self.neighs | other.neighs, self.fdbs | other.fdbs)
+
+    def minus(self, other: "KernelState") -> "KernelState":
+        return KernelState(self.routes - other.routes, self.neighs - other.neighs, self.fdbs - other.fdbs)
+
+
+EMPTY = KernelState()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to change, in the order it is applied (deletes first, then fdb → neigh → route, so
+    the kernel never ARPs for a gateway whose neighbour is not there yet)."""
+
+    del_routes: tuple[Route, ...] = ()
+    del_neighs: tuple[Neigh, ...] = ()
+    del_fdbs: tuple[Fdb, ...] = ()
+    set_fdbs: tuple[Fdb, ...] = ()
+    set_neighs: tuple[Neigh, ...] = ()
+    set_routes: tuple[Route, ...] = ()
+
+    def __len__(self) -> int:
+        return (len(self.del_routes) + len(self.del_neighs) + len(self.del_fdbs)
+                + len(self.set_fdbs) + len(self.set_neighs) + len(self.set_routes))
+
+    @property
+    def empty(self) -> bool:
+        return len(self) == 0
+
+
+def plan(desired: KernelState, actual: KernelState) -> Plan:
+    """The changes that turn ``actual`` into ``desired``; correct entries are not touched.
+
+    Routes are keyed by destination and neighbours by (device, IP): a changed gateway or MAC is a
+    single *replace*, not a delete + add. fdb entries are plain pairs (a MAC may have several
+    destinations in the kernel; every pair no lease justifies is deleted).
+    """
+    want_route_dsts = {r.dst for r in desired.routes}
+    want_neigh_keys = {(n.dev, n.ip) for n in desired.neighs}
+    return Plan(
+        del_routes=_sorted(r for r in actual.routes if r.dst not in want_route_dsts),
+        del_neighs=_sorted(n for n in actual.neighs if (n.dev, n.ip) not in want_neigh_keys),
+        del_fdbs=_sorted(actual.fdbs - desired.fdbs),
+        set_fdbs=_sorted(desired.fdbs - actual.fdbs),
+        set_neighs=_sorted(desired.neighs - actual.neighs),
+        set_routes=_sorted(desired.routes - actual.routes),
+    )
+
+
+def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
+    """Deterministic order (IPv4 and IPv6 values do not compare with each other)."""
+    return tuple(sorted(items, key=_sort_key))
+
+
+def _sort_key(e: Any) -> tuple[Any, ...]:
+    if isinstance(e, Route):
+        return (e.dst.version, int(e.dst.network_address), e.dst.prefixlen, e.dev)
+    if isinstance(e, Neigh):
+        return (e.ip.version, int(e.ip), e.dev)
+    return (e.dst.version, e.mac, int(e.dst), e.dev)
+
+
+# --------------------------------------------------------------------------------------------
+# Lease → entries
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Context:
+    """What the translation needs to know about this host.
+
+    ``dev`` is the IPv4 device (``None`` when IPv4 is disabled), ``dev6`` the IPv6 one (``None``
+    when IPv6 is disabled); for host-gw both are the external interface.
+    """
+
+    backend_type: str
+    dev: str | None                              # flannel.<VNI> (vxlan) or the ext iface (host-gw)
+    ext_dev: str
+    local_nets: tuple[IPv4Network, ...] = ()     # connected IPv4 subnets of the ext iface
+    direct_routing: bool = False
+    dev6: str | None = None                      # flannel-v6.<VNI> (vxlan) or the ext iface (host-gw)
+    local_nets6: tuple[IPv6Network, ...] = ()    # connected IPv6 subnets of the ext iface
+
+
+class Skip(Exception):
+    """A lease that yields no entries, with the reason (logged by the caller)."""
+
+
+def on_link(ip: Addr, nets: Iterable[Net]) -> bool:
+    return any(ip in n for n in nets if n.version == ip.version)
+
+
+def _vxlan_family(subnet: Net, peer: Addr, data: str | None, dev: str, ext_dev: str, local_nets: Iterable[Net],
+                  direct_routing: bool) -> KernelState:
+    vtep = parse_backend_data(data)
+    if direct_routing and on_link(peer, local_nets):
+        return KernelState(routes=frozenset({Route(subnet, peer, ext_dev)}))
+    gw = subnet.network_address
+    return KernelState(
+        routes=frozenset({Route(subnet, gw, dev, onlink=True)}),
+        neighs=frozenset({Neigh(gw, vtep.mac, dev)}),
+        fdbs=frozenset({Fdb(vtep.mac, peer, dev)}),
+    )
+
+
+def vxlan_entries(lease: Lease, ctx: Context) -> KernelState:
+    """Entries for one remote vxlan lease, reference §7.5: per enabled family, route + neighbour +
+    fdb (or a direct route with DirectRouting when the peer is on our L2 network).
+
+    A family the lease does not carry (or we do not run) is simply absent (flannel crashed on a
+    dual-stack lease at an IPv4-only node, §14.13).
+
+    :raises Skip: other backend type, no subnet of an enabled family.
+    :raises errors.BadLeaseRecord: bad BackendData / BackendV6Data (the whole lease is skipped).
+    """
+    if lease.attrs.backend_type != ctx.backend_type:
+        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: type={lease.attrs.backend_type or '<none>'}")
+    parts: list[KernelState] = []
+    if ctx.dev is not None and lease.subnet is not None:
+        parts.append(_vxlan_family(lease.subnet, lease.attrs.public_ip, lease.attrs.backend_data, ctx.dev,
+                                   ctx.ext_dev, ctx.local_nets, ctx.direct_routing))
+    if ctx.dev6 is not None and lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None:
+        parts.append(_vxlan_family(lease.ipv6_subnet, lease.attrs.public_ipv6, lease.attrs.backend_v6_data,
+                                   ctx.dev6, ctx.ext_dev, ctx.local_nets6, ctx.direct_routing))
+    if not parts:
+        raise Skip(f"lease {lease.describe()} has no subnet of an address family this node runs")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.union(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The desired kernel state for a set of leases, and the leases that were skipped (why)."""
+
+    state: KernelState
+    skipped: tuple[tuple[Lease, str], ...] = field(default=())
+
+
+def desired_state(leases: Iterable[Lease], ctx: Context, translate: Any = vxlan_entries) -> Desired:
+    """Translate every lease; a bad one is reported in ``skipped`` and never affects the others."""
+    routes: set[Route] = set()
+    neighs: set[Neigh] = set()
+    fdbs: set[Fdb] = set()
+    skipped: list[tuple[Lease, str]] = []
+    for lease in leases:
+        try:
+            st = translate(lease, ctx)
+        except (Skip, errors.BadLeaseRecord) as e:
+            skipped.append((lease, str(e)))
+            continue
+        routes |= st.routes
+        neighs |= st.neighs
+        fdbs |= st.fdbs
+    return Desired(KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs)), tuple(skipped))

@@ -1,0 +1,224 @@
+"""Masquerade and forward rules (reference §11): iptables (default) or nftables (``EnableNFTables``).
+
+API for the daemon::
+
+    from flannel import traffic
+    tm = traffic.create(opts, config)            # AgentOptions, NetworkConfig → TrafficManager
+    tm.setup(lease, prev_network, prev_subnet)   # after the lease is acquired (prev_* from the old
+                                                 # subnet.env, None if there was none)
+    threading.Thread(target=tm.run_resync, args=(stop,), daemon=True).start()
+
+* ``setup`` first removes the *other* mode's artefacts (iptables mode deletes the nft tables
+  ``ip flannel-ipv4`` / ``ip6 flannel-ipv6``; nft mode deletes the jump rules and the chains
+  ``nat/FLANNEL-POSTRTG`` and ``filter/FLANNEL-FWD`` — flannel targeted ``nat/FLANNEL-FWD`` and could
+  not delete a referenced chain, reference §14.19). Then it installs masquerade rules if
+  ``opts.ip_masq`` and forward rules if ``opts.iptables_forward_rules``, for IPv4 when the config
+  has a ``Network`` and for IPv6 when ``EnableIPv6`` is set and the lease has an IPv6 subnet (flannel
+  also installed IPv6 rules with a ``::/0`` pod subnet when IPv6 was disabled, §14.22).
+  iptables mode: if the network or our subnet changed since the previous run, the old masquerade
+  rules are deleted first ("recycle"); a failure there raises ``errors.BackendError``.
+* ``run_resync(stop)`` checks every ``opts.iptables_resync`` seconds that every rule exists
+  (``iptables -C``) and re-installs a group that lost one (one ``iptables-restore --noflush``).
+  In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft resync).
+  Errors are logged; the loop only ends when ``stop`` is set.
+* ``--ip-blackhole-route``: a ``blackhole`` route for our own subnet(s) in the main table (so
+  traffic to pod IPs that do not exist is dropped here instead of following the default route),
+  added by ``setup`` and re-checked by ``run_resync`` (reference §11.6). Uses ``ip route``.
+* Rules are left in place at exit (zero-downtime restarts, §12.4).
+
+The semantics chosen for the iptables/nftables difference (§14.20) are documented in
+``flannel.traffic.nftables``: both modes masquerade the same packets (the iptables meaning).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import shutil
+import subprocess
+import threading
+from ipaddress import IPv4Network, IPv6Network
+
+from flannel import errors
+from flannel.config import NetworkConfig
+from flannel.lease import Lease
+from flannel.options import AgentOptions
+from flannel.traffic import iptables as ipt
+from flannel.traffic import nftables as nft
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrafficManager", "IPTablesManager", "NFTablesManager", "create"]
+
+ANY_V4 = IPv4Network("0.0.0.0/0")
+ANY_V6 = IPv6Network("::/0")
+
+
+class TrafficManager(abc.ABC):
+    def __init__(self, opts: AgentOptions, config: NetworkConfig) -> None:
+        self.opts = opts
+        self.config = config
+
+    def families(self, lease: Lease) -> list[tuple[int, IPv4Network | IPv6Network, IPv4Network | IPv6Network]]:
+        """(version, cluster network, our pod subnet) for every family that gets rules."""
+        out: list[tuple[int, IPv4Network | IPv6Network, IPv4Network | IPv6Network]] = []
+        if self.config.network is not None and lease.subnet is not None:
+            out.append((4, self.config.network, lease.subnet))
+        if self.config.enable_ipv6 and self.config.ipv6_network is not None and lease.ipv6_subnet is not None:
+            out.append((6, self.config.ipv6_network, lease.ipv6_subnet))
+        return out
+
+    def ensure_blackhole(self, lease: Lease) -> None:
+        """Add ``blackhole <our subnet>`` (IPv4 and IPv6) when ``--ip-blackhole-route`` and it is missing."""
+        if not self.opts.ip_blackhole_route or shutil.which("ip") is None:
+            return
+        self._lease = lease
+        for fam, subnet in (("-4", lease.subnet), ("-6", lease.ipv6_subnet)):
+            if subnet is None:
+                continue
+            res = subprocess.run(["ip", "-j", fam, "route", "show", "table", "main", "type", "blackhole"],
+                                 capture_output=True, text=True, timeout=30)
+            have = {r.get("dst") for r in json.loads(res.stdout or "[]")} if res.returncode == 0 else set()
+            if str(subnet) in have:
+                continue
+            add = subprocess.run(["ip", fam, "route", "add", "blackhole", str(subnet)], capture_output=True, text=True,
+                                 timeout=30)
+            if add.returncode != 0:
+                log.warning("adding blackhole route %s failed: %s", subnet, add.stderr.strip())
+            else:
+                log.info("added blackhole route %s", subnet)
+
+    @abc.abstractmethod
+    def setup(self, lease: Lease, prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
+              *, prev_ipv6_network: IPv6Network | None = None, prev_ipv6_subnet: IPv6Network | None = None) -> None:
+        """Install the rules for our lease (see the module docstring)."""
+
+    @abc.abstractmethod
+    def resync_once(self) -> None:
+        """Check the installed rules once and repair what is missing."""
+
+    def run_resync(self, stop: threading.Event) -> None:
+        interval = max(1, int(self.opts.iptables_resync))
+        while not stop.wait(interval):
+            try:
+                self.resync_once()
+                lease = getattr(self, "_lease", None)
+                if lease is not None:
+                    self.ensure_blackhole(lease)
+            except errors.FlannelError as e:
+                log.warning("rule resync failed: %s", e)
+            except OSError as e:
+                log.warning("rule resync failed: %s", e)
+
+
+class IPTablesManager(TrafficManager):
+    def __init__(self, opts: AgentOptions, config: NetworkConfig) -> None:
+        super().__init__(opts, config)
+        self.groups: list[ipt.RuleGroup] = []
+        self._lock = threading.Lock()
+
+    def setup(self, lease: Lease, prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
+              *, prev_ipv6_network: IPv6Network | None = None, prev_ipv6_subnet: IPv6Network | None = None) -> None:
+        n = nft.Nft()
+        if n.available():
+            for version in (4, 6):
+                n.delete_table(version)
+        groups: list[ipt.RuleGroup] = []
+        for version, cluster, pod in self.families(lease):
+            tool = ipt.IPTables(version)
+            if not tool.available():
+                log.error("%s / %s not found: no %s rules installed", tool.cmd, tool.restore_cmd,
+                          "masquerade/forward")
+                continue
+            if self.opts.ip_masq:
+                fully = not self.opts.ip_masq_fully_random_disable and ipt.supports_random_fully(tool.version_text())
+                prev_net = prev_network if version == 4 else prev_ipv6_network
+                prev_sub = prev_subnet if version == 4 else prev_ipv6_subnet
+                anyn = ANY_V4 if version == 4 else ANY_V6
+                if prev_net != cluster or prev_sub != pod:
+                    old = ipt.masq_rules(prev_net or anyn, prev_sub or anyn, fully_random=fully)
+                    log.info("recycling masquerade rules of network %s / subnet %s", prev_net, prev_sub)
+                    tool.restore(ipt.render_payload(ipt.teardown_lines(old, tool.exists)))
+                groups.append(ipt.RuleGroup(f"masq v{version}", ipt.masq_rules(cluster, pod, fully_random=fully), tool))
+            if self.opts.iptables_forward_rules:
+                groups.append(ipt.RuleGroup(f"forward v{version}", ipt.forward_rules(cluster), tool))
+        for g in groups:
+            log.info("installing %s rules (%d)", g.name, len(g.rules))
+            g.bootstrap()
+        with self._lock:
+            self.groups = groups
+        self.ensure_blackhole(lease)
+
+    def resync_once(self) -> None:
+        with self._lock:
+            groups = list(self.groups)
+        for g in groups:
+            try:
+                g.ensure()
+            except errors.BackendError as e:
+                log.warning("repairing %s rules failed: %s", g.name, e)
+
+
+class NFTablesManager(TrafficManager):
+    def __init__(self, opts: AgentOptions, config: NetworkConfig) -> None:
+        super().__init__(opts, config)
+        self.nft = nft.Nft()
+        self.scripts: list[tuple[int, str, int, str]] = []   # (version, chain, rule count, script)
+        self._lock = threading.Lock()
+
+    def setup(self, lease: Lease, prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
+              *, prev_ipv6_network: IPv6Network | None = None, prev_ipv6_subnet: IPv6Network | None = None) -> None:
+        if not self.nft.available():
+            raise errors.BackendError("no nftables support: the nft binary is not installed")
+        cleanup_iptables()
+        scripts: list[tuple[int, str, int, str]] = []
+        for version, cluster, pod in self.families(lease):
+            if self.opts.iptables_forward_rules:
+                scripts.append((version, nft.FWD_CHAIN, 2, nft.forward_script(cluster)))
+            if self.opts.ip_masq:
+                fully = not self.opts.ip_masq_fully_random_disable
+                script = nft.masq_script(cluster, pod, fully_random=fully)
+                if fully and not self.nft.check(script):
+                    log.info("nft: masquerade fully-random not supported; using plain masquerade")
+                    script = nft.masq_script(cluster, pod, fully_random=False)
+                scripts.append((version, nft.MASQ_CHAIN, 6, script))
+        for version, chain, _count, script in scripts:
+            log.info("installing nftables chain %s (IPv%d)", chain, version)
+            self.nft.apply(script)
+        with self._lock:
+            self.scripts = scripts
+        self.ensure_blackhole(lease)
+
+    def resync_once(self) -> None:
+        with self._lock:
+            scripts = list(self.scripts)
+        for version, chain, count, script in scripts:
+            have = self.nft.chain_rule_count(version, chain)
+            if have != count:
+                log.warning("nftables chain %s (IPv%d) has %s of %d rules; re-applying", chain, version, have, count)
+                self.nft.apply(script)
+
+
+def cleanup_iptables() -> None:
+    """Remove flannel's iptables artefacts (nft mode): jump rules, then the chains, in the right tables."""
+    for version in (4, 6):
+        tool = ipt.IPTables(version)
+        if not tool.available():
+            continue
+        for table, builtin, chain in (("nat", "POSTROUTING", ipt.POSTRTG), ("filter", "FORWARD", ipt.FWD)):
+            lines = [ln.replace("-A ", "-D ", 1) for ln in tool.save(table).splitlines()
+                     if ln.startswith(f"-A {builtin} ") and ln.rstrip().endswith(f"-j {chain}")]
+            if tool.chain_exists(table, chain):
+                lines += [f"-F {chain}", f"-X {chain}"]
+            if lines:
+                try:
+                    tool.restore(ipt.render_payload({table: lines}))
+                    log.info("removed iptables chain %s/%s (switching to nftables)", table, chain)
+                except errors.BackendError as e:
+                    log.warning("cleaning up iptables %s/%s: %s", table, chain, e)
+
+
+def create(opts: AgentOptions, config: NetworkConfig) -> TrafficManager:
+    """The manager for ``config.enable_nftables``."""
+    return NFTablesManager(opts, config) if config.enable_nftables else IPTablesManager(opts, config)

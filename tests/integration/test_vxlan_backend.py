@@ -1,0 +1,629 @@
+"""vxlan backend in a fresh namespace per test, checked with iproute2 (ip -d link, ip route, ip neigh,
+bridge fdb, ip monitor).
+
+The backend runs in-process on a worker thread that switched into the test's namespace
+(``in_netns``): its pyroute2 socket and any ``ip -batch`` child live there. The underlay is a veth
+pair inside that namespace with 198.18.0.1/24; fake peers are 198.18.0.x/198.19.x addresses that
+never answer (nothing leaves the namespace).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import subprocess
+import threading
+import time
+from ipaddress import IPv4Address as A, IPv4Network as N
+from typing import Any, Callable
+
+import pytest
+
+from flannel import errors
+from flannel.backends.base import Backend, ExternalInterface
+from flannel.backends.vxlan import VXLANBackend
+from flannel.config import parse_network_config
+from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
+from flannel.testing.netns import NetNS, in_netns
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
+
+LOCAL = "198.18.0.1"
+
+
+class FakeLeases:
+    """A LeaseSource that hands out a fixed subnet and remembers what we published."""
+
+    def __init__(self, subnet: str, stored: str | None = None) -> None:
+        self.subnet = N(subnet)
+        self.stored = stored
+        self.attrs: LeaseAttrs | None = None
+
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        self.attrs = attrs
+        return Lease(self.subnet, attrs)
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        return (self.stored, None)
+
+
+class Agent:
+    """One backend instance running ``Network.run`` on a thread inside ``ns``."""
+
+    def __init__(self, ns: NetNS, backend: Backend, config_json: str, leases: FakeLeases,
+                 tweak: Callable[[Any], None] | None = None) -> None:
+        self.ns, self.backend, self.leases, self.tweak = ns, backend, leases, tweak
+        self.config = parse_network_config(config_json)
+        self.q: "queue.Queue[Batch | None]" = queue.Queue()
+        self.stop_ev = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.net: Any = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        with in_netns(self.ns.name):
+            try:
+                self.net = self.backend.register_network(config=self.config, leases=self.leases)
+                if self.tweak:
+                    self.tweak(self.net)
+            except BaseException as e:  # handed to the test thread
+                self.error = e
+                self.ready.set()
+                return
+            self.ready.set()
+            self.net.run(self.q, self.stop_ev)
+
+    def start(self) -> "Agent":
+        self.thread.start()
+        assert self.ready.wait(20), "backend did not register in time"
+        if self.error:
+            raise self.error
+        return self
+
+    def send(self, *events: LeaseEvent, synced: bool = False) -> None:
+        self.q.put(Batch(tuple(events), synced=synced))
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        self.q.put(None)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.net is not None:
+            self.net.close()
+
+
+def make_ns(prefix: str) -> NetNS:
+    ns = NetNS(prefix + "v")
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    ns.ip("addr", "add", f"{LOCAL}/24", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("link", "set", "eth1", "up")
+    return ns
+
+
+def ext_of(ns: NetNS, mtu: int = 1500) -> ExternalInterface:
+    idx = int(json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+    return ExternalInterface("eth0", idx, mtu, A(LOCAL), A(LOCAL))
+
+
+def vx_lease(i: int, mac: str | None = None, ip: str | None = None, typ: str = "vxlan", data: str | None = None) -> Lease:
+    mac = mac or f"02:00:00:00:00:{i:02x}"
+    if data is None and typ == "vxlan":
+        data = json.dumps({"VNI": 1, "VtepMAC": mac}, separators=(",", ":"))
+    return Lease(N(f"10.5.{i}.0/24"), LeaseAttrs(public_ip=A(ip or f"198.18.0.{i}"), backend_type=typ, backend_data=data))
+
+
+def added(*leases: Lease) -> tuple[LeaseEvent, ...]:
+    return tuple(LeaseEvent(EventType.ADDED, lz) for lz in leases)
+
+
+def removed(*leases: Lease) -> tuple[LeaseEvent, ...]:
+    return tuple(LeaseEvent(EventType.REMOVED, lz) for lz in leases)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ---- independent views of the kernel (iproute2) --------------------------------------------
+
+def routes(ns: NetNS) -> set[str]:
+    out = set()
+    for r in json.loads(ns.ip("-j", "route", "show", "table", "main") or "[]"):
+        if r.get("gateway"):
+            out.add(f"{r['dst']} via {r['gateway']} dev {r['dev']}{' onlink' if 'onlink' in r.get('flags', []) else ''}")
+    return out
+
+
+def neighs(ns: NetNS, dev: str = "flannel.1") -> set[str]:
+    return {f"{n['dst']} {n['lladdr']} {'/'.join(n.get('state', []))}"
+            for n in json.loads(ns.ip("-j", "neigh", "show", "dev", dev) or "[]") if "lladdr" in n}
+
+
+def fdbs(ns: NetNS, dev: str = "flannel.1") -> set[str]:
+    out = set()
+    for f in json.loads(ns.exec("bridge", "-j", "fdb", "show", "dev", dev) or "[]"):
+        if f.get("dst"):
+            out.add(f"{f['mac']} {f['dst']} {f.get('state', '')}")
+    return out
+
+
+def link(ns: NetNS, dev: str = "flannel.1") -> dict[str, Any]:
+    return json.loads(ns.ip("-d", "-j", "link", "show", dev))[0]
+
+
+def expected_for(*ls: Lease) -> tuple[set[str], set[str], set[str]]:
+    r, n, f = set(), set(), set()
+    for lz in ls:
+        mac = json.loads(lz.attrs.backend_data or "{}")["VtepMAC"]
+        g = lz.subnet.network_address  # type: ignore[union-attr]
+        r.add(f"{lz.subnet} via {g} dev flannel.1 onlink")
+        n.add(f"{g} {mac} PERMANENT")
+        f.add(f"{mac} {lz.attrs.public_ip} permanent")
+    return r, n, f
+
+
+def state(ns: NetNS) -> tuple[set[str], set[str], set[str]]:
+    return routes(ns), neighs(ns), fdbs(ns)
+
+
+@pytest.fixture
+def ns(ns_prefix):
+    n = make_ns(ns_prefix)
+    yield n
+    n.delete()
+
+
+CFG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+def test_device_attributes(ns):
+    leases = FakeLeases("10.5.1.0/24")
+    cfg = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":7,"Port":4789,"GBP":true}}'
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), cfg, leases).start()
+    try:
+        ln = link(ns, "flannel.7")
+        info = ln["linkinfo"]["info_data"]
+        assert ln["linkinfo"]["info_kind"] == "vxlan"
+        assert info["id"] == 7 and info["port"] == 4789 and info["local"] == LOCAL and info["gbp"] is True
+        assert info["learning"] is False
+        assert info["link"] == "eth0"
+        assert ln["mtu"] == 1450
+        assert "UP" in ln["flags"]
+        addrs = json.loads(ns.ip("-j", "addr", "show", "flannel.7"))[0]["addr_info"]
+        assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == [("10.5.1.0", 32)]
+        assert leases.attrs is not None and leases.attrs.backend_type == "vxlan"
+        assert leases.attrs.backend_data == '{"VNI":7,"VtepMAC":"%s"}' % ln["address"]
+        assert agent.net.mtu == 1450
+        mac = ln["address"]
+        assert int(mac[:2], 16) & 3 == 2   # unicast, locally administered
+    finally:
+        agent.stop()
+    # default port: attribute not sent → kernel's 8472; Learning and MTU from options
+    ns.ip("link", "del", "flannel.7")
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"Learning":true}}',
+                  FakeLeases("10.5.1.0/24")).start()
+    try:
+        info = link(ns)["linkinfo"]["info_data"]
+        assert info["port"] == 8472 and info["learning"] is True and link(ns)["mtu"] == 1350
+    finally:
+        agent.stop()
+
+
+def test_add_and_remove_peers_exactly(ns, caplog):
+    caplog.set_level(logging.INFO)
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        p2, p3 = vx_lease(2), vx_lease(3)
+        other = vx_lease(4, typ="host-gw", data=None)
+        bad = vx_lease(5, data='{"VNI":1,"VtepMAC":"nope"}')
+        agent.send(*added(p2, p3, other, bad), synced=True)
+        want = expected_for(p2, p3)
+        wait_for(lambda: state(ns) == want, what="peers 2 and 3 programmed")
+        assert "ignoring non-vxlan subnet 10.5.4.0/24" in caplog.text
+        assert "VtepMAC" in caplog.text and "10.5.5.0/24" not in " ".join(routes(ns))
+        agent.send(*removed(p3))
+        want = expected_for(p2)
+        wait_for(lambda: state(ns) == want, what="peer 3 removed")
+        # a peer changes its VTEP MAC (re-created device): replaced, not duplicated
+        p2b = vx_lease(2, mac="02:00:00:00:02:22")
+        agent.send(*added(p2b))
+        want = expected_for(p2b)
+        wait_for(lambda: state(ns) == want, what="peer 2 new MAC")
+    finally:
+        agent.stop()
+
+
+class Monitor:
+    """``ip monitor route neigh`` + ``bridge monitor fdb`` in the namespace, ready when a canary shows up."""
+
+    def __init__(self, ns: NetNS) -> None:
+        self.ns = ns
+        self.procs = [subprocess.Popen(["ip", "-n", ns.name, "monitor", "route", "neigh"], stdout=subprocess.PIPE, text=True),
+                      subprocess.Popen(["bridge", "-n", ns.name, "monitor", "fdb"], stdout=subprocess.PIPE, text=True)]
+        self.lines: list[str] = []
+        self.threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]
+        for t in self.threads:
+            t.start()
+        # canaries: one route and one fdb change that each monitor must report before we trust it
+        def poke() -> bool:
+            ns.ip("route", "replace", "203.0.113.0/24", "dev", "eth1")
+            ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "master", check=False)
+            ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
+            return any("203.0.113.0/24" in ln for ln in self.lines) and any("02:99:00:00:00:01" in ln for ln in self.lines)
+        wait_for(poke, 10, "ip/bridge monitor ready")
+
+    def _read(self, p: "subprocess.Popen[str]") -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            self.lines.append(line.strip())
+
+    def stop(self) -> list[str]:
+        for p in self.procs:
+            p.terminate()
+            p.wait(5)
+        return [ln for ln in self.lines if "203.0.113.0" not in ln and "02:99:00:00:00:01" not in ln]
+
+
+def test_restart_reconciles_without_touching_good_entries(ns):
+    p2, p3 = vx_lease(2), vx_lease(3)
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        agent.send(*added(p2, p3), synced=True)
+        wait_for(lambda: state(ns) == expected_for(p2, p3), what="initial peers")
+    finally:
+        agent.stop()
+    before = link(ns)
+    # stale entries no lease justifies (a peer that left while we were down) + one outside our scope
+    ns.ip("route", "add", "10.5.9.0/24", "via", "10.5.9.0", "dev", "flannel.1", "onlink")
+    ns.ip("neigh", "add", "10.5.9.0", "lladdr", "02:00:00:00:00:09", "dev", "flannel.1", "nud", "permanent")
+    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:09", "dev", "flannel.1", "dst", "198.18.0.9", "self", "permanent")
+    ns.ip("route", "add", "192.0.2.0/24", "via", "10.5.9.0", "dev", "flannel.1", "onlink")
+    mon = Monitor(ns)
+    plans: list[Any] = []
+
+    def record(net: Any) -> None:  # also see every write the backend issues
+        orig = net.nl.apply
+        net.nl.apply = lambda p: (plans.append(p), orig(p))[1]
+
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=record).start()
+    try:
+        # a snapshot delivered in two batches: only the synced one may touch the kernel
+        agent.send(*added(p2))
+        agent.send(*added(p3), synced=True)
+        r2, n2, f2 = expected_for(p2, p3)
+        wait_for(lambda: state(ns) == (r2 | {"192.0.2.0/24 via 10.5.9.0 dev flannel.1 onlink"}, n2, f2), what="stale entries removed")
+    finally:
+        agent.stop()
+        events = mon.stop()
+    after = link(ns)
+    assert after["ifindex"] == before["ifindex"] and after["address"] == before["address"]  # device and MAC reused
+    assert any(ev.startswith("Deleted 10.5.9.0/24 via 10.5.9.0") for ev in events), events
+    assert any(ev.startswith("Deleted") and "02:00:00:00:00:09" in ev for ev in events), events
+    writes = [str(e) for p in plans for part in (p.set_routes, p.set_neighs, p.set_fdbs, p.del_routes, p.del_neighs, p.del_fdbs)
+              for e in part]
+    assert writes and all("10.5.9.0" in w or "02:00:00:00:00:09" in w for w in writes), writes
+    # an identical replace makes no netlink notification, so the monitor alone cannot see it: both checks
+    touched = [ev for ev in events if "10.5.2.0" in ev or "10.5.3.0" in ev or ":02 " in ev or ":03 " in ev]
+    assert touched == [], f"good entries were re-created or deleted: {touched}"
+
+
+def test_device_deleted_under_running_agent_comes_back_with_all_peers(ns):
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        peers = [vx_lease(i) for i in range(2, 6)]
+        agent.send(*added(*peers), synced=True)
+        want = expected_for(*peers)
+        wait_for(lambda: state(ns) == want, what="peers programmed")
+        mac = link(ns)["address"]
+        ns.ip("link", "del", "flannel.1")
+        wait_for(lambda: "flannel.1" in ns.ip("link", "show"), what="device re-created")
+        wait_for(lambda: state(ns) == want, what="peers re-programmed")
+        ln = link(ns)
+        assert ln["address"] == mac and "UP" in ln["flags"]
+        assert "10.5.1.0/32" in ns.ip("addr", "show", "flannel.1")
+    finally:
+        agent.stop()
+
+
+def test_config_change_updates_device_in_place(ns):
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    agent.stop()
+    before = link(ns)
+    assert before["mtu"] == 1450 and before["linkinfo"]["info_data"]["learning"] is False
+    cfg = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":1300,"Learning":true}}'
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), cfg, FakeLeases("10.5.1.0/24")).start()
+    try:
+        after = link(ns)
+        assert after["ifindex"] == before["ifindex"] and after["address"] == before["address"]
+        assert after["mtu"] == 1250 and after["linkinfo"]["info_data"]["learning"] is True
+        assert agent.net.mtu == 1250
+    finally:
+        agent.stop()
+
+
+def test_incompatible_device_is_replaced_and_stored_mac_is_used(ns):
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "4789", "local", LOCAL, "dev", "eth0")
+    old_idx = link(ns)["ifindex"]
+    stored = '{"VNI":1,"VtepMAC":"02:12:34:56:78:9a"}'
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24", stored=stored)).start()
+    try:
+        ln = link(ns)
+        assert ln["ifindex"] != old_idx and ln["linkinfo"]["info_data"]["port"] == 8472
+        assert ln["address"] == "02:12:34:56:78:9a"
+    finally:
+        agent.stop()
+
+
+def test_direct_routing(ns):
+    cfg = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}'
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), cfg, FakeLeases("10.5.1.0/24")).start()
+    try:
+        near, far = vx_lease(2), vx_lease(3, ip="198.19.3.3")
+        agent.send(*added(near, far), synced=True)
+        r, n, f = expected_for(far)
+        wait_for(lambda: state(ns) == (r | {"10.5.2.0/24 via 198.18.0.2 dev eth0"}, n, f), what="direct + vxlan routes")
+        agent.send(*removed(near))
+        wait_for(lambda: state(ns) == (r, n, f), what="direct route removed")
+    finally:
+        agent.stop()
+
+
+def test_large_snapshot_uses_batch_path_and_converges(ns):
+    """200 peers (above the batch threshold) from a cold start, then a reconcile removing half."""
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        peers = [Lease(N(f"10.5.{i}.0/24"), LeaseAttrs(public_ip=A(f"198.19.{i}.1"), backend_type="vxlan",
+                       backend_data=f'{{"VNI":1,"VtepMAC":"02:00:00:00:{i // 256:02x}:{i % 256:02x}"}}'))
+                 for i in range(2, 202)]
+        agent.send(*added(*peers), synced=True)
+        want = expected_for(*peers)
+        wait_for(lambda: state(ns) == want, 30, "200 peers programmed")
+        agent.send(*removed(*peers[100:]))
+        want = expected_for(*peers[:100])
+        wait_for(lambda: state(ns) == want, 30, "100 peers removed")
+    finally:
+        agent.stop()
+
+
+def test_register_rejects_bad_option_without_touching_kernel(ns):
+    with pytest.raises(errors.ConfigError, match="VNI"):
+        Agent(ns, VXLANBackend(ext_of(ns)), '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":"x"}}',
+              FakeLeases("10.5.1.0/24")).start()
+    assert "flannel." not in ns.ip("link", "show")
+
+
+def test_two_hosts_reach_each_other_through_the_overlay(ns_prefix):
+    """Data-plane sanity: two hosts on the test underlay, each running the backend, ping over vxlan."""
+    from flannel.testing.topology import Underlay, ping
+
+    with Underlay(ns_prefix + "u") as u:
+        hosts = [u.add_host("h1"), u.add_host("h2")]
+        agents = []
+        try:
+            for i, h in enumerate(hosts, start=1):
+                idx = int(json.loads(h.ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+                ext = ExternalInterface("eth0", idx, 1500, h.ip, h.ip)
+                agents.append(Agent(h.ns, VXLANBackend(ext), CFG, FakeLeases(f"10.5.{i}.0/24")).start())
+            own = [Lease(N(f"10.5.{i}.0/24"), a.leases.attrs) for i, a in enumerate(agents, start=1)]  # type: ignore[arg-type]
+            agents[0].send(*added(own[1]), synced=True)
+            agents[1].send(*added(own[0]), synced=True)
+            wait_for(lambda: ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0"), 10, "h1 → h2 over vxlan")
+            assert ping(hosts[1].ns, "10.5.1.0", src="10.5.2.0")
+        finally:
+            for a in agents:
+                a.stop()
+
+
+def test_entries_deleted_by_someone_else_are_repaired_by_the_resync(ns):
+    def fast(net: Any) -> None:
+        net.resync_interval = 0.2
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=fast).start()
+    try:
+        p2 = vx_lease(2)
+        agent.send(*added(p2), synced=True)
+        want = expected_for(p2)
+        wait_for(lambda: state(ns) == want, what="peer programmed")
+        ns.ip("route", "del", "10.5.2.0/24")
+        ns.exec("bridge", "fdb", "del", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self")
+        assert state(ns) != want
+        wait_for(lambda: state(ns) == want, what="route and fdb repaired")
+    finally:
+        agent.stop()
+
+
+def test_dump_iproute2_and_pyroute2_agree(ns):
+    """The two dump implementations read the same managed entries (and skip the same others)."""
+    from flannel.backends.vxlan import network as vxn
+    from flannel.backends.vxlan.device import Netlink, Scope
+
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", LOCAL, "dev", "eth0", "nolearning")
+    ns.ip("link", "set", "flannel.1", "up")
+    ns.ip("route", "add", "10.5.2.0/24", "via", "10.5.2.0", "dev", "flannel.1", "onlink")
+    ns.ip("route", "add", "10.5.3.3/32", "via", "10.5.3.3", "dev", "flannel.1", "onlink")
+    ns.ip("route", "add", "10.5.4.0/24", "via", "198.18.0.4", "dev", "eth0")          # direct route: ours
+    ns.ip("route", "add", "10.5.1.0/24", "via", "198.18.0.9", "dev", "eth0")          # own subnet: excluded
+    ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0")         # outside Network
+    ns.ip("route", "add", "blackhole", "10.5.5.0/24")                                 # not unicast
+    ns.ip("neigh", "add", "10.5.2.0", "lladdr", "02:00:00:00:00:02", "dev", "flannel.1", "nud", "permanent")
+    ns.ip("neigh", "add", "10.5.6.0", "lladdr", "02:00:00:00:00:06", "dev", "flannel.1", "nud", "stale")  # not permanent
+    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self", "permanent")
+    ns.exec("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "198.18.0.7", "self", "permanent")
+    scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1", exclude=N("10.5.1.0/24"))
+    out: dict[str, Any] = {}
+
+    def main() -> None:
+        with in_netns(ns.name):
+            nl = Netlink()
+            out["ip"], out["pr"] = nl.dump_iproute2(scope), nl.dump_pyroute2(scope)
+            nl.close()
+    t = threading.Thread(target=main)
+    t.start()
+    t.join(30)
+    expected = vxn.KernelState(
+        routes=frozenset({vxn.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", True),
+                          vxn.Route(N("10.5.3.3/32"), A("10.5.3.3"), "flannel.1", True),
+                          vxn.Route(N("10.5.4.0/24"), A("198.18.0.4"), "eth0", False)}),
+        neighs=frozenset({vxn.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")}),
+        fdbs=frozenset({vxn.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")}))
+    assert out["ip"] == expected
+    assert out["pr"] == expected
+
+
+def test_batch_with_a_failing_line_is_verified_and_completed(ns, caplog):
+    caplog.set_level(logging.INFO)
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        peers = [vx_lease(i, ip=f"198.19.0.{i}") for i in range(2, 102)]
+        agent.send(*added(*peers), synced=True)
+        want = expected_for(*peers)
+        wait_for(lambda: state(ns) == want, 30, "100 peers programmed")
+        ns.ip("route", "del", "10.5.50.0/24")             # behind the agent's back: its delete will fail
+        agent.send(*removed(*peers[:80]))
+        want = expected_for(*peers[80:])
+        wait_for(lambda: state(ns) == want, 30, "80 peers removed")
+        assert "-batch exit" in caplog.text and "verifying" in caplog.text
+    finally:
+        agent.stop()
+
+
+# ---- dual stack (IPv6 underlay in 2001:2::/48, the IPv6 benchmarking range; pods in ULA) -------
+
+LOCAL6 = "2001:2::1"
+CFG_DS = ('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48",'
+          '"Backend":{"Type":"vxlan"}}')
+
+
+def make_ns_ds(prefix: str) -> NetNS:
+    ns = make_ns(prefix)
+    ns.ip("-6", "addr", "add", f"{LOCAL6}/64", "dev", "eth0", "nodad")
+    return ns
+
+
+def ext_ds(ns: NetNS) -> ExternalInterface:
+    idx = int(json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+    from ipaddress import IPv6Address
+    return ExternalInterface("eth0", idx, 1500, A(LOCAL), A(LOCAL), IPv6Address(LOCAL6), IPv6Address(LOCAL6))
+
+
+class FakeLeasesDS(FakeLeases):
+    def __init__(self, subnet: str, subnet6: str, stored6: str | None = None) -> None:
+        super().__init__(subnet)
+        from ipaddress import IPv6Network
+        self.subnet6 = IPv6Network(subnet6)
+        self.stored6 = stored6
+
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        self.attrs = attrs
+        return Lease(self.subnet, attrs, ipv6_subnet=self.subnet6)
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        return (self.stored, self.stored6)
+
+
+def ds_lease(i: int) -> Lease:
+    from ipaddress import IPv6Address, IPv6Network
+    return Lease(N(f"10.5.{i}.0/24"),
+                 LeaseAttrs(public_ip=A(f"198.18.0.{i}"), public_ipv6=IPv6Address(f"2001:2::{i:x}"), backend_type="vxlan",
+                            backend_data=f'{{"VNI":1,"VtepMAC":"02:00:00:00:00:{i:02x}"}}',
+                            backend_v6_data=f'{{"VNI":1,"VtepMAC":"02:00:00:00:06:{i:02x}"}}'),
+                 ipv6_subnet=IPv6Network(f"fd00:10:5:{i:x}::/64"))
+
+
+def state6(ns: NetNS) -> tuple[set[str], set[str], set[str]]:
+    r = set()
+    for x in json.loads(ns.ip("-6", "-j", "route", "show", "table", "main") or "[]"):
+        if x.get("gateway"):
+            r.add(f"{x['dst']} via {x['gateway']} dev {x['dev']}{' onlink' if 'onlink' in x.get('flags', []) else ''}")
+    n = {f"{x['dst']} {x['lladdr']} {'/'.join(x.get('state', []))}"
+         for x in json.loads(ns.ip("-6", "-j", "neigh", "show", "dev", "flannel-v6.1") or "[]") if "lladdr" in x}
+    f = {f"{x['mac']} {x['dst']} {x.get('state', '')}"
+         for x in json.loads(ns.exec("bridge", "-j", "fdb", "show", "dev", "flannel-v6.1") or "[]") if x.get("dst")}
+    return r, n, f
+
+
+def expected6(*ls: Lease) -> tuple[set[str], set[str], set[str]]:
+    r, n, f = set(), set(), set()
+    for lz in ls:
+        mac = json.loads(lz.attrs.backend_v6_data or "{}")["VtepMAC"]
+        g = lz.ipv6_subnet.network_address  # type: ignore[union-attr]
+        r.add(f"{lz.ipv6_subnet} via {g} dev flannel-v6.1 onlink")
+        n.add(f"{g} {mac} PERMANENT")
+        f.add(f"{mac} {lz.attrs.public_ipv6} permanent")
+    return r, n, f
+
+
+@pytest.fixture
+def ns_ds(ns_prefix):
+    n = make_ns_ds(ns_prefix)
+    yield n
+    n.delete()
+
+
+def test_dual_stack_devices_and_peers(ns_ds):
+    ns = ns_ds
+    leases = FakeLeasesDS("10.5.1.0/24", "fd00:10:5:1::/64", stored6='{"VNI":1,"VtepMAC":"02:66:00:00:00:01"}')
+    agent = Agent(ns, VXLANBackend(ext_ds(ns)), CFG_DS, leases).start()
+    try:
+        ln6 = link(ns, "flannel-v6.1")
+        info6 = ln6["linkinfo"]["info_data"]
+        assert info6["id"] == 1 and info6["local6"] == LOCAL6 and info6["link"] == "eth0" and info6["learning"] is False
+        assert ln6["mtu"] == 1430                       # 1500 - 70 over the IPv6 underlay
+        assert ln6["address"] == "02:66:00:00:00:01"    # the stored MAC
+        assert link(ns)["mtu"] == 1450 and agent.net.mtu == 1430
+        addrs = json.loads(ns.ip("-j", "addr", "show", "flannel-v6.1"))[0]["addr_info"]
+        assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet6" and a["scope"] == "global"] == \
+            [("fd00:10:5:1::", 128)]
+        assert leases.attrs is not None and str(leases.attrs.public_ipv6) == LOCAL6
+        assert leases.attrs.backend_v6_data == '{"VNI":1,"VtepMAC":"02:66:00:00:00:01"}'
+        p2, p3 = ds_lease(2), ds_lease(3)
+        v4only = vx_lease(4)                           # an IPv4-only peer: its IPv4 part only
+        agent.send(*added(p2, p3, v4only), synced=True)
+        wait_for(lambda: state6(ns) == expected6(p2, p3), what="IPv6 entries")
+        wait_for(lambda: state(ns) == expected_for(p2, p3, v4only), what="IPv4 entries")
+        agent.send(*removed(p3))
+        wait_for(lambda: state6(ns) == expected6(p2) and state(ns) == expected_for(p2, v4only), what="peer 3 removed")
+        ns.ip("link", "del", "flannel-v6.1")
+        wait_for(lambda: state6(ns) == expected6(p2) if "flannel-v6.1" in ns.ip("link", "show") else False,
+                 what="IPv6 device re-created with its peers")
+        assert link(ns, "flannel-v6.1")["address"] == "02:66:00:00:00:01"
+    finally:
+        agent.stop()
+
+
+def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
+    from ipaddress import IPv6Address
+
+    from flannel.testing.topology import Underlay, ping
+
+    with Underlay(ns_prefix + "u") as u:
+        hosts = [u.add_host("h1"), u.add_host("h2")]
+        agents = []
+        try:
+            for i, h in enumerate(hosts, start=1):
+                h.ns.ip("-6", "addr", "add", f"2001:2::{i}/64", "dev", "eth0", "nodad")
+                idx = int(json.loads(h.ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+                v6 = IPv6Address(f"2001:2::{i}")
+                ext = ExternalInterface("eth0", idx, 1500, h.ip, h.ip, v6, v6)
+                agents.append(Agent(h.ns, VXLANBackend(ext), CFG_DS,
+                                    FakeLeasesDS(f"10.5.{i}.0/24", f"fd00:10:5:{i}::/64")).start())
+            own = [a.leases.acquire_lease(a.leases.attrs) for a in agents]  # type: ignore[arg-type]
+            agents[0].send(*added(own[1]), synced=True)
+            agents[1].send(*added(own[0]), synced=True)
+            wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), 10, "h1 → h2 over IPv6 vxlan")
+            assert ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0")
+            assert ping(hosts[1].ns, "fd00:10:5:1::", src="fd00:10:5:2::")
+        finally:
+            for a in agents:
+                a.stop()

@@ -1,0 +1,212 @@
+"""vxlan pure logic: options, BackendData, lease → kernel entries (as a table), the reconcile plan."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address as A, IPv4Network as N
+
+import pytest
+
+from flannel import errors
+from flannel.backends.vxlan import network as vx
+from flannel.lease import Lease, LeaseAttrs
+
+CTX = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))
+CTX_DR = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
+                    direct_routing=True)
+MAC2 = "02:00:00:00:00:02"
+
+
+def lease(subnet: str, ip: str, typ: str = "vxlan", data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}') -> Lease:
+    return Lease(N(subnet), LeaseAttrs(public_ip=A(ip), backend_type=typ, backend_data=data))
+
+
+# ---- options -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend, expected", [
+    ({"Type": "vxlan"}, vx.VXLANOptions()),
+    ({"type": "vxlan", "vni": 7, "port": 4789, "gbp": True, "learning": True, "mtu": 1400, "directrouting": True},
+     vx.VXLANOptions(vni=7, port=4789, gbp=True, learning=True, mtu=1400, direct_routing=True)),
+    ({"Type": "vxlan", "VNI": 0}, vx.VXLANOptions(vni=0)),
+    ({"Type": "vxlan", "DirectRouting": False, "Unknown": 1}, vx.VXLANOptions()),
+])
+def test_parse_options(backend, expected):
+    assert vx.parse_options(backend) == expected
+
+
+@pytest.mark.parametrize("backend, name", [
+    ({"VNI": -1}, "VNI"), ({"VNI": 1 << 24}, "VNI"), ({"VNI": "1"}, "VNI"), ({"VNI": True}, "VNI"),
+    ({"Port": 70000}, "Port"), ({"GBP": "yes"}, "GBP"), ({"Learning": 1}, "Learning"),
+    ({"MTU": 1.5}, "MTU"), ({"DirectRouting": "true"}, "DirectRouting"),
+])
+def test_bad_option_names_the_option(backend, name):
+    with pytest.raises(errors.ConfigError, match=rf"option {name}\b"):
+        vx.parse_options({"Type": "vxlan", **backend})
+
+
+@pytest.mark.parametrize("opt_mtu, ext, v6, expected", [(0, 1500, False, 1450), (1400, 1500, False, 1350),
+                                                         (0, 1500, True, 1430), (0, 9000, False, 8950)])
+def test_device_mtu(opt_mtu, ext, v6, expected):
+    assert vx.device_mtu(vx.VXLANOptions(mtu=opt_mtu), ext, ipv6_underlay=v6) == expected
+
+
+def test_device_mtu_too_small_is_config_error():
+    with pytest.raises(errors.ConfigError, match="MTU"):
+        vx.device_mtu(vx.VXLANOptions(mtu=100), 1500)
+
+
+# ---- MACs and BackendData ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, mac", [("02:AA:bb:00:00:01", "02:aa:bb:00:00:01"), ("02-aa-bb-00-00-01", "02:aa:bb:00:00:01"),
+                                       ("02aa.bb00.0001", "02:aa:bb:00:00:01")])
+def test_normalize_mac(text, mac):
+    assert vx.normalize_mac(text) == mac
+
+
+@pytest.mark.parametrize("text", ["", "02:aa:bb:00:00", "02:aa:bb:00:00:0g", "02aa.bb00", "0:1:2:3:4:5"])
+def test_normalize_mac_rejects(text):
+    with pytest.raises(ValueError):
+        vx.normalize_mac(text)
+
+
+def test_random_mac_is_unicast_and_local():
+    assert vx.random_mac(b"\xff\x01\x02\x03\x04\x05") == "fe:01:02:03:04:05"
+    assert vx.random_mac(b"\x00" * 6) == "02:00:00:00:00:00"
+
+
+def test_backend_data_round_trip_is_flannels_text():
+    text = vx.encode_backend_data(1, "02:aa:00:00:00:01")
+    assert text == '{"VNI":1,"VtepMAC":"02:aa:00:00:00:01"}'
+    assert vx.parse_backend_data(text) == vx.VtepData(1, "02:aa:00:00:00:01")
+
+
+@pytest.mark.parametrize("data", [None, "not json", "[]", '{"VNI":1}', '{"VtepMAC":5}', '{"VtepMAC":"zz"}',
+                                  '{"VtepMAC":"00:00:00:00:00:00"}', '{"VtepMAC":"03:00:00:00:00:01"}'])
+def test_bad_backend_data(data):
+    with pytest.raises(errors.BadLeaseRecord):
+        vx.parse_backend_data(data)
+
+
+# ---- lease → entries -----------------------------------------------------------------------
+
+ROUTE = vx.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", onlink=True)
+NEIGH = vx.Neigh(A("10.5.2.0"), MAC2, "flannel.1")
+FDB = vx.Fdb(MAC2, A("198.18.0.2"), "flannel.1")
+
+
+@pytest.mark.parametrize("name, the_lease, ctx, expected", [
+    ("vxlan", lease("10.5.2.0/24", "198.18.0.2"), CTX,
+     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+    ("vxlan, MAC in other notation", lease("10.5.2.0/24", "198.18.0.2", data='{"VtepMAC":"02-00-00-00-00-02"}'), CTX,
+     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+    ("DirectRouting, peer on link", lease("10.5.2.0/24", "198.18.0.2"), CTX_DR,
+     vx.KernelState(routes=frozenset({vx.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")}))),
+    ("DirectRouting, peer elsewhere", lease("10.5.2.0/24", "198.19.7.2"), CTX_DR,
+     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({vx.Fdb(MAC2, A("198.19.7.2"), "flannel.1")}))),
+])
+def test_vxlan_entries(name, the_lease, ctx, expected):
+    assert vx.vxlan_entries(the_lease, ctx) == expected
+
+
+@pytest.mark.parametrize("the_lease, exc, match", [
+    (lease("10.5.2.0/24", "198.18.0.2", typ="host-gw", data=None), vx.Skip, "ignoring non-vxlan"),
+    (lease("10.5.2.0/24", "198.18.0.2", typ="", data=None), vx.Skip, "ignoring non-vxlan"),
+    (lease("10.5.2.0/24", "198.18.0.2", data='{"VNI":1}'), errors.BadLeaseRecord, "VtepMAC"),
+    (lease("10.5.2.0/24", "198.18.0.2", data=None), errors.BadLeaseRecord, "no BackendData"),
+])
+def test_vxlan_entries_refused(the_lease, exc, match):
+    with pytest.raises(exc, match=match):
+        vx.vxlan_entries(the_lease, CTX)
+
+
+def test_desired_state_skips_bad_leases_without_affecting_others():
+    good = lease("10.5.2.0/24", "198.18.0.2")
+    bad = lease("10.5.3.0/24", "198.18.0.3", data="{")
+    other = lease("10.5.4.0/24", "198.18.0.4", typ="udp", data=None)
+    d = vx.desired_state([good, bad, other], CTX)
+    assert d.state == vx.vxlan_entries(good, CTX)
+    assert [lz for lz, _ in d.skipped] == [bad, other]
+
+
+# ---- plan ----------------------------------------------------------------------------------
+
+def test_plan_keeps_correct_entries_and_deletes_stale():
+    stale = vx.KernelState(frozenset({vx.Route(N("10.5.9.0/24"), A("10.5.9.0"), "flannel.1", True)}),
+                           frozenset({vx.Neigh(A("10.5.9.0"), "02:00:00:00:00:09", "flannel.1")}),
+                           frozenset({vx.Fdb("02:00:00:00:00:09", A("198.18.0.9"), "flannel.1")}))
+    desired = vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
+    p = vx.plan(desired, desired.union(stale))
+    assert p.set_routes == p.set_neighs == p.set_fdbs == ()
+    assert (set(p.del_routes), set(p.del_neighs), set(p.del_fdbs)) == (stale.routes, stale.neighs, stale.fdbs)
+    assert vx.plan(desired, desired).empty
+
+
+def test_plan_changed_mac_is_a_replace_not_a_delete():
+    old = vx.KernelState(frozenset({ROUTE}), frozenset({vx.Neigh(A("10.5.2.0"), "02:00:00:00:00:99", "flannel.1")}),
+                         frozenset({vx.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1")}))
+    desired = vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
+    p = vx.plan(desired, old)
+    assert p.del_routes == () and p.del_neighs == ()          # neighbour G is replaced in place
+    assert p.set_neighs == (NEIGH,) and p.set_fdbs == (FDB,)
+    assert p.del_fdbs == (vx.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1"),)
+
+
+def test_plan_direct_route_switch_replaces_route():
+    direct = vx.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")
+    p = vx.plan(vx.KernelState(routes=frozenset({direct})), vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB})))
+    assert p.set_routes == (direct,) and p.del_routes == ()
+    assert p.del_neighs == (NEIGH,) and p.del_fdbs == (FDB,)
+
+
+# ---- dual stack ----------------------------------------------------------------------------
+
+from ipaddress import IPv6Address as A6, IPv6Network as N6  # noqa: E402
+
+CTX_DS = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", dev6="flannel-v6.1",
+                    local_nets=(N("198.18.0.0/24"),), local_nets6=(N6("2001:2::/64"),))
+CTX_V6 = vx.Context(backend_type="vxlan", dev=None, ext_dev="eth0", dev6="flannel-v6.1")
+MAC6 = "02:00:00:00:06:02"
+ROUTE6 = vx.Route(N6("fd00:10:5:2::/64"), A6("fd00:10:5:2::"), "flannel-v6.1", onlink=True)
+NEIGH6 = vx.Neigh(A6("fd00:10:5:2::"), MAC6, "flannel-v6.1")
+FDB6 = vx.Fdb(MAC6, A6("2001:2::2"), "flannel-v6.1")
+
+
+def ds(v6data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:06:02"}', v4: bool = True) -> Lease:
+    return Lease(N("10.5.2.0/24") if v4 else None,
+                 LeaseAttrs(public_ip=A("198.18.0.2"), public_ipv6=A6("2001:2::2"), backend_type="vxlan",
+                            backend_data='{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}' if v4 else None,
+                            backend_v6_data=v6data),
+                 ipv6_subnet=N6("fd00:10:5:2::/64"))
+
+
+@pytest.mark.parametrize("name, the_lease, ctx, expected", [
+    ("dual-stack lease, dual-stack node", ds(), CTX_DS,
+     vx.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))),
+    ("dual-stack lease, IPv4-only node (flannel crashed, §14.13)", ds(), CTX,
+     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+    ("IPv4-only lease, dual-stack node", lease("10.5.2.0/24", "198.18.0.2"), CTX_DS,
+     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+    ("IPv6-only node", ds(v4=False), CTX_V6,
+     vx.KernelState(frozenset({ROUTE6}), frozenset({NEIGH6}), frozenset({FDB6}))),
+    ("DirectRouting over IPv6", ds(v4=False), vx.Context(backend_type="vxlan", dev=None, ext_dev="eth0",
+                                                        dev6="flannel-v6.1", local_nets6=(N6("2001:2::/64"),),
+                                                        direct_routing=True),
+     vx.KernelState(routes=frozenset({vx.Route(N6("fd00:10:5:2::/64"), A6("2001:2::2"), "eth0")}))),
+])
+def test_vxlan_entries_dual_stack(name, the_lease, ctx, expected):
+    assert vx.vxlan_entries(the_lease, ctx) == expected
+
+
+def test_bad_v6_backend_data_skips_the_lease():
+    with pytest.raises(errors.BadLeaseRecord):
+        vx.vxlan_entries(ds(v6data='{"VNI":1}'), CTX_DS)
+
+
+def test_ipv4_lease_at_ipv6_only_node_is_skipped():
+    with pytest.raises(vx.Skip, match="no subnet of an address family"):
+        vx.vxlan_entries(lease("10.5.2.0/24", "198.18.0.2"), CTX_V6)
+
+
+def test_plan_orders_mixed_families_deterministically():
+    desired = vx.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))
+    p = vx.plan(desired, vx.EMPTY)
+    assert p.set_routes == (ROUTE, ROUTE6) and p.set_fdbs == (FDB, FDB6)
