@@ -220,6 +220,9 @@ class Daemon:
         recycled. A failure is fatal (BackendError → exit 1), as in flannel; the resync loop then
         repairs rules that someone deletes while we run.
         """
+        if not (self.opts.ip_masq or self.opts.iptables_forward_rules or self.opts.ip_blackhole_route):
+            log.info("no masquerade, forward or blackhole rules requested; leaving iptables/nftables alone")
+            return
         prev = subnet_file.read(self.opts.subnet_file)
         prev_net = _single(subnet_file.parse_networks(prev.get("FLANNEL_NETWORK"), 4))
         prev_sub = _single(subnet_file.parse_networks(prev.get("FLANNEL_SUBNET"), 4))

@@ -78,8 +78,10 @@ REMOTE = Lease(subnet=IPv4Network("10.9.3.0/24"), attrs=LeaseAttrs(public_ip=IPv
 
 @pytest.fixture
 def opts(tmp_path: Path) -> AgentOptions:
+    # These tests run the daemon in-process, in the root namespace: no forward rules, so no
+    # traffic manager touches the machine's own iptables/nft (that is tested in namespaces).
     return AgentOptions(subnet_file=str(tmp_path / "run" / "subnet.env"), healthz_ip="127.0.0.1",
-                        healthz_port=free_port())
+                        healthz_port=free_port(), iptables_forward_rules=False)
 
 
 def test_startup_health_and_clean_stop(opts: AgentOptions) -> None:
@@ -144,7 +146,8 @@ def test_stop_while_waiting_for_config_is_clean(opts: AgentOptions) -> None:
 def test_unwritable_subnet_file_stays_not_ready(opts: AgentOptions, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    bad = AgentOptions(subnet_file=str(blocker / "subnet.env"), healthz_ip="127.0.0.1", healthz_port=opts.healthz_port)
+    bad = AgentOptions(subnet_file=str(blocker / "subnet.env"), healthz_ip="127.0.0.1", healthz_port=opts.healthz_port,
+                       iptables_forward_rules=False)
     manager = FakeManager()
     d = Running(bad, manager)
     wait_for(lambda: manager.acquired, "lease acquired")
@@ -201,7 +204,8 @@ def test_health_port_in_use_is_a_clear_error(opts: AgentOptions) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        busy = AgentOptions(subnet_file=opts.subnet_file, healthz_ip="127.0.0.1", healthz_port=s.getsockname()[1])
+        busy = AgentOptions(subnet_file=opts.subnet_file, healthz_ip="127.0.0.1", healthz_port=s.getsockname()[1],
+                            iptables_forward_rules=False)
         d = Running(busy, FakeManager())
         assert d.finished.wait(DEADLINE)
     assert isinstance(d.result, errors.FlannelError) and "cannot serve /healthz" in str(d.result)
