@@ -1,0 +1,659 @@
+/*
+ * Optional C inner loop of the udp backend (loaded with ctypes; see ../accel.py).
+ *
+ * Same decisions as packet.py / proxy.py (tests compare them): flannel's wire format (one raw IPv4
+ * packet per datagram, TTL-1 with RFC 1624 checksum patch), longest-prefix match, ICMP
+ * net-unreachable exactly as flannel's proxy.c, source filtering on receive. Batching: up to
+ * BATCH packets read from the TUN go out in one sendmmsg(); recvmmsg() takes up to BATCH datagrams.
+ * Each worker runs until state->stop is set (checked at least every POLL_MS).
+ *
+ * Build: gcc -O3 -shared -fPIC -o fastpath.so fastpath.c   (no Python headers needed)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define BATCH 64
+#define POLL_MS 200
+
+enum {
+    C_TUN_RX, C_TX_PACKETS, C_TX_BYTES, C_RX_PACKETS, C_TUN_TX_PACKETS, C_TUN_TX_BYTES,
+    C_DROP_SHORT, C_DROP_VERSION, C_DROP_TTL, C_DROP_NO_ROUTE, C_ICMP, C_DROP_UNKNOWN_PEER,
+    C_DROP_SPOOFED, C_SEND_ERRORS, C_TUN_WRITE_ERRORS, C_DROP_MALFORMED, C_NCOUNTERS
+};
+
+/* One prefix length: `count` routes starting at `start` in routes[], sorted by net. */
+struct fl_group { uint32_t mask; uint32_t start; uint32_t count; };
+/* All values host byte order. */
+struct fl_route { uint32_t net; uint32_t peer; };
+struct fl_src { uint32_t peer; uint32_t net; uint32_t mask; };
+
+/* Table layout (built by accel.py): header, groups (longest prefix first), routes, sources
+ * (sorted by peer). Immutable once published; replaced as a whole. */
+struct fl_table {
+    uint32_t ngroups, nroutes, nsources, pad;
+    /* struct fl_group groups[ngroups]; struct fl_route routes[nroutes]; struct fl_src src[nsources]; */
+};
+
+struct fl_state {
+    volatile int32_t stop;
+    uint32_t tun_addr;   /* host order, ICMP source */
+    uint16_t port;       /* host order, destination port for every peer */
+    uint16_t pad;
+    int32_t mtu;         /* read size from the TUN / max inner packet */
+    struct fl_table *volatile table;
+};
+
+static inline struct fl_group *groups_of(struct fl_table *t) { return (struct fl_group *)(t + 1); }
+static inline struct fl_route *routes_of(struct fl_table *t) { return (struct fl_route *)(groups_of(t) + t->ngroups); }
+static inline struct fl_src *sources_of(struct fl_table *t) { return (struct fl_src *)(routes_of(t) + t->nroutes); }
+
+static uint16_t csum(const uint8_t *p, size_t n) {
+    uint32_t s = 0;
+    for (; n > 1; p += 2, n -= 2) s += (uint32_t)(p[0] << 8 | p[1]);
+    if (n) s += (uint32_t)(p[0] << 8);
+    while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+    return (uint16_t)~s;
+}
+
+/* Returns 0 when the TTL expires (drop), 1 otherwise. */
+int fl_decrement_ttl(uint8_t *pkt) {
+    if (pkt[8] <= 1) return 0;
+    pkt[8]--;
+    uint32_t c = (uint32_t)(pkt[10] << 8 | pkt[11]);
+    if (c >= 0xFFFF - 0x100) c = (c + 0x101) & 0xFFFF; else c += 0x100;
+    pkt[10] = (uint8_t)(c >> 8);
+    pkt[11] = (uint8_t)c;
+    return 1;
+}
+
+/* ICMP net-unreachable for `pkt` into `out` (>= 88 bytes); returns its length or 0 (none). */
+int fl_icmp_unreach(const uint8_t *pkt, int len, uint32_t tun_addr, uint8_t *out) {
+    if (len < 20) return 0;
+    int ihl = (pkt[0] & 0x0F) * 4;
+    if (pkt[9] == 1) return 0;
+    if (((pkt[6] << 8) | pkt[7]) & 0x1FFF) return 0;
+    if (ihl >= 60 || ihl < 20 || len < ihl + 8) return 0;
+    int total = 20 + 8 + ihl + 8;
+    memset(out, 0, 28);
+    out[0] = 0x45; out[2] = (uint8_t)(total >> 8); out[3] = (uint8_t)total;
+    out[8] = 8; out[9] = 1;
+    out[12] = (uint8_t)(tun_addr >> 24); out[13] = (uint8_t)(tun_addr >> 16);
+    out[14] = (uint8_t)(tun_addr >> 8); out[15] = (uint8_t)tun_addr;
+    memcpy(out + 16, pkt + 12, 4);
+    uint16_t c = csum(out, 20);
+    out[10] = (uint8_t)(c >> 8); out[11] = (uint8_t)c;
+    out[20] = 3; out[21] = 0;
+    memcpy(out + 28, pkt, (size_t)(ihl + 8));
+    c = csum(out + 20, (size_t)(8 + ihl + 8));
+    out[22] = (uint8_t)(c >> 8); out[23] = (uint8_t)c;
+    return total;
+}
+
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Longest-prefix match; returns the peer (host order) or 0. */
+uint32_t fl_lookup(struct fl_table *t, uint32_t dst) {
+    if (!t) return 0;
+    struct fl_group *g = groups_of(t);
+    struct fl_route *r = routes_of(t);
+    for (uint32_t i = 0; i < t->ngroups; i++) {
+        uint32_t key = dst & g[i].mask;
+        uint32_t lo = g[i].start, hi = g[i].start + g[i].count;
+        while (lo < hi) {
+            uint32_t mid = (lo + hi) / 2;
+            if (r[mid].net == key) return r[mid].peer;
+            if (r[mid].net < key) lo = mid + 1; else hi = mid;
+        }
+    }
+    return 0;
+}
+
+/* 0 ok, 3 unknown peer, 4 spoofed (same codes as packet.py). */
+int fl_source_allowed(struct fl_table *t, uint32_t outer, uint32_t inner) {
+    if (!t) return 3;
+    struct fl_src *s = sources_of(t);
+    uint32_t lo = 0, hi = t->nsources;
+    while (lo < hi) {  /* first entry with peer >= outer */
+        uint32_t mid = (lo + hi) / 2;
+        if (s[mid].peer < outer) lo = mid + 1; else hi = mid;
+    }
+    if (lo >= t->nsources || s[lo].peer != outer) return 3;
+    for (; lo < t->nsources && s[lo].peer == outer; lo++)
+        if ((inner & s[lo].mask) == s[lo].net) return 0;
+    return 4;
+}
+
+static int tun_write(int fd, const uint8_t *p, int n, uint64_t *c) {
+    for (int tries = 0; tries < 100; tries++) {
+        ssize_t w = write(fd, p, (size_t)n);
+        if (w >= 0) return 1;
+        if (errno == EAGAIN || errno == EINTR) continue;
+        break;
+    }
+    c[C_TUN_WRITE_ERRORS]++;
+    return 0;
+}
+
+/* TUN -> UDP worker. */
+int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
+    uint8_t (*bufs)[9000] = malloc(sizeof(uint8_t[BATCH][9000]));
+    if (!bufs) return -1;
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    struct sockaddr_in dst[BATCH];
+    uint8_t icmp[128];
+    int rsize = st->mtu > 9000 ? 9000 : st->mtu;
+    while (!st->stop) {
+        int n = 0;
+        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        while (n < BATCH) {
+            ssize_t len = read(tun_fd, bufs[n], (size_t)rsize);
+            if (len < 0) break;
+            c[C_TUN_RX]++;
+            uint8_t *p = bufs[n];
+            if (len < 20) { c[C_DROP_SHORT]++; continue; }
+            if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
+            uint32_t peer = fl_lookup(t, rd32(p + 16));
+            if (!peer) {
+                c[C_DROP_NO_ROUTE]++;
+                int il = fl_icmp_unreach(p, (int)len, st->tun_addr, icmp);
+                if (il && tun_write(tun_fd, icmp, il, c)) c[C_ICMP]++;
+                continue;
+            }
+            if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
+            memset(&dst[n], 0, sizeof dst[n]);
+            dst[n].sin_family = AF_INET;
+            dst[n].sin_port = htons(st->port);
+            dst[n].sin_addr.s_addr = htonl(peer);
+            iov[n].iov_base = p; iov[n].iov_len = (size_t)len;
+            memset(&msgs[n].msg_hdr, 0, sizeof msgs[n].msg_hdr);
+            msgs[n].msg_hdr.msg_name = &dst[n];
+            msgs[n].msg_hdr.msg_namelen = sizeof dst[n];
+            msgs[n].msg_hdr.msg_iov = &iov[n];
+            msgs[n].msg_hdr.msg_iovlen = 1;
+            n++;
+        }
+        int off = 0;
+        while (off < n) {
+            int s = sendmmsg(udp_fd, msgs + off, (unsigned)(n - off), 0);
+            if (s < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN) {
+                    struct pollfd pf = {udp_fd, POLLOUT, 0};
+                    poll(&pf, 1, POLL_MS);
+                    if (st->stop) break;
+                    continue;
+                }
+                c[C_SEND_ERRORS]++;
+                off++;  /* skip the failing datagram (e.g. EHOSTUNREACH), keep the rest */
+                continue;
+            }
+            for (int i = off; i < off + s; i++) { c[C_TX_PACKETS]++; c[C_TX_BYTES] += iov[i].iov_len; }
+            off += s;
+        }
+        if (n == 0) {
+            struct pollfd pf = {tun_fd, POLLIN, 0};
+            poll(&pf, 1, POLL_MS);
+        }
+    }
+    free(bufs);
+    return 0;
+}
+
+/* UDP -> TUN worker. */
+int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
+    uint8_t (*bufs)[9000] = malloc(sizeof(uint8_t[BATCH][9000]));
+    if (!bufs) return -1;
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    struct sockaddr_in src[BATCH];
+    int rsize = st->mtu > 9000 ? 9000 : st->mtu;
+    for (int i = 0; i < BATCH; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = (size_t)rsize;
+    }
+    while (!st->stop) {
+        for (int i = 0; i < BATCH; i++) {
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_name = &src[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof src[i];
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n = recvmmsg(udp_fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n <= 0) {
+            struct pollfd pf = {udp_fd, POLLIN, 0};
+            poll(&pf, 1, POLL_MS);
+            continue;
+        }
+        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        for (int i = 0; i < n; i++) {
+            uint8_t *p = bufs[i];
+            int len = (int)msgs[i].msg_len;
+            c[C_RX_PACKETS]++;
+            uint32_t outer = ntohl(src[i].sin_addr.s_addr);
+            /* strangers first, whatever they send; then shape; then the inner source */
+            if (fl_source_allowed(t, outer, 0) == 3) { c[C_DROP_UNKNOWN_PEER]++; continue; }
+            if (len < 20) { c[C_DROP_SHORT]++; continue; }
+            if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
+            if (fl_source_allowed(t, outer, rd32(p + 12)) != 0) { c[C_DROP_SPOOFED]++; continue; }
+            if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
+            if (tun_write(tun_fd, p, len, c)) {
+                c[C_TUN_TX_PACKETS]++;
+                c[C_TUN_TX_BYTES] += (uint64_t)len;
+            }
+        }
+    }
+    free(bufs);
+    return 0;
+}
+
+int fl_ncounters(void) { return C_NCOUNTERS; }
+
+/* ======================================================================================
+ * Offload mode (TUN with IFF_VNET_HDR + TUNSETOFFLOAD(CSUM|TSO4), UDP_SEGMENT / UDP_GRO).
+ *
+ * The wire format does not change: a TSO super-packet read from the TUN is cut here into
+ * ordinary MTU-sized TCP/IPv4 packets with complete checksums (exactly what the kernel would
+ * have sent without TSO), TTL-1 each, and handed to the kernel in one sendmsg() with
+ * UDP_SEGMENT = the packet size, so every datagram on the wire is still one raw IPv4 packet.
+ * On receive, UDP_GRO gives many datagrams per recvmsg(); consecutive in-order segments of one
+ * TCP flow are merged back into one GSO packet written into the TUN with a virtio-net header.
+ * So a Go flannel peer interoperates unchanged (nothing to negotiate).
+ * ====================================================================================== */
+
+#include <netinet/udp.h>
+
+#define VNET_HDR_LEN 10
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_ECN 0x80
+#define SOL_UDP_ 17
+#define UDP_SEGMENT_ 103
+#define UDP_GRO_ 104
+#define BIGBUF 65536
+#define RX_BATCH 8
+#define MAX_GSO_PAYLOAD 65000
+
+struct vnet_hdr { uint8_t flags, gso_type; uint16_t hdr_len, gso_size, csum_start, csum_offset; };
+
+/* one's-complement sum of native 16-bit words (byte-order independent, RFC 1071 §2(B)) */
+static uint64_t sum_native(const uint8_t *p, size_t n, uint64_t acc) {
+    while (n >= 4) { uint32_t w; memcpy(&w, p, 4); acc += w; p += 4; n -= 4; }
+    if (n >= 2) { uint16_t w; memcpy(&w, p, 2); acc += w; p += 2; n -= 2; }
+    if (n) { uint16_t w = 0; memcpy(&w, p, 1); acc += w; }
+    return acc;
+}
+static uint16_t fold(uint64_t acc) {
+    while (acc >> 16) acc = (acc & 0xFFFF) + (acc >> 16);
+    return (uint16_t)acc;
+}
+static uint64_t pseudo_sum(const uint8_t *iph, uint8_t proto, uint16_t l4len) {
+    uint8_t ph[12];
+    memcpy(ph, iph + 12, 8);
+    ph[8] = 0; ph[9] = proto; ph[10] = (uint8_t)(l4len >> 8); ph[11] = (uint8_t)l4len;
+    return sum_native(ph, 12, 0);
+}
+static void ip_fix_csum(uint8_t *iph, int ihl) {
+    iph[10] = iph[11] = 0;
+    uint16_t c = (uint16_t)~fold(sum_native(iph, (size_t)ihl, 0));
+    memcpy(iph + 10, &c, 2);
+}
+
+/* Complete a CHECKSUM_PARTIAL packet (virtio NEEDS_CSUM): the field already holds the
+ * pseudo-header sum. Returns 0 if the offsets are out of range. */
+int fl_complete_csum(uint8_t *pkt, int len, int start, int off) {
+    if (start < 20 || start + off + 2 > len) return 0;
+    uint16_t c = (uint16_t)~fold(sum_native(pkt + start, (size_t)(len - start), 0));
+    if (c == 0 && pkt[9] == 17) c = 0xFFFF;
+    memcpy(pkt + start + off, &c, 2);
+    return 1;
+}
+
+#define MAX_SEGS 1024
+#define MAX_HL 120
+
+/* Per-segment headers of a TCP/IPv4 TSO packet: every segment gets its own IP header (length,
+ * id+i, TTL-1, checksum) and TCP header (seq, FIN/PSH only on the last, CWR only on the first,
+ * full checksum over header+payload) in `hdrs` (nseg * hl bytes); iov[2i], iov[2i+1] = header,
+ * payload slice of the original. Returns nseg (0: malformed, too many segments or TTL expired). */
+static int tso_prepare(const uint8_t *pkt, int len, int mss, uint8_t *hdrs, struct iovec *iov, int *hl_out) {
+    if (len < 40 || (pkt[0] >> 4) != 4 || pkt[9] != 6 || mss <= 0) return 0;
+    int ihl = (pkt[0] & 0x0F) * 4;
+    if (ihl < 20 || len < ihl + 20) return 0;
+    int thl = (pkt[ihl + 12] >> 4) * 4;
+    int hl = ihl + thl;
+    if (thl < 20 || len < hl || hl > MAX_HL) return 0;
+    if (pkt[8] <= 1) return 0;
+    int payload = len - hl;
+    int nseg = payload ? (payload + mss - 1) / mss : 1;
+    if (nseg > MAX_SEGS) return 0;
+    uint32_t seq = rd32(pkt + ihl + 4);
+    uint16_t id = (uint16_t)(pkt[4] << 8 | pkt[5]);
+    uint8_t flags = pkt[ihl + 13];
+    for (int i = 0; i < nseg; i++) {
+        int plen = payload ? (i == nseg - 1 ? payload - i * mss : mss) : 0;
+        const uint8_t *data = pkt + hl + (size_t)i * (size_t)mss;
+        uint8_t *o = hdrs + (size_t)i * (size_t)hl;
+        memcpy(o, pkt, (size_t)hl);
+        int tot = hl + plen;
+        o[2] = (uint8_t)(tot >> 8); o[3] = (uint8_t)tot;
+        uint16_t nid = (uint16_t)(id + i);
+        o[4] = (uint8_t)(nid >> 8); o[5] = (uint8_t)nid;
+        o[8] = (uint8_t)(pkt[8] - 1);
+        ip_fix_csum(o, ihl);
+        uint8_t *th = o + ihl;
+        uint32_t sq = seq + (uint32_t)i * (uint32_t)mss;
+        th[4] = (uint8_t)(sq >> 24); th[5] = (uint8_t)(sq >> 16); th[6] = (uint8_t)(sq >> 8); th[7] = (uint8_t)sq;
+        uint8_t f = flags;
+        if (i != nseg - 1) f &= (uint8_t)~0x09;   /* FIN, PSH only on the last */
+        if (i != 0) f &= (uint8_t)~0x80;          /* CWR only on the first */
+        th[13] = f;
+        th[16] = th[17] = 0;
+        uint64_t acc = pseudo_sum(o, 6, (uint16_t)(thl + plen));
+        acc = sum_native(th, (size_t)thl, acc);
+        acc = sum_native(data, (size_t)plen, acc);   /* thl is a multiple of 4: word alignment holds */
+        uint16_t c = (uint16_t)~fold(acc);
+        memcpy(th + 16, &c, 2);
+        iov[2 * i].iov_base = o; iov[2 * i].iov_len = (size_t)hl;
+        iov[2 * i + 1].iov_base = (void *)data; iov[2 * i + 1].iov_len = (size_t)plen;
+    }
+    *hl_out = hl;
+    return nseg;
+}
+
+/* Test/reference entry: the segments of a TSO packet back to back in `out`. */
+int fl_tso_segment(const uint8_t *pkt, int len, int mss, uint8_t *out, int *seg_len) {
+    uint8_t *hdrs = malloc(MAX_SEGS * MAX_HL);
+    struct iovec *iov = malloc(sizeof(struct iovec) * 2 * MAX_SEGS);
+    int hl = 0, n = 0;
+    if (hdrs && iov) {
+        n = tso_prepare(pkt, len, mss, hdrs, iov, &hl);
+        uint8_t *o = out;
+        for (int i = 0; i < 2 * n; i++) { memcpy(o, iov[i].iov_base, iov[i].iov_len); o += iov[i].iov_len; }
+    }
+    free(hdrs); free(iov);
+    *seg_len = hl + mss;
+    return n;
+}
+
+/* Send nseg segments given as iovec pairs, UDP_SEGMENT = seg bytes, <= 64 segments per call. */
+static void send_gso_iov(int udp_fd, struct sockaddr_in *dst, struct iovec *iov, int nseg, int seg,
+                         uint64_t *c, volatile int32_t *stop) {
+    int per = MAX_GSO_PAYLOAD / seg;
+    if (per > 64) per = 64;
+    if (per < 1) per = 1;
+    int done = 0;
+    while (done < nseg) {
+        int cnt = nseg - done < per ? nseg - done : per;
+        size_t bytes = 0;
+        for (int i = 2 * done; i < 2 * (done + cnt); i++) bytes += iov[i].iov_len;
+        char cbuf[CMSG_SPACE(sizeof(uint16_t))];
+        struct msghdr mh;
+        memset(&mh, 0, sizeof mh);
+        mh.msg_name = dst; mh.msg_namelen = sizeof *dst;
+        mh.msg_iov = iov + 2 * done; mh.msg_iovlen = (size_t)(2 * cnt);
+        if (cnt > 1) {
+            memset(cbuf, 0, sizeof cbuf);
+            mh.msg_control = cbuf; mh.msg_controllen = sizeof cbuf;
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+            cm->cmsg_level = SOL_UDP_; cm->cmsg_type = UDP_SEGMENT_; cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t gs = (uint16_t)seg;
+            memcpy(CMSG_DATA(cm), &gs, sizeof gs);
+        }
+        ssize_t r = sendmsg(udp_fd, &mh, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == ENOBUFS) {
+                struct pollfd pf = {udp_fd, POLLOUT, 0};
+                poll(&pf, 1, POLL_MS);
+                if (*stop) return;
+                continue;
+            }
+            c[C_SEND_ERRORS] += (uint64_t)cnt;
+        } else {
+            c[C_TX_PACKETS] += (uint64_t)cnt;
+            c[C_TX_BYTES] += (uint64_t)bytes;
+        }
+        done += cnt;
+    }
+}
+
+static int tun_writev(int fd, const struct vnet_hdr *vh, const uint8_t *p, int n, uint64_t *c) {
+    struct iovec iov[2] = {{(void *)vh, VNET_HDR_LEN}, {(void *)p, (size_t)n}};
+    for (int tries = 0; tries < 100; tries++) {
+        ssize_t w = writev(fd, iov, 2);
+        if (w >= 0) return 1;
+        if (errno == EAGAIN || errno == EINTR) continue;
+        break;
+    }
+    c[C_TUN_WRITE_ERRORS]++;
+    return 0;
+}
+
+/* TUN (vnet hdr, TSO) -> UDP (GSO) worker. */
+int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
+    uint8_t *in = malloc(BIGBUF + 64), *hdrs = malloc(MAX_SEGS * MAX_HL);
+    struct iovec *iov = malloc(sizeof(struct iovec) * 2 * MAX_SEGS);
+    uint8_t icmp[128];
+    struct vnet_hdr zero;
+    memset(&zero, 0, sizeof zero);
+    if (!in || !hdrs || !iov) { free(in); free(hdrs); free(iov); return -1; }
+    while (!st->stop) {
+        ssize_t n = read(tun_fd, in, BIGBUF + 64);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                struct pollfd pf = {tun_fd, POLLIN, 0};
+                poll(&pf, 1, POLL_MS);
+            }
+            continue;
+        }
+        c[C_TUN_RX]++;
+        if (n < VNET_HDR_LEN) { c[C_DROP_SHORT]++; continue; }
+        struct vnet_hdr vh;
+        memcpy(&vh, in, VNET_HDR_LEN);
+        uint8_t *p = in + VNET_HDR_LEN;
+        int len = (int)n - VNET_HDR_LEN;
+        if (len < 20) { c[C_DROP_SHORT]++; continue; }
+        if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
+        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        uint32_t peer = fl_lookup(t, rd32(p + 16));
+        if (!peer) {
+            c[C_DROP_NO_ROUTE]++;
+            if ((vh.flags & VNET_F_NEEDS_CSUM) && vh.gso_type == VNET_GSO_NONE)
+                fl_complete_csum(p, len, vh.csum_start, vh.csum_offset);
+            int il = fl_icmp_unreach(p, len, st->tun_addr, icmp);
+            if (il && tun_writev(tun_fd, &zero, icmp, il, c)) c[C_ICMP]++;
+            continue;
+        }
+        struct sockaddr_in dst;
+        memset(&dst, 0, sizeof dst);
+        dst.sin_family = AF_INET;
+        dst.sin_port = htons(st->port);
+        dst.sin_addr.s_addr = htonl(peer);
+        if ((vh.gso_type & ~VNET_GSO_ECN) == VNET_GSO_TCPV4 && vh.gso_size > 0) {
+            int hl = 0;
+            if (p[8] <= 1) { c[C_DROP_TTL]++; continue; }
+            int nseg = tso_prepare(p, len, vh.gso_size, hdrs, iov, &hl);
+            if (nseg == 0) { c[C_DROP_MALFORMED]++; continue; }
+            send_gso_iov(udp_fd, &dst, iov, nseg, hl + vh.gso_size, c, &st->stop);
+            continue;
+        }
+        if (vh.gso_type != VNET_GSO_NONE) { c[C_DROP_MALFORMED]++; continue; }  /* not offered */
+        if (vh.flags & VNET_F_NEEDS_CSUM) fl_complete_csum(p, len, vh.csum_start, vh.csum_offset);
+        if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
+        iov[0].iov_base = p; iov[0].iov_len = (size_t)len;
+        iov[1].iov_base = p; iov[1].iov_len = 0;
+        send_gso_iov(udp_fd, &dst, iov, 1, len, c, &st->stop);
+    }
+    free(in); free(hdrs); free(iov);
+    return 0;
+}
+
+/* Coalescing state for UDP -> TUN: the first packet's headers (copied, to rewrite lengths and
+ * checksums) and the payload slices, referenced in the receive buffers until the flush. */
+#define MAX_COAL 64
+struct coal {
+    uint8_t hdr[MAX_HL];
+    const uint8_t *first;  /* first packet (for single-packet writes) */
+    int first_len;
+    int len;               /* total merged packet length */
+    int hl, ihl, mss, nseg;
+    uint32_t next_seq;
+    int closed;            /* no more segments may be appended */
+    struct iovec iov[MAX_COAL + 2];
+};
+
+static void coal_flush(struct coal *k, int tun_fd, uint64_t *c) {
+    if (!k->nseg) return;
+    struct vnet_hdr vh;
+    memset(&vh, 0, sizeof vh);
+    int ok;
+    if (k->nseg > 1) {
+        uint8_t *p = k->hdr;
+        p[2] = (uint8_t)(k->len >> 8); p[3] = (uint8_t)k->len;
+        ip_fix_csum(p, k->ihl);
+        uint16_t ps = fold(pseudo_sum(p, 6, (uint16_t)(k->len - k->ihl)));  /* NEEDS_CSUM: not inverted */
+        memcpy(p + k->ihl + 16, &ps, 2);
+        vh.flags = VNET_F_NEEDS_CSUM;
+        vh.gso_type = VNET_GSO_TCPV4;
+        vh.hdr_len = (uint16_t)k->hl;
+        vh.gso_size = (uint16_t)k->mss;
+        vh.csum_start = (uint16_t)k->ihl;
+        vh.csum_offset = 16;
+        k->iov[0].iov_base = &vh; k->iov[0].iov_len = VNET_HDR_LEN;
+        k->iov[1].iov_base = k->hdr; k->iov[1].iov_len = (size_t)k->hl;
+        ok = 0;
+        for (int tries = 0; tries < 100; tries++) {
+            if (writev(tun_fd, k->iov, k->nseg + 2) >= 0) { ok = 1; break; }
+            if (errno != EAGAIN && errno != EINTR) break;
+        }
+        if (!ok) c[C_TUN_WRITE_ERRORS]++;
+    } else {
+        ok = tun_writev(tun_fd, &vh, k->first, k->first_len, c);
+    }
+    if (ok) {
+        c[C_TUN_TX_PACKETS] += (uint64_t)k->nseg;
+        c[C_TUN_TX_BYTES] += (uint64_t)k->len;
+    }
+    k->nseg = 0; k->len = 0;
+}
+
+/* Append a checked, TTL-decremented packet: merge into the current flow or flush and restart. */
+static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint64_t *c) {
+    int ihl = (p[0] & 0x0F) * 4;
+    int mergeable = p[9] == 6 && ihl == 20 && len >= 40 && !(((p[6] << 8) | p[7]) & 0x3FFF)
+        && ((p[2] << 8) | p[3]) == len;
+    int thl = 0, plen = 0;
+    uint8_t fl = 0;
+    if (mergeable) {
+        thl = (p[ihl + 12] >> 4) * 4;
+        fl = p[ihl + 13];
+        plen = len - ihl - thl;
+        mergeable = thl >= 20 && ihl + thl <= MAX_HL && plen > 0 && (fl & ~0x18) == 0;   /* only ACK / PSH */
+    }
+    if (mergeable && k->nseg && !k->closed && k->nseg < MAX_COAL) {
+        const uint8_t *q = k->hdr;
+        int same = k->hl == ihl + thl && plen <= k->mss && k->len + plen <= 65535
+            && rd32(p + ihl + 4) == k->next_seq
+            && memcmp(p + 12, q + 12, 8) == 0                         /* addresses */
+            && p[1] == q[1] && p[8] == q[8] && p[6] == q[6]            /* tos, ttl, DF */
+            && memcmp(p + ihl, q + ihl, 4) == 0                        /* ports */
+            && memcmp(p + ihl + 8, q + ihl + 8, 5) == 0                /* ack, data offset */
+            && memcmp(p + ihl + 14, q + ihl + 14, 2) == 0              /* window */
+            && memcmp(p + ihl + 20, q + ihl + 20, (size_t)(thl - 20)) == 0;  /* options */
+        if (same) {
+            k->iov[k->nseg + 2].iov_base = (void *)(p + ihl + thl);
+            k->iov[k->nseg + 2].iov_len = (size_t)plen;
+            k->len += plen;
+            k->nseg++;
+            k->next_seq += (uint32_t)plen;
+            k->hdr[ihl + 13] |= fl;  /* PSH of the last one */
+            if (plen < k->mss || (fl & 0x08)) k->closed = 1;
+            return;
+        }
+    }
+    coal_flush(k, tun_fd, c);
+    k->first = p;
+    k->first_len = len;
+    k->len = len;
+    k->nseg = 1;
+    k->closed = !mergeable || (fl & 0x08);
+    if (mergeable) {
+        k->ihl = ihl; k->hl = ihl + thl; k->mss = plen;
+        memcpy(k->hdr, p, (size_t)(ihl + thl));
+        k->iov[2].iov_base = (void *)(p + ihl + thl);
+        k->iov[2].iov_len = (size_t)plen;
+        k->next_seq = rd32(p + ihl + 4) + (uint32_t)plen;
+    }
+}
+
+/* UDP (GRO) -> TUN (vnet hdr) worker. */
+int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
+    uint8_t *bufs = malloc((size_t)RX_BATCH * BIGBUF);
+    struct coal k;
+    memset(&k, 0, sizeof k);
+    if (!bufs) return -1;
+    struct mmsghdr msgs[RX_BATCH];
+    struct iovec iov[RX_BATCH];
+    struct sockaddr_in src[RX_BATCH];
+    char cbuf[RX_BATCH][CMSG_SPACE(sizeof(int))];
+    while (!st->stop) {
+        for (int i = 0; i < RX_BATCH; i++) {
+            iov[i].iov_base = bufs + (size_t)i * BIGBUF;
+            iov[i].iov_len = BIGBUF;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_name = &src[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof src[i];
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_control = cbuf[i];
+            msgs[i].msg_hdr.msg_controllen = sizeof cbuf[i];
+        }
+        int n = recvmmsg(udp_fd, msgs, RX_BATCH, MSG_DONTWAIT, NULL);
+        if (n <= 0) {
+            coal_flush(&k, tun_fd, c);
+            struct pollfd pf = {udp_fd, POLLIN, 0};
+            poll(&pf, 1, POLL_MS);
+            continue;
+        }
+        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        for (int i = 0; i < n; i++) {
+            int total = (int)msgs[i].msg_len;
+            int gso = total;
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msgs[i].msg_hdr); cm; cm = CMSG_NXTHDR(&msgs[i].msg_hdr, cm))
+                if (cm->cmsg_level == SOL_UDP_ && cm->cmsg_type == UDP_GRO_) {
+                    int g; memcpy(&g, CMSG_DATA(cm), sizeof g);
+                    if (g > 0) gso = g;
+                }
+            uint32_t outer = ntohl(src[i].sin_addr.s_addr);
+            int known = fl_source_allowed(t, outer, 0) != 3;
+            uint8_t *base = bufs + (size_t)i * BIGBUF;
+            for (int off = 0; off < total || (total == 0 && off == 0); off += gso) {
+                uint8_t *p = base + off;
+                int len = total - off < gso ? total - off : gso;
+                c[C_RX_PACKETS]++;
+                if (!known) { c[C_DROP_UNKNOWN_PEER]++; if (total == 0) break; continue; }
+                if (len < 20) { c[C_DROP_SHORT]++; if (total == 0) break; continue; }
+                if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
+                if (fl_source_allowed(t, outer, rd32(p + 12)) != 0) { c[C_DROP_SPOOFED]++; continue; }
+                if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
+                coal_add(&k, p, len, tun_fd, c);
+            }
+        }
+        coal_flush(&k, tun_fd, c);
+    }
+    free(bufs);
+    return 0;
+}

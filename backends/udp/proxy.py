@@ -1,0 +1,266 @@
+"""The udp data path: worker threads moving packets between the TUN queues and the UDP sockets.
+
+One pair of workers (TUN→UDP, UDP→TUN) per TUN queue, each queue with its own SO_REUSEPORT UDP
+socket. The inner loop is the C accelerator (``accel``) when it can be built, else pure Python;
+both make the same decisions (``packet``). Workers read ``self.table`` (Python) or
+``state.table`` (C) once per packet/batch; ``set_table`` swaps in a new immutable table, so lease
+changes never take a lock in the hot path and never disturb traffic to other peers.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from ipaddress import IPv4Address
+
+from flannel import errors
+from flannel.backends.udp import accel
+from flannel.backends.udp.packet import (COUNTER_NAMES, IPV4_HEADER_LEN, RX_SPOOFED,
+                                         PeerTable, decrement_ttl, icmp_net_unreachable)
+
+log = logging.getLogger(__name__)
+
+SOCK_BUF = 8 << 20
+POLL_S = 0.2
+_IDX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+# table buffers handed to C stay referenced this long after being replaced
+_RETIRE_S = 2.0
+
+
+SOL_UDP = 17
+UDP_GRO = 104
+
+
+def open_socket(addr: IPv4Address, port: int, reuseport: bool, *, gro: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``addr:port`` with large buffers (and UDP_GRO)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if gro:
+            s.setsockopt(SOL_UDP, UDP_GRO, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, plain, SOCK_BUF)
+        s.bind((str(addr), port))
+    except OSError as e:
+        s.close()
+        raise errors.BackendError(f"cannot bind UDP socket {addr}:{port}: {e}") from e
+    s.setblocking(False)
+    return s
+
+
+class Proxy:
+    """Owns the worker threads; the TUN device and sockets are passed in and closed by the owner."""
+
+    def __init__(self, tun_fds: list[int], socks: list[socket.socket], tun_addr: IPv4Address,
+                 port: int, mtu: int, *, use_accel: bool | None = None, offload: bool = False,
+                 tx_socks: list[socket.socket] | None = None) -> None:
+        self.tun_fds = tun_fds
+        self.socks = socks
+        # sending sockets per queue (default: the receiving ones, i.e. source port = Port)
+        self.tx_socks = tx_socks or socks
+        self.tun_addr = int(tun_addr)
+        self.port = port
+        self.mtu = mtu
+        self.table = PeerTable.build((), port)
+        self._stopped = False
+        self._threads: list[threading.Thread] = []
+        self._py_counters: list[list[int]] = []
+        self._lib = accel.load() if use_accel is not False else None
+        if (use_accel or offload) and self._lib is None:
+            raise errors.BackendError(f"udp: C accelerator requested but unavailable: {accel.load_error()}")
+        self.offload = offload
+        self._c_counters: list[ctypes.Array[ctypes.c_uint64]] = []
+        self._c_state: accel.State | None = None
+        self._c_table: ctypes.Array[ctypes.c_char] | None = None
+        self._retired: collections.deque[tuple[float, ctypes.Array[ctypes.c_char]]] = collections.deque()
+        if self._lib is not None:
+            self._c_state = accel.State(stop=0, tun_addr=self.tun_addr, port=port, mtu=mtu, table=None)
+
+    @property
+    def accelerated(self) -> bool:
+        return self._lib is not None
+
+    def set_table(self, table: PeerTable) -> None:
+        """Publish a new peer table (copy-on-write swap)."""
+        if self._c_state is not None:
+            buf = accel.pack_table(table)
+            old = self._c_table
+            self._c_table = buf
+            self._c_state.table = ctypes.addressof(buf)  # one aligned pointer store
+            now = time.monotonic()
+            if old is not None:
+                self._retired.append((now, old))
+            while self._retired and now - self._retired[0][0] > _RETIRE_S:
+                self._retired.popleft()
+        self.table = table
+
+    def start(self) -> None:
+        for q, (fd, sock, tx) in enumerate(zip(self.tun_fds, self.socks, self.tx_socks)):
+            if self._lib is not None:
+                assert self._c_state is not None
+                c_out, c_in = accel.Counters(), accel.Counters()
+                self._c_counters += [c_out, c_in]
+                targets = [(self._c_tun_to_udp, (c_out, fd, tx)), (self._c_udp_to_tun, (c_in, sock, fd))]
+            else:
+                p_out, p_in = [0] * len(COUNTER_NAMES), [0] * len(COUNTER_NAMES)
+                self._py_counters += [p_out, p_in]
+                targets = [(self._py_tun_to_udp, (p_out, fd, tx)), (self._py_udp_to_tun, (p_in, sock, fd))]
+            for i, (fn, args) in enumerate(targets):
+                t = threading.Thread(target=self._guard, args=(fn, args), daemon=True,
+                                     name=f"udp-{'out' if i == 0 else 'in'}-{q}")
+                t.start()
+                self._threads.append(t)
+        log.info("udp: %d queue(s), %s data path%s", len(self.tun_fds), "C" if self._lib else "Python",
+                 " with TSO/GSO/GRO offload" if self.offload else "")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stopped = True
+        if self._c_state is not None:
+            self._c_state.stop = 1
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("udp: workers still running after %.1fs: %s", timeout, alive)
+        self._threads = []
+
+    def counters(self) -> dict[str, int]:
+        tot = [0] * len(COUNTER_NAMES)
+        for c in self._py_counters:
+            for i, v in enumerate(c):
+                tot[i] += v
+        for cc in self._c_counters:
+            for i in range(len(COUNTER_NAMES)):
+                tot[i] += cc[i]
+        return dict(zip(COUNTER_NAMES, tot))
+
+    def _guard(self, fn: object, args: tuple[object, ...]) -> None:
+        """A worker must never die silently: log and restart on an unexpected error."""
+        while not self._stopped:
+            try:
+                fn(*args)  # type: ignore[operator]
+                return
+            except Exception:  # noqa: BLE001 - the data path must survive any packet
+                log.exception("udp: worker %s failed; restarting", threading.current_thread().name)
+                time.sleep(0.1)
+
+    # --- C workers: the ctypes call releases the GIL for the whole loop ---
+    def _c_tun_to_udp(self, c: ctypes.Array[ctypes.c_uint64], fd: int, sock: socket.socket) -> None:
+        assert self._lib is not None
+        fn = self._lib.fl_tun_to_udp_gso if self.offload else self._lib.fl_tun_to_udp
+        fn(ctypes.byref(self._c_state), c, fd, sock.fileno())
+
+    def _c_udp_to_tun(self, c: ctypes.Array[ctypes.c_uint64], sock: socket.socket, fd: int) -> None:
+        assert self._lib is not None
+        fn = self._lib.fl_udp_to_tun_gro if self.offload else self._lib.fl_udp_to_tun
+        fn(ctypes.byref(self._c_state), c, sock.fileno(), fd)
+
+    # --- pure-Python workers ---
+    def _py_tun_to_udp(self, c: list[int], fd: int, sock: socket.socket) -> None:
+        read, sendto, mtu = os.read, sock.sendto, self.mtu
+        i_rx, i_short, i_ver, i_noroute = _IDX["tun_rx_packets"], _IDX["drop_short"], _IDX["drop_version"], _IDX["drop_no_route"]
+        i_icmp, i_ttl, i_tx, i_txb, i_err = _IDX["icmp_unreachable"], _IDX["drop_ttl"], _IDX["tx_packets"], _IDX["tx_bytes"], _IDX["send_errors"]
+        while not self._stopped:
+            try:
+                data = read(fd, mtu)
+            except BlockingIOError:
+                select.select([fd], [], [], POLL_S)
+                continue
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    return
+                raise
+            c[i_rx] += 1
+            if len(data) < IPV4_HEADER_LEN:
+                c[i_short] += 1
+                continue
+            if data[0] >> 4 != 4:
+                c[i_ver] += 1
+                continue
+            hit = self.table.lookup(int.from_bytes(data[16:20], "big"))
+            if hit is None:
+                c[i_noroute] += 1
+                reply = icmp_net_unreachable(data, self.tun_addr)
+                if reply is not None and self._tun_write(fd, reply, c):
+                    c[i_icmp] += 1
+                continue
+            pkt = bytearray(data)
+            if not decrement_ttl(pkt):
+                c[i_ttl] += 1
+                continue
+            try:
+                sendto(pkt, hit)
+            except BlockingIOError:
+                select.select([], [sock], [], POLL_S)
+                try:
+                    sendto(pkt, hit)
+                except OSError:
+                    c[i_err] += 1
+                    continue
+            except OSError:
+                c[i_err] += 1
+                continue
+            c[i_tx] += 1
+            c[i_txb] += len(pkt)
+
+    def _py_udp_to_tun(self, c: list[int], sock: socket.socket, fd: int) -> None:
+        recvfrom, mtu, inet_aton = sock.recvfrom, self.mtu, socket.inet_aton
+        i_rx, i_short, i_ver, i_ttl = _IDX["rx_packets"], _IDX["drop_short"], _IDX["drop_version"], _IDX["drop_ttl"]
+        i_unk, i_spoof, i_tx, i_txb = _IDX["drop_unknown_peer"], _IDX["drop_spoofed"], _IDX["tun_tx_packets"], _IDX["tun_tx_bytes"]
+        while not self._stopped:
+            try:
+                data, src = recvfrom(mtu)
+            except BlockingIOError:
+                select.select([sock], [], [], POLL_S)
+                continue
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    return
+                continue  # e.g. ECONNREFUSED reported by an earlier ICMP; keep going
+            c[i_rx] += 1
+            table = self.table
+            outer = int.from_bytes(inet_aton(src[0]), "big")
+            if outer not in table.sources:
+                c[i_unk] += 1
+                continue
+            if len(data) < IPV4_HEADER_LEN:
+                c[i_short] += 1
+                continue
+            if data[0] >> 4 != 4:
+                c[i_ver] += 1
+                continue
+            if table.source_allowed(outer, int.from_bytes(data[12:16], "big")) == RX_SPOOFED:
+                c[i_spoof] += 1
+                continue
+            pkt = bytearray(data)
+            if not decrement_ttl(pkt):
+                c[i_ttl] += 1
+                continue
+            if self._tun_write(fd, pkt, c):
+                c[i_tx] += 1
+                c[i_txb] += len(pkt)
+
+    @staticmethod
+    def _tun_write(fd: int, pkt: bytes | bytearray, c: list[int]) -> bool:
+        for _ in range(100):
+            try:
+                os.write(fd, pkt)
+                return True
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                break
+        c[_IDX["tun_write_errors"]] += 1
+        return False
