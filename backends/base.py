@@ -33,17 +33,25 @@ class ExternalInterface:
 
 
 class Network(abc.ABC):
-    """One running overlay network on this host."""
+    """One running overlay network on this host.
+
+    The base keeps our lease and the pod MTU, which every backend has in the same way; a
+    subclass calls ``super().__init__(lease, mtu)`` and implements ``run``.
+    """
+
+    def __init__(self, lease: Lease, mtu: int) -> None:
+        self._lease = lease
+        self._mtu = mtu
 
     @property
-    @abc.abstractmethod
     def lease(self) -> Lease:
-        """Our own lease, as acquired."""
+        """Our own lease, as acquired (updated by ``on_lease_renewed``)."""
+        return self._lease
 
     @property
-    @abc.abstractmethod
     def mtu(self) -> int:
         """MTU for pods (FLANNEL_MTU)."""
+        return self._mtu
 
     @abc.abstractmethod
     def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
@@ -57,7 +65,8 @@ class Network(abc.ABC):
         """
 
     def on_lease_renewed(self, lease: Lease) -> None:
-        """Our own lease was renewed or re-acquired (same subnet). Default: nothing to do."""
+        """Our own lease was renewed or re-acquired (same subnet). Default: remember it."""
+        self._lease = lease
 
     def close(self) -> None:
         """Release what must not outlive the process (udp: the TUN). vxlan/host-gw leave their

@@ -12,32 +12,18 @@ import threading
 
 from flannel.backends.base import Backend, Network
 from flannel.config import NetworkConfig
-from flannel.lease import Batch, Lease, LeaseAttrs, LeaseSource
+from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseSource
 
 log = logging.getLogger(__name__)
 
 
 class AllocNetwork(Network):
     def __init__(self, lease: Lease, mtu: int) -> None:
-        self._lease = lease
-        self._mtu = mtu
+        super().__init__(lease, mtu)
         self.peers: dict[object, Lease] = {}
-
-    @property
-    def lease(self) -> Lease:
-        return self._lease
-
-    @property
-    def mtu(self) -> int:
-        return self._mtu
-
-    def on_lease_renewed(self, lease: Lease) -> None:
-        self._lease = lease
 
     def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
         """No data plane: just keep a peer table (for logs and tests)."""
-        from flannel.lease import EventType
-
         while not stop.is_set():
             try:
                 batch = batches.get(timeout=0.5)

@@ -22,8 +22,7 @@ class UDPNetwork(Network):
 
     def __init__(self, lease: Lease, mtu: int, port: int, tun: TunDevice,
                  socks: list[socket.socket], proxy: Proxy) -> None:
-        self._lease = lease
-        self._mtu = mtu
+        super().__init__(lease, mtu)
         self.port = port
         self.tun = tun
         self.socks = socks
@@ -34,23 +33,12 @@ class UDPNetwork(Network):
         self._lock = threading.Lock()  # control plane only (run vs close), never the packet path
 
     @property
-    def lease(self) -> Lease:
-        return self._lease
-
-    @property
-    def mtu(self) -> int:
-        return self._mtu
-
-    @property
     def device_name(self) -> str:
         return self.tun.name
 
     @property
     def accelerated(self) -> bool:
         return self.proxy.accelerated
-
-    def on_lease_renewed(self, lease: Lease) -> None:
-        self._lease = lease
 
     def counters(self) -> dict[str, int]:
         """Data-path counters summed over all workers (see ``packet.COUNTER_NAMES``)."""

@@ -50,8 +50,7 @@ class RoutedNetwork(Network):
     def __init__(self, *, lease: Lease, mtu: int, nl: Netlink, ctx: vx.Context, config: NetworkConfig,
                  translate: Translate, ext_iface: ExternalInterface,
                  resync_interval: float = RESYNC_INTERVAL) -> None:
-        self._lease = lease
-        self._mtu = mtu
+        super().__init__(lease, mtu)
         self.nl = nl
         self.ctx = ctx
         self.config = config
@@ -69,17 +68,6 @@ class RoutedNetwork(Network):
         self._lock = threading.Lock()
 
     # ---- Network API ------------------------------------------------------------------------
-
-    @property
-    def lease(self) -> Lease:
-        return self._lease
-
-    @property
-    def mtu(self) -> int:
-        return self._mtu
-
-    def on_lease_renewed(self, lease: Lease) -> None:
-        self._lease = lease
 
     def close(self) -> None:
         """Leave routes/neighbours/fdb (and the device) in place for the next start."""
