@@ -23,6 +23,7 @@ from flannel.testing.agent import AgentProcess
 from flannel.testing.etcd import EtcdServer
 from flannel.testing.netns import cleanup_prefix, run_prefix
 from flannel.testing.topology import Host, Underlay
+from flannel.testing import wait as waiting
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 
@@ -32,14 +33,7 @@ _counter = itertools.count(1)
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0, agents: tuple[AgentProcess, ...] = ()) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    tails = "\n".join(a.log_tail() for a in agents)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+    return waiting.wait_for(cond, what, timeout=timeout, on_timeout=lambda: "\n".join(a.log_tail() for a in agents))
 
 
 @pytest.fixture(scope="module")

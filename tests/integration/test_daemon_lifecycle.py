@@ -25,19 +25,13 @@ from flannel import daemon, errors
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.testing.etcd import free_port
+from flannel.testing.wait import wait_for
 from tests.unit.test_cli import FakeManager, fake_iface
 
 DEADLINE = 10.0
 
 
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+
 
 
 def http(port: int, path: str) -> tuple[int, str]:

@@ -19,6 +19,7 @@ from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.watcher import LeaseWatcher
+from flannel.testing.wait import wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -27,14 +28,7 @@ PREFIX = "/coreos.com/network"
 CONFIG_8 = '{"Network": "10.8.0.0/16", "SubnetMax": "10.8.50.0"}'
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+
 
 
 def put_config(srv, cfg: str) -> None:  # type: ignore[no-untyped-def]

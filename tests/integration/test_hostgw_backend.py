@@ -81,7 +81,7 @@ def test_two_hosts_reach_each_other_via_host_gw(ns_prefix):
                                     FakeLeases(f"10.6.{i}.0/24")).start())
             agents[0].send(*added(Lease(N("10.6.2.0/24"), agents[1].leases.attrs)), synced=True)   # type: ignore[arg-type]
             agents[1].send(*added(Lease(N("10.6.1.0/24"), agents[0].leases.attrs)), synced=True)   # type: ignore[arg-type]
-            wait_for(lambda: ping(hosts[0].ns, "10.6.2.1", src="10.6.1.1"), 10, "h1 → h2 via host-gw")
+            wait_for(lambda: ping(hosts[0].ns, "10.6.2.1", src="10.6.1.1"), "h1 → h2 via host-gw", timeout=10)
             assert ping(hosts[1].ns, "10.6.1.1", src="10.6.2.1")
         finally:
             for a in agents:

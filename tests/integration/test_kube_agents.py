@@ -18,6 +18,7 @@ import pytest
 from flannel.testing.agent import AgentProcess
 from flannel.testing.netns import cleanup_prefix, run_prefix
 from flannel.testing.topology import Host, Underlay
+from flannel.testing import wait as waiting
 from tests.kubeapi import KubeAPIServer
 from tests.kubeapi.kubeconfig import write_kubeconfig
 
@@ -31,14 +32,8 @@ NET_CONF = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
 
 
 def wait_for(cond: Callable[[], Any], what: str, agents: list[AgentProcess], timeout: float = 30.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    tails = "\n".join(f"--- {a.name}\n{a.log_tail(30)}" for a in agents)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+    return waiting.wait_for(cond, what, timeout=timeout,
+                            on_timeout=lambda: "\n".join(f"--- {a.name}\n{a.log_tail(30)}" for a in agents))
 
 
 class KubeLab:

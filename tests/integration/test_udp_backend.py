@@ -19,6 +19,7 @@ from flannel.backends.udp import accel
 from flannel.backends.udp.harness import HarnessProcess
 from flannel.testing.netns import cleanup_prefix, in_netns, run_prefix
 from flannel.testing.topology import Host, Underlay, ping
+from flannel.testing.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -27,12 +28,7 @@ S1, S2 = "10.244.1.0/24", "10.244.2.0/24"
 PORT = 8285
 
 
-def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+
 
 
 @pytest.fixture(scope="module")

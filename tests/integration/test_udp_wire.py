@@ -17,6 +17,7 @@ import pytest
 from flannel.backends.udp import accel
 from flannel.backends.udp.packet import Peer, PeerTable, icmp_net_unreachable
 from flannel.backends.udp.proxy import Proxy, open_socket
+from flannel.testing.wait import wait_for
 
 from tests.unit.test_udp_packet import csum, ip_packet
 
@@ -25,12 +26,7 @@ TUN_ADDR = IPv4Address("10.244.1.0")
 MTU = 1472
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+
 
 
 class Rig:

@@ -26,6 +26,7 @@ from flannel.backends.vxlan import VXLANBackend
 from flannel.config import parse_network_config
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.testing.netns import NetNS, in_netns
+from flannel.testing.wait import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -123,15 +124,7 @@ def removed(*leases: Lease) -> tuple[LeaseEvent, ...]:
     return tuple(LeaseEvent(EventType.REMOVED, lz) for lz in leases)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+
 
 
 # ---- independent views of the kernel (iproute2) --------------------------------------------
@@ -262,7 +255,7 @@ class Monitor:
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "master", check=False)
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
             return any("203.0.113.0/24" in ln for ln in self.lines) and any("02:99:00:00:00:01" in ln for ln in self.lines)
-        wait_for(poke, 10, "ip/bridge monitor ready")
+        wait_for(poke, "ip/bridge monitor ready", timeout=10)
 
     def _read(self, p: "subprocess.Popen[str]") -> None:
         assert p.stdout is not None
@@ -389,10 +382,10 @@ def test_large_snapshot_uses_batch_path_and_converges(ns):
                  for i in range(2, 202)]
         agent.send(*added(*peers), synced=True)
         want = expected_for(*peers)
-        wait_for(lambda: state(ns) == want, 30, "200 peers programmed")
+        wait_for(lambda: state(ns) == want, "200 peers programmed", timeout=30)
         agent.send(*removed(*peers[100:]))
         want = expected_for(*peers[:100])
-        wait_for(lambda: state(ns) == want, 30, "100 peers removed")
+        wait_for(lambda: state(ns) == want, "100 peers removed", timeout=30)
     finally:
         agent.stop()
 
@@ -419,7 +412,7 @@ def test_two_hosts_reach_each_other_through_the_overlay(ns_prefix):
             own = [Lease(N(f"10.5.{i}.0/24"), a.leases.attrs) for i, a in enumerate(agents, start=1)]  # type: ignore[arg-type]
             agents[0].send(*added(own[1]), synced=True)
             agents[1].send(*added(own[0]), synced=True)
-            wait_for(lambda: ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0"), 10, "h1 → h2 over vxlan")
+            wait_for(lambda: ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0"), "h1 → h2 over vxlan", timeout=10)
             assert ping(hosts[1].ns, "10.5.1.0", src="10.5.2.0")
         finally:
             for a in agents:
@@ -488,11 +481,11 @@ def test_batch_with_a_failing_line_is_verified_and_completed(ns, caplog):
         peers = [vx_lease(i, ip=f"198.19.0.{i}") for i in range(2, 102)]
         agent.send(*added(*peers), synced=True)
         want = expected_for(*peers)
-        wait_for(lambda: state(ns) == want, 30, "100 peers programmed")
+        wait_for(lambda: state(ns) == want, "100 peers programmed", timeout=30)
         ns.ip("route", "del", "10.5.50.0/24")             # behind the agent's back: its delete will fail
         agent.send(*removed(*peers[:80]))
         want = expected_for(*peers[80:])
-        wait_for(lambda: state(ns) == want, 30, "80 peers removed")
+        wait_for(lambda: state(ns) == want, "80 peers removed", timeout=30)
         assert "-batch exit" in caplog.text and "verifying" in caplog.text
     finally:
         agent.stop()
@@ -621,7 +614,7 @@ def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
             own = [a.leases.acquire_lease(a.leases.attrs) for a in agents]  # type: ignore[arg-type]
             agents[0].send(*added(own[1]), synced=True)
             agents[1].send(*added(own[0]), synced=True)
-            wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), 10, "h1 → h2 over IPv6 vxlan")
+            wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), "h1 → h2 over IPv6 vxlan", timeout=10)
             assert ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0")
             assert ping(hosts[1].ns, "fd00:10:5:1::", src="fd00:10:5:2::")
         finally:
