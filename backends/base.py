@@ -40,8 +40,8 @@ class Network(abc.ABC):
     """
 
     def __init__(self, lease: Lease, mtu: int) -> None:
-        self._lease = lease
-        self._mtu = mtu
+        self._lease: Lease = lease
+        self._mtu: int = mtu
 
     @property
     def lease(self) -> Lease:

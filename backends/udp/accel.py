@@ -116,7 +116,8 @@ def pack_table(table: PeerTable) -> ctypes.Array[ctypes.c_char]:
     by_len: dict[int, list[tuple[int, int]]] = {}
     for p in table.peers:
         by_len.setdefault(p.subnet.prefixlen, []).append((int(p.subnet.network_address), int(p.public_ip)))
-    groups, routes = [], []
+    groups: list[tuple[int, int, int]] = []
+    routes: list[tuple[int, int]] = []
     for plen in sorted(by_len, reverse=True):
         mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
         entries = sorted(by_len[plen])

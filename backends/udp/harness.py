@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     assert source.attrs is not None
     reply({"ready": True, "dev": net.device_name, "mtu": net.mtu, "accel": net.accelerated,  # type: ignore[attr-defined]
            "lease_value": encode_attrs(source.attrs), "queues": len(net.tun.fds),  # type: ignore[attr-defined]
-           "offload": net.proxy.offload})  # type: ignore[attr-defined]  # type: ignore[attr-defined]
+           "offload": net.proxy.offload})  # type: ignore[attr-defined]
     try:
         for line in sys.stdin:
             if not line.strip():

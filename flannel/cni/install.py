@@ -102,5 +102,5 @@ def install_conf(src: str, dst: str) -> Path:
         raise ConfigError(f"source {src} does not exist or is not a file")
     mode = source.stat().st_mode & 0o7777
     target = Path(dst)
-    _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), mode)
+    _atomic_write(target, lambda tmp: None if shutil.copyfile(source, tmp) else None, mode)
     return target

@@ -28,7 +28,8 @@ from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.subnet_managers.base import SubnetManager
-from flannel.subnet_managers.kube import annotations, nodes
+from flannel.subnet_managers.kube import annotations as annots
+from flannel.subnet_managers.kube import nodes
 from flannel.subnet_managers.kube.client import END, Expired, KubeClient, NotFound
 from flannel.subnet_managers.kube.tracker import NodeTracker
 
@@ -57,7 +58,7 @@ class KubeSubnetManager(SubnetManager):
         """:param node_name: overrides the environment lookup (for embedding several managers in
         one process, e.g. tests and benchmarks)."""
         self._opts = opts
-        self._names = annotations.AnnotationNames.for_prefix(opts.kube_annotation_prefix)
+        self._names = annots.AnnotationNames.for_prefix(opts.kube_annotation_prefix)
         self._client = client or KubeClient(kubeconfig_file=opts.kubeconfig_file, api_url=opts.kube_api_url)
         self._closed = threading.Event()
         self._node_name: str | None = node_name
@@ -72,7 +73,7 @@ class KubeSubnetManager(SubnetManager):
         return f"Kubernetes Subnet Manager - {node} (API server {self._client.host})"
 
     @property
-    def annotation_names(self) -> annotations.AnnotationNames:
+    def annotation_names(self) -> annots.AnnotationNames:
         return self._names
 
     def node_name(self) -> str:
@@ -150,7 +151,7 @@ class KubeSubnetManager(SubnetManager):
 
     def stored_backend_data(self) -> tuple[str | None, str | None]:
         """What we published last time (vxlan reads its VtepMAC from it to keep the MAC)."""
-        return annotations.stored_backend_data(self._names, nodes.annotations_of(self._own_node()))
+        return annots.stored_backend_data(self._names, nodes.annotations_of(self._own_node()))
 
     def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
         """Our lease from our podCIDR(s); publish ``attrs`` as annotations if they differ (§5.5)."""
@@ -165,12 +166,12 @@ class KubeSubnetManager(SubnetManager):
     def _publish(self, node: dict[str, Any], attrs: LeaseAttrs, *, retrying: bool = True) -> None:
         name = nodes.node_name(node)
         current = nodes.annotations_of(node)
-        desired = annotations.desired_annotations(self._names, attrs, current)
+        desired = annots.desired_annotations(self._names, attrs, current)
         for key, overwrite in ((self._names.public_ip, self._names.public_ip_overwrite),
                                (self._names.public_ipv6, self._names.public_ipv6_overwrite)):
             if key in desired and current.get(overwrite) and current.get(key) != desired[key]:
                 log.info("Overriding public ip with '%s' from node annotation '%s'", desired[key], overwrite)
-        patch = annotations.annotation_patch(current, desired)
+        patch = annots.annotation_patch(current, desired)
         if not patch:
             log.info("node %r annotations are up to date; not patching", name)
             return
@@ -270,7 +271,7 @@ class KubeSubnetManager(SubnetManager):
         if etype != "MODIFIED" or self._own_attrs is None or nodes.node_name(node) != self._node_name:
             return
         current = nodes.annotations_of(node)
-        if annotations.annotation_patch(current, annotations.desired_annotations(self._names, self._own_attrs, current)):
+        if annots.annotation_patch(current, annots.desired_annotations(self._names, self._own_attrs, current)):
             log.warning("our node's flannel annotations changed under us; restoring them")
             try:
                 self._publish(node, self._own_attrs, retrying=False)
