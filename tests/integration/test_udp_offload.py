@@ -15,15 +15,13 @@ import pytest
 
 from flannel.backends.udp import accel
 from flannel.backends.udp.packet import Peer, PeerTable
-from flannel.backends.udp.proxy import Proxy, open_socket
-
+from flannel.testing.wait import wait_for
+from tests.integration.test_udp_wire import LOCAL, PEER, Rig
 from tests.unit.test_udp_packet import csum
-from tests.integration.test_udp_wire import wait_for
 
 LIB = accel.load()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"C accelerator unavailable: {accel.load_error()}")
 
-LOCAL, PEER = "127.0.0.1", "127.0.0.2"
 MSS = 1420
 ACK, PSH, FIN = 0x10, 0x08, 0x01
 
@@ -85,32 +83,9 @@ def test_tso_segment_ttl_expiry_and_garbage() -> None:
         LIB.fl_tso_segment(rnd[:cut], cut, MSS, out, ctypes.byref(seg_len))  # must not crash
 
 
-class OffloadRig:
-    def __init__(self) -> None:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind((LOCAL, 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.tun_ours, self.tun_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.tun_ours.setblocking(False)
-        self.tun_test.settimeout(3)
-        self.sock = open_socket(IPv4Address(LOCAL), self.port, reuseport=False, gro=True)
-        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.peer.bind((PEER, self.port))
-        self.peer.settimeout(3)
-        self.proxy = Proxy([self.tun_ours.fileno()], [self.sock], IPv4Address("10.244.1.0"), self.port, 1472,
-                           use_accel=True, offload=True)
-        self.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(PEER))], self.port))
-
-    def close(self) -> None:
-        self.proxy.stop()
-        for s in (self.sock, self.peer, self.tun_ours, self.tun_test):
-            s.close()
-
-
 @pytest.fixture
-def rig() -> Iterator[OffloadRig]:
-    r = OffloadRig()
+def rig() -> Iterator[Rig]:
+    r = Rig(use_accel=True, offload=True, start=False)
     yield r
     r.close()
 
@@ -119,7 +94,7 @@ def vnet(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: int = 0,
     return struct.pack("=BBHHHH", flags, gso_type, hdr_len, gso_size, start, off)
 
 
-def test_tso_from_tun_leaves_as_plain_flannel_datagrams(rig: OffloadRig) -> None:
+def test_tso_from_tun_leaves_as_plain_flannel_datagrams(rig: Rig) -> None:
     rig.proxy.start()
     payload = os.urandom(30000)
     sup = tcp_packet("10.244.1.5", "10.244.2.9", 7, payload, flags=ACK | PSH, full_csum=False)
@@ -140,7 +115,7 @@ def test_tso_from_tun_leaves_as_plain_flannel_datagrams(rig: OffloadRig) -> None
     wait_for(lambda: rig.proxy.counters()["tx_packets"] == len(seqs) + 1)
 
 
-def test_gro_receive_merges_a_tcp_burst_into_one_gso_write(rig: OffloadRig) -> None:
+def test_gro_receive_merges_a_tcp_burst_into_one_gso_write(rig: Rig) -> None:
     payloads = [os.urandom(MSS) for _ in range(5)] + [os.urandom(300)]
     seq = 5000
     for i, p in enumerate(payloads):   # queued before the workers start: one recvmmsg sees them all
@@ -165,7 +140,7 @@ def test_gro_receive_merges_a_tcp_burst_into_one_gso_write(rig: OffloadRig) -> N
         c["drop_spoofed"] + c["drop_ttl"] == 1
 
 
-def test_gro_receive_keeps_other_packets_separate_and_in_order(rig: OffloadRig) -> None:
+def test_gro_receive_keeps_other_packets_separate_and_in_order(rig: Rig) -> None:
     a = tcp_packet("10.244.2.9", "10.244.1.5", 1, b"a" * 100)          # short segment: ends its run
     b = tcp_packet("10.244.2.9", "10.244.1.5", 101, b"b" * 100)
     udp = bytes.fromhex("4500001c000000004011") + b"\0\0" + IPv4Address("10.244.2.9").packed + \
@@ -181,7 +156,7 @@ def test_gro_receive_keeps_other_packets_separate_and_in_order(rig: OffloadRig) 
     assert [s[20:] if s[9] == 17 else s[52:] for s in seen] == [a[52:], udp[20:], b[52:]]
 
 
-def test_offload_fuzz_never_kills_the_workers(rig: OffloadRig) -> None:
+def test_offload_fuzz_never_kills_the_workers(rig: Rig) -> None:
     """Random virtio headers / TSO metadata on the TUN side, random TCP-ish datagrams from the peer."""
     import random
 

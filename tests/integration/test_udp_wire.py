@@ -30,7 +30,13 @@ MTU = 1472
 
 
 class Rig:
-    def __init__(self, use_accel: bool) -> None:
+    """A udp Proxy on loopback: a socketpair stands in for the TUN, 127.0.0.2 for the peer.
+
+    ``offload``: the GSO/GRO path (UDP_GRO on the socket); the offload tests start the proxy
+    themselves (``start=False``) after queueing input.
+    """
+
+    def __init__(self, use_accel: bool, *, offload: bool = False, start: bool = True) -> None:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         probe.bind((LOCAL, 0))
         self.port = probe.getsockname()[1]
@@ -38,13 +44,15 @@ class Rig:
         self.tun_ours, self.tun_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tun_ours.setblocking(False)
         self.tun_test.settimeout(3)
-        self.sock = open_socket(IPv4Address(LOCAL), self.port, reuseport=False)
+        self.sock = open_socket(IPv4Address(LOCAL), self.port, reuseport=False, gro=offload)
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind((PEER, self.port))
         self.peer.settimeout(3)
-        self.proxy = Proxy([self.tun_ours.fileno()], [self.sock], TUN_ADDR, self.port, MTU, use_accel=use_accel)
+        self.proxy = Proxy([self.tun_ours.fileno()], [self.sock], TUN_ADDR, self.port, MTU, use_accel=use_accel,
+                           offload=offload)
         self.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(PEER))], self.port))
-        self.proxy.start()
+        if start:
+            self.proxy.start()
 
     def close(self) -> None:
         self.proxy.stop()
