@@ -8,13 +8,12 @@ import ctypes
 import os
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from typing import Iterator
 
 import pytest
 
 from flannel.backends.udp import accel
-from flannel.backends.udp.packet import Peer, PeerTable
 from flannel.testing.wait import wait_for
 from tests.integration.test_udp_wire import LOCAL, PEER, Rig
 from tests.unit.test_udp_packet import csum
