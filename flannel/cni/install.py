@@ -31,6 +31,8 @@ _MAIN = "from flannel.cni.plugin import main\nmain()\n"
 
 
 def _atomic_write(dest: Path, write: Callable[[str], None], mode: int) -> None:
+    """Like ``flannel.subnet_file.write_atomic`` but for a writer callback (zip, copy); kept here
+    because everything under flannel/cni is bundled into the stdlib-only plugin executable."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp", dir=dest.parent)
     os.close(fd)
