@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flannel.testing import podtraffic  # noqa: E402
-from flannel.testing.lab import Lab, LabConfig  # noqa: E402
-from flannel.testing.netns import cleanup_prefix, run_prefix  # noqa: E402
-from flannel.testing.topology import Underlay, add_pod  # noqa: E402
+from flannel.lab import podtraffic  # noqa: E402
+from flannel.lab.cluster import Lab, LabConfig  # noqa: E402
+from flannel.lab.netns import cleanup_prefix, run_prefix  # noqa: E402
+from flannel.lab.topology import Underlay, add_pod  # noqa: E402
 
 SECTION = "vxlan data plane"
 VNI, PORT = 1, 8472

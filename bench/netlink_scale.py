@@ -30,10 +30,11 @@ from typing import Any, Callable
 
 from flannel.backends.base import ExternalInterface
 from flannel.backends.vxlan import VXLANBackend
-from flannel.backends.vxlan.network import Context, desired_state, vxlan_entries
+from flannel.backends.routed.model import Context, desired_state
+from flannel.backends.vxlan.network import vxlan_entries
 from flannel.config import parse_network_config
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
-from flannel.testing.netns import NetNS, cleanup_prefix, in_netns, run, run_prefix
+from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run, run_prefix
 
 LOCAL = "198.18.0.1"
 CFG = '{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}'

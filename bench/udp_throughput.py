@@ -2,7 +2,7 @@
 """udp data plane benchmark: pod→pod TCP throughput and ping RTT, udp backend vs kernel vxlan.
 
 Topology (network namespaces only, addresses in 198.18.0.0/15 and 10.244.0.0/16):
-hub bridge + two hosts (flannel.testing.topology.Underlay, MTU 1500), and on each host a bridge
+hub bridge + two hosts (flannel.lab.topology.Underlay, MTU 1500), and on each host a bridge
 ``cni0`` (10.244.N.1/24) with one pod namespace (10.244.N.2) behind a veth. The same topology runs
 in turn: the udp backend (C accelerator and/or pure Python, via the harness the tests use), then
 kernel vxlan configured by hand the way flannel's vxlan backend programs it (``flannel.1``, route
@@ -24,9 +24,9 @@ import sys
 import time
 from typing import Any
 
-from flannel.backends.udp.harness import HarnessProcess
-from flannel.testing.netns import NetNS, run_prefix, veth_pair
-from flannel.testing.topology import Host, Underlay
+from flannel.lab.udp_harness import HarnessProcess
+from flannel.lab.netns import NetNS, run_prefix, veth_pair
+from flannel.lab.topology import Host, Underlay
 
 PY = sys.executable
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from typing import Iterator
 
 import pytest
 
-from flannel.testing import etcd as etcd_mod
-from flannel.testing import netns as netns_mod
+from flannel.lab import etcd as etcd_mod
+from flannel.lab import netns as netns_mod
 
 IS_ROOT = os.geteuid() == 0
 
@@ -55,3 +57,13 @@ def netns(ns_prefix):
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Remove the log handlers an in-process agent run installed (flannel.logsetup marks them)."""
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_flannel", False):
+            root.removeHandler(h)

@@ -9,7 +9,7 @@ gateway.
 
 from __future__ import annotations
 
-from flannel.backends.vxlan.network import Addr, Context, KernelState, Net, Route, Skip, on_link
+from flannel.backends.routed.model import Addr, Context, KernelState, Net, Route, Skip, on_link
 from flannel.lease import Lease
 
 TYPE = "host-gw"

@@ -1,31 +1,27 @@
 """Pure logic of the vxlan backend: options, BackendData, and lease → kernel entries (reference §7).
 
-Nothing here touches the kernel. ``device.py`` dumps the kernel's state into the same value types
-(``Route``, ``Neigh``, ``Fdb``), and ``plan`` computes the difference between what the leases
-justify and what the kernel holds, so reconciling is "one dump per table, then only the diff"
-(DESIGN §3: reconcile, don't replay). host-gw reuses the entry types and ``plan``.
+Nothing here touches the kernel: ``vxlan_entries`` says which route, neighbour and fdb entry one
+remote lease justifies, in the value types of ``flannel.backends.routed.model``; the shared
+reconcile loop (``flannel.backends.routed.reconcile``) diffs them against the kernel.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from flannel import errors
+from flannel.backends.routed.model import ZERO_MAC, Addr, Context, Fdb, KernelState, Neigh, Net, Route, Skip, on_link
 from flannel.lease import Lease
 
 TYPE = "vxlan"
-Net = IPv4Network | IPv6Network
-Addr = IPv4Address | IPv6Address
 #: outer IPv4 + UDP + VXLAN + inner Ethernet headers; 70 over an IPv6 underlay (DESIGN §8, ref §14.14)
 OVERHEAD_V4 = 50
 OVERHEAD_V6 = 70
 DEFAULT_VNI = 1
 MAX_VNI = (1 << 24) - 1
-ZERO_MAC = "00:00:00:00:00:00"
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,148 +164,8 @@ def parse_backend_data(text: str | None) -> VtepData:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel entries (value types shared with device.py and host-gw)
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Route:
-    """``dst via gateway dev <dev> [onlink]`` in the main table (IPv4 or IPv6)."""
-
-    dst: Net
-    gateway: Addr
-    dev: str
-    onlink: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.dst} via {self.gateway} dev {self.dev}{' onlink' if self.onlink else ''}"
-
-
-@dataclass(frozen=True)
-class Neigh:
-    """A permanent neighbour ``ip lladdr mac dev <dev>``."""
-
-    ip: Addr
-    mac: str
-    dev: str
-
-    def __str__(self) -> str:
-        return f"neigh {self.ip} lladdr {self.mac} dev {self.dev}"
-
-
-@dataclass(frozen=True)
-class Fdb:
-    """A permanent vxlan fdb entry ``mac dst <ip> dev <dev> self``."""
-
-    mac: str
-    dst: Addr
-    dev: str
-
-    def __str__(self) -> str:
-        return f"fdb {self.mac} dst {self.dst} dev {self.dev}"
-
-
-@dataclass(frozen=True)
-class KernelState:
-    """A set of managed entries: either desired (from leases) or actual (a kernel dump)."""
-
-    routes: frozenset[Route] = frozenset()
-    neighs: frozenset[Neigh] = frozenset()
-    fdbs: frozenset[Fdb] = frozenset()
-
-    def __len__(self) -> int:
-        return len(self.routes) + len(self.neighs) + len(self.fdbs)
-
-    def union(self, other: "KernelState") -> "KernelState":
-        return KernelState(self.routes | other.routes, self.neighs | other.neighs, self.fdbs | other.fdbs)
-
-    def minus(self, other: "KernelState") -> "KernelState":
-        return KernelState(self.routes - other.routes, self.neighs - other.neighs, self.fdbs - other.fdbs)
-
-
-EMPTY = KernelState()
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to change, in the order it is applied (deletes first, then fdb → neigh → route, so
-    the kernel never ARPs for a gateway whose neighbour is not there yet)."""
-
-    del_routes: tuple[Route, ...] = ()
-    del_neighs: tuple[Neigh, ...] = ()
-    del_fdbs: tuple[Fdb, ...] = ()
-    set_fdbs: tuple[Fdb, ...] = ()
-    set_neighs: tuple[Neigh, ...] = ()
-    set_routes: tuple[Route, ...] = ()
-
-    def __len__(self) -> int:
-        return (len(self.del_routes) + len(self.del_neighs) + len(self.del_fdbs)
-                + len(self.set_fdbs) + len(self.set_neighs) + len(self.set_routes))
-
-    @property
-    def empty(self) -> bool:
-        return len(self) == 0
-
-
-def plan(desired: KernelState, actual: KernelState) -> Plan:
-    """The changes that turn ``actual`` into ``desired``; correct entries are not touched.
-
-    Routes are keyed by destination and neighbours by (device, IP): a changed gateway or MAC is a
-    single *replace*, not a delete + add. fdb entries are plain pairs (a MAC may have several
-    destinations in the kernel; every pair no lease justifies is deleted).
-    """
-    want_route_dsts = {r.dst for r in desired.routes}
-    want_neigh_keys = {(n.dev, n.ip) for n in desired.neighs}
-    return Plan(
-        del_routes=_sorted(r for r in actual.routes if r.dst not in want_route_dsts),
-        del_neighs=_sorted(n for n in actual.neighs if (n.dev, n.ip) not in want_neigh_keys),
-        del_fdbs=_sorted(actual.fdbs - desired.fdbs),
-        set_fdbs=_sorted(desired.fdbs - actual.fdbs),
-        set_neighs=_sorted(desired.neighs - actual.neighs),
-        set_routes=_sorted(desired.routes - actual.routes),
-    )
-
-
-def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
-    """Deterministic order (IPv4 and IPv6 values do not compare with each other)."""
-    return tuple(sorted(items, key=_sort_key))
-
-
-def _sort_key(e: Any) -> tuple[Any, ...]:
-    if isinstance(e, Route):
-        return (e.dst.version, int(e.dst.network_address), e.dst.prefixlen, e.dev)
-    if isinstance(e, Neigh):
-        return (e.ip.version, int(e.ip), e.dev)
-    return (e.dst.version, e.mac, int(e.dst), e.dev)
-
-
-# --------------------------------------------------------------------------------------------
 # Lease → entries
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Context:
-    """What the translation needs to know about this host.
-
-    ``dev`` is the IPv4 device (``None`` when IPv4 is disabled), ``dev6`` the IPv6 one (``None``
-    when IPv6 is disabled); for host-gw both are the external interface.
-    """
-
-    backend_type: str
-    dev: str | None                              # flannel.<VNI> (vxlan) or the ext iface (host-gw)
-    ext_dev: str
-    local_nets: tuple[IPv4Network, ...] = ()     # connected IPv4 subnets of the ext iface
-    direct_routing: bool = False
-    dev6: str | None = None                      # flannel-v6.<VNI> (vxlan) or the ext iface (host-gw)
-    local_nets6: tuple[IPv6Network, ...] = ()    # connected IPv6 subnets of the ext iface
-
-
-class Skip(Exception):
-    """A lease that yields no entries, with the reason (logged by the caller)."""
-
-
-def on_link(ip: Addr, nets: Iterable[Net]) -> bool:
-    return any(ip in n for n in nets if n.version == ip.version)
-
 
 def _vxlan_family(subnet: Net, peer: Addr, data: str | None, dev: str, ext_dev: str, local_nets: Iterable[Net],
                   direct_routing: bool) -> KernelState:
@@ -349,29 +205,3 @@ def vxlan_entries(lease: Lease, ctx: Context) -> KernelState:
     for p in parts[1:]:
         out = out.union(p)
     return out
-
-
-@dataclass(frozen=True)
-class Desired:
-    """The desired kernel state for a set of leases, and the leases that were skipped (why)."""
-
-    state: KernelState
-    skipped: tuple[tuple[Lease, str], ...] = field(default=())
-
-
-def desired_state(leases: Iterable[Lease], ctx: Context, translate: Any = vxlan_entries) -> Desired:
-    """Translate every lease; a bad one is reported in ``skipped`` and never affects the others."""
-    routes: set[Route] = set()
-    neighs: set[Neigh] = set()
-    fdbs: set[Fdb] = set()
-    skipped: list[tuple[Lease, str]] = []
-    for lease in leases:
-        try:
-            st = translate(lease, ctx)
-        except (Skip, errors.BadLeaseRecord) as e:
-            skipped.append((lease, str(e)))
-            continue
-        routes |= st.routes
-        neighs |= st.neighs
-        fdbs |= st.fdbs
-    return Desired(KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs)), tuple(skipped))

@@ -13,10 +13,11 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
 import pytest
 
-from flannel.testing.lab import Lab, LabConfig
-from flannel.testing.netns import cleanup_prefix, run_prefix
+from flannel.lab.cluster import Lab, LabConfig
+from flannel.lab.netns import cleanup_prefix, run_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ def kube_missing() -> str | None:
             break
     else:
         return "subnet manager 'kube' is not registered"
-    for mod in ("tests.kubeapi.server", "flannel.cni.plugin"):
+    for mod in ("flannel.lab.kubeapi.server", "flannel.cni.plugin"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} does not exist yet"
     for plugin in ("bridge", "host-local"):

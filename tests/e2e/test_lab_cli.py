@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel.testing.netns import cleanup_prefix, run, run_prefix
+from flannel.lab.netns import cleanup_prefix, run, run_prefix
 from tests.e2e.helpers import REPO, agent_missing, backend_missing
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e]

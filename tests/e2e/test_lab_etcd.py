@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from flannel.testing import podtraffic as pt
-from flannel.testing.lab import ETCD_PREFIX, Lab
+from flannel.lab import podtraffic as pt
+from flannel.lab.cluster import ETCD_PREFIX, Lab
 from tests.e2e.helpers import build_lab, masq_missing
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e]

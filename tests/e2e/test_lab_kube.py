@@ -1,5 +1,5 @@
 """e2e: the lab in kube mode (issue 5 item 5) — agents with ``--subnet-manager=kube`` against the
-stand-in API server (tests/kubeapi) in the hub, nodes pre-created with podCIDRs, pods created
+stand-in API server (flannel/lab/kubeapi) in the hub, nodes pre-created with podCIDRs, pods created
 through the project's CNI plugin (delegating to Debian's bridge + host-local), vxlan data plane."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from flannel.testing import podtraffic as pt
-from flannel.testing.lab import Lab
+from flannel.lab import podtraffic as pt
+from flannel.lab.cluster import Lab
 from tests.e2e.helpers import build_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]

@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from flannel.config import parse_network_config
-from flannel.testing.agent import AgentProcess
-from flannel.testing.etcd import EtcdServer
-from flannel.testing.netns import cleanup_prefix, run_prefix
-from flannel.testing.topology import Host, Underlay
-from flannel.testing import wait as waiting
+from flannel.lab.agent import AgentProcess
+from flannel.lab.etcd import EtcdServer
+from flannel.lab.netns import cleanup_prefix, run_prefix
+from flannel.lab.topology import Host, Underlay
+from tests import support as waiting
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 

@@ -19,7 +19,7 @@ import pytest
 
 from flannel.cni import errors as cerr
 from flannel.cni import install
-from flannel.testing.netns import NetNS, run
+from flannel.lab.netns import NetNS, run
 
 pytestmark = pytest.mark.root
 

@@ -17,16 +17,15 @@ import urllib.error
 import urllib.request
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from flannel import daemon, errors
+from flannel.lab.etcd import free_port
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
-from flannel.testing.etcd import free_port
-from flannel.testing.wait import wait_for
-from tests.unit.test_cli import FakeManager, fake_iface
+from tests.support import FakeManager, fake_iface, wait_for
 
 DEADLINE = 10.0
 

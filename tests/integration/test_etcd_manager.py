@@ -13,13 +13,13 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Iterator
 
 import pytest
+from flannel.subnet_managers.etcd import EtcdSubnetManager
 
 from flannel import wire
 from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
-from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.watcher import LeaseWatcher
-from flannel.testing.wait import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.etcd
 

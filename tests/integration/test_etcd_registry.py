@@ -12,13 +12,13 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-
-from flannel import errors
-from flannel.lease import EventType, LeaseAttrs
-from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from flannel.testing.etcd import EtcdServer
+
+from flannel import errors
+from flannel.lab.etcd import EtcdServer
+from flannel.lease import EventType, LeaseAttrs
+from flannel.options import AgentOptions
 
 pytestmark = pytest.mark.etcd
 
@@ -121,7 +121,7 @@ def test_stray_and_garbage_records_are_skipped_and_logged(etcd_server, caplog):
 
 
 def test_unreachable_etcd_is_store_unavailable():
-    from flannel.testing.etcd import free_port
+    from flannel.lab.etcd import free_port
     reg = EtcdRegistry(endpoints=[f"http://127.0.0.1:{free_port()}"], prefix=PREFIX, timeout=2)
     try:
         with pytest.raises(errors.StoreUnavailable):

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Address as A, IPv4Network as N
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
 
 import pytest
-
 from flannel.backends.hostgw import HostGWBackend
+
 from flannel.lease import Lease, LeaseAttrs
-from tests.integration.test_vxlan_backend import Agent, FakeLeases, added, ext_of, make_ns, removed, routes, wait_for
+from tests.support import (
+    Agent,
+    FakeLeases,
+    added,
+    ext_of,
+    make_ns,
+    removed,
+    routes,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -68,7 +78,8 @@ def test_two_hosts_reach_each_other_via_host_gw(ns_prefix):
     import json
 
     from flannel.backends.base import ExternalInterface
-    from flannel.testing.topology import Underlay, ping
+
+    from flannel.lab.topology import Underlay, ping
 
     with Underlay(ns_prefix + "u") as u:
         hosts = [u.add_host("h1"), u.add_host("h2")]
@@ -105,7 +116,8 @@ def test_dual_stack_host_gw_routes(ns_prefix):
     from ipaddress import IPv6Address, IPv6Network
 
     from flannel.backends.base import ExternalInterface
-    from flannel.testing.netns import NetNS
+
+    from flannel.lab.netns import NetNS
 
     ns = make_ns(ns_prefix)
     try:

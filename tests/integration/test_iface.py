@@ -12,11 +12,11 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Iterator
 
 import pytest
+from flannel.backends.base import ExternalInterface
 
 from flannel import errors, iface
-from flannel.backends.base import ExternalInterface
+from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run_prefix
 from flannel.options import AgentOptions
-from flannel.testing.netns import NetNS, cleanup_prefix, run_prefix, in_netns
 
 pytestmark = pytest.mark.root
 

@@ -9,18 +9,17 @@ state is checked with iproute2 in each host namespace.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from flannel.testing.agent import AgentProcess
-from flannel.testing.netns import cleanup_prefix, run_prefix
-from flannel.testing.topology import Host, Underlay
-from flannel.testing import wait as waiting
-from tests.kubeapi import KubeAPIServer
-from tests.kubeapi.kubeconfig import write_kubeconfig
+from flannel.lab.agent import AgentProcess
+from flannel.lab.kubeapi import KubeAPIServer
+from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
+from flannel.lab.netns import cleanup_prefix, run_prefix
+from flannel.lab.topology import Host, Underlay
+from tests import support as waiting
 
 pytestmark = [pytest.mark.root]
 

@@ -1,5 +1,5 @@
 """The stand-in API server itself, as the real ``kubernetes`` client and curl see it: as a process
-(``python -m tests.kubeapi``), in-process, and listening inside a network namespace."""
+(``python -m flannel.lab.kubeapi``), in-process, and listening inside a network namespace."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 import pytest
 from kubernetes import client, watch
 
-from flannel.testing import netns as netns_mod
-from flannel.testing.topology import Underlay
-from tests.kubeapi import KubeAPIServer
-from tests.kubeapi.harness import wait_until
+from flannel.lab import netns as netns_mod
+from flannel.lab.kubeapi import KubeAPIServer
+from flannel.lab.topology import Underlay
+from tests.support import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = "tkn"
@@ -29,9 +29,9 @@ def api_for(url: str, token: str | None = TOKEN) -> client.CoreV1Api:
 
 
 def start_process(*args: str, prefix: list[str] | None = None, ready: str) -> subprocess.Popen:
-    cmd = [*(prefix or []), sys.executable, "-m", "tests.kubeapi", *args, "--ready-file", ready]
+    cmd = [*(prefix or []), sys.executable, "-m", "flannel.lab.kubeapi", *args, "--ready-file", ready]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: os.path.exists(ready) or proc.poll() is not None, what="stand-in to listen")
+    wait_for(lambda: os.path.exists(ready) or proc.poll() is not None, what="stand-in to listen")
     if proc.poll() is not None:
         raise AssertionError(f"stand-in exited: {proc.stderr.read()}")
     return proc

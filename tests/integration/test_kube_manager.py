@@ -14,12 +14,12 @@ import time
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from flannel.subnet_managers.kube import KubeSubnetManager
 
 from flannel import errors
+from flannel.lab.kubeapi import KubeAPIServer
 from flannel.lease import EventType, LeaseAttrs
-from flannel.subnet_managers.kube import KubeSubnetManager
-from tests.kubeapi import KubeAPIServer
-from tests.kubeapi.harness import Follower, make_env, wait_until
+from tests.support import Follower, make_env, wait_for
 
 P = "flannel.alpha.coreos.com/"
 TOKEN = "s3cr3t-token"
@@ -122,7 +122,7 @@ def test_nodes_added_changed_in_either_family_and_deleted(server, tmp_path, mana
     own = m.acquire_lease(vxlan_attrs(1, v6=True))
     assert own.ipv6_subnet is not None and str(own.ipv6_subnet) == "fd00:10:0:1::/64"
     f = managers.follow(m, own)
-    wait_until(lambda: f.batches, what="initial snapshot")
+    wait_for(lambda: f.batches, what="initial snapshot")
 
     server.add_node("peer", ["10.244.2.0/24", "fd00:10:0:2::/64"], annotations=remote_annotations(2, v6=True))
     peer = f.wait_peers(lambda p: "10.244.2.0/24" in p, "peer added")["10.244.2.0/24"]
@@ -183,7 +183,7 @@ def test_watch_cut_and_410_gone_mid_run_miss_nothing(server, env, managers):
                          and p["10.244.4.0/24"].attrs.backend_data == '{"VNI":1,"VtepMAC":"aa:bb:cc:00:04:44"}',
                          "state after compaction")
     assert peers["10.244.5.0/24"].attrs == vxlan_attrs(5)
-    wait_until(lambda: f.snapshots >= 2, what="a relist after 410")
+    wait_for(lambda: f.snapshots >= 2, what="a relist after 410")
 
     # 3) and the watch keeps working afterwards
     server.set_annotations("n5", {P + "public-ip": "198.18.0.105"})
@@ -238,7 +238,7 @@ def test_403_on_patch_names_the_missing_permission(server, env, managers):
 
 
 def test_wrong_token_is_a_clear_permission_error(server, env, managers, tmp_path):
-    from tests.kubeapi.kubeconfig import write_kubeconfig
+    from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 
     server.add_node("me", ["10.244.1.0/24"])
     write_kubeconfig(env.kubeconfig, server.url, "wrong-token")
@@ -258,7 +258,7 @@ def test_network_unavailable_condition_is_set_once(server, env, managers):
         conds = {c["type"]: c for c in server.get_node("me")["status"]["conditions"]}
         return conds.get("NetworkUnavailable")
 
-    cond = wait_until(condition, what="NetworkUnavailable condition")
+    cond = wait_for(condition, what="NetworkUnavailable condition")
     assert (cond["status"], cond["reason"], cond["message"]) == ("False", "FlannelIsUp", "Flannel is running on this node")
     assert "Ready" in {c["type"] for c in server.get_node("me")["status"]["conditions"]}, "conditions merge by type"
     stop.set()
@@ -327,9 +327,9 @@ def test_our_annotations_are_restored_if_someone_removes_them(server, env, manag
     m = managers(env, "me")
     own = m.acquire_lease(vxlan_attrs(1))
     f = managers.follow(m, own)
-    wait_until(lambda: f.batches, what="initial snapshot")
+    wait_for(lambda: f.batches, what="initial snapshot")
     server.set_annotations("me", {P + "public-ip": None, P + "kube-subnet-manager": None})
-    wait_until(lambda: server.get_node("me")["metadata"]["annotations"].get(P + "public-ip") == "198.18.0.1",
+    wait_for(lambda: server.get_node("me")["metadata"]["annotations"].get(P + "public-ip") == "198.18.0.1",
                what="annotations restored")
 
 
@@ -368,11 +368,11 @@ def test_stop_is_honoured_while_a_watch_request_hangs(server, env, managers):
     m = managers(env, "me")
     own = m.acquire_lease(vxlan_attrs(1))
     f = Follower(m, own).start()
-    wait_until(lambda: f.batches, what="initial snapshot")
+    wait_for(lambda: f.batches, what="initial snapshot")
     server.hang_watches.set()
     seen = server.watch_requests
     server.cut_watches()  # the re-watch request now gets no answer at all
-    wait_until(lambda: server.watch_requests > seen, what="the re-watch to reach the server")
+    wait_for(lambda: server.watch_requests > seen, what="the re-watch to reach the server")
     try:
         assert f.close(timeout=5.0), "watch_leases did not return after stop while its request hung"
     finally:

@@ -13,10 +13,10 @@ import pytest
 
 from flannel import traffic
 from flannel.config import parse_network_config
+from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.testing.netns import NetNS, in_netns
-from tests.unit.test_traffic_rules import GOLDEN_NAT_S
+from tests.support import GOLDEN_NAT_S
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60),
               pytest.mark.skipif(not shutil.which("iptables-restore") or not shutil.which("nft"),
@@ -131,7 +131,7 @@ def test_masquerade_really_rewrites_pod_traffic(ns_prefix):
     host = NetNS(ns_prefix + "h")
     outside = NetNS(ns_prefix + "o")
     try:
-        from flannel.testing.netns import veth_pair
+        from flannel.lab.netns import veth_pair
         veth_pair(host, "eth0", outside, "eth0")
         host.ip("addr", "add", "198.18.1.1/24", "dev", "eth0")
         outside.ip("addr", "add", "198.18.1.2/24", "dev", "eth0")

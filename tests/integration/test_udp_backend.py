@@ -14,12 +14,12 @@ import time
 from typing import Iterator
 
 import pytest
-
 from flannel.backends.udp import accel
-from flannel.backends.udp.harness import HarnessProcess
-from flannel.testing.netns import cleanup_prefix, in_netns, run_prefix
-from flannel.testing.topology import Host, Underlay, ping
-from flannel.testing.wait import wait_for
+
+from flannel.lab.netns import cleanup_prefix, in_netns, run_prefix
+from flannel.lab.topology import Host, Underlay, ping
+from flannel.lab.udp_harness import HarnessProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -188,7 +188,7 @@ def test_peer_removed_gets_net_unreachable_others_continue(pair: Pair) -> None:
 
 
 def _ipv4(src: str, dst: str, payload: bytes = b"spoof!spoof!") -> bytes:
-    from tests.unit.test_udp_packet import ip_packet
+    from tests.support import ip_packet
     return ip_packet(src, dst, payload=payload)
 
 

@@ -12,11 +12,10 @@ from ipaddress import IPv4Address
 from typing import Iterator
 
 import pytest
-
 from flannel.backends.udp import accel
-from flannel.testing.wait import wait_for
-from tests.integration.test_udp_wire import LOCAL, PEER, Rig
-from tests.unit.test_udp_packet import csum
+
+from tests.support import UDP_LOCAL as LOCAL
+from tests.support import Rig, csum, wait_for
 
 LIB = accel.load()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"C accelerator unavailable: {accel.load_error()}")

@@ -8,56 +8,24 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterator
 
 import pytest
-
 from flannel.backends.udp import accel
 from flannel.backends.udp.packet import Peer, PeerTable, icmp_net_unreachable
-from flannel.backends.udp.proxy import Proxy, open_socket
-from flannel.testing.wait import wait_for
 
-from tests.unit.test_udp_packet import csum, ip_packet
+from tests.support import UDP_LOCAL as LOCAL
+from tests.support import UDP_PEER as PEER
+from tests.support import UDP_TUN_ADDR as TUN_ADDR
+from tests.support import Rig, csum, ip_packet, wait_for
 
-LOCAL, PEER, STRANGER = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-TUN_ADDR = IPv4Address("10.244.1.0")
-MTU = 1472
-
+STRANGER = "127.0.0.3"
 
 
 
 
-class Rig:
-    """A udp Proxy on loopback: a socketpair stands in for the TUN, 127.0.0.2 for the peer.
 
-    ``offload``: the GSO/GRO path (UDP_GRO on the socket); the offload tests start the proxy
-    themselves (``start=False``) after queueing input.
-    """
-
-    def __init__(self, use_accel: bool, *, offload: bool = False, start: bool = True) -> None:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind((LOCAL, 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.tun_ours, self.tun_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.tun_ours.setblocking(False)
-        self.tun_test.settimeout(3)
-        self.sock = open_socket(IPv4Address(LOCAL), self.port, reuseport=False, gro=offload)
-        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.peer.bind((PEER, self.port))
-        self.peer.settimeout(3)
-        self.proxy = Proxy([self.tun_ours.fileno()], [self.sock], TUN_ADDR, self.port, MTU, use_accel=use_accel,
-                           offload=offload)
-        self.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(PEER))], self.port))
-        if start:
-            self.proxy.start()
-
-    def close(self) -> None:
-        self.proxy.stop()
-        for s in (self.sock, self.peer, self.tun_ours, self.tun_test):
-            s.close()
 
 
 @pytest.fixture(params=["python", "c"])

@@ -11,102 +11,41 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import subprocess
 import threading
-import time
-from ipaddress import IPv4Address as A, IPv4Network as N
-from typing import Any, Callable
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
+from typing import Any
 
 import pytest
+from flannel.backends.base import ExternalInterface
+from flannel.backends.vxlan import VXLANBackend
 
 from flannel import errors
-from flannel.backends.base import Backend, ExternalInterface
-from flannel.backends.vxlan import VXLANBackend
-from flannel.config import parse_network_config
-from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
-from flannel.testing.netns import NetNS, in_netns
-from flannel.testing.wait import wait_for
+from flannel.lab.netns import NetNS, in_netns
+from flannel.lease import Lease, LeaseAttrs
+from tests.support import UNDERLAY_LOCAL as LOCAL
+from tests.support import (
+    Agent,
+    FakeLeases,
+    added,
+    ext_of,
+    make_ns,
+    removed,
+    routes,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
-LOCAL = "198.18.0.1"
 
 
-class FakeLeases:
-    """A LeaseSource that hands out a fixed subnet and remembers what we published."""
-
-    def __init__(self, subnet: str, stored: str | None = None) -> None:
-        self.subnet = N(subnet)
-        self.stored = stored
-        self.attrs: LeaseAttrs | None = None
-
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
-        self.attrs = attrs
-        return Lease(self.subnet, attrs)
-
-    def stored_backend_data(self) -> tuple[str | None, str | None]:
-        return (self.stored, None)
 
 
-class Agent:
-    """One backend instance running ``Network.run`` on a thread inside ``ns``."""
-
-    def __init__(self, ns: NetNS, backend: Backend, config_json: str, leases: FakeLeases,
-                 tweak: Callable[[Any], None] | None = None) -> None:
-        self.ns, self.backend, self.leases, self.tweak = ns, backend, leases, tweak
-        self.config = parse_network_config(config_json)
-        self.q: "queue.Queue[Batch | None]" = queue.Queue()
-        self.stop_ev = threading.Event()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.net: Any = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        with in_netns(self.ns.name):
-            try:
-                self.net = self.backend.register_network(config=self.config, leases=self.leases)
-                if self.tweak:
-                    self.tweak(self.net)
-            except BaseException as e:  # handed to the test thread
-                self.error = e
-                self.ready.set()
-                return
-            self.ready.set()
-            self.net.run(self.q, self.stop_ev)
-
-    def start(self) -> "Agent":
-        self.thread.start()
-        assert self.ready.wait(20), "backend did not register in time"
-        if self.error:
-            raise self.error
-        return self
-
-    def send(self, *events: LeaseEvent, synced: bool = False) -> None:
-        self.q.put(Batch(tuple(events), synced=synced))
-
-    def stop(self) -> None:
-        self.stop_ev.set()
-        self.q.put(None)
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        if self.net is not None:
-            self.net.close()
 
 
-def make_ns(prefix: str) -> NetNS:
-    ns = NetNS(prefix + "v")
-    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-    ns.ip("addr", "add", f"{LOCAL}/24", "dev", "eth0")
-    ns.ip("link", "set", "eth0", "up")
-    ns.ip("link", "set", "eth1", "up")
-    return ns
 
 
-def ext_of(ns: NetNS, mtu: int = 1500) -> ExternalInterface:
-    idx = int(json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
-    return ExternalInterface("eth0", idx, mtu, A(LOCAL), A(LOCAL))
 
 
 def vx_lease(i: int, mac: str | None = None, ip: str | None = None, typ: str = "vxlan", data: str | None = None) -> Lease:
@@ -116,12 +55,8 @@ def vx_lease(i: int, mac: str | None = None, ip: str | None = None, typ: str = "
     return Lease(N(f"10.5.{i}.0/24"), LeaseAttrs(public_ip=A(ip or f"198.18.0.{i}"), backend_type=typ, backend_data=data))
 
 
-def added(*leases: Lease) -> tuple[LeaseEvent, ...]:
-    return tuple(LeaseEvent(EventType.ADDED, lz) for lz in leases)
 
 
-def removed(*leases: Lease) -> tuple[LeaseEvent, ...]:
-    return tuple(LeaseEvent(EventType.REMOVED, lz) for lz in leases)
 
 
 
@@ -129,12 +64,6 @@ def removed(*leases: Lease) -> tuple[LeaseEvent, ...]:
 
 # ---- independent views of the kernel (iproute2) --------------------------------------------
 
-def routes(ns: NetNS) -> set[str]:
-    out = set()
-    for r in json.loads(ns.ip("-j", "route", "show", "table", "main") or "[]"):
-        if r.get("gateway"):
-            out.add(f"{r['dst']} via {r['gateway']} dev {r['dev']}{' onlink' if 'onlink' in r.get('flags', []) else ''}")
-    return out
 
 
 def neighs(ns: NetNS, dev: str = "flannel.1") -> set[str]:
@@ -399,7 +328,7 @@ def test_register_rejects_bad_option_without_touching_kernel(ns):
 
 def test_two_hosts_reach_each_other_through_the_overlay(ns_prefix):
     """Data-plane sanity: two hosts on the test underlay, each running the backend, ping over vxlan."""
-    from flannel.testing.topology import Underlay, ping
+    from flannel.lab.topology import Underlay, ping
 
     with Underlay(ns_prefix + "u") as u:
         hosts = [u.add_host("h1"), u.add_host("h2")]
@@ -438,8 +367,8 @@ def test_entries_deleted_by_someone_else_are_repaired_by_the_resync(ns):
 
 def test_dump_iproute2_and_pyroute2_agree(ns):
     """The two dump implementations read the same managed entries (and skip the same others)."""
-    from flannel.backends.vxlan import network as vxn
-    from flannel.backends.vxlan.device import Netlink, Scope
+    from flannel.backends.routed import model as vxn
+    from flannel.backends.routed.netlink import Netlink, Scope
 
     ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", LOCAL, "dev", "eth0", "nolearning")
     ns.ip("link", "set", "flannel.1", "up")
@@ -598,7 +527,7 @@ def test_dual_stack_devices_and_peers(ns_ds):
 def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
     from ipaddress import IPv6Address
 
-    from flannel.testing.topology import Underlay, ping
+    from flannel.lab.topology import Underlay, ping
 
     with Underlay(ns_prefix + "u") as u:
         hosts = [u.add_host("h1"), u.add_host("h2")]

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from flannel import cli
-from tests.unit.test_cli import FakeManager, fake_iface, _restore_logging  # noqa: F401 (fixture)
+from tests.support import FakeManager, fake_iface
 
 FLAG_CASES = [
     # (args, env, message fragment)

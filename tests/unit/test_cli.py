@@ -8,69 +8,14 @@ without a store (also imported by test_bad_input).
 from __future__ import annotations
 
 import logging
-import threading
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from flannel import __version__, cli, logsetup
-from flannel.backends.base import ExternalInterface
-from flannel.config import NetworkConfig, parse_network_config
-from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
-from flannel.subnet_managers.base import SubnetManager
-
-GOOD_CONFIG = '{"Network": "10.9.0.0/16", "Backend": {"Type": "alloc"}}'
-
-
-class FakeManager(SubnetManager):
-    """An in-memory store: one config text, a fixed lease, a snapshot of remote leases."""
-
-    kind = "fake"
-
-    def __init__(self, config_text: str = GOOD_CONFIG, *, remote: tuple[Lease, ...] = ()) -> None:
-        self.config_text = config_text
-        self.remote = remote
-        self.closed = False
-        self.acquired: list[LeaseAttrs] = []
-
-    @property
-    def name(self) -> str:
-        return "in-memory fake"
-
-    def get_network_config(self) -> NetworkConfig:
-        return parse_network_config(self.config_text, source="fake store")
-
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
-        self.acquired.append(attrs)
-        return Lease(subnet=IPv4Network("10.9.7.0/24"), attrs=attrs)
-
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
-        yield WatchResult.of_snapshot(self.remote)
-        stop.wait()
-
-    def complete_lease(self, lease: Lease, stop: threading.Event,
-                       on_lease: Callable[[Lease], None] | None = None) -> None:
-        stop.wait()
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def fake_iface(opts: AgentOptions, *, ipv4: bool = True, ipv6: bool = False) -> ExternalInterface:
-    ip = IPv4Address(opts.public_ip or "198.18.0.1")
-    return ExternalInterface("eth0", 2, 1500, ip, ip)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_flannel", False):
-            root.removeHandler(h)
+from tests.support import FakeManager, fake_iface
 
 
 @pytest.fixture

@@ -9,8 +9,14 @@ import pytest
 
 from flannel.cni import errors as cerr
 from flannel.cni.errors import CNIError
-from flannel.cni.netconf import (DEFAULT_DATA_DIR, DEFAULT_SUBNET_FILE, build_delegate, load_subnet_env,
-                                 parse_netconf, parse_subnet_env)
+from flannel.cni.netconf import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_SUBNET_FILE,
+    build_delegate,
+    load_subnet_env,
+    parse_netconf,
+    parse_subnet_env,
+)
 
 V4_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
 DUAL_ENV = ("FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n"

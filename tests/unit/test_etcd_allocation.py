@@ -11,80 +11,19 @@ import random
 import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import manager as manager_mod
 
 from flannel import errors
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd import manager as manager_mod
-
-Key = tuple[IPv4Network, "IPv6Network | None"]
+from tests.support import FakeRegistry
 
 FLANNEL_TEST_CONFIG = '{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'
 
 
-class FakeRegistry:
-    """In-memory ``store.Registry``: keys are subnets, values leases (expiration None = reservation)."""
-
-    def __init__(self, config: str | None, leases: list[Lease] = ()) -> None:  # type: ignore[assignment]
-        self.config = config
-        self.kv: dict[Key, Lease] = {(lease.subnet, lease.ipv6_subnet): lease for lease in leases}  # type: ignore[misc]
-        self.revision = 1
-        self.before_create: Callable[[IPv4Network, IPv6Network | None], None] | None = None
-        self.creates: list[Key] = []
-        self.updates: list[tuple[Key, int | None]] = []
-        self.deletes: list[Key] = []
-
-    def get_config(self) -> str:
-        if self.config is None:
-            raise errors.ConfigNotFound("flannel config not found in etcd store")
-        return self.config
-
-    def put_config(self, text: str) -> None:
-        self.config = text
-
-    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]:
-        return list(self.kv.values()), self.revision
-
-    def get_lease(self, subnet, ipv6_subnet, *, ttl=True):  # type: ignore[no-untyped-def]
-        return self.kv.get((subnet, ipv6_subnet)), self.revision
-
-    def create_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
-        if self.before_create is not None:
-            self.before_create(subnet, ipv6_subnet)
-        self.creates.append((subnet, ipv6_subnet))
-        if (subnet, ipv6_subnet) in self.kv:
-            raise errors.LeaseConflict(f"subnet {subnet} is already taken")
-        return self._put(subnet, ipv6_subnet, attrs, time.time() + ttl)
-
-    def update_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
-        self.updates.append(((subnet, ipv6_subnet), ttl))
-        return self._put(subnet, ipv6_subnet, attrs, None if ttl is None else time.time() + ttl)
-
-    def _put(self, subnet, ipv6_subnet, attrs, expiration):  # type: ignore[no-untyped-def]
-        self.revision += 1
-        lease = Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=expiration)
-        self.kv[(subnet, ipv6_subnet)] = lease
-        return lease
-
-    def delete_lease(self, subnet, ipv6_subnet):  # type: ignore[no-untyped-def]
-        self.revision += 1
-        self.deletes.append((subnet, ipv6_subnet))
-        self.kv.pop((subnet, ipv6_subnet), None)
-
-    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("not used by the allocation tests")
-
-    watch_lease = watch_leases
-
-    def describe(self) -> str:
-        return "fake registry"
-
-    def close(self) -> None:
-        pass
 
 
 def attrs(ip: str, **kw: object) -> LeaseAttrs:

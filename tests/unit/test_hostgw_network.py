@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address as A, IPv4Network as N
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
 
 import pytest
-
-from flannel import errors
 from flannel.backends.base import ExternalInterface
 from flannel.backends.hostgw import HostGWBackend
 from flannel.backends.hostgw.network import hostgw_entries
-from flannel.backends.vxlan import network as vx
+from flannel.backends.routed import model as rm
+
+from flannel import errors
 from flannel.config import parse_network_config
 from flannel.lease import Lease, LeaseAttrs
 
-CTX = vx.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))
+CTX = rm.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))
 
 
 def lease(subnet: str, ip: str, typ: str = "host-gw") -> Lease:
@@ -22,8 +23,8 @@ def lease(subnet: str, ip: str, typ: str = "host-gw") -> Lease:
 
 
 @pytest.mark.parametrize("the_lease, expected", [
-    (lease("10.6.2.0/24", "198.18.0.2"), {vx.Route(N("10.6.2.0/24"), A("198.18.0.2"), "eth0")}),
-    (lease("10.6.3.0/26", "198.18.0.200"), {vx.Route(N("10.6.3.0/26"), A("198.18.0.200"), "eth0")}),
+    (lease("10.6.2.0/24", "198.18.0.2"), {rm.Route(N("10.6.2.0/24"), A("198.18.0.2"), "eth0")}),
+    (lease("10.6.3.0/26", "198.18.0.200"), {rm.Route(N("10.6.3.0/26"), A("198.18.0.200"), "eth0")}),
 ])
 def test_hostgw_entries(the_lease, expected):
     st = hostgw_entries(the_lease, CTX)
@@ -36,7 +37,7 @@ def test_hostgw_entries(the_lease, expected):
     (Lease(None, LeaseAttrs(public_ip=A("198.18.0.2"), backend_type="host-gw")), "no IPv4 subnet"),
 ])
 def test_hostgw_refused(the_lease, match):
-    with pytest.raises(vx.Skip, match=match):
+    with pytest.raises(rm.Skip, match=match):
         hostgw_entries(the_lease, CTX)
 
 
@@ -56,17 +57,18 @@ def test_hostgw_refuses_nat():
 
 
 def test_hostgw_dual_stack():
-    from ipaddress import IPv6Address as A6, IPv6Network as N6
+    from ipaddress import IPv6Address as A6
+    from ipaddress import IPv6Network as N6
 
-    ctx = vx.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0", dev6="eth0",
+    ctx = rm.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0", dev6="eth0",
                      local_nets=(N("198.18.0.0/24"),), local_nets6=(N6("2001:2::/64"),))
     good = Lease(N("10.6.2.0/24"), LeaseAttrs(public_ip=A("198.18.0.2"), public_ipv6=A6("2001:2::2"), backend_type="host-gw"),
                  ipv6_subnet=N6("fd00:10:6:2::/64"))
-    assert hostgw_entries(good, ctx).routes == frozenset({vx.Route(N("10.6.2.0/24"), A("198.18.0.2"), "eth0"),
-                                                         vx.Route(N6("fd00:10:6:2::/64"), A6("2001:2::2"), "eth0")})
+    assert hostgw_entries(good, ctx).routes == frozenset({rm.Route(N("10.6.2.0/24"), A("198.18.0.2"), "eth0"),
+                                                         rm.Route(N6("fd00:10:6:2::/64"), A6("2001:2::2"), "eth0")})
     off6 = Lease(N("10.6.3.0/24"), LeaseAttrs(public_ip=A("198.18.0.3"), public_ipv6=A6("2001:db8::3"), backend_type="host-gw"),
                  ipv6_subnet=N6("fd00:10:6:3::/64"))
-    with pytest.raises(vx.Skip, match="peer 2001:db8::3 is not on the same L2 network"):
+    with pytest.raises(rm.Skip, match="peer 2001:db8::3 is not on the same L2 network"):
         hostgw_entries(off6, ctx)
 
 

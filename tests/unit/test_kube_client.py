@@ -6,11 +6,11 @@ import json
 
 import pytest
 import urllib3
+from flannel.subnet_managers.kube import client as kc
 from kubernetes.client.exceptions import ApiException
 
 from flannel import errors
-from flannel.subnet_managers.kube import client as kc
-from tests.kubeapi.kubeconfig import write_kubeconfig
+from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 
 
 def raised(exc: BaseException, verb: str = "patch", resource: str = "nodes/status", name: str = "n1") -> BaseException:

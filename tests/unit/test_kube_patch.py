@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kubeapi.patch import merge_patch, strategic_merge_patch
+from flannel.lab.kubeapi.patch import merge_patch, strategic_merge_patch
 
 NODE = {"metadata": {"annotations": {"a": "1", "b": "2"}},
         "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],

@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from flannel import errors
-from flannel.options import AgentOptions
 from flannel.subnet_managers.kube import KubeSubnetManager
 from flannel.subnet_managers.kube.client import END, Expired
+
+from flannel import errors
+from flannel.options import AgentOptions
 
 P = "flannel.alpha.coreos.com/"
 

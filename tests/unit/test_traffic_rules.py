@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network as N, IPv6Network as N6
+from ipaddress import IPv4Network as N
+from ipaddress import IPv6Network as N6
 
 from flannel.traffic import iptables as ipt
 from flannel.traffic import nftables as nft
-
-GOLDEN_NAT_S = """\
--A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
--A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
--A FLANNEL-POSTRTG -s 10.42.1.0/24 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j RETURN
--A FLANNEL-POSTRTG -s 10.42.0.0/16 -d 10.42.1.0/24 -m comment --comment "flanneld masq" -j RETURN
--A FLANNEL-POSTRTG ! -s 10.42.0.0/16 -d 10.42.1.0/24 -m comment --comment "flanneld masq" -j RETURN
--A FLANNEL-POSTRTG -s 10.42.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
--A FLANNEL-POSTRTG ! -s 10.42.0.0/16 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
-"""
+from tests.support import GOLDEN_NAT_S
 
 
 class FakeIPTables:

@@ -5,39 +5,26 @@ from __future__ import annotations
 
 import ctypes
 import random
-import struct
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-
-from flannel import errors
 from flannel.backends.udp import accel
 from flannel.backends.udp.backend import parse_port
-from flannel.backends.udp.packet import (RX_OK, RX_SHORT, RX_SPOOFED, RX_UNKNOWN_PEER, RX_VERSION, Peer,
-                                         PeerTable, classify_rx, decrement_ttl, icmp_net_unreachable)
+from flannel.backends.udp.packet import (
+    RX_OK,
+    RX_SHORT,
+    RX_SPOOFED,
+    RX_UNKNOWN_PEER,
+    RX_VERSION,
+    Peer,
+    PeerTable,
+    classify_rx,
+    decrement_ttl,
+    icmp_net_unreachable,
+)
 
-
-def csum(data: bytes) -> int:
-    """Independent reference: RFC 1071 by the book, byte pairs, folded at the end."""
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += data[i] * 256 + data[i + 1]
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return 0xFFFF - s
-
-
-def ip_packet(src: str, dst: str, *, proto: int = 17, ttl: int = 64, payload: bytes = b"hello-flannel",
-              ihl: int = 5, frag: int = 0, ident: int = 0x1234, tos: int = 0) -> bytes:
-    opts = b"\x01" * (ihl * 4 - 20)  # NOP options
-    total = ihl * 4 + len(payload)
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, total, ident, frag, ttl, proto, 0,
-                                IPv4Address(src).packed, IPv4Address(dst).packed) + opts)
-    c = csum(bytes(hdr))
-    hdr[10:12] = c.to_bytes(2, "big")
-    return bytes(hdr) + payload
+from flannel import errors
+from tests.support import csum, ip_packet
 
 
 def table(*pairs: tuple[str, str], port: int = 8285) -> PeerTable:
@@ -253,6 +240,7 @@ def test_register_network_rejects_bad_options_before_leasing() -> None:
 
     from flannel.backends.base import ExternalInterface
     from flannel.backends.udp import UDPBackend
+
     from flannel.config import parse_network_config
 
     ext = ExternalInterface(name="eth0", index=2, mtu=1500, iface_addr=IPv4Address("198.18.0.1"),

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from ipaddress import IPv4Address as A, IPv4Network as N
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
 
 from flannel.backends.base import ExternalInterface
-from flannel.backends.vxlan import backend as be
+from flannel.backends.routed import model as rm
+from flannel.backends.routed import reconcile as be
+from flannel.backends.routed.netlink import Scope
 from flannel.backends.vxlan import network as vx
-from flannel.backends.vxlan.device import Scope
+
 from flannel.config import parse_network_config
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 
@@ -29,10 +32,10 @@ class FakeKernel:
     batch_threshold = 10 ** 9
 
     def __init__(self) -> None:
-        self.state = vx.EMPTY
+        self.state = rm.EMPTY
         self.failing = True
         self.bad: set[object] = set()
-        self.applied: list[vx.Plan] = []
+        self.applied: list[rm.Plan] = []
         self.dumps = 0
 
     def link_index(self, name: str) -> int | None:
@@ -41,11 +44,11 @@ class FakeKernel:
     def connected_nets(self, index: int, version: int = 4) -> tuple[N, ...]:
         return (N("198.18.0.0/24"),) if version == 4 else ()
 
-    def dump(self, scope: Scope) -> vx.KernelState:
+    def dump(self, scope: Scope) -> rm.KernelState:
         self.dumps += 1
         return self.state
 
-    def apply(self, plan: vx.Plan) -> list[tuple[object, str]]:
+    def apply(self, plan: rm.Plan) -> list[tuple[object, str]]:
         self.applied.append(plan)
         failed: list[tuple[object, str]] = []
         routes, neighs, fdbs = set(self.state.routes), set(self.state.neighs), set(self.state.fdbs)
@@ -57,10 +60,10 @@ class FakeKernel:
                 if self.failing and e in self.bad:
                     failed.append((e, f"set {e}: (22, 'Invalid argument')"))
                     continue
-                if isinstance(e, vx.Route):
+                if isinstance(e, rm.Route):
                     kind -= {r for r in kind if r.dst == e.dst}
                 kind.add(e)
-        self.state = vx.KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
+        self.state = rm.KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
         return failed
 
     def close(self) -> None:
@@ -81,14 +84,14 @@ def lease(i: int) -> Lease:
 
 
 def make(kernel: FakeKernel) -> be.RoutedNetwork:
-    ctx = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0")
+    ctx = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0")
     return be.RoutedNetwork(lease=Lease(N("10.5.1.0/24"), LeaseAttrs()), mtu=1450, nl=kernel, ctx=ctx,  # type: ignore[arg-type]
                             config=CFG, translate=vx.vxlan_entries, ext_iface=EXT)
 
 
-def entries(*leases: Lease) -> vx.KernelState:
-    ctx = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0")
-    return vx.desired_state(leases, ctx).state
+def entries(*leases: Lease) -> rm.KernelState:
+    ctx = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0")
+    return rm.desired_state(leases, ctx, vx.vxlan_entries).state
 
 
 def test_failing_peer_is_retried_with_backoff_and_others_are_programmed(monkeypatch, caplog):

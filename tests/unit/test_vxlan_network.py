@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address as A, IPv4Network as N
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
 
 import pytest
+from flannel.backends.routed import model as rm
+from flannel.backends.vxlan import network as vx
 
 from flannel import errors
-from flannel.backends.vxlan import network as vx
 from flannel.lease import Lease, LeaseAttrs
 
-CTX = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))
-CTX_DR = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
+CTX = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))
+CTX_DR = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
                     direct_routing=True)
 MAC2 = "02:00:00:00:00:02"
 
@@ -88,28 +90,28 @@ def test_bad_backend_data(data):
 
 # ---- lease → entries -----------------------------------------------------------------------
 
-ROUTE = vx.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", onlink=True)
-NEIGH = vx.Neigh(A("10.5.2.0"), MAC2, "flannel.1")
-FDB = vx.Fdb(MAC2, A("198.18.0.2"), "flannel.1")
+ROUTE = rm.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", onlink=True)
+NEIGH = rm.Neigh(A("10.5.2.0"), MAC2, "flannel.1")
+FDB = rm.Fdb(MAC2, A("198.18.0.2"), "flannel.1")
 
 
 @pytest.mark.parametrize("name, the_lease, ctx, expected", [
     ("vxlan", lease("10.5.2.0/24", "198.18.0.2"), CTX,
-     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+     rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
     ("vxlan, MAC in other notation", lease("10.5.2.0/24", "198.18.0.2", data='{"VtepMAC":"02-00-00-00-00-02"}'), CTX,
-     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+     rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
     ("DirectRouting, peer on link", lease("10.5.2.0/24", "198.18.0.2"), CTX_DR,
-     vx.KernelState(routes=frozenset({vx.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")}))),
+     rm.KernelState(routes=frozenset({rm.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")}))),
     ("DirectRouting, peer elsewhere", lease("10.5.2.0/24", "198.19.7.2"), CTX_DR,
-     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({vx.Fdb(MAC2, A("198.19.7.2"), "flannel.1")}))),
+     rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({rm.Fdb(MAC2, A("198.19.7.2"), "flannel.1")}))),
 ])
 def test_vxlan_entries(name, the_lease, ctx, expected):
     assert vx.vxlan_entries(the_lease, ctx) == expected
 
 
 @pytest.mark.parametrize("the_lease, exc, match", [
-    (lease("10.5.2.0/24", "198.18.0.2", typ="host-gw", data=None), vx.Skip, "ignoring non-vxlan"),
-    (lease("10.5.2.0/24", "198.18.0.2", typ="", data=None), vx.Skip, "ignoring non-vxlan"),
+    (lease("10.5.2.0/24", "198.18.0.2", typ="host-gw", data=None), rm.Skip, "ignoring non-vxlan"),
+    (lease("10.5.2.0/24", "198.18.0.2", typ="", data=None), rm.Skip, "ignoring non-vxlan"),
     (lease("10.5.2.0/24", "198.18.0.2", data='{"VNI":1}'), errors.BadLeaseRecord, "VtepMAC"),
     (lease("10.5.2.0/24", "198.18.0.2", data=None), errors.BadLeaseRecord, "no BackendData"),
 ])
@@ -122,7 +124,7 @@ def test_desired_state_skips_bad_leases_without_affecting_others():
     good = lease("10.5.2.0/24", "198.18.0.2")
     bad = lease("10.5.3.0/24", "198.18.0.3", data="{")
     other = lease("10.5.4.0/24", "198.18.0.4", typ="udp", data=None)
-    d = vx.desired_state([good, bad, other], CTX)
+    d = rm.desired_state([good, bad, other], CTX, vx.vxlan_entries)
     assert d.state == vx.vxlan_entries(good, CTX)
     assert [lz for lz, _ in d.skipped] == [bad, other]
 
@@ -130,44 +132,45 @@ def test_desired_state_skips_bad_leases_without_affecting_others():
 # ---- plan ----------------------------------------------------------------------------------
 
 def test_plan_keeps_correct_entries_and_deletes_stale():
-    stale = vx.KernelState(frozenset({vx.Route(N("10.5.9.0/24"), A("10.5.9.0"), "flannel.1", True)}),
-                           frozenset({vx.Neigh(A("10.5.9.0"), "02:00:00:00:00:09", "flannel.1")}),
-                           frozenset({vx.Fdb("02:00:00:00:00:09", A("198.18.0.9"), "flannel.1")}))
-    desired = vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
-    p = vx.plan(desired, desired.union(stale))
+    stale = rm.KernelState(frozenset({rm.Route(N("10.5.9.0/24"), A("10.5.9.0"), "flannel.1", True)}),
+                           frozenset({rm.Neigh(A("10.5.9.0"), "02:00:00:00:00:09", "flannel.1")}),
+                           frozenset({rm.Fdb("02:00:00:00:00:09", A("198.18.0.9"), "flannel.1")}))
+    desired = rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
+    p = rm.plan(desired, desired.union(stale))
     assert p.set_routes == p.set_neighs == p.set_fdbs == ()
     assert (set(p.del_routes), set(p.del_neighs), set(p.del_fdbs)) == (stale.routes, stale.neighs, stale.fdbs)
-    assert vx.plan(desired, desired).empty
+    assert rm.plan(desired, desired).empty
 
 
 def test_plan_changed_mac_is_a_replace_not_a_delete():
-    old = vx.KernelState(frozenset({ROUTE}), frozenset({vx.Neigh(A("10.5.2.0"), "02:00:00:00:00:99", "flannel.1")}),
-                         frozenset({vx.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1")}))
-    desired = vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
-    p = vx.plan(desired, old)
+    old = rm.KernelState(frozenset({ROUTE}), frozenset({rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:99", "flannel.1")}),
+                         frozenset({rm.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1")}))
+    desired = rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))
+    p = rm.plan(desired, old)
     assert p.del_routes == () and p.del_neighs == ()          # neighbour G is replaced in place
     assert p.set_neighs == (NEIGH,) and p.set_fdbs == (FDB,)
-    assert p.del_fdbs == (vx.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1"),)
+    assert p.del_fdbs == (rm.Fdb("02:00:00:00:00:99", A("198.18.0.2"), "flannel.1"),)
 
 
 def test_plan_direct_route_switch_replaces_route():
-    direct = vx.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")
-    p = vx.plan(vx.KernelState(routes=frozenset({direct})), vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB})))
+    direct = rm.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")
+    p = rm.plan(rm.KernelState(routes=frozenset({direct})), rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB})))
     assert p.set_routes == (direct,) and p.del_routes == ()
     assert p.del_neighs == (NEIGH,) and p.del_fdbs == (FDB,)
 
 
 # ---- dual stack ----------------------------------------------------------------------------
 
-from ipaddress import IPv6Address as A6, IPv6Network as N6  # noqa: E402
+from ipaddress import IPv6Address as A6  # noqa: E402
+from ipaddress import IPv6Network as N6
 
-CTX_DS = vx.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", dev6="flannel-v6.1",
+CTX_DS = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", dev6="flannel-v6.1",
                     local_nets=(N("198.18.0.0/24"),), local_nets6=(N6("2001:2::/64"),))
-CTX_V6 = vx.Context(backend_type="vxlan", dev=None, ext_dev="eth0", dev6="flannel-v6.1")
+CTX_V6 = rm.Context(backend_type="vxlan", dev=None, ext_dev="eth0", dev6="flannel-v6.1")
 MAC6 = "02:00:00:00:06:02"
-ROUTE6 = vx.Route(N6("fd00:10:5:2::/64"), A6("fd00:10:5:2::"), "flannel-v6.1", onlink=True)
-NEIGH6 = vx.Neigh(A6("fd00:10:5:2::"), MAC6, "flannel-v6.1")
-FDB6 = vx.Fdb(MAC6, A6("2001:2::2"), "flannel-v6.1")
+ROUTE6 = rm.Route(N6("fd00:10:5:2::/64"), A6("fd00:10:5:2::"), "flannel-v6.1", onlink=True)
+NEIGH6 = rm.Neigh(A6("fd00:10:5:2::"), MAC6, "flannel-v6.1")
+FDB6 = rm.Fdb(MAC6, A6("2001:2::2"), "flannel-v6.1")
 
 
 def ds(v6data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:06:02"}', v4: bool = True) -> Lease:
@@ -180,17 +183,17 @@ def ds(v6data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:06:02"}', v4: bool 
 
 @pytest.mark.parametrize("name, the_lease, ctx, expected", [
     ("dual-stack lease, dual-stack node", ds(), CTX_DS,
-     vx.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))),
+     rm.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))),
     ("dual-stack lease, IPv4-only node (flannel crashed, §14.13)", ds(), CTX,
-     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+     rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
     ("IPv4-only lease, dual-stack node", lease("10.5.2.0/24", "198.18.0.2"), CTX_DS,
-     vx.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
+     rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB}))),
     ("IPv6-only node", ds(v4=False), CTX_V6,
-     vx.KernelState(frozenset({ROUTE6}), frozenset({NEIGH6}), frozenset({FDB6}))),
-    ("DirectRouting over IPv6", ds(v4=False), vx.Context(backend_type="vxlan", dev=None, ext_dev="eth0",
+     rm.KernelState(frozenset({ROUTE6}), frozenset({NEIGH6}), frozenset({FDB6}))),
+    ("DirectRouting over IPv6", ds(v4=False), rm.Context(backend_type="vxlan", dev=None, ext_dev="eth0",
                                                         dev6="flannel-v6.1", local_nets6=(N6("2001:2::/64"),),
                                                         direct_routing=True),
-     vx.KernelState(routes=frozenset({vx.Route(N6("fd00:10:5:2::/64"), A6("2001:2::2"), "eth0")}))),
+     rm.KernelState(routes=frozenset({rm.Route(N6("fd00:10:5:2::/64"), A6("2001:2::2"), "eth0")}))),
 ])
 def test_vxlan_entries_dual_stack(name, the_lease, ctx, expected):
     assert vx.vxlan_entries(the_lease, ctx) == expected
@@ -202,11 +205,11 @@ def test_bad_v6_backend_data_skips_the_lease():
 
 
 def test_ipv4_lease_at_ipv6_only_node_is_skipped():
-    with pytest.raises(vx.Skip, match="no subnet of an address family"):
+    with pytest.raises(rm.Skip, match="no subnet of an address family"):
         vx.vxlan_entries(lease("10.5.2.0/24", "198.18.0.2"), CTX_V6)
 
 
 def test_plan_orders_mixed_families_deterministically():
-    desired = vx.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))
-    p = vx.plan(desired, vx.EMPTY)
+    desired = rm.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))
+    p = rm.plan(desired, rm.EMPTY)
     assert p.set_routes == (ROUTE, ROUTE6) and p.set_fdbs == (FDB, FDB6)

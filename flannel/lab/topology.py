@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from flannel.testing.netns import NetNS, run, veth_pair
+from flannel.lab.netns import NetNS, run, veth_pair
 
 DEFAULT_UNDERLAY = "198.18.0.0/24"
 

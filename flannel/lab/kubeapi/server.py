@@ -16,7 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.kubeapi.state import JSON, APIError, ClusterState, make_node, make_pod, now_rfc3339
+from flannel.lab.kubeapi.state import (
+    JSON,
+    APIError,
+    ClusterState,
+    make_node,
+    make_pod,
+    now_rfc3339,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +298,7 @@ class KubeAPIServer:
         if self._server is not None:
             return self
         if self.netns:
-            from flannel.testing.netns import in_netns
+            from flannel.lab.netns import in_netns
 
             with in_netns(self.netns):
                 server = _Server((self.host, self.port), _Handler)

@@ -23,7 +23,6 @@ idempotent and also cleans up after a crashed ``up``.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
@@ -38,11 +37,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flannel import subnet_file
-from flannel.testing import podtraffic
-from flannel.testing.agent import AgentFailed, AgentProcess
-from flannel.testing.etcd import EtcdServer, ETCD_BIN
-from flannel.testing.netns import NetNS, cleanup_prefix, run
-from flannel.testing.topology import Host, Pod, Underlay, add_pod, subnet_env_gateway
+from flannel.lab import podtraffic
+from flannel.lab.agent import AgentFailed, AgentProcess
+from flannel.lab.etcd import ETCD_BIN, EtcdServer
+from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
+from flannel.lab.netns import NetNS, cleanup_prefix, run
+from flannel.lab.topology import Host, Pod, Underlay, add_pod, subnet_env_gateway
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ ETCD_PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 8471
 KUBEAPI_PORT = 6443
 CNI_BIN = "/usr/lib/cni"
-REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ("vxlan", "host-gw", "udp", "alloc")
 
 
@@ -232,8 +231,6 @@ class Lab:
         if self.config.subnet_manager == "etcd" and not Path(ETCD_BIN).exists():
             missing.append(f"etcd at {ETCD_BIN}: run scripts/setup (Debian package etcd-server)")
         if self.config.subnet_manager == "kube":
-            if not (REPO / "tests" / "kubeapi" / "__main__.py").exists():
-                missing.append(f"the stand-in API server (tests/kubeapi under {REPO}): kube mode needs a source checkout")
             for plugin in ("bridge", "host-local"):
                 if not Path(CNI_BIN, plugin).exists():
                     missing.append(f"CNI plugin {CNI_BIN}/{plugin}: run scripts/setup (containernetworking-plugins)")
@@ -284,16 +281,16 @@ class Lab:
 
     # ------------------------------------------------------------------ kube mode
     def _start_kubeapi(self) -> None:
-        """The stand-in API server (tests/kubeapi) in the hub, plus net-conf.json and a kubeconfig."""
+        """The stand-in API server (flannel/lab/kubeapi) in the hub, plus net-conf.json and a kubeconfig."""
         assert self.underlay is not None
         self.kube_token = os.urandom(12).hex()
         url_file = self.dir / "kubeapi.url"
         url_file.unlink(missing_ok=True)
-        cmd = [self.config.python, "-m", "tests.kubeapi", "--host", str(self.underlay.hub_ip),
+        cmd = [self.config.python, "-m", "flannel.lab.kubeapi", "--host", str(self.underlay.hub_ip),
                "--port", str(KUBEAPI_PORT), "--token", self.kube_token, "--ready-file", str(url_file)]
         logf = open(self.dir / "kubeapi.log", "ab")
         try:
-            proc = subprocess.Popen(["ip", "netns", "exec", self.underlay.hub.name, *cmd], cwd=str(REPO),
+            proc = subprocess.Popen(["ip", "netns", "exec", self.underlay.hub.name, *cmd], cwd=str(self.dir),
                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         finally:
@@ -308,7 +305,6 @@ class Lab:
             time.sleep(0.05)
         self.kubeapi_url = url_file.read_text().strip()
         (self.dir / "net-conf.json").write_text(self.config.network_config())
-        from tests.kubeapi.kubeconfig import write_kubeconfig  # the lab's kube mode runs from a checkout
         write_kubeconfig(str(self.dir / "kubeconfig"), self.kubeapi_url, self.kube_token)
 
     def kube(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -380,7 +376,7 @@ class Lab:
         return args + list(cfg.agent_args) + list(extra)
 
     def start_agent(self, host: str, extra: Sequence[str] = ()) -> int:
-        """Start the host's agent (flannel.testing.agent.AgentProcess; log <dir>/<host>/flannel.log)."""
+        """Start the host's agent (flannel.lab.agent.AgentProcess; log <dir>/<host>/flannel.log)."""
         h = self.hosts[host]
         if self.agent_alive(host):
             raise LabError(f"agent on {host} already running (pid {h.agent.pid})")
@@ -570,82 +566,3 @@ def leftovers(prefix: str) -> list[str]:
     """Namespaces with the lab prefix that still exist (for `down` on a lab without state)."""
     out = run("ip", "netns", "list", check=False)
     return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(prefix)]
-
-
-# ---------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status"])
-    p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
-    p.add_argument("--pods-per-host", type=int, default=1, help="pods per host (default 1)")
-    p.add_argument("--backend", choices=BACKENDS, default="vxlan")
-    p.add_argument("--subnet-manager", choices=["etcd", "kube"], default="etcd")
-    p.add_argument("--network", default=DEFAULT_NETWORK, help=f"flannel Network (default {DEFAULT_NETWORK})")
-    p.add_argument("--ip-masq", action="store_true", help="run the agents with --ip-masq")
-    p.add_argument("--dir", default=DEFAULT_DIR, help=f"lab directory: state, logs (default {DEFAULT_DIR})")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)  # tests: a per-run prefix
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="lab: %(message)s")
-    if args.hosts < 1 or args.hosts > 200 or args.pods_per_host < 0 or args.pods_per_host > 200:
-        print("lab: --hosts must be 1..200 and --pods-per-host 0..200", file=sys.stderr)
-        return 2
-    existing = Lab.load(args.dir)
-    if args.command == "status":
-        if existing is None:
-            left = leftovers(args.prefix)
-            print(f"lab: not up (no {Path(args.dir).resolve() / 'state.json'})"
-                  + (f"; leftover namespaces: {' '.join(left)} (run `scripts/lab down`)" if left else ""))
-            return 3
-        print("\n".join(existing.status_lines()))
-        print(podtraffic.format_matrix(existing.pods(), existing.matrix()))
-        return 0
-    if args.command == "down":
-        if existing is None:
-            lab = Lab(LabConfig(dir=args.dir, prefix=args.prefix))
-            left = leftovers(lab.config.prefix)
-            lab.teardown()
-            print(f"lab: was not up; removed {len(left)} leftover namespace(s)" if left else "lab: not up")
-            return 0
-        existing.teardown()
-        print(f"lab: down (agents and {existing.config.subnet_manager} store stopped, namespaces deleted, "
-              f"{existing.dir} removed)")
-        return 0
-    # up
-    if existing is not None:
-        print(f"lab: already up (state in {existing.state_path}); `scripts/lab status` or `scripts/lab down`")
-        return 1
-    left = leftovers(args.prefix)
-    if left:
-        print(f"lab: leftover namespaces from an earlier run ({' '.join(left)}): run `scripts/lab down` first",
-              file=sys.stderr)
-        return 1
-    cfg = LabConfig(hosts=args.hosts, pods_per_host=args.pods_per_host, backend=args.backend,
-                    subnet_manager=args.subnet_manager, dir=args.dir, network=args.network,
-                    ip_masq=args.ip_masq, prefix=args.prefix)
-    lab = Lab(cfg)
-    try:
-        lab.up()
-    except LabError as e:
-        print(f"lab: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(lab.status_lines()))
-    pods = lab.pods()
-    if pods:
-        m = podtraffic.wait_full_matrix(pods, time.monotonic() + 10)
-        print("\npod-to-pod ping:")
-        print(podtraffic.format_matrix(pods, m))
-        ok = sum(m.values())
-        print(f"\n{ok}/{len(m)} pairs reachable")
-    print(f"\nlogs: {lab.dir}/<host>/flannel.log   stop with: scripts/lab down"
-          + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else "")
-          + (f" --prefix {args.prefix}" if args.prefix != DEFAULT_PREFIX else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

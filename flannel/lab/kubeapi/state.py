@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tests.kubeapi.patch import merge_patch, strategic_merge_patch
+from flannel.lab.kubeapi.patch import merge_patch, strategic_merge_patch
 
 JSON = dict[str, Any]
 

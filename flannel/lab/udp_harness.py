@@ -1,6 +1,6 @@
 """Run one udp Network standalone, driven over stdin/stdout (for tests and ``bench/``).
 
-    ip netns exec <ns> python -m flannel.backends.udp.harness --iface eth0 \
+    ip netns exec <ns> python -m flannel.lab.udp_harness --iface eth0 \
         --subnet 10.244.1.0/24 --network 10.244.0.0/16 [--accel c|python|auto] [--queues N]
 
 It goes through ``UDPBackend.register_network`` exactly as the daemon does, with a fixed-subnet
@@ -118,7 +118,7 @@ if __name__ == "__main__":
 
 
 class NetNSLike(Protocol):
-    """The part of ``flannel.testing.netns.NetNS`` the harness client uses."""
+    """The part of ``flannel.lab.netns.NetNS`` the harness client uses."""
 
     name: str
 
@@ -131,7 +131,7 @@ class HarnessProcess:
     def __init__(self, ns: NetNSLike, subnet: str, network: str, *, accel: str = "auto",
                  queues: int | None = None, offload: str = "auto", spread_ports: bool = False,
                  python: str = sys.executable) -> None:
-        args = [python, "-m", "flannel.backends.udp.harness", "--subnet", subnet, "--network", network,
+        args = [python, "-m", "flannel.lab.udp_harness", "--subnet", subnet, "--network", network,
                 "--accel", accel, "--offload", offload]
         if queues:
             args += ["--queues", str(queues)]

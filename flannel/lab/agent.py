@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flannel import subnet_file
-from flannel.testing.netns import in_netns
+from flannel.lab.netns import in_netns
 
 
 class AgentFailed(AssertionError):

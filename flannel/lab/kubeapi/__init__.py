@@ -31,7 +31,7 @@ answer), ``stop``/``start`` (an outage; state and port survive); ``watch_request
 
 As a process (the lab, agent tests)::
 
-    ip netns exec <hub> python -m tests.kubeapi --host 198.18.0.254 --port 6443 --token T \\
+    ip netns exec <hub> python -m flannel.lab.kubeapi --host 198.18.0.254 --port 6443 --token T \\
         --node h1=10.244.1.0/24 --node h2=10.244.2.0/24
 
 Out-of-process tests reach the hooks over HTTP: ``POST /_test/cut-watches``, ``POST /_test/compact``;
@@ -40,7 +40,7 @@ node changes go through the normal API (``POST``/``PATCH``/``DELETE`` nodes).
 
 from __future__ import annotations
 
-from tests.kubeapi.server import KubeAPIServer
-from tests.kubeapi.state import APIError, ClusterState, make_node, make_pod
+from flannel.lab.kubeapi.server import KubeAPIServer
+from flannel.lab.kubeapi.state import APIError, ClusterState, make_node, make_pod
 
 __all__ = ["APIError", "ClusterState", "KubeAPIServer", "make_node", "make_pod"]

@@ -1,4 +1,4 @@
-"""``python -m tests.kubeapi``: run the stand-in API server until SIGTERM/SIGINT."""
+"""``python -m flannel.lab.kubeapi``: run the stand-in API server until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from tests.kubeapi.server import KubeAPIServer
+from flannel.lab.kubeapi.server import KubeAPIServer
 
 
 def _node(spec: str) -> tuple[str, list[str]]:
@@ -35,7 +35,7 @@ def _rule(spec: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.kubeapi",
+    p = argparse.ArgumentParser(prog="python -m flannel.lab.kubeapi",
                                 description="Stand-in Kubernetes API server for flannel tests and the lab.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port (printed on stdout)")

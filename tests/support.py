@@ -1,0 +1,418 @@
+"""The one module the tests share: in-memory fakes, small rigs around real kernel objects, packet
+builders, golden payloads and ``wait_for``.
+
+Test modules import from here and never from each other. Nothing installed imports this module
+(the lab, which is a product feature, lives in ``flannel.lab``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
+from typing import Any, Callable, Iterator
+
+from flannel.backends.base import Backend, ExternalInterface
+from flannel.backends.udp.packet import Peer, PeerTable
+from flannel.backends.udp.proxy import Proxy, open_socket
+from flannel.subnet_managers.base import SubnetManager
+
+from flannel import errors
+from flannel.config import NetworkConfig, parse_network_config
+from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
+from flannel.lab.kubeapi.server import KubeAPIServer
+from flannel.lab.netns import NetNS, in_netns
+from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent, WatchResult
+from flannel.options import AgentOptions
+from flannel.watcher import LeaseWatcher
+
+UNDERLAY_LOCAL = "198.18.0.1"
+UDP_LOCAL, UDP_PEER = "127.0.0.1", "127.0.0.2"
+UDP_TUN_ADDR = IPv4Address("10.244.1.0")
+UDP_MTU = 1472
+
+
+# ---- from tests/wait_tmp.py
+DEFAULT_TIMEOUT = 15.0
+
+
+def wait_for(cond: Callable[[], Any], what: str = "condition", *, timeout: float = DEFAULT_TIMEOUT,
+             interval: float = 0.05, on_timeout: Callable[[], str] | None = None) -> Any:
+    """Poll ``cond`` until it returns something truthy (returned) or ``timeout`` passes.
+
+    On timeout raise AssertionError naming ``what``, plus whatever ``on_timeout`` returns (e.g.
+    the tails of the agents' logs), so a failing test says what it was waiting for and why.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            break
+        time.sleep(interval)
+    extra = on_timeout() if on_timeout else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{extra}" if extra else ""))
+
+
+
+# ---- from tests/unit/test_cli.py
+GOOD_CONFIG = '{"Network": "10.9.0.0/16", "Backend": {"Type": "alloc"}}'
+
+
+class FakeManager(SubnetManager):
+    """An in-memory store: one config text, a fixed lease, a snapshot of remote leases."""
+
+    kind = "fake"
+
+    def __init__(self, config_text: str = GOOD_CONFIG, *, remote: tuple[Lease, ...] = ()) -> None:
+        self.config_text = config_text
+        self.remote = remote
+        self.closed = False
+        self.acquired: list[LeaseAttrs] = []
+
+    @property
+    def name(self) -> str:
+        return "in-memory fake"
+
+    def get_network_config(self) -> NetworkConfig:
+        return parse_network_config(self.config_text, source="fake store")
+
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        self.acquired.append(attrs)
+        return Lease(subnet=IPv4Network("10.9.7.0/24"), attrs=attrs)
+
+    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        yield WatchResult.of_snapshot(self.remote)
+        stop.wait()
+
+    def complete_lease(self, lease: Lease, stop: threading.Event,
+                       on_lease: Callable[[Lease], None] | None = None) -> None:
+        stop.wait()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_iface(opts: AgentOptions, *, ipv4: bool = True, ipv6: bool = False) -> ExternalInterface:
+    ip = IPv4Address(opts.public_ip or "198.18.0.1")
+    return ExternalInterface("eth0", 2, 1500, ip, ip)
+
+
+# ---- from tests/unit/test_etcd_allocation.py
+Key = tuple[IPv4Network, "IPv6Network | None"]
+
+
+class FakeRegistry:
+    """In-memory ``store.Registry``: keys are subnets, values leases (expiration None = reservation)."""
+
+    def __init__(self, config: str | None, leases: list[Lease] = ()) -> None:  # type: ignore[assignment]
+        self.config = config
+        self.kv: dict[Key, Lease] = {(lease.subnet, lease.ipv6_subnet): lease for lease in leases}  # type: ignore[misc]
+        self.revision = 1
+        self.before_create: Callable[[IPv4Network, IPv6Network | None], None] | None = None
+        self.creates: list[Key] = []
+        self.updates: list[tuple[Key, int | None]] = []
+        self.deletes: list[Key] = []
+
+    def get_config(self) -> str:
+        if self.config is None:
+            raise errors.ConfigNotFound("flannel config not found in etcd store")
+        return self.config
+
+    def put_config(self, text: str) -> None:
+        self.config = text
+
+    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]:
+        return list(self.kv.values()), self.revision
+
+    def get_lease(self, subnet, ipv6_subnet, *, ttl=True):  # type: ignore[no-untyped-def]
+        return self.kv.get((subnet, ipv6_subnet)), self.revision
+
+    def create_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
+        if self.before_create is not None:
+            self.before_create(subnet, ipv6_subnet)
+        self.creates.append((subnet, ipv6_subnet))
+        if (subnet, ipv6_subnet) in self.kv:
+            raise errors.LeaseConflict(f"subnet {subnet} is already taken")
+        return self._put(subnet, ipv6_subnet, attrs, time.time() + ttl)
+
+    def update_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
+        self.updates.append(((subnet, ipv6_subnet), ttl))
+        return self._put(subnet, ipv6_subnet, attrs, None if ttl is None else time.time() + ttl)
+
+    def _put(self, subnet, ipv6_subnet, attrs, expiration):  # type: ignore[no-untyped-def]
+        self.revision += 1
+        lease = Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=expiration)
+        self.kv[(subnet, ipv6_subnet)] = lease
+        return lease
+
+    def delete_lease(self, subnet, ipv6_subnet):  # type: ignore[no-untyped-def]
+        self.revision += 1
+        self.deletes.append((subnet, ipv6_subnet))
+        self.kv.pop((subnet, ipv6_subnet), None)
+
+    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("not used by the allocation tests")
+
+    watch_lease = watch_leases
+
+    def describe(self) -> str:
+        return "fake registry"
+
+    def close(self) -> None:
+        pass
+
+
+# ---- from tests/integration/test_vxlan_backend.py
+class FakeLeases:
+    """A LeaseSource that hands out a fixed subnet and remembers what we published."""
+
+    def __init__(self, subnet: str, stored: str | None = None) -> None:
+        self.subnet = N(subnet)
+        self.stored = stored
+        self.attrs: LeaseAttrs | None = None
+
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        self.attrs = attrs
+        return Lease(self.subnet, attrs)
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        return (self.stored, None)
+
+
+class Agent:
+    """One backend instance running ``Network.run`` on a thread inside ``ns``."""
+
+    def __init__(self, ns: NetNS, backend: Backend, config_json: str, leases: FakeLeases,
+                 tweak: Callable[[Any], None] | None = None) -> None:
+        self.ns, self.backend, self.leases, self.tweak = ns, backend, leases, tweak
+        self.config = parse_network_config(config_json)
+        self.q: "queue.Queue[Batch | None]" = queue.Queue()
+        self.stop_ev = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.net: Any = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        with in_netns(self.ns.name):
+            try:
+                self.net = self.backend.register_network(config=self.config, leases=self.leases)
+                if self.tweak:
+                    self.tweak(self.net)
+            except BaseException as e:  # handed to the test thread
+                self.error = e
+                self.ready.set()
+                return
+            self.ready.set()
+            self.net.run(self.q, self.stop_ev)
+
+    def start(self) -> "Agent":
+        self.thread.start()
+        assert self.ready.wait(20), "backend did not register in time"
+        if self.error:
+            raise self.error
+        return self
+
+    def send(self, *events: LeaseEvent, synced: bool = False) -> None:
+        self.q.put(Batch(tuple(events), synced=synced))
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        self.q.put(None)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.net is not None:
+            self.net.close()
+
+
+def make_ns(prefix: str) -> NetNS:
+    ns = NetNS(prefix + "v")
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    ns.ip("addr", "add", f"{UNDERLAY_LOCAL}/24", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("link", "set", "eth1", "up")
+    return ns
+
+
+def ext_of(ns: NetNS, mtu: int = 1500) -> ExternalInterface:
+    idx = int(json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+    return ExternalInterface("eth0", idx, mtu, A(UNDERLAY_LOCAL), A(UNDERLAY_LOCAL))
+
+
+def added(*leases: Lease) -> tuple[LeaseEvent, ...]:
+    return tuple(LeaseEvent(EventType.ADDED, lz) for lz in leases)
+
+
+def removed(*leases: Lease) -> tuple[LeaseEvent, ...]:
+    return tuple(LeaseEvent(EventType.REMOVED, lz) for lz in leases)
+
+
+def routes(ns: NetNS) -> set[str]:
+    out = set()
+    for r in json.loads(ns.ip("-j", "route", "show", "table", "main") or "[]"):
+        if r.get("gateway"):
+            out.add(f"{r['dst']} via {r['gateway']} dev {r['dev']}{' onlink' if 'onlink' in r.get('flags', []) else ''}")
+    return out
+
+
+# ---- from tests/unit/test_udp_packet.py
+def csum(data: bytes) -> int:
+    """Independent reference: RFC 1071 by the book, byte pairs, folded at the end."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += data[i] * 256 + data[i + 1]
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return 0xFFFF - s
+
+
+def ip_packet(src: str, dst: str, *, proto: int = 17, ttl: int = 64, payload: bytes = b"hello-flannel",
+              ihl: int = 5, frag: int = 0, ident: int = 0x1234, tos: int = 0) -> bytes:
+    opts = b"\x01" * (ihl * 4 - 20)  # NOP options
+    total = ihl * 4 + len(payload)
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, total, ident, frag, ttl, proto, 0,
+                                IPv4Address(src).packed, IPv4Address(dst).packed) + opts)
+    c = csum(bytes(hdr))
+    hdr[10:12] = c.to_bytes(2, "big")
+    return bytes(hdr) + payload
+
+
+# ---- from tests/integration/test_udp_wire.py
+class Rig:
+    """A udp Proxy on loopback: a socketpair stands in for the TUN, 127.0.0.2 for the peer.
+
+    ``offload``: the GSO/GRO path (UDP_GRO on the socket); the offload tests start the proxy
+    themselves (``start=False``) after queueing input.
+    """
+
+    def __init__(self, use_accel: bool, *, offload: bool = False, start: bool = True) -> None:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind((UDP_LOCAL, 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.tun_ours, self.tun_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.tun_ours.setblocking(False)
+        self.tun_test.settimeout(3)
+        self.sock = open_socket(IPv4Address(UDP_LOCAL), self.port, reuseport=False, gro=offload)
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind((UDP_PEER, self.port))
+        self.peer.settimeout(3)
+        self.proxy = Proxy([self.tun_ours.fileno()], [self.sock], UDP_TUN_ADDR, self.port, UDP_MTU, use_accel=use_accel,
+                           offload=offload)
+        self.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(UDP_PEER))], self.port))
+        if start:
+            self.proxy.start()
+
+    def close(self) -> None:
+        self.proxy.stop()
+        for s in (self.sock, self.peer, self.tun_ours, self.tun_test):
+            s.close()
+
+
+# ---- from tests/unit/test_traffic_rules.py
+GOLDEN_NAT_S = """\
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.42.1.0/24 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.42.0.0/16 -d 10.42.1.0/24 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.42.0.0/16 -d 10.42.1.0/24 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.42.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A FLANNEL-POSTRTG ! -s 10.42.0.0/16 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+"""
+
+
+# ---- from flannel/lab/kubeapi/harness.py
+@dataclass
+class KubeEnv:
+    """A net-conf.json and a kubeconfig for one stand-in server."""
+
+    server: KubeAPIServer
+    dir: str
+    net_conf: str
+    kubeconfig: str
+
+    def options(self, **kw: Any) -> AgentOptions:
+        base = AgentOptions(subnet_manager="kube", kubeconfig_file=self.kubeconfig, net_config_path=self.net_conf)
+        return replace(base, **kw)
+
+    def write_net_conf(self, conf: dict[str, Any]) -> None:
+        with open(self.net_conf, "w") as f:
+            json.dump(conf, f)
+
+
+def make_env(server: KubeAPIServer, directory: str, *, net_conf: dict[str, Any] | None = None) -> KubeEnv:
+    env = KubeEnv(server, directory, os.path.join(directory, "net-conf.json"), os.path.join(directory, "kubeconfig"))
+    env.write_net_conf(net_conf or {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    write_kubeconfig(env.kubeconfig, server.url, server.token)
+    return env
+
+
+class Follower:
+    """Runs ``manager.watch_leases`` on a thread and applies it to a LeaseWatcher, recording
+    every batch. ``peers()`` is what a backend would currently have programmed."""
+
+    def __init__(self, manager: Any, own: Lease) -> None:
+        self.manager = manager
+        self.watcher = LeaseWatcher(own)
+        self.batches: list[Batch] = []
+        self.snapshots = 0
+        self.error: BaseException | None = None
+        self._peers: dict[object, Lease] = {}
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="follower", daemon=True)
+
+    def start(self) -> "Follower":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for result in self.manager.watch_leases(self.stop):
+                with self._lock:
+                    if result.snapshot is not None:
+                        self.snapshots += 1
+                    for batch in self.watcher.apply(result):
+                        self.batches.append(batch)
+                        for ev in batch.events:
+                            if ev.type is EventType.ADDED:
+                                self._peers[ev.lease.ident] = ev.lease
+                            else:
+                                self._peers.pop(ev.lease.ident, None)
+        except BaseException as e:  # surfaced by close(); a watch must never raise
+            self.error = e
+
+    def peers(self) -> dict[str, Lease]:
+        """Current peers keyed by IPv4 subnet text (or IPv6 if IPv6-only)."""
+        with self._lock:
+            return {str(l.subnet or l.ipv6_subnet): l for l in self._peers.values()}
+
+    def events(self) -> list[tuple[EventType, Lease]]:
+        with self._lock:
+            return [(e.type, e.lease) for b in self.batches for e in b.events]
+
+    def wait_peers(self, expected: Callable[[dict[str, Lease]], bool], what: str, timeout: float = 15.0) -> dict[str, Lease]:
+        def check() -> tuple[dict[str, Lease]] | None:
+            peers = self.peers()
+            return (peers,) if expected(peers) else None
+        return wait_for(check, timeout=timeout, what=what)[0]
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop; returns whether the thread ended within ``timeout``."""
+        self.stop.set()
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise AssertionError(f"watch_leases raised: {self.error!r}") from self.error
+        return not self.thread.is_alive()
