@@ -19,6 +19,7 @@ from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease, LeaseSource
 from flannel.options import AgentOptions
 
+
 @dataclass(frozen=True)
 class ExternalInterface:
     """The interface inter-host traffic uses, and the addresses chosen on it (reference §2)."""
@@ -54,7 +55,7 @@ class Network(abc.ABC):
         return self._mtu
 
     @abc.abstractmethod
-    def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
+    def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         """Apply event batches until ``stop`` is set or ``None`` is received.
 
         Batches carry ADDED/REMOVED events. A batch with ``synced=True`` ends a snapshot: every

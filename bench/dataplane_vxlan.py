@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flannel.lab import podtraffic  # noqa: E402
-from flannel.lab.cluster import Lab, LabConfig  # noqa: E402
-from flannel.lab.netns import cleanup_prefix, run_prefix  # noqa: E402
-from flannel.lab.topology import Underlay, add_pod  # noqa: E402
+from flannel.lab import podtraffic
+from flannel.lab.cluster import Lab, LabConfig
+from flannel.lab.netns import cleanup_prefix, run_prefix
+from flannel.lab.topology import Underlay, add_pod
 
 SECTION = "vxlan data plane"
 VNI, PORT = 1, 8472

@@ -25,16 +25,17 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable
+from typing import Any
 
 from flannel.backends.base import ExternalInterface
-from flannel.backends.vxlan import VXLANBackend
 from flannel.backends.routed.model import Context, desired_state
+from flannel.backends.vxlan import VXLANBackend
 from flannel.backends.vxlan.network import vxlan_entries
 from flannel.config import parse_network_config
-from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run, run_prefix
+from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 
 LOCAL = "198.18.0.1"
 CFG = '{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}'
@@ -74,7 +75,7 @@ def in_ns_thread(ns: NetNS, fn: Callable[[], Any]) -> Any:
         with in_netns(ns.name):
             try:
                 out["v"] = fn()
-            except BaseException as e:  # noqa: BLE001 - reported in the caller
+            except BaseException as e:
                 out["e"] = e
     t = threading.Thread(target=main)
     t.start()

@@ -24,9 +24,9 @@ import sys
 import time
 from typing import Any
 
-from flannel.lab.udp_harness import HarnessProcess
 from flannel.lab.netns import NetNS, run_prefix, veth_pair
 from flannel.lab.topology import Host, Underlay
+from flannel.lab.udp_harness import HarnessProcess
 
 PY = sys.executable
 

@@ -23,8 +23,9 @@ import ipaddress
 import logging
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -187,13 +188,7 @@ FLAGS: list[Callable[[Any], Any]] = [
     opt("--log-backtrace-at", default="", help="Accepted for compatibility with flannel's klog flag; ignored."),
 ]
 
-LONG_NAMES = {"v"} | {f.lstrip("-") for f in (
-    "--subnet-manager --kube-subnet-mgr --etcd-endpoints --etcd-prefix --etcd-keyfile --etcd-certfile "
-    "--etcd-cafile --etcd-username --etcd-password --iface --iface-regex --iface-can-reach --subnet-file "
-    "--public-ip --public-ipv6 --subnet-lease-renew-margin --subnet-lease-ttl --ip-masq "
-    "--ip-masq-fully-random-disable --kube-api-url --kube-annotation-prefix --kubeconfig-file --healthz-ip "
-    "--healthz-port --iptables-resync --iptables-forward-rules --ip-blackhole-route --net-config-path "
-    "--set-node-network-unavailable --vmodule --log-backtrace-at --version --help").split()}
+LONG_NAMES = {"v"} | {f.lstrip("-") for f in ["--subnet-manager", "--kube-subnet-mgr", "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile", "--etcd-certfile", "--etcd-cafile", "--etcd-username", "--etcd-password", "--iface", "--iface-regex", "--iface-can-reach", "--subnet-file", "--public-ip", "--public-ipv6", "--subnet-lease-renew-margin", "--subnet-lease-ttl", "--ip-masq", "--ip-masq-fully-random-disable", "--kube-api-url", "--kube-annotation-prefix", "--kubeconfig-file", "--healthz-ip", "--healthz-port", "--iptables-resync", "--iptables-forward-rules", "--ip-blackhole-route", "--net-config-path", "--set-node-network-unavailable", "--vmodule", "--log-backtrace-at", "--version", "--help"]}
 
 
 def normalize_argv(args: Sequence[str]) -> list[str]:

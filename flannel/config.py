@@ -9,9 +9,10 @@ backend parses its own options.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Any, Mapping
+from typing import Any
 
 from flannel import errors
 
@@ -44,13 +45,13 @@ class NetworkConfig:
         size = 1 << (32 - self.subnet_len)
         return max(0, (int(self.subnet_max) - int(self.subnet_min)) // size + 1)
 
-    def subnet_candidates(self) -> "range":
+    def subnet_candidates(self) -> range:
         """Integer addresses of every allocatable IPv4 subnet, ascending."""
         assert self.subnet_min is not None and self.subnet_max is not None
         size = 1 << (32 - self.subnet_len)
         return range(int(self.subnet_min), int(self.subnet_max) + 1, size)
 
-    def ipv6_subnet_candidates(self) -> "range":
+    def ipv6_subnet_candidates(self) -> range:
         assert self.ipv6_subnet_min is not None and self.ipv6_subnet_max is not None
         size = 1 << (128 - self.ipv6_subnet_len)
         return range(int(self.ipv6_subnet_min), int(self.ipv6_subnet_max) + 1, size)

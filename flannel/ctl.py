@@ -13,8 +13,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -23,6 +24,7 @@ from flannel.config import parse_network_config
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import DEFAULT_ETCD_ENDPOINTS, DEFAULT_ETCD_PREFIX
 from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP
+
 
 class _Ctx:
     def __init__(self, **conn: Any) -> None:

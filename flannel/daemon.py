@@ -32,8 +32,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flannel import errors, health, iface, plugins, subnet_file, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
@@ -105,7 +106,7 @@ class Daemon:
         self.network: Network | None = None
         self.lease: Lease | None = None
         self.watcher: LeaseWatcher | None = None
-        self.batches: "queue.Queue[Batch | None]" = queue.Queue()
+        self.batches: queue.Queue[Batch | None] = queue.Queue()
         self._health: health.HealthServer | None = None
         self._threads: list[threading.Thread] = []
         self._failure: BaseException | None = None

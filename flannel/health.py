@@ -13,7 +13,8 @@ import json
 import logging
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flannel import errors
 
@@ -55,10 +56,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 200, json.dumps(self.server.debug()).encode()
         return 404, b"404 page not found\n"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         self._answer()
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(head=True)
 
     do_POST = do_PUT = do_DELETE = do_GET  # flannel answers any method

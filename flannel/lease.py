@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
 
@@ -109,11 +110,11 @@ class WatchResult:
     snapshot: tuple[Lease, ...] | None = None
 
     @classmethod
-    def of_snapshot(cls, leases: Iterator[Lease] | tuple[Lease, ...] | list[Lease]) -> "WatchResult":
+    def of_snapshot(cls, leases: Iterator[Lease] | tuple[Lease, ...] | list[Lease]) -> WatchResult:
         return cls(snapshot=tuple(leases))
 
     @classmethod
-    def of_events(cls, events: Iterator[LeaseEvent] | tuple[LeaseEvent, ...] | list[LeaseEvent]) -> "WatchResult":
+    def of_events(cls, events: Iterator[LeaseEvent] | tuple[LeaseEvent, ...] | list[LeaseEvent]) -> WatchResult:
         return cls(events=tuple(events))
 
 

@@ -8,8 +8,9 @@ kubernetes client: neither should be paid for when unused).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any
 
 from flannel import errors
 

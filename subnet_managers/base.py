@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from flannel.config import NetworkConfig
 from flannel.lease import Lease, LeaseAttrs, WatchResult

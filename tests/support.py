@@ -14,24 +14,24 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from flannel import errors
 from flannel.backends.base import Backend, ExternalInterface
 from flannel.backends.udp.packet import Peer, PeerTable
 from flannel.backends.udp.proxy import Proxy, open_socket
-from flannel.subnet_managers.base import SubnetManager
-
-from flannel import errors
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.lab.kubeapi.server import KubeAPIServer
 from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent, WatchResult
 from flannel.options import AgentOptions
+from flannel.subnet_managers.base import SubnetManager
 from flannel.watcher import LeaseWatcher
 
 UNDERLAY_LOCAL = "198.18.0.1"
@@ -196,7 +196,7 @@ class Agent:
                  tweak: Callable[[Any], None] | None = None) -> None:
         self.ns, self.backend, self.leases, self.tweak = ns, backend, leases, tweak
         self.config = parse_network_config(config_json)
-        self.q: "queue.Queue[Batch | None]" = queue.Queue()
+        self.q: queue.Queue[Batch | None] = queue.Queue()
         self.stop_ev = threading.Event()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -216,7 +216,7 @@ class Agent:
             self.ready.set()
             self.net.run(self.q, self.stop_ev)
 
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         self.thread.start()
         assert self.ready.wait(20), "backend did not register in time"
         if self.error:
@@ -374,7 +374,7 @@ class Follower:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="follower", daemon=True)
 
-    def start(self) -> "Follower":
+    def start(self) -> Follower:
         self.thread.start()
         return self
 

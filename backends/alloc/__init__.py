@@ -22,7 +22,7 @@ class AllocNetwork(Network):
         super().__init__(lease, mtu)
         self.peers: dict[object, Lease] = {}
 
-    def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
+    def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         """No data plane: just keep a peer table (for logs and tests)."""
         while not stop.is_set():
             try:

@@ -9,9 +9,10 @@ replay).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flannel import errors
 from flannel.lease import Lease
@@ -69,10 +70,10 @@ class KernelState:
     def __len__(self) -> int:
         return len(self.routes) + len(self.neighs) + len(self.fdbs)
 
-    def union(self, other: "KernelState") -> "KernelState":
+    def union(self, other: KernelState) -> KernelState:
         return KernelState(self.routes | other.routes, self.neighs | other.neighs, self.fdbs | other.fdbs)
 
-    def minus(self, other: "KernelState") -> "KernelState":
+    def minus(self, other: KernelState) -> KernelState:
         return KernelState(self.routes - other.routes, self.neighs - other.neighs, self.fdbs - other.fdbs)
 
 

@@ -98,7 +98,7 @@ class RoutedNetwork(Network):
         if nets != self.ctx.local_nets or nets6 != self.ctx.local_nets6:
             self.ctx = replace(self.ctx, local_nets=nets, local_nets6=nets6)
 
-    def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
+    def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         log.info("%s: watching for new subnet leases", self.ctx.backend_type)
         while not stop.is_set():
             try:
@@ -112,7 +112,7 @@ class RoutedNetwork(Network):
                     return
             try:
                 self.step(batch if got else None)
-            except Exception:  # noqa: BLE001 - a bug here must not kill the data plane thread
+            except Exception:
                 log.exception("%s: unexpected error in reconcile step; retrying", self.ctx.backend_type)
                 self._fail()
 

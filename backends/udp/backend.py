@@ -8,8 +8,9 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Mapping
 from ipaddress import IPv4Network
-from typing import Any, Mapping
+from typing import Any
 
 from flannel import errors
 from flannel.backends.base import Backend, Network
@@ -177,7 +178,7 @@ class UDPNetwork(Network):
         if changed:
             self.proxy.set_table(PeerTable.build(self.peers.values(), self.port))
 
-    def run(self, batches: "queue.Queue[Batch | None]", stop: threading.Event) -> None:
+    def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         self.start()
         try:
             while not stop.is_set():
@@ -189,7 +190,7 @@ class UDPNetwork(Network):
                     return
                 try:
                     self.apply(batch)
-                except Exception:  # noqa: BLE001 - one bad event must not end the loop
+                except Exception:
                     log.exception("udp: could not apply a lease batch; continuing")
         finally:
             self.proxy.stop()

@@ -9,9 +9,9 @@ implements the same functions; tests compare the two.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
 
 IPV4_HEADER_LEN = 20
 ICMP_TTL = 8
@@ -132,7 +132,7 @@ class PeerTable:
     port: int = 8285
 
     @classmethod
-    def build(cls, peers: Iterable[Peer], port: int) -> "PeerTable":
+    def build(cls, peers: Iterable[Peer], port: int) -> PeerTable:
         uniq: dict[IPv4Network, Peer] = {}
         for p in peers:
             uniq[p.subnet] = p

@@ -22,8 +22,14 @@ from ipaddress import IPv4Address
 
 from flannel import errors
 from flannel.backends.udp import accel
-from flannel.backends.udp.packet import (COUNTER_NAMES, IPV4_HEADER_LEN, RX_SPOOFED,
-                                         PeerTable, decrement_ttl, icmp_net_unreachable)
+from flannel.backends.udp.packet import (
+    COUNTER_NAMES,
+    IPV4_HEADER_LEN,
+    RX_SPOOFED,
+    PeerTable,
+    decrement_ttl,
+    icmp_net_unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +158,7 @@ class Proxy:
             try:
                 fn(*args)  # type: ignore[operator]
                 return
-            except Exception:  # noqa: BLE001 - the data path must survive any packet
+            except Exception:
                 log.exception("udp: worker %s failed; restarting", threading.current_thread().name)
                 time.sleep(0.1)
 

@@ -51,7 +51,7 @@ class TunDevice:
         self.vnet_hdr = vnet_hdr
 
     @classmethod
-    def open(cls, template: str = "flannel%d", queues: int = 1, *, offload: bool = False) -> "TunDevice":
+    def open(cls, template: str = "flannel%d", queues: int = 1, *, offload: bool = False) -> TunDevice:
         """Create the device (IFF_TUN|IFF_NO_PI, name template like flannel's); falls back to one
         queue if the kernel refuses IFF_MULTI_QUEUE.
 
@@ -69,7 +69,7 @@ class TunDevice:
         return dev
 
     @classmethod
-    def _open(cls, template: str, queues: int, flags: int) -> "TunDevice":
+    def _open(cls, template: str, queues: int, flags: int) -> TunDevice:
         try:
             if queues > 1:
                 try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from flannel import errors
 from flannel.backends.routed.model import ZERO_MAC, Addr, Context, Fdb, KernelState, Neigh, Net, Route, Skip, on_link

@@ -21,8 +21,8 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import flannel
 from flannel.errors import ConfigError
@@ -73,7 +73,7 @@ def build_zipapp(dest: str | os.PathLike[str], *, interpreter: str = "/usr/bin/e
     return target
 
 
-def write_wrapper(dest: str | os.PathLike[str], *, python: Optional[str] = None) -> Path:
+def write_wrapper(dest: str | os.PathLike[str], *, python: str | None = None) -> Path:
     """Write a shell wrapper that runs ``python -m flannel.cni`` with this (or the given) Python."""
     target = Path(dest)
     exe = python or sys.executable
@@ -86,7 +86,7 @@ def write_wrapper(dest: str | os.PathLike[str], *, python: Optional[str] = None)
     return target
 
 
-def install_plugin(bin_dir: str, *, name: str = "flannel", mode: str = "zipapp", python: Optional[str] = None) -> Path:
+def install_plugin(bin_dir: str, *, name: str = "flannel", mode: str = "zipapp", python: str | None = None) -> Path:
     if not name or "/" in name:
         raise ConfigError(f"invalid plugin file name {name!r}")
     dest = Path(bin_dir) / name

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from flannel.cni import errors as cerr
 from flannel.cni.errors import CNIError
@@ -31,7 +32,7 @@ def find_in_path(plugin: str, cni_path: str) -> str:
                    "set delegate.type to an installed CNI plugin or fix CNI_PATH")
 
 
-def exec_plugin(path: str, command: str, conf: Mapping[str, Any], env: Mapping[str, str]) -> Optional[dict[str, Any]]:
+def exec_plugin(path: str, command: str, conf: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any] | None:
     """Run one plugin operation; return its parsed JSON result (``None`` when it printed nothing).
 
     A non-zero exit becomes a CNIError with the plugin's own code and message (prefixed with its

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from flannel.cni import errors as cerr
 from flannel.cni.errors import CNIError
@@ -37,10 +38,10 @@ def version_tuple(version: str) -> tuple[int, ...]:
 class SubnetEnv:
     """What the agent published for this node. Subnets are in network form (``10.1.17.0/24``)."""
 
-    network: Optional[ipaddress.IPv4Network]
-    subnet: Optional[ipaddress.IPv4Network]
-    ipv6_network: Optional[ipaddress.IPv6Network]
-    ipv6_subnet: Optional[ipaddress.IPv6Network]
+    network: ipaddress.IPv4Network | None
+    subnet: ipaddress.IPv4Network | None
+    ipv6_network: ipaddress.IPv6Network | None
+    ipv6_subnet: ipaddress.IPv6Network | None
     mtu: int
     ipmasq: bool
 
@@ -54,9 +55,9 @@ class NetConf:
     subnet_file: str = DEFAULT_SUBNET_FILE
     data_dir: str = DEFAULT_DATA_DIR
     delegate: Mapping[str, Any] = field(default_factory=dict)
-    ipam: Optional[Mapping[str, Any]] = None
-    runtime_config: Optional[Mapping[str, Any]] = None
-    prev_result: Optional[Mapping[str, Any]] = None
+    ipam: Mapping[str, Any] | None = None
+    runtime_config: Mapping[str, Any] | None = None
+    prev_result: Mapping[str, Any] | None = None
 
 
 def _invalid(msg: str) -> CNIError:
@@ -72,7 +73,7 @@ def _get(obj: Mapping[str, Any], key: str) -> Any:
     return found
 
 
-def _opt_object(obj: Mapping[str, Any], key: str) -> Optional[dict[str, Any]]:
+def _opt_object(obj: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     value = _get(obj, key)
     if value is None:
         return None

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from flannel.cni import errors as cerr
 from flannel.cni import netconf, store
@@ -46,7 +47,7 @@ def _require(env: Mapping[str, str], *names: str) -> None:
         raise CNIError(cerr.INVALID_ENVIRONMENT, f"required environment variable(s) not set: {', '.join(missing)}")
 
 
-def _load_saved(conf: netconf.NetConf, container_id: str) -> Optional[dict[str, Any]]:
+def _load_saved(conf: netconf.NetConf, container_id: str) -> dict[str, Any] | None:
     raw = store.load(conf.data_dir, container_id)
     if raw is None:
         return None
@@ -120,7 +121,7 @@ def cmd_check(conf: netconf.NetConf, env: Mapping[str, str]) -> Result:
         raise CNIError(cerr.UNKNOWN_CONTAINER, f"no flannel state for container {container_id} in {conf.data_dir}",
                        "ADD was not run for this container, or its state was lost")
     try:
-        senv: Optional[netconf.SubnetEnv] = netconf.load_subnet_env(conf.subnet_file)
+        senv: netconf.SubnetEnv | None = netconf.load_subnet_env(conf.subnet_file)
     except CNIError as e:  # the agent may be restarting: the delegate's check still applies
         log.warning("CHECK %s: skipping the subnet check: %s", container_id, e.msg)
         senv = None
@@ -216,7 +217,7 @@ def _admin(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="flannel-cni: %(levelname)s %(message)s")
     command = os.environ.get("CNI_COMMAND", "")

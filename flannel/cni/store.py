@@ -11,7 +11,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from flannel.cni import errors as cerr
 from flannel.cni.errors import CNIError
@@ -56,7 +57,7 @@ def save(data_dir: str, container_id: str, conf: Mapping[str, Any]) -> str:
     return path
 
 
-def load(data_dir: str, container_id: str) -> Optional[bytes]:
+def load(data_dir: str, container_id: str) -> bytes | None:
     """The saved config's bytes, or ``None`` when this container has none."""
     path = path_for(data_dir, container_id)
     try:

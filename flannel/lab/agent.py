@@ -34,8 +34,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flannel import subnet_file
 from flannel.lab.netns import in_netns
@@ -69,7 +70,7 @@ class AgentProcess:
             cmd += ["--healthz-ip", "0.0.0.0", "--healthz-port", str(self.healthz_port)]
         return cmd
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         if self.running:
             raise RuntimeError(f"agent {self.name} is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def __enter__(self) -> "AgentProcess":
+    def __enter__(self) -> AgentProcess:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:

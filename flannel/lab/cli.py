@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from flannel.lab import cluster, podtraffic
 from flannel.lab.cluster import (

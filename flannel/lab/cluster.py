@@ -32,9 +32,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flannel import subnet_file
 from flannel.lab import podtraffic
@@ -198,7 +199,7 @@ class Lab:
         os.replace(tmp, self.state_path)
 
     @classmethod
-    def load(cls, directory: str) -> "Lab | None":
+    def load(cls, directory: str) -> Lab | None:
         path = Path(directory).resolve() / "state.json"
         try:
             state = json.loads(path.read_text())

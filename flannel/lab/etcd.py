@@ -10,8 +10,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ETCD_BIN = os.environ.get("FLANNEL_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL_BIN = os.environ.get("FLANNEL_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -50,7 +50,7 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> "EtcdServer":
+    def start(self, timeout: float = 20.0) -> EtcdServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         name = "flannel-test"
@@ -119,7 +119,7 @@ class EtcdServer:
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> "EtcdServer":
+    def __enter__(self) -> EtcdServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ import ctypes
 import os
 import subprocess
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 _CLONE_NEWNET = 0x40000000
 
@@ -42,7 +42,7 @@ class NetNS:
     def ip(self, *args: str, check: bool = True) -> str:
         return run("ip", "-n", self.name, *args, check=check)
 
-    def popen(self, *cmd: str, **kw: object) -> "subprocess.Popen[bytes]":
+    def popen(self, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)  # type: ignore[call-overload]
 
     def delete(self) -> None:
@@ -55,7 +55,7 @@ class NetNS:
                 pass
         run("ip", "netns", "del", self.name, check=False)
 
-    def __enter__(self) -> "NetNS":
+    def __enter__(self) -> NetNS:
         return self
 
     def __exit__(self, *exc: object) -> None:

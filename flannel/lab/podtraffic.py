@@ -17,8 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 TCP_PORT = 5201
 
@@ -188,7 +188,7 @@ class TcpServers:
             proc.wait(5)
         self.procs.clear()
 
-    def __enter__(self) -> "TcpServers":
+    def __enter__(self) -> TcpServers:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -70,7 +70,7 @@ class Underlay:
             self.remove_host(name)
         self.hub.delete()
 
-    def __enter__(self) -> "Underlay":
+    def __enter__(self) -> Underlay:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     net = UDPBackend(ext, queues=args.queues, use_accel=use_accel,
                      offload={"auto": None, "on": True, "off": False}[args.offload],
                      spread_ports=args.spread_ports or None).register_network(config=config, leases=source)
-    batches: "queue.Queue[Batch | None]" = queue.Queue()
+    batches: queue.Queue[Batch | None] = queue.Queue()
     stop = threading.Event()
     runner = threading.Thread(target=net.run, args=(batches, stop), daemon=True)
     runner.start()
@@ -122,7 +122,7 @@ class NetNSLike(Protocol):
 
     name: str
 
-    def popen(self, *cmd: str, **kw: Any) -> "subprocess.Popen[str]": ...
+    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]: ...
 
 
 class HarnessProcess:

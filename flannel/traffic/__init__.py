@@ -49,7 +49,7 @@ from flannel.traffic import nftables as nft
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrafficManager", "IPTablesManager", "NFTablesManager", "create"]
+__all__ = ["IPTablesManager", "NFTablesManager", "TrafficManager", "create"]
 
 ANY_V4 = IPv4Network("0.0.0.0/0")
 ANY_V6 = IPv6Network("::/0")

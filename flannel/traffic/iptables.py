@@ -15,9 +15,9 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Callable, Sequence
 
 from flannel import errors
 

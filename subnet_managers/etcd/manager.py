@@ -28,8 +28,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flannel import errors, retry, subnet_file
 from flannel.config import NetworkConfig, parse_network_config

@@ -21,8 +21,9 @@ import posixpath
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -371,10 +372,10 @@ class EtcdRegistry:
 
     # -- watches ---------------------------------------------------------------------------------
 
-    def watch_leases(self, start_revision: int) -> "_Watch":
+    def watch_leases(self, start_revision: int) -> _Watch:
         return _Watch(self, self.subnets_prefix, prefix=True, start_revision=start_revision, ttl=False)
 
-    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, start_revision: int) -> "_Watch":
+    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, start_revision: int) -> _Watch:
         return _Watch(self, self.lease_key(subnet, ipv6_subnet), prefix=False, start_revision=start_revision,
                       ttl=True)
 
@@ -385,7 +386,7 @@ class _Watch:
 
     def __init__(self, reg: EtcdRegistry, key: str, *, prefix: bool, start_revision: int, ttl: bool) -> None:
         self._reg, self._key, self._ttl = reg, key, ttl
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._client: Any = None
         self._id: int | None = None
         kwargs: dict[str, Any] = {"start_revision": max(1, start_revision)}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from flannel import errors, wire
 from flannel.lease import LeaseAttrs
@@ -67,7 +67,7 @@ class AnnotationNames:
     node_public_ipv6: str
 
     @classmethod
-    def for_prefix(cls, prefix: str) -> "AnnotationNames":
+    def for_prefix(cls, prefix: str) -> AnnotationNames:
         """:raises errors.ConfigError: for a prefix §5.3 refuses."""
         p = normalize_prefix(prefix)
         return cls(

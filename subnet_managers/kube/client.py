@@ -19,7 +19,8 @@ import json
 import logging
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import urllib3
 from kubernetes import client as kclient
@@ -152,7 +153,7 @@ class NodeWatch:
     def _run(self) -> None:
         try:
             self._resp = self._opener()
-        except Exception as e:  # noqa: BLE001 - not swallowed: get() re-raises it on the caller's thread
+        except Exception as e:
             self._q.put(e)
             return
         if self._closed.is_set():  # closed while the request was in flight
@@ -179,7 +180,7 @@ class NodeWatch:
                 self._q.put(END)
             else:
                 self._q.put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
-        except Exception as e:  # noqa: BLE001 - a bug: re-raised by get() on the caller's thread
+        except Exception as e:
             self._q.put(e)
         finally:
             # a stream that ended cleanly can go back to the pool; a broken one must not
@@ -231,7 +232,7 @@ class NodeWatch:
         self._shutdown()
         self._thread.join(timeout=1)
 
-    def __enter__(self) -> "NodeWatch":
+    def __enter__(self) -> NodeWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,7 +21,8 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from flannel import errors, retry
 from flannel.config import NetworkConfig, parse_network_config

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Mapping
+from typing import Any
 
 from flannel import errors
 from flannel.config import NetworkConfig
@@ -164,7 +165,7 @@ def _own_family(name: str, cidr: Any, network: Any, field: str) -> Any:
 
 def network_available_patch(now: datetime.datetime | None = None) -> dict[str, Any]:
     """The status patch that sets ``NetworkUnavailable=False`` (§5.8); conditions merge by type."""
-    ts = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ts = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"status": {"conditions": [{
         "type": "NetworkUnavailable", "status": "False",
         "lastHeartbeatTime": ts, "lastTransitionTime": ts,

@@ -11,7 +11,8 @@ bad input never removes working routes. The same rule applies on relists, so a s
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flannel import errors
 from flannel.config import NetworkConfig

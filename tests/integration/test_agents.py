@@ -12,9 +12,10 @@ import itertools
 import json
 import signal
 import time
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 

@@ -15,9 +15,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 

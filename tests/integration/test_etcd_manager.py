@@ -9,15 +9,16 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-from flannel.subnet_managers.etcd import EtcdSubnetManager
 
 from flannel import wire
 from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.watcher import LeaseWatcher
 from tests.support import wait_for
 

@@ -12,13 +12,13 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd.registry import EtcdRegistry
 
 from flannel import errors
 from flannel.lab.etcd import EtcdServer
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd.registry import EtcdRegistry
 
 pytestmark = pytest.mark.etcd
 

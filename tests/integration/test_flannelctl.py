@@ -7,10 +7,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from click.testing import CliRunner
-from flannel.subnet_managers.etcd.registry import EtcdRegistry
 
 from flannel.ctl import cli
 from flannel.lease import LeaseAttrs
+from flannel.subnet_managers.etcd.registry import EtcdRegistry
 
 pytestmark = pytest.mark.etcd
 

@@ -7,8 +7,8 @@ from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 
 import pytest
-from flannel.backends.hostgw import HostGWBackend
 
+from flannel.backends.hostgw import HostGWBackend
 from flannel.lease import Lease, LeaseAttrs
 from tests.support import (
     Agent,
@@ -78,7 +78,6 @@ def test_two_hosts_reach_each_other_via_host_gw(ns_prefix):
     import json
 
     from flannel.backends.base import ExternalInterface
-
     from flannel.lab.topology import Underlay, ping
 
     with Underlay(ns_prefix + "u") as u:
@@ -116,7 +115,6 @@ def test_dual_stack_host_gw_routes(ns_prefix):
     from ipaddress import IPv6Address, IPv6Network
 
     from flannel.backends.base import ExternalInterface
-
     from flannel.lab.netns import NetNS
 
     ns = make_ns(ns_prefix)

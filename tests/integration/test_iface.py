@@ -8,13 +8,13 @@ test's namespace.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
-from typing import Iterator
 
 import pytest
-from flannel.backends.base import ExternalInterface
 
 from flannel import errors, iface
+from flannel.backends.base import ExternalInterface
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run_prefix
 from flannel.options import AgentOptions
 

@@ -14,11 +14,11 @@ import time
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from flannel.subnet_managers.kube import KubeSubnetManager
 
 from flannel import errors
 from flannel.lab.kubeapi import KubeAPIServer
 from flannel.lease import EventType, LeaseAttrs
+from flannel.subnet_managers.kube import KubeSubnetManager
 from tests.support import Follower, make_env, wait_for
 
 P = "flannel.alpha.coreos.com/"

@@ -6,8 +6,9 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Network as N
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

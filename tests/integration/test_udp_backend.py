@@ -11,11 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-from flannel.backends.udp import accel
 
+from flannel.backends.udp import accel
 from flannel.lab.netns import cleanup_prefix, in_netns, run_prefix
 from flannel.lab.topology import Host, Underlay, ping
 from flannel.lab.udp_harness import HarnessProcess
@@ -159,7 +159,7 @@ def _udp_probe_error(h: Host, dst: str) -> int | None:
         s.send(b"probe")
         try:
             s.recv(100)
-        except socket.timeout:
+        except TimeoutError:
             return None
         except OSError as e:
             return e.errno

@@ -18,10 +18,10 @@ from ipaddress import IPv4Network as N
 from typing import Any
 
 import pytest
-from flannel.backends.base import ExternalInterface
-from flannel.backends.vxlan import VXLANBackend
 
 from flannel import errors
+from flannel.backends.base import ExternalInterface
+from flannel.backends.vxlan import VXLANBackend
 from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Lease, LeaseAttrs
 from tests.support import UNDERLAY_LOCAL as LOCAL
@@ -186,7 +186,7 @@ class Monitor:
             return any("203.0.113.0/24" in ln for ln in self.lines) and any("02:99:00:00:00:01" in ln for ln in self.lines)
         wait_for(poke, "ip/bridge monitor ready", timeout=10)
 
-    def _read(self, p: "subprocess.Popen[str]") -> None:
+    def _read(self, p: subprocess.Popen[str]) -> None:
         assert p.stdout is not None
         for line in p.stdout:
             self.lines.append(line.strip())

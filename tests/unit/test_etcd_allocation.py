@@ -13,12 +13,12 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
-from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd import manager as manager_mod
 
 from flannel import errors
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import manager as manager_mod
 from tests.support import FakeRegistry
 
 FLANNEL_TEST_CONFIG = '{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'

@@ -9,12 +9,11 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd.store import Compacted, WatchChunk
-
 from flannel import errors
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd.store import Compacted, WatchChunk
 from tests.support import FakeRegistry
 
 

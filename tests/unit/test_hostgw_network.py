@@ -6,12 +6,12 @@ from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 
 import pytest
+
+from flannel import errors
 from flannel.backends.base import ExternalInterface
 from flannel.backends.hostgw import HostGWBackend
 from flannel.backends.hostgw.network import hostgw_entries
 from flannel.backends.routed import model as rm
-
-from flannel import errors
 from flannel.config import parse_network_config
 from flannel.lease import Lease, LeaseAttrs
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from flannel.subnet_managers.kube import annotations as ann
 
 from flannel import errors
 from flannel.lease import LeaseAttrs
+from flannel.subnet_managers.kube import annotations as ann
 
 DEFAULT = ann.AnnotationNames.for_prefix("flannel.alpha.coreos.com")
 VXLAN_BD = '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}'

@@ -6,17 +6,16 @@ import json
 
 import pytest
 import urllib3
-from flannel.subnet_managers.kube import client as kc
 from kubernetes.client.exceptions import ApiException
 
 from flannel import errors
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
+from flannel.subnet_managers.kube import client as kc
 
 
 def raised(exc: BaseException, verb: str = "patch", resource: str = "nodes/status", name: str = "n1") -> BaseException:
-    with pytest.raises(errors.FlannelError) as info:
-        with kc._mapped(verb, resource, name):
-            raise exc
+    with pytest.raises(errors.FlannelError) as info, kc._mapped(verb, resource, name):
+        raise exc
     return info.value
 
 

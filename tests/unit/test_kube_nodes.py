@@ -6,13 +6,13 @@ import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 import pytest
-from flannel.subnet_managers.kube import nodes
-from flannel.subnet_managers.kube.annotations import AnnotationNames
-from flannel.subnet_managers.kube.tracker import NodeTracker
 
 from flannel import errors
 from flannel.config import parse_network_config
 from flannel.lease import EventType, LeaseAttrs
+from flannel.subnet_managers.kube import nodes
+from flannel.subnet_managers.kube.annotations import AnnotationNames
+from flannel.subnet_managers.kube.tracker import NodeTracker
 
 N = AnnotationNames.for_prefix("flannel.alpha.coreos.com")
 V4 = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
@@ -179,7 +179,7 @@ def test_own_node_missing_a_family_the_config_needs():
 
 
 def test_network_available_patch_shape():
-    body = nodes.network_available_patch(datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc))
+    body = nodes.network_available_patch(datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC))
     assert body == {"status": {"conditions": [{
         "type": "NetworkUnavailable", "status": "False", "lastHeartbeatTime": "2026-01-02T03:04:05Z",
         "lastTransitionTime": "2026-01-02T03:04:05Z", "reason": "FlannelIsUp",

@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from flannel.subnet_managers.kube import KubeSubnetManager
-from flannel.subnet_managers.kube.client import END, Expired
-
 from flannel import errors
 from flannel.options import AgentOptions
+from flannel.subnet_managers.kube import KubeSubnetManager
+from flannel.subnet_managers.kube.client import END, Expired
 
 P = "flannel.alpha.coreos.com/"
 
@@ -38,7 +37,7 @@ class ScriptedWatch:
     def close(self) -> None:
         self.closed = True
 
-    def __enter__(self) -> "ScriptedWatch":
+    def __enter__(self) -> ScriptedWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:

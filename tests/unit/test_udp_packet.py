@@ -8,6 +8,8 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+
+from flannel import errors
 from flannel.backends.udp import accel
 from flannel.backends.udp.backend import parse_port
 from flannel.backends.udp.packet import (
@@ -22,8 +24,6 @@ from flannel.backends.udp.packet import (
     decrement_ttl,
     icmp_net_unreachable,
 )
-
-from flannel import errors
 from tests.support import csum, ip_packet
 
 
@@ -240,7 +240,6 @@ def test_register_network_rejects_bad_options_before_leasing() -> None:
 
     from flannel.backends.base import ExternalInterface
     from flannel.backends.udp import UDPBackend
-
     from flannel.config import parse_network_config
 
     ext = ExternalInterface(name="eth0", index=2, mtu=1500, iface_addr=IPv4Address("198.18.0.1"),

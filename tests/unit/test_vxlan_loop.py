@@ -18,7 +18,6 @@ from flannel.backends.routed import model as rm
 from flannel.backends.routed import reconcile as be
 from flannel.backends.routed.netlink import Scope
 from flannel.backends.vxlan import network as vx
-
 from flannel.config import parse_network_config
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 
@@ -159,7 +158,7 @@ def test_run_survives_an_unexpected_error_and_stops_on_none(monkeypatch, caplog)
             raise RuntimeError("boom")
         return orig(batch)
     monkeypatch.setattr(net, "step", flaky)
-    q: "queue.Queue[Batch | None]" = queue.Queue()
+    q: queue.Queue[Batch | None] = queue.Queue()
     q.put(Batch((LeaseEvent(EventType.ADDED, lease(2)),), synced=True))
     q.put(Batch((LeaseEvent(EventType.ADDED, lease(2)),), synced=True))
     q.put(None)

@@ -6,10 +6,10 @@ from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 
 import pytest
-from flannel.backends.routed import model as rm
-from flannel.backends.vxlan import network as vx
 
 from flannel import errors
+from flannel.backends.routed import model as rm
+from flannel.backends.vxlan import network as vx
 from flannel.lease import Lease, LeaseAttrs
 
 CTX = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),))

@@ -35,7 +35,7 @@ _PATCH_TYPES = {"application/strategic-merge-patch+json": True, "application/mer
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    api: "KubeAPIServer"
+    api: KubeAPIServer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -97,19 +97,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def do_PATCH(self) -> None:  # noqa: N802
+    def do_PATCH(self) -> None:
         self._dispatch("PATCH")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._dispatch("PUT")
 
     # -- routes ----------------------------------------------------------------------------
@@ -294,7 +294,7 @@ class KubeAPIServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> "KubeAPIServer":
+    def start(self) -> KubeAPIServer:
         if self._server is not None:
             return self
         if self.netns:
@@ -335,7 +335,7 @@ class KubeAPIServer:
 
     close = stop
 
-    def __enter__(self) -> "KubeAPIServer":
+    def __enter__(self) -> KubeAPIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
