@@ -69,7 +69,7 @@ class Network(abc.ABC):
         """Our own lease was renewed or re-acquired (same subnet). Default: remember it."""
         self._lease = lease
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
         """Release what must not outlive the process (udp: the TUN). vxlan/host-gw leave their
         kernel state in place so that a restart does not interrupt traffic."""
 

@@ -109,7 +109,7 @@ def bench_backend(prefix: str, leases: list[Lease], *, use_batch: bool) -> tuple
                     net.nl.batch_threshold = 10 ** 9
                 writes: list[int] = []
                 orig = net.nl.apply
-                net.nl.apply = lambda p: (writes.append(len(p)), orig(p))[1]
+                net.nl.apply = lambda p, writes=writes, orig=orig: (writes.append(len(p)), orig(p))[1]
                 t0 = time.perf_counter()
                 net.step(batch)           # what Network.run does with the first (synced) snapshot
                 times.append(time.perf_counter() - t0)

@@ -158,7 +158,8 @@ def main() -> int:
         one = " ".join(f"{r['gbps_1']:.2f}" for r in runs[name])
         four = " ".join(f"{r['gbps_4']:.2f}" for r in runs[name])
         ratio = "" if name == "vxlan" else f"   {m['gbps_1'] / ref['gbps_1']:.2f} / {m['gbps_4'] / ref['gbps_4']:.2f}"
-        print(f"{name:<20} {m['gbps_1']:>6.2f} [{one:>17}] {m['gbps_4']:>6.2f} [{four:>17}] {m['rtt_ms']:>12.3f}{ratio}")
+        print(f"{name:<20} {m['gbps_1']:>6.2f} [{one:>17}] {m['gbps_4']:>6.2f} [{four:>17}] "
+              f"{m['rtt_ms']:>12.3f}{ratio}")
     print(json.dumps(runs, indent=1, default=str), file=sys.stderr)
     return 0
 

@@ -69,7 +69,7 @@ class EnvOption(click.Option):
                                    f"(for {self.opts[-1]}): {e.format_message()}", ctx) from None
 
 
-class IPType(click.ParamType):
+class IPType(click.ParamType[str, Any]):
     """An IP address of the given version (4, 6 or None for either)."""
 
     def __init__(self, version: int | None = None) -> None:
@@ -88,7 +88,7 @@ class IPType(click.ParamType):
         return str(addr)
 
 
-class RegexType(click.ParamType):
+class RegexType(click.ParamType[str, Any]):
     name = "REGEX"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
@@ -99,7 +99,7 @@ class RegexType(click.ParamType):
         return str(value)
 
 
-class EndpointsType(click.ParamType):
+class EndpointsType(click.ParamType[tuple[str, ...], Any]):
     """Comma-separated etcd endpoints (flannel splits on ``,`` without trimming)."""
 
     name = "URLS"
@@ -114,7 +114,7 @@ class EndpointsType(click.ParamType):
         return tuple(items)
 
 
-class BoolFlag(click.ParamType):
+class BoolFlag(click.ParamType[bool, Any]):
     name = "true|false"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
@@ -152,8 +152,10 @@ FLAGS: list[Callable[[Any], Any]] = [
         help="Comma-separated etcd v3 endpoints."),
     opt("--etcd-prefix", default=_D.etcd_prefix, help="etcd key prefix for the config and the leases."),
     opt("--etcd-keyfile", type=_existing_file(), default=None, show_default=False, help="etcd client TLS key (PEM)."),
-    opt("--etcd-certfile", type=_existing_file(), default=None, show_default=False, help="etcd client TLS certificate (PEM)."),
-    opt("--etcd-cafile", type=_existing_file(), default=None, show_default=False, help="CA bundle that signs the etcd servers' certificates."),
+    opt("--etcd-certfile", type=_existing_file(), default=None, show_default=False,
+        help="etcd client TLS certificate (PEM)."),
+    opt("--etcd-cafile", type=_existing_file(), default=None, show_default=False,
+        help="CA bundle that signs the etcd servers' certificates."),
     opt("--etcd-username", default="", help="etcd v3 auth user."),
     opt("--etcd-password", default="", help="etcd v3 auth password (never logged)."),
     opt("--iface", multiple=True, single_env_element=True, show_default=False,
@@ -162,7 +164,8 @@ FLAGS: list[Callable[[Any], Any]] = [
         help="Regex searched in interface IPs, then names; repeatable, tried after --iface.  [default: none]"),
     opt("--iface-can-reach", type=IPType(), default="",
         help="Use the interface (and source IP) the kernel routes this IP through."),
-    opt("--subnet-file", default=_D.subnet_file, help="Where to write subnet.env (read at start for the previous subnet)."),
+    opt("--subnet-file", default=_D.subnet_file,
+        help="Where to write subnet.env (read at start for the previous subnet)."),
     opt("--public-ip", type=IPType(4), default="", help="IPv4 address advertised to other hosts."),
     opt("--public-ipv6", type=IPType(6), default="", help="IPv6 address advertised to other hosts."),
     opt("--subnet-lease-renew-margin", type=click.IntRange(1, 1439), default=_D.subnet_lease_renew_margin,
@@ -188,7 +191,15 @@ FLAGS: list[Callable[[Any], Any]] = [
     opt("--log-backtrace-at", default="", help="Accepted for compatibility with flannel's klog flag; ignored."),
 ]
 
-LONG_NAMES = {"v"} | {f.lstrip("-") for f in ["--subnet-manager", "--kube-subnet-mgr", "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile", "--etcd-certfile", "--etcd-cafile", "--etcd-username", "--etcd-password", "--iface", "--iface-regex", "--iface-can-reach", "--subnet-file", "--public-ip", "--public-ipv6", "--subnet-lease-renew-margin", "--subnet-lease-ttl", "--ip-masq", "--ip-masq-fully-random-disable", "--kube-api-url", "--kube-annotation-prefix", "--kubeconfig-file", "--healthz-ip", "--healthz-port", "--iptables-resync", "--iptables-forward-rules", "--ip-blackhole-route", "--net-config-path", "--set-node-network-unavailable", "--vmodule", "--log-backtrace-at", "--version", "--help"]}
+LONG_NAMES = {"v"} | {f.lstrip("-") for f in [
+    "--subnet-manager", "--kube-subnet-mgr", "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile",
+    "--etcd-certfile", "--etcd-cafile", "--etcd-username", "--etcd-password", "--iface", "--iface-regex",
+    "--iface-can-reach", "--subnet-file", "--public-ip", "--public-ipv6", "--subnet-lease-renew-margin",
+    "--subnet-lease-ttl", "--ip-masq", "--ip-masq-fully-random-disable", "--kube-api-url",
+    "--kube-annotation-prefix", "--kubeconfig-file", "--healthz-ip", "--healthz-port", "--iptables-resync",
+    "--iptables-forward-rules", "--ip-blackhole-route", "--net-config-path", "--set-node-network-unavailable",
+    "--vmodule", "--log-backtrace-at", "--version", "--help",
+]}
 
 
 def normalize_argv(args: Sequence[str]) -> list[str]:

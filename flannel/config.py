@@ -117,7 +117,8 @@ def _get_net(fields: Mapping[str, Any], key: str, name: str, version: int) -> An
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise _fail(name, f"must be a CIDR string like {'10.244.0.0/16' if version == 4 else 'fc00::/48'}, got {json.dumps(value)}")
+        example = "10.244.0.0/16" if version == 4 else "fc00::/48"
+        raise _fail(name, f"must be a CIDR string like {example}, got {json.dumps(value)}")
     try:
         net = ip_network(value, strict=False)  # Go ParseCIDR masks host bits
     except ValueError:
@@ -198,7 +199,8 @@ def _validate_family(f: Mapping[str, Any], version: int) -> tuple[Any, int, Any,
             raise _fail(len_name, f"SubnetLen must be less than /{max_len + 1} (got {subnet_len})")
         if subnet_len < net.prefixlen + 2:
             raise _fail(len_name, f"network must be able to accommodate at least four subnets "
-                                  f"({net_name} is /{net.prefixlen}, so {len_name} must be at least {net.prefixlen + 2}; got {subnet_len})")
+                                  f"({net_name} is /{net.prefixlen}, so {len_name} must be at least "
+                                  f"{net.prefixlen + 2}; got {subnet_len})")
     else:
         if net.prefixlen > min_net_len:
             small = "network" if version == 4 else "IPv6Network"

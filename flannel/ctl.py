@@ -9,6 +9,7 @@ matches takes over as a reservation (it stays one, unlike in flannel, reference 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -65,9 +66,12 @@ def _split_endpoints(ctx: click.Context, param: click.Parameter, value: str) -> 
               show_default=True, callback=_split_endpoints, help="Comma-separated list of etcd endpoints.")
 @click.option("--etcd-prefix", envvar="FLANNELD_ETCD_PREFIX", default=DEFAULT_ETCD_PREFIX, show_default=True,
               help="etcd prefix of the network.")
-@click.option("--etcd-keyfile", envvar="FLANNELD_ETCD_KEYFILE", default="", help="SSL key file used to secure etcd communication.")
-@click.option("--etcd-certfile", envvar="FLANNELD_ETCD_CERTFILE", default="", help="SSL certification file used to secure etcd communication.")
-@click.option("--etcd-cafile", envvar="FLANNELD_ETCD_CAFILE", default="", help="SSL Certificate Authority file used to secure etcd communication.")
+@click.option("--etcd-keyfile", envvar="FLANNELD_ETCD_KEYFILE", default="",
+              help="SSL key file used to secure etcd communication.")
+@click.option("--etcd-certfile", envvar="FLANNELD_ETCD_CERTFILE", default="",
+              help="SSL certification file used to secure etcd communication.")
+@click.option("--etcd-cafile", envvar="FLANNELD_ETCD_CAFILE", default="",
+              help="SSL Certificate Authority file used to secure etcd communication.")
 @click.option("--etcd-username", envvar="FLANNELD_ETCD_USERNAME", default="", help="Username for etcd authentication.")
 @click.option("--etcd-password", envvar="FLANNELD_ETCD_PASSWORD", default="", show_default=False,
               help="Password for etcd authentication.")
@@ -136,14 +140,14 @@ def leases_list(obj: _Ctx) -> None:
     """Table of every lease: subnet, public IP, backend, TTL left (reservations never expire)."""
     items, _ = _run(lambda: obj.registry.list_leases(ttl=True))
     now = time.time()
-    items.sort(key=lambda l: (int(l.subnet.network_address) if l.subnet else 0))
-    v6 = any(l.ipv6_subnet is not None for l in items)
+    items.sort(key=lambda lease: (int(lease.subnet.network_address) if lease.subnet else 0))
+    v6 = any(lease.ipv6_subnet is not None for lease in items)
     header = ["SUBNET"] + (["IPV6 SUBNET"] if v6 else []) + ["PUBLIC IP", "BACKEND", "TTL"]
     rows = [header]
-    for l in items:
-        row = [str(l.subnet)] + ([str(l.ipv6_subnet or "-")] if v6 else [])
-        pub = str(l.attrs.public_ip) + (f",{l.attrs.public_ipv6}" if l.attrs.public_ipv6 else "")
-        rows.append(row + [pub, l.attrs.backend_type or "udp/alloc", _ttl_left(l, now)])
+    for lease in items:
+        row = [str(lease.subnet)] + ([str(lease.ipv6_subnet or "-")] if v6 else [])
+        pub = str(lease.attrs.public_ip) + (f",{lease.attrs.public_ipv6}" if lease.attrs.public_ipv6 else "")
+        rows.append([*row, pub, lease.attrs.backend_type or "udp/alloc", _ttl_left(lease, now)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -157,7 +161,7 @@ def _subnet(value: str, param: str) -> IPv4Network:
     try:
         return IPv4Network(value, strict=True)
     except ValueError as e:
-        raise click.BadParameter(f"{value!r} is not an IPv4 subnet like 10.5.1.0/24 ({e})", param_hint=param)
+        raise click.BadParameter(f"{value!r} is not an IPv4 subnet like 10.5.1.0/24 ({e})", param_hint=param) from None
 
 
 @cli.group()
@@ -192,11 +196,11 @@ def reservations_add(obj: _Ctx, subnet: str, public_ip: str, public_ipv6: str, i
     attrs = LeaseAttrs(public_ip=pip, public_ipv6=pip6, backend_type=backend_type, backend_data=data)
     reg = obj.registry
     existing, _ = _run(lambda: reg.list_leases())
-    for l in existing:
-        if l.subnet is not None and l.subnet.overlaps(sn) and (l.subnet, l.ipv6_subnet) != (sn, sn6):
-            raise click.ClickException(f"{sn} overlaps the existing lease {l.describe()}; remove it first")
-        if (l.subnet, l.ipv6_subnet) == (sn, sn6) and l.attrs.public_ip != pip:
-            raise click.ClickException(f"{sn} is currently held by {l.attrs.public_ip}; "
+    for lease in existing:
+        if lease.subnet is not None and lease.subnet.overlaps(sn) and (lease.subnet, lease.ipv6_subnet) != (sn, sn6):
+            raise click.ClickException(f"{sn} overlaps the existing lease {lease.describe()}; remove it first")
+        if (lease.subnet, lease.ipv6_subnet) == (sn, sn6) and lease.attrs.public_ip != pip:
+            raise click.ClickException(f"{sn} is currently held by {lease.attrs.public_ip}; "
                                        f"it can only be reserved for that node")
     try:
         cfg = parse_network_config(reg.get_config())
@@ -218,16 +222,16 @@ def reservations_remove(obj: _Ctx, subnet: str) -> None:
     sn = _subnet(subnet, "SUBNET")
     reg = obj.registry
     existing, _ = _run(lambda: reg.list_leases())
-    matches = [l for l in existing if l.subnet == sn]
+    matches = [lease for lease in existing if lease.subnet == sn]
     if not matches:
         raise click.ClickException(f"no reservation for {sn} under {reg.subnets_prefix}")
-    for l in matches:
-        if l.expiration is not None:
-            raise click.ClickException(f"{sn} is a lease held by {l.attrs.public_ip} (it has a TTL), "
+    for lease in matches:
+        if lease.expiration is not None:
+            raise click.ClickException(f"{sn} is a lease held by {lease.attrs.public_ip} (it has a TTL), "
                                        f"not a reservation; not removing it")
-    for l in matches:
-        _run(lambda: reg.delete_lease(l.subnet, l.ipv6_subnet))
-        click.echo(f"removed reservation {reg.lease_key(l.subnet, l.ipv6_subnet)}")
+    for lease in matches:
+        _run(functools.partial(reg.delete_lease, lease.subnet, lease.ipv6_subnet))
+        click.echo(f"removed reservation {reg.lease_key(lease.subnet, lease.ipv6_subnet)}")
 
 
 def main() -> None:

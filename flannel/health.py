@@ -62,7 +62,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(head=True)
 
-    do_POST = do_PUT = do_DELETE = do_GET  # flannel answers any method
+    # flannel answers any method
+    def do_POST(self) -> None:
+        self._answer()
+
+    def do_PUT(self) -> None:
+        self._answer()
+
+    def do_DELETE(self) -> None:
+        self._answer()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("health: %s " + format, self.address_string(), *args)

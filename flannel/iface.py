@@ -25,7 +25,7 @@ import re
 import socket
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol, Union, cast
+from typing import Protocol, cast
 
 from flannel import errors
 from flannel.backends.base import ExternalInterface
@@ -33,7 +33,7 @@ from flannel.options import AgentOptions
 
 log = logging.getLogger(__name__)
 
-IP = Union[IPv4Address, IPv6Address]
+IP = IPv4Address | IPv6Address
 
 IFA_F_SECONDARY = 0x01  # a.k.a. IFA_F_TEMPORARY for IPv6
 IFA_F_DEPRECATED = 0x20

@@ -66,5 +66,5 @@ class SubnetManager(abc.ABC):
         """BackendData / BackendV6Data this node published before (kube only). Default: none."""
         return None, None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
         """Release connections. Idempotent."""

@@ -261,7 +261,8 @@ def routes(ns: NetNS) -> set[str]:
     out = set()
     for r in json.loads(ns.ip("-j", "route", "show", "table", "main") or "[]"):
         if r.get("gateway"):
-            out.add(f"{r['dst']} via {r['gateway']} dev {r['dev']}{' onlink' if 'onlink' in r.get('flags', []) else ''}")
+            onlink = " onlink" if "onlink" in r.get("flags", []) else ""
+            out.add(f"{r['dst']} via {r['gateway']} dev {r['dev']}{onlink}")
     return out
 
 
@@ -397,13 +398,14 @@ class Follower:
     def peers(self) -> dict[str, Lease]:
         """Current peers keyed by IPv4 subnet text (or IPv6 if IPv6-only)."""
         with self._lock:
-            return {str(l.subnet or l.ipv6_subnet): l for l in self._peers.values()}
+            return {str(lease.subnet or lease.ipv6_subnet): lease for lease in self._peers.values()}
 
     def events(self) -> list[tuple[EventType, Lease]]:
         with self._lock:
             return [(e.type, e.lease) for b in self.batches for e in b.events]
 
-    def wait_peers(self, expected: Callable[[dict[str, Lease]], bool], what: str, timeout: float = 15.0) -> dict[str, Lease]:
+    def wait_peers(self, expected: Callable[[dict[str, Lease]], bool], what: str,
+                   timeout: float = 15.0) -> dict[str, Lease]:
         def check() -> tuple[dict[str, Lease]] | None:
             peers = self.peers()
             return (peers,) if expected(peers) else None

@@ -30,7 +30,8 @@ def hostgw_entries(lease: Lease, ctx: Context) -> KernelState:
         L2 network (for dual stack: if either family's gateway is off-link, the lease is refused).
     """
     if lease.attrs.backend_type != ctx.backend_type:
-        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: type={lease.attrs.backend_type or '<none>'}")
+        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: "
+                   f"type={lease.attrs.backend_type or '<none>'}")
     routes = set()
     if ctx.dev is not None and lease.subnet is not None:
         routes.add(_route(lease.subnet, lease.attrs.public_ip, ctx, ctx.local_nets))

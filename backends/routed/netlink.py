@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface, ip_network
 from socket import AF_INET, AF_INET6
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -86,10 +86,15 @@ def _netns_id() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_E = TypeVar("_E")
+
+
+def _boundary(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Convert pyroute2's errors into ``errors.BackendError`` at the module boundary."""
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
         except (NetlinkError, OSError) as e:
@@ -244,11 +249,16 @@ class Netlink:
 
     @_boundary
     def dump_pyroute2(self, scope: Scope) -> KernelState:
-        names = {}
-        for dev in (*scope.devs, *(d for d in (scope.overlay_dev, scope.overlay_dev6) if d)):
-            idx = self.link_index(dev)
+        neighs, fdbs = self._pyroute2_overlay_entries(scope)
+        return KernelState(frozenset(self._pyroute2_routes(scope)), frozenset(neighs), frozenset(fdbs))
+
+    def _pyroute2_routes(self, scope: Scope) -> set[Route]:
+        """Our main-table unicast routes with a gateway, via one of the scope's devices."""
+        names: dict[int, str] = {}
+        for name in (*scope.devs, *(d for d in (scope.overlay_dev, scope.overlay_dev6) if d)):
+            idx = self.link_index(name)
             if idx is not None:
-                names[idx] = dev
+                names[idx] = name
         routes = set()
         for family, net_scope in ((AF_INET, scope.network), (AF_INET6, scope.network6)):
             if net_scope is None:
@@ -264,6 +274,10 @@ class Netlink:
                 net = ip_network(f"{dst}/{r['dst_len']}")
                 if scope.wants_route(net):
                     routes.add(Route(net, ip_address(gw), dev, bool(r["flags"] & RTNH_F_ONLINK)))
+        return routes
+
+    def _pyroute2_overlay_entries(self, scope: Scope) -> tuple[set[Neigh], set[Fdb]]:
+        """The permanent neighbour and fdb entries on the scope's overlay devices (vxlan)."""
         neighs: set[Neigh] = set()
         fdbs: set[Fdb] = set()
         for family, ov in ((AF_INET, scope.overlay_dev), (AF_INET6, scope.overlay_dev6)):
@@ -285,7 +299,7 @@ class Netlink:
                     addr = ip_address(dst)
                     if addr.version == version:
                         fdbs.add(Fdb(mac.lower(), addr, ov))
-        return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
+        return neighs, fdbs
 
     def apply(self, plan: Plan) -> list[tuple[object, str]]:
         """Carry out ``plan``. Returns the failed entries with the error (empty = all done).
@@ -311,34 +325,37 @@ class Netlink:
                 raise NetlinkError(errno.ENODEV, f"no device {dev}")
             return i
 
-        def do(entry: object, fn: Callable[[], Any], deleting: bool) -> None:
+        def do(entry: _E, fn: Callable[[_E], object], deleting: bool) -> None:
             try:
-                fn()
+                fn(entry)
             except (NetlinkError, OSError, errors.BackendError) as e:
                 if deleting and isinstance(e, NetlinkError) and e.code in _GONE:
                     return
                 failed.append((entry, f"{'delete' if deleting else 'set'} {entry}: {e}"))
 
-        for r in plan.del_routes:
-            do(r, lambda r=r: self._ipr.route("del", dst=str(r.dst), gateway=str(r.gateway), oif=idx(r.dev),
-                                              table=MAIN_TABLE, family=_family(r.gateway)), True)
-        for n in plan.del_neighs:
-            do(n, lambda n=n: self._ipr.neigh("del", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
-                                              family=_family(n.ip)), True)
-        for f in plan.del_fdbs:
-            do(f, lambda f=f: self._ipr.fdb("del", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst)), True)
-        for f in plan.set_fdbs:
-            do(f, lambda f=f: self._ipr.fdb("replace", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst),
-                                            state=NUD_PERMANENT, flags=NTF_SELF), False)
-        for n in plan.set_neighs:
-            do(n, lambda n=n: self._ipr.neigh("replace", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
-                                              state=NUD_PERMANENT, family=_family(n.ip)), False)
-        for r in plan.set_routes:
-            kw: dict[str, Any] = dict(dst=str(r.dst), gateway=str(r.gateway), oif=0,
-                                      table=MAIN_TABLE, proto=PROTO_BOOT, family=_family(r.gateway))
+        def set_route(r: Route) -> None:
+            kw: dict[str, Any] = {"dst": str(r.dst), "gateway": str(r.gateway), "oif": idx(r.dev),
+                                  "table": MAIN_TABLE, "proto": PROTO_BOOT, "family": _family(r.gateway)}
             if r.onlink:
                 kw["flags"] = RTNH_F_ONLINK
-            do(r, lambda r=r, kw=kw: self._ipr.route("replace", **{**kw, "oif": idx(r.dev)}), False)
+            self._ipr.route("replace", **kw)
+
+        for r in plan.del_routes:
+            do(r, lambda r: self._ipr.route("del", dst=str(r.dst), gateway=str(r.gateway), oif=idx(r.dev),
+                                            table=MAIN_TABLE, family=_family(r.gateway)), True)
+        for n in plan.del_neighs:
+            do(n, lambda n: self._ipr.neigh("del", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
+                                            family=_family(n.ip)), True)
+        for f in plan.del_fdbs:
+            do(f, lambda f: self._ipr.fdb("del", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst)), True)
+        for f in plan.set_fdbs:
+            do(f, lambda f: self._ipr.fdb("replace", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst),
+                                          state=NUD_PERMANENT, flags=NTF_SELF), False)
+        for n in plan.set_neighs:
+            do(n, lambda n: self._ipr.neigh("replace", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
+                                            state=NUD_PERMANENT, family=_family(n.ip)), False)
+        for r in plan.set_routes:
+            do(r, set_route, False)
         return failed
 
     def _apply_batch(self, plan: Plan) -> str:

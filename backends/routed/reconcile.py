@@ -130,7 +130,8 @@ class RoutedNetwork(Network):
                     self._skip_logged.pop(ev.lease.ident, None)
             if batch.synced:
                 if not self._synced:
-                    log.info("%s: first snapshot complete (%d leases); reconciling", self.ctx.backend_type, len(self.peers))
+                    log.info("%s: first snapshot complete (%d leases); reconciling",
+                             self.ctx.backend_type, len(self.peers))
                 self._synced = True
                 full = True
         if not self._synced:

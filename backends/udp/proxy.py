@@ -18,6 +18,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from flannel import errors
@@ -113,6 +114,7 @@ class Proxy:
 
     def start(self) -> None:
         for q, (fd, sock, tx) in enumerate(zip(self.tun_fds, self.socks, self.tx_socks)):
+            targets: list[tuple[Callable[..., None], tuple[object, ...]]]
             if self._lib is not None:
                 assert self._c_state is not None
                 c_out, c_in = accel.Counters(), accel.Counters()
@@ -164,20 +166,21 @@ class Proxy:
 
     # --- C workers: the ctypes call releases the GIL for the whole loop ---
     def _c_tun_to_udp(self, c: ctypes.Array[ctypes.c_uint64], fd: int, sock: socket.socket) -> None:
-        assert self._lib is not None
+        assert self._lib is not None and self._c_state is not None
         fn = self._lib.fl_tun_to_udp_gso if self.offload else self._lib.fl_tun_to_udp
         fn(ctypes.byref(self._c_state), c, fd, sock.fileno())
 
     def _c_udp_to_tun(self, c: ctypes.Array[ctypes.c_uint64], sock: socket.socket, fd: int) -> None:
-        assert self._lib is not None
+        assert self._lib is not None and self._c_state is not None
         fn = self._lib.fl_udp_to_tun_gro if self.offload else self._lib.fl_udp_to_tun
         fn(ctypes.byref(self._c_state), c, sock.fileno(), fd)
 
     # --- pure-Python workers ---
     def _py_tun_to_udp(self, c: list[int], fd: int, sock: socket.socket) -> None:
         read, sendto, mtu = os.read, sock.sendto, self.mtu
-        i_rx, i_short, i_ver, i_noroute = _IDX["tun_rx_packets"], _IDX["drop_short"], _IDX["drop_version"], _IDX["drop_no_route"]
-        i_icmp, i_ttl, i_tx, i_txb, i_err = _IDX["icmp_unreachable"], _IDX["drop_ttl"], _IDX["tx_packets"], _IDX["tx_bytes"], _IDX["send_errors"]
+        i_rx, i_short, i_ver = _IDX["tun_rx_packets"], _IDX["drop_short"], _IDX["drop_version"]
+        i_noroute, i_icmp, i_ttl = _IDX["drop_no_route"], _IDX["icmp_unreachable"], _IDX["drop_ttl"]
+        i_tx, i_txb, i_err = _IDX["tx_packets"], _IDX["tx_bytes"], _IDX["send_errors"]
         while not self._stopped:
             try:
                 data = read(fd, mtu)
@@ -224,7 +227,8 @@ class Proxy:
     def _py_udp_to_tun(self, c: list[int], sock: socket.socket, fd: int) -> None:
         recvfrom, mtu, inet_aton = sock.recvfrom, self.mtu, socket.inet_aton
         i_rx, i_short, i_ver, i_ttl = _IDX["rx_packets"], _IDX["drop_short"], _IDX["drop_version"], _IDX["drop_ttl"]
-        i_unk, i_spoof, i_tx, i_txb = _IDX["drop_unknown_peer"], _IDX["drop_spoofed"], _IDX["tun_tx_packets"], _IDX["tun_tx_bytes"]
+        i_unk, i_spoof = _IDX["drop_unknown_peer"], _IDX["drop_spoofed"]
+        i_tx, i_txb = _IDX["tun_tx_packets"], _IDX["tun_tx_bytes"]
         while not self._stopped:
             try:
                 data, src = recvfrom(mtu)

@@ -192,7 +192,8 @@ def vxlan_entries(lease: Lease, ctx: Context) -> KernelState:
     :raises errors.BadLeaseRecord: bad BackendData / BackendV6Data (the whole lease is skipped).
     """
     if lease.attrs.backend_type != ctx.backend_type:
-        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: type={lease.attrs.backend_type or '<none>'}")
+        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: "
+                   f"type={lease.attrs.backend_type or '<none>'}")
     parts: list[KernelState] = []
     if ctx.dev is not None and lease.subnet is not None:
         parts.append(_vxlan_family(lease.subnet, lease.attrs.public_ip, lease.attrs.backend_data, ctx.dev,

@@ -104,5 +104,9 @@ def install_conf(src: str, dst: str) -> Path:
         raise ConfigError(f"source {src} does not exist or is not a file")
     mode = source.stat().st_mode & 0o7777
     target = Path(dst)
-    _atomic_write(target, lambda tmp: None if shutil.copyfile(source, tmp) else None, mode)
+
+    def copy(tmp: str) -> None:
+        shutil.copyfile(source, tmp)
+
+    _atomic_write(target, copy, mode)
     return target

@@ -109,8 +109,10 @@ def parse_netconf(data: bytes | str) -> NetConf:
     ipam = _opt_object(obj, "ipam")
     if ipam is not None and "routes" in ipam:
         routes = ipam["routes"]
-        if not isinstance(routes, list) or not all(isinstance(r, dict) and isinstance(r.get("dst"), str) for r in routes):
-            raise _invalid(f"failed to read IPAM routes: ipam.routes must be a list of {{\"dst\": CIDR}}, got {json.dumps(routes)}")
+        if not isinstance(routes, list) or not all(isinstance(r, dict) and isinstance(r.get("dst"), str)
+                                                   for r in routes):
+            raise _invalid(f"failed to read IPAM routes: ipam.routes must be a list of {{\"dst\": CIDR}}, "
+                           f"got {json.dumps(routes)}")
     return NetConf(
         cni_version=version,
         name=_opt_str(obj, "name", ""),

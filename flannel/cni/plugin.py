@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from flannel.cni import errors as cerr
 from flannel.cni import netconf, store
@@ -38,7 +38,7 @@ from flannel.errors import FlannelError
 log = logging.getLogger(__name__)
 
 LATEST = "1.0.0"
-Result = Optional[dict]
+Result = dict[str, Any] | None
 
 
 def _require(env: Mapping[str, str], *names: str) -> None:
@@ -110,7 +110,8 @@ def _check_addresses(prev_result: Mapping[str, Any], senv: netconf.SubnetEnv) ->
 
 def cmd_check(conf: netconf.NetConf, env: Mapping[str, str]) -> Result:
     if netconf.version_tuple(conf.cni_version or "0.1.0") < (0, 4, 0):
-        raise CNIError(cerr.INCOMPATIBLE_VERSION, f"CHECK is not supported by cniVersion {conf.cni_version or '0.1.0'!r}",
+        raise CNIError(cerr.INCOMPATIBLE_VERSION,
+                       f"CHECK is not supported by cniVersion {conf.cni_version or '0.1.0'!r}",
                        "CHECK needs cniVersion 0.4.0 or later")
     container_id = store.check_container_id(env.get("CNI_CONTAINERID", ""))
     _require(env, "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")

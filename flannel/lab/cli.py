@@ -23,7 +23,8 @@ from flannel.lab.cluster import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/lab", description=cluster.__doc__.split("\n\n")[0] if cluster.__doc__ else None,
+    p = argparse.ArgumentParser(prog="scripts/lab",
+                                description=cluster.__doc__.split("\n\n")[0] if cluster.__doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["up", "down", "status"])
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")

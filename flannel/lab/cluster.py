@@ -213,7 +213,8 @@ class Lab:
         lab.etcd_pid = state["etcd"]["pid"]
         lab.etcd_endpoint = state["etcd"]["endpoint"]
         kube = state.get("kubeapi", {})
-        lab.kubeapi_pid, lab.kubeapi_url, lab.kube_token = kube.get("pid", 0), kube.get("url", ""), kube.get("token", "")
+        lab.kubeapi_pid, lab.kubeapi_url = kube.get("pid", 0), kube.get("url", "")
+        lab.kube_token = kube.get("token", "")
         lab._next_index = state.get("next_index", 1)
         for name, h in state["hosts"].items():
             agent = AgentState(**h.pop("agent"))
@@ -237,8 +238,8 @@ class Lab:
                     missing.append(f"CNI plugin {CNI_BIN}/{plugin}: run scripts/setup (containernetworking-plugins)")
             if shutil.which("curl") is None:
                 missing.append("curl: run scripts/setup")
-        res = subprocess.run([self.config.python, "-c",
-                              "import importlib.util, flannel.cli; assert importlib.util.find_spec('flannel.__main__')"],
+        probe = "import importlib.util, flannel.cli; assert importlib.util.find_spec('flannel.__main__')"
+        res = subprocess.run([self.config.python, "-c", probe],
                              capture_output=True, text=True)
         if res.returncode != 0:
             missing.append(f"the flannel agent is not importable with {self.config.python} "
@@ -289,13 +290,10 @@ class Lab:
         url_file.unlink(missing_ok=True)
         cmd = [self.config.python, "-m", "flannel.lab.kubeapi", "--host", str(self.underlay.hub_ip),
                "--port", str(KUBEAPI_PORT), "--token", self.kube_token, "--ready-file", str(url_file)]
-        logf = open(self.dir / "kubeapi.log", "ab")
-        try:
+        with open(self.dir / "kubeapi.log", "ab") as logf:
             proc = subprocess.Popen(["ip", "netns", "exec", self.underlay.hub.name, *cmd], cwd=str(self.dir),
                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        finally:
-            logf.close()
         self.kubeapi_pid = proc.pid
         self._procs["<kubeapi>"] = proc
         deadline = time.monotonic() + 20

@@ -178,7 +178,8 @@ class TcpServers:
         line = proc.stdout.readline()
         if line.strip() != "ready":
             proc.kill()
-            raise RuntimeError(f"tcp server in {pod.ns} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"tcp server in {pod.ns} did not start: {line!r} {err}")
         self.procs[pod.name] = proc
 
     def close(self) -> None:

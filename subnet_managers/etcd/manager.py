@@ -24,6 +24,7 @@ Loops poll their ``stop`` event at least every ``POLL_SECONDS`` so SIGTERM is ho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import threading
@@ -236,28 +237,16 @@ class EtcdSubnetManager(SubnetManager):
         handle: WatchHandle | None = None
         backoff = 0.0
 
-        def publish(new: Lease) -> None:
-            if on_lease is not None:
-                try:
-                    on_lease(new)
-                except Exception:  # a callback bug must not stop the renewals
-                    log.exception("on_lease callback failed for %s", new.describe())
-
         def lost(why: str, *, same: bool) -> Lease | None:
-            log.warning("Our lease %s %s; acquiring a lease again%s", current.describe(), why,
-                        " (same subnet if still free)" if same else "")
-            new = self._reacquire(current, stop, same=same)
-            if new is not None:
-                log.info("Re-acquired lease %s", new.describe())
-                publish(new)
-            return new
+            return self._lost(current, why, same=same, stop=stop, on_lease=on_lease)
 
         try:
             while not stop.is_set():
                 if handle is None:
-                    assert current.subnet is not None
+                    subnet = current.subnet
+                    assert subnet is not None
                     try:
-                        stored, rev = reg.get_lease(current.subnet, current.ipv6_subnet)
+                        stored, rev = reg.get_lease(subnet, current.ipv6_subnet)
                         if stored is None or stored.attrs.public_ip != current.attrs.public_ip:
                             new = lost("is gone from etcd" if stored is None else
                                        f"is now held by {stored.attrs.public_ip}", same=stored is None)
@@ -267,7 +256,7 @@ class EtcdSubnetManager(SubnetManager):
                             continue
                         current = dataclasses.replace(current, expiration=stored.expiration)
                         next_renew = self._renew_at(current)
-                        handle = reg.watch_lease(current.subnet, current.ipv6_subnet, rev + 1)
+                        handle = reg.watch_lease(subnet, current.ipv6_subnet, rev + 1)
                         backoff = 0.0
                     except errors.FlannelError as e:  # never die: etcd may come back, creds may be fixed
                         backoff = min(WATCH_BACKOFF_MAX, max(0.1, backoff * 2))
@@ -311,10 +300,22 @@ class EtcdSubnetManager(SubnetManager):
                 log.info("Lease renewed, new expiration: %s", time.strftime(
                     "%Y-%m-%d %H:%M:%S", time.localtime(current.expiration or 0)))
                 next_renew = self._renew_at(current)
-                publish(current)
+                _publish(on_lease, current)
         finally:
             if handle is not None:
                 handle.cancel()
+
+    def _lost(self, current: Lease, why: str, *, same: bool, stop: threading.Event,
+              on_lease: Callable[[Lease], None] | None) -> Lease | None:
+        """We no longer hold ``current`` (``why``): acquire a lease again (the same subnet if
+        ``same`` and it is still free) and publish it; None only when ``stop`` is set first."""
+        log.warning("Our lease %s %s; acquiring a lease again%s", current.describe(), why,
+                    " (same subnet if still free)" if same else "")
+        new = self._reacquire(current, stop, same=same)
+        if new is not None:
+            log.info("Re-acquired lease %s", new.describe())
+            _publish(on_lease, new)
+        return new
 
     def _reacquire(self, old: Lease, stop: threading.Event, *, same: bool) -> Lease | None:
         """Acquire again after losing ``old``; None only when ``stop`` is set first."""
@@ -344,7 +345,7 @@ class EtcdSubnetManager(SubnetManager):
                     yield WatchResult.of_snapshot(leases)
                 start = rev + 1
                 handle = _with_store_retry(stop, f"watching leases from revision {start}",
-                                           lambda: reg.watch_leases(start))
+                                           functools.partial(reg.watch_leases, start))
                 while not stop.is_set():
                     chunk = handle.get(POLL_SECONDS)
                     if chunk is None:
@@ -369,6 +370,15 @@ class EtcdSubnetManager(SubnetManager):
             finally:
                 if handle is not None:
                     handle.cancel()
+
+
+def _publish(on_lease: Callable[[Lease], None] | None, lease: Lease) -> None:
+    """Hand a new or renewed lease to the daemon's callback (which must not stop the renewals)."""
+    if on_lease is not None:
+        try:
+            on_lease(lease)
+        except Exception:  # a callback bug must not stop the renewals
+            log.exception("on_lease callback failed for %s", lease.describe())
 
 
 def _with_store_retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:

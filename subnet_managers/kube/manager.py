@@ -214,7 +214,8 @@ class KubeSubnetManager(SubnetManager):
                     log.info("listed %d nodes (%d with flannel leases) at resourceVersion %s",
                              len(items), len(snapshot), rv)
                     yield WatchResult.of_snapshot(snapshot)
-                for result, rv in self._watch_once(tracker, rv, stop):
+                for result, seen in self._watch_once(tracker, rv, stop):
+                    rv = seen  # where to resume if the watch drops
                     failures = 0
                     if result is not None:
                         yield result

@@ -215,7 +215,7 @@ def test_ip_masq_hides_pod_addresses_outside_the_cluster(lab: Lab) -> None:
     if why:
         pytest.skip(why)
     assert lab.underlay is not None
-    host = list(lab.hosts)[0]
+    host = next(iter(lab.hosts))
     pod = _first_pod(lab, host)
     other = _first_pod(lab, list(lab.hosts)[1])
     # the hub is outside the cluster network (no route back to pods: only the source matters)

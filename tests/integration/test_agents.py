@@ -241,7 +241,7 @@ def test_agents_survive_an_etcd_outage(cluster: Cluster) -> None:
     cluster.etcd.etcdctl("put", f"{cluster.prefix}/subnets/10.9.200.0-24",
                          json.dumps({"PublicIP": "198.18.0.250", "PublicIPv6": None, "BackendType": "alloc"}))
     for agent in (a, b):
-        wait_for(lambda: "10.9.200.0/24" in agent.remote_subnets(), "the new lease after the outage",
+        wait_for(lambda agent=agent: "10.9.200.0/24" in agent.remote_subnets(), "the new lease after the outage",
                  timeout=30, agents=(agent,))
     c.wait_ready()
     assert len({a.subnet(), b.subnet(), c.subnet()}) == 3
@@ -263,7 +263,8 @@ def test_short_ttl_is_renewed(cluster: Cluster) -> None:
     assert 0 < ttl["granted-ttl"] <= 4
     end = time.monotonic() + 10
     while time.monotonic() < end:  # 2.5 TTLs: without renewals the key would be gone
-        assert key in cluster.keys(), a.log_tail()
+        live = cluster.keys()  # a fresh read of etcd, not a dict view
+        assert key in live, a.log_tail()
         time.sleep(0.5)
     assert a.running and a.subnet() == IPv4Network(key.replace("-", "/"))
     assert "Lease renewed" in a.log_text() and "acquiring a lease again" not in a.log_text()

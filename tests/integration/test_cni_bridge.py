@@ -29,7 +29,8 @@ SUBNET = ipaddress.ip_network("10.99.7.0/24")
 MTU = 1400
 
 if not (os.path.exists(f"{CNI_BIN}/bridge") and os.path.exists(f"{CNI_BIN}/host-local")):
-    pytestmark = [pytest.mark.root, pytest.mark.skip(reason="containernetworking-plugins not installed (scripts/setup)")]
+    pytestmark = [pytest.mark.root,
+                  pytest.mark.skip(reason="containernetworking-plugins not installed (scripts/setup)")]
 
 
 class Node:
@@ -79,7 +80,7 @@ class Node:
 
     def host_veths(self) -> list[str]:
         out = json.loads(self.host.ip("-j", "link", "show", "master", self.bridge) or "[]")
-        return [l["ifname"] for l in out]
+        return [link["ifname"] for link in out]
 
 
 @pytest.fixture
@@ -109,7 +110,8 @@ def test_add_check_del_lifecycle(node):
     assert routes["default"] == str(SUBNET.network_address + 1)
     # the host side: bridge with the gateway address, one veth in it, hairpin on
     br = json.loads(node.host.ip("-j", "addr", "show", "dev", node.bridge))[0]
-    assert f"{SUBNET.network_address + 1}/{SUBNET.prefixlen}" in {f"{a['local']}/{a['prefixlen']}" for a in br["addr_info"]}
+    addrs = {f"{a['local']}/{a['prefixlen']}" for a in br["addr_info"]}
+    assert f"{SUBNET.network_address + 1}/{SUBNET.prefixlen}" in addrs
     veths = node.host_veths()
     assert len(veths) == 1
     assert "hairpin on" in run("ip", "netns", "exec", node.host.name, "bridge", "-d", "link", "show", "dev", veths[0])

@@ -164,7 +164,8 @@ def test_short_ttl_renewed_and_deleted_key_reacquired(etcd_server, make_manager)
 def test_compaction_relists_and_reemits_changed_attributes(etcd_server, make_manager):
     put_config(etcd_server, CONFIG_8)
     own = make_manager().acquire_lease(attrs("192.0.2.1"))
-    put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100", BackendType="vxlan", BackendData={"VtepMAC": "aa:00:00:00:00:01"})
+    put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100", BackendType="vxlan",
+              BackendData={"VtepMAC": "aa:00:00:00:00:01"})
     put_lease(etcd_server, "10.8.101.0/24", "198.18.0.101")
     m = make_manager()
     stop = threading.Event()

@@ -82,7 +82,7 @@ def test_create_is_create_if_absent(etcd_server):
     reg = registry(etcd_server)
     try:
         reg.create_lease(SN, None, LeaseAttrs(public_ip=IPv4Address("1.1.1.1")), 600)
-        with pytest.raises(errors.LeaseConflict, match="10.1.5.0/24"):
+        with pytest.raises(errors.LeaseConflict, match=r"10.1.5.0/24"):
             reg.create_lease(SN, None, LeaseAttrs(public_ip=IPv4Address("2.2.2.2")), 600)
         assert "1.1.1.1" in etcd_server.etcdctl("get", "--print-value-only", f"{PREFIX}/subnets/10.1.5.0-24")
     finally:
@@ -135,7 +135,7 @@ def test_username_password_auth(etcd_server, caplog):
     etcd_server.etcdctl("put", f"{PREFIX}/config", CONFIG)
     etcd_server.etcdctl("user", "add", "root:s3cret-pw")
     etcd_server.etcdctl("auth", "enable")
-    base = dict(etcd_endpoints=(etcd_server.endpoint,), subnet_file="/nonexistent/subnet.env")
+    base = {"etcd_endpoints": (etcd_server.endpoint,), "subnet_file": "/nonexistent/subnet.env"}
     good = EtcdSubnetManager(AgentOptions(etcd_username="root", etcd_password="s3cret-pw", **base))
     try:
         assert str(good.get_network_config().network) == "10.1.0.0/16"
@@ -206,7 +206,7 @@ def test_tls_with_client_certificate(pki, tmp_path):
     srv.pki = pki
     srv.start()
     try:
-        tls = dict(cafile=str(pki / "ca.crt"), certfile=str(pki / "client.crt"), keyfile=str(pki / "client.key"))
+        tls = {"cafile": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"), "keyfile": str(pki / "client.key")}
         reg = registry(srv, **tls)
         try:
             reg.put_config(CONFIG)

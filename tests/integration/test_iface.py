@@ -129,7 +129,7 @@ def test_can_reach_not_routable(ns: NetNS) -> None:
 
 
 def test_no_default_route_is_a_clear_error(ns: NetNS) -> None:
-    with pytest.raises(errors.InterfaceError, match="no IPv4 default route.*veth0"):
+    with pytest.raises(errors.InterfaceError, match=r"no IPv4 default route.*veth0"):
         pick(ns)
 
 

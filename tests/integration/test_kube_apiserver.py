@@ -146,4 +146,4 @@ def test_listens_inside_a_namespace_in_process_and_as_a_process(ns_prefix, tmp_p
             assert [n["metadata"]["name"] for n in json.loads(out)["items"]] == ["h9"]
         finally:
             stop_process(proc)
-    assert not [l for l in netns_mod.run("ip", "netns", "list").splitlines() if l.startswith(ns_prefix)]
+    assert not [line for line in netns_mod.run("ip", "netns", "list").splitlines() if line.startswith(ns_prefix)]

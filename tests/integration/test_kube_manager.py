@@ -86,12 +86,12 @@ def test_three_nodes_exchange_annotations_and_see_each_other(server, env, manage
         server.add_node(f"node{i}", [f"10.244.{i}.0/24"])
     ms = [managers(env, f"node{i}") for i in (1, 2, 3)]
     leases = [m.acquire_lease(vxlan_attrs(i)) for i, m in zip((1, 2, 3), ms)]
-    assert [str(l.subnet) for l in leases] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
+    assert [str(lease.subnet) for lease in leases] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
     # the annotations on the node objects are flannel's (reference §17)
     ann = server.get_node("node2")["metadata"]["annotations"]
     assert ann == {P + "backend-type": "vxlan", P + "backend-data": '{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:02"}',
                    P + "public-ip": "198.18.0.2", P + "kube-subnet-manager": "true"}
-    followers = [managers.follow(m, l) for m, l in zip(ms, leases)]
+    followers = [managers.follow(m, lease) for m, lease in zip(ms, leases)]
     for i, f in zip((1, 2, 3), followers):
         others = {f"10.244.{j}.0/24" for j in (1, 2, 3) if j != i}
         peers = f.wait_peers(lambda p, o=others: set(p) == o, f"node{i} to see {others}")
@@ -150,8 +150,8 @@ def test_nodes_added_changed_in_either_family_and_deleted(server, tmp_path, mana
 
     server.delete_node("peer")
     f.wait_peers(lambda p: set(p) == {"10.244.5.0/24"}, "peer removed")
-    removed = [l for t, l in f.events() if t is EventType.REMOVED]
-    assert [str(l.subnet) for l in removed] == ["10.244.2.0/24"]
+    removed = [lease for t, lease in f.events() if t is EventType.REMOVED]
+    assert [str(lease.subnet) for lease in removed] == ["10.244.2.0/24"]
     assert removed[0].attrs.backend_data == vxlan_attrs(2).backend_data  # carries its attributes
 
 
@@ -259,7 +259,8 @@ def test_network_unavailable_condition_is_set_once(server, env, managers):
         return conds.get("NetworkUnavailable")
 
     cond = wait_for(condition, what="NetworkUnavailable condition")
-    assert (cond["status"], cond["reason"], cond["message"]) == ("False", "FlannelIsUp", "Flannel is running on this node")
+    assert (cond["status"], cond["reason"], cond["message"]) == ("False", "FlannelIsUp",
+                                                                  "Flannel is running on this node")
     assert "Ready" in {c["type"] for c in server.get_node("me")["status"]["conditions"]}, "conditions merge by type"
     stop.set()
     t.join(5)
@@ -278,7 +279,7 @@ def test_network_unavailable_not_touched_when_disabled(server, env, managers):
 
 def test_pod_cidr_outside_network_is_a_config_error(server, env, managers):
     server.add_node("me", ["10.99.0.0/24"])
-    with pytest.raises(errors.ConfigError, match='doesn\'t contain "10.99.0.0/24" PodCIDR of the "me" node'):
+    with pytest.raises(errors.ConfigError, match=r"""doesn't contain "10.99.0.0/24" PodCIDR of the "me" node"""):
         managers(env, "me").acquire_lease(vxlan_attrs(1))
 
 

@@ -72,7 +72,8 @@ def test_iptables_rules_installed_once_and_repaired(ns):
     # someone deletes one rule; the resync loop (every 1 s) puts the group back
     ns.exec("iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "-s", "10.42.0.0/16", "!", "-d", "224.0.0.0/4",
             "-m", "comment", "--comment", "flanneld masq", "-j", "MASQUERADE", "--random-fully")
-    ns.exec("iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
+    ns.exec("iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward",
+            "-j", "FLANNEL-FWD")
     assert len(save(ns, "nat")) == 6
     stop = threading.Event()
     t = threading.Thread(target=lambda: in_ns(ns, lambda: tm.run_resync(stop)))
@@ -151,7 +152,8 @@ def test_masquerade_really_rewrites_pod_traffic(ns_prefix):
                 "print('ready',flush=True);d,a=s.recvfrom(100);print(a[0],flush=True)"),
                 stdout=subprocess.PIPE, text=True)
             assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-            pod.exec("python3", "-c", "import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',('198.18.1.2',9999))")
+            pod.exec("python3", "-c",
+                     "import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',('198.18.1.2',9999))")
             out, _ = srv.communicate(timeout=10)
             assert out.strip() == "198.18.1.1"        # masqueraded to the host's address
         finally:

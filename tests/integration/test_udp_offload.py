@@ -164,7 +164,8 @@ def test_offload_fuzz_never_kills_the_workers(rig: Rig) -> None:
         for _ in range(rng.randint(0, 6)):
             pkt[rng.randrange(len(pkt))] = rng.getrandbits(8)
         hdr = vnet(rng.choice((0, 1, 3)), rng.choice((0, 1, 3, 0x81)), rng.getrandbits(16),
-                   rng.choice((0, 1, 7, MSS, 65535, rng.getrandbits(16))), rng.getrandbits(16) % 80, rng.getrandbits(16) % 40)
+                   rng.choice((0, 1, 7, MSS, 65535, rng.getrandbits(16))), rng.getrandbits(16) % 80,
+                   rng.getrandbits(16) % 40)
         rig.tun_test.send((hdr + bytes(pkt))[: rng.choice((len(hdr) + len(pkt), rng.randint(0, 80)))])
         dg = bytearray(tcp_packet("10.244.2.9", "10.244.1.5", i * 100, os.urandom(rng.randint(0, 1400))))
         for _ in range(rng.randint(0, 4)):

@@ -48,11 +48,13 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
 
 
-def vx_lease(i: int, mac: str | None = None, ip: str | None = None, typ: str = "vxlan", data: str | None = None) -> Lease:
+def vx_lease(i: int, mac: str | None = None, ip: str | None = None, typ: str = "vxlan",
+             data: str | None = None) -> Lease:
     mac = mac or f"02:00:00:00:00:{i:02x}"
     if data is None and typ == "vxlan":
         data = json.dumps({"VNI": 1, "VtepMAC": mac}, separators=(",", ":"))
-    return Lease(N(f"10.5.{i}.0/24"), LeaseAttrs(public_ip=A(ip or f"198.18.0.{i}"), backend_type=typ, backend_data=data))
+    return Lease(N(f"10.5.{i}.0/24"),
+                 LeaseAttrs(public_ip=A(ip or f"198.18.0.{i}"), backend_type=typ, backend_data=data))
 
 
 
@@ -126,7 +128,7 @@ def test_device_attributes(ns):
         addrs = json.loads(ns.ip("-j", "addr", "show", "flannel.7"))[0]["addr_info"]
         assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == [("10.5.1.0", 32)]
         assert leases.attrs is not None and leases.attrs.backend_type == "vxlan"
-        assert leases.attrs.backend_data == '{"VNI":7,"VtepMAC":"%s"}' % ln["address"]
+        assert leases.attrs.backend_data == f'{{"VNI":7,"VtepMAC":"{ln["address"]}"}}'
         assert agent.net.mtu == 1450
         mac = ln["address"]
         assert int(mac[:2], 16) & 3 == 2   # unicast, locally administered
@@ -134,7 +136,8 @@ def test_device_attributes(ns):
         agent.stop()
     # default port: attribute not sent → kernel's 8472; Learning and MTU from options
     ns.ip("link", "del", "flannel.7")
-    agent = Agent(ns, VXLANBackend(ext_of(ns)), '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"Learning":true}}',
+    agent = Agent(ns, VXLANBackend(ext_of(ns)),
+                  '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"Learning":true}}',
                   FakeLeases("10.5.1.0/24")).start()
     try:
         info = link(ns)["linkinfo"]["info_data"]
@@ -172,7 +175,8 @@ class Monitor:
 
     def __init__(self, ns: NetNS) -> None:
         self.ns = ns
-        self.procs = [subprocess.Popen(["ip", "-n", ns.name, "monitor", "route", "neigh"], stdout=subprocess.PIPE, text=True),
+        self.procs = [subprocess.Popen(["ip", "-n", ns.name, "monitor", "route", "neigh"],
+                                       stdout=subprocess.PIPE, text=True),
                       subprocess.Popen(["bridge", "-n", ns.name, "monitor", "fdb"], stdout=subprocess.PIPE, text=True)]
         self.lines: list[str] = []
         self.threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]
@@ -183,7 +187,8 @@ class Monitor:
             ns.ip("route", "replace", "203.0.113.0/24", "dev", "eth1")
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "master", check=False)
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
-            return any("203.0.113.0/24" in ln for ln in self.lines) and any("02:99:00:00:00:01" in ln for ln in self.lines)
+            return (any("203.0.113.0/24" in ln for ln in self.lines)
+                    and any("02:99:00:00:00:01" in ln for ln in self.lines))
         wait_for(poke, "ip/bridge monitor ready", timeout=10)
 
     def _read(self, p: subprocess.Popen[str]) -> None:
@@ -210,7 +215,8 @@ def test_restart_reconciles_without_touching_good_entries(ns):
     # stale entries no lease justifies (a peer that left while we were down) + one outside our scope
     ns.ip("route", "add", "10.5.9.0/24", "via", "10.5.9.0", "dev", "flannel.1", "onlink")
     ns.ip("neigh", "add", "10.5.9.0", "lladdr", "02:00:00:00:00:09", "dev", "flannel.1", "nud", "permanent")
-    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:09", "dev", "flannel.1", "dst", "198.18.0.9", "self", "permanent")
+    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:09", "dev", "flannel.1", "dst", "198.18.0.9",
+            "self", "permanent")
     ns.ip("route", "add", "192.0.2.0/24", "via", "10.5.9.0", "dev", "flannel.1", "onlink")
     mon = Monitor(ns)
     plans: list[Any] = []
@@ -225,7 +231,8 @@ def test_restart_reconciles_without_touching_good_entries(ns):
         agent.send(*added(p2))
         agent.send(*added(p3), synced=True)
         r2, n2, f2 = expected_for(p2, p3)
-        wait_for(lambda: state(ns) == (r2 | {"192.0.2.0/24 via 10.5.9.0 dev flannel.1 onlink"}, n2, f2), what="stale entries removed")
+        wait_for(lambda: state(ns) == (r2 | {"192.0.2.0/24 via 10.5.9.0 dev flannel.1 onlink"}, n2, f2),
+                 what="stale entries removed")
     finally:
         agent.stop()
         events = mon.stop()
@@ -233,7 +240,8 @@ def test_restart_reconciles_without_touching_good_entries(ns):
     assert after["ifindex"] == before["ifindex"] and after["address"] == before["address"]  # device and MAC reused
     assert any(ev.startswith("Deleted 10.5.9.0/24 via 10.5.9.0") for ev in events), events
     assert any(ev.startswith("Deleted") and "02:00:00:00:00:09" in ev for ev in events), events
-    writes = [str(e) for p in plans for part in (p.set_routes, p.set_neighs, p.set_fdbs, p.del_routes, p.del_neighs, p.del_fdbs)
+    writes = [str(e) for p in plans
+              for part in (p.set_routes, p.set_neighs, p.set_fdbs, p.del_routes, p.del_neighs, p.del_fdbs)
               for e in part]
     assert writes and all("10.5.9.0" in w or "02:00:00:00:00:09" in w for w in writes), writes
     # an identical replace makes no netlink notification, so the monitor alone cannot see it: both checks
@@ -379,10 +387,14 @@ def test_dump_iproute2_and_pyroute2_agree(ns):
     ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0")         # outside Network
     ns.ip("route", "add", "blackhole", "10.5.5.0/24")                                 # not unicast
     ns.ip("neigh", "add", "10.5.2.0", "lladdr", "02:00:00:00:00:02", "dev", "flannel.1", "nud", "permanent")
-    ns.ip("neigh", "add", "10.5.6.0", "lladdr", "02:00:00:00:00:06", "dev", "flannel.1", "nud", "stale")  # not permanent
-    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self", "permanent")
-    ns.exec("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "198.18.0.7", "self", "permanent")
-    scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1", exclude=N("10.5.1.0/24"))
+    ns.ip("neigh", "add", "10.5.6.0", "lladdr", "02:00:00:00:00:06", "dev", "flannel.1",
+          "nud", "stale")  # not permanent
+    ns.exec("bridge", "fdb", "append", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2",
+            "self", "permanent")
+    ns.exec("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "198.18.0.7",
+            "self", "permanent")
+    scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1",
+                  exclude=N("10.5.1.0/24"))
     out: dict[str, Any] = {}
 
     def main() -> None:
@@ -457,7 +469,8 @@ class FakeLeasesDS(FakeLeases):
 def ds_lease(i: int) -> Lease:
     from ipaddress import IPv6Address, IPv6Network
     return Lease(N(f"10.5.{i}.0/24"),
-                 LeaseAttrs(public_ip=A(f"198.18.0.{i}"), public_ipv6=IPv6Address(f"2001:2::{i:x}"), backend_type="vxlan",
+                 LeaseAttrs(public_ip=A(f"198.18.0.{i}"), public_ipv6=IPv6Address(f"2001:2::{i:x}"),
+                            backend_type="vxlan",
                             backend_data=f'{{"VNI":1,"VtepMAC":"02:00:00:00:00:{i:02x}"}}',
                             backend_v6_data=f'{{"VNI":1,"VtepMAC":"02:00:00:00:06:{i:02x}"}}'),
                  ipv6_subnet=IPv6Network(f"fd00:10:5:{i:x}::/64"))
@@ -543,7 +556,8 @@ def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
             own = [a.leases.acquire_lease(a.leases.attrs) for a in agents]  # type: ignore[arg-type]
             agents[0].send(*added(own[1]), synced=True)
             agents[1].send(*added(own[0]), synced=True)
-            wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), "h1 → h2 over IPv6 vxlan", timeout=10)
+            wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), "h1 → h2 over IPv6 vxlan",
+                     timeout=10)
             assert ping(hosts[0].ns, "10.5.2.0", src="10.5.1.0")
             assert ping(hosts[1].ns, "fd00:10:5:1::", src="fd00:10:5:2::")
         finally:

@@ -110,7 +110,8 @@ def test_kube_alias(parsed: list[AgentOptions], args: list[str], env: dict[str, 
 def test_go_style_single_dash_flags(parsed: list[AgentOptions]) -> None:
     res = invoke(["-iface", "eth3", "-etcd-prefix=/p", "-v=4", "-ip-masq"])
     assert res.exit_code == 0, res.output
-    assert (parsed[0].iface, parsed[0].etcd_prefix, parsed[0].verbosity, parsed[0].ip_masq) == (("eth3",), "/p", 4, True)
+    got = (parsed[0].iface, parsed[0].etcd_prefix, parsed[0].verbosity, parsed[0].ip_masq)
+    assert got == (("eth3",), "/p", 4, True)
 
 
 def test_help_lists_every_option_with_default() -> None:

@@ -22,7 +22,8 @@ V4_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=
 DUAL_ENV = ("FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n"
             "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
             "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
-V6_ENV = "FLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET=fd00:10:0:5::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
+V6_ENV = ("FLANNEL_IPV6_NETWORK=fd00:10::/48\nFLANNEL_IPV6_SUBNET=fd00:10:0:5::1/64\n"
+          "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n")
 
 
 def conf(**fields):
@@ -132,11 +133,13 @@ def test_delegate_ipv6_only():
 
 
 def test_user_delegate_and_ipam_keys_win_and_are_kept():
-    c = conf(delegate={"bridge": "mynet0", "mtu": 1400, "ipMasq": True, "hairpinMode": False, "isDefaultGateway": False},
+    c = conf(delegate={"bridge": "mynet0", "mtu": 1400, "ipMasq": True, "hairpinMode": False,
+                       "isDefaultGateway": False},
              ipam={"dataDir": "/tmp/x", "routes": [{"dst": "192.168.0.0/16"}]},
              runtimeConfig={"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]})
     d = build_delegate(c, parse_subnet_env(V4_ENV, source="x"))
-    assert (d["bridge"], d["mtu"], d["ipMasq"], d["hairpinMode"], d["isDefaultGateway"]) == ("mynet0", 1400, True, False, False)
+    got = (d["bridge"], d["mtu"], d["ipMasq"], d["hairpinMode"], d["isDefaultGateway"])
+    assert got == ("mynet0", 1400, True, False, False)
     assert d["isGateway"] is True
     assert d["ipam"]["dataDir"] == "/tmp/x"
     assert d["ipam"]["routes"] == [{"dst": "192.168.0.0/16"}, {"dst": "10.1.0.0/16", "gw": "10.1.17.1"}]

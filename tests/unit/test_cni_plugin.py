@@ -221,7 +221,7 @@ def test_zipapp_runs_with_the_hosts_python_alone(ctx):
 
 
 def test_install_command_line_and_wrapper(ctx):
-    res = subprocess.run(PLUGIN + ["install", str(ctx / "bin"), "--mode", "wrapper", "--name", "flannel"],
+    res = subprocess.run([*PLUGIN, "install", str(ctx / "bin"), "--mode", "wrapper", "--name", "flannel"],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     wrapper = ctx / "bin" / "flannel"
@@ -236,7 +236,7 @@ def test_install_conf_is_atomic_and_keeps_mode(ctx):
     src.write_text('{"name": "cbr0"}\n')
     os.chmod(src, 0o640)
     dst_dir = ctx / "net.d"
-    res = subprocess.run(PLUGIN + ["install-conf", str(src), str(dst_dir / "10-flannel.conflist")],
+    res = subprocess.run([*PLUGIN, "install-conf", str(src), str(dst_dir / "10-flannel.conflist")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     dst = dst_dir / "10-flannel.conflist"
@@ -246,7 +246,7 @@ def test_install_conf_is_atomic_and_keeps_mode(ctx):
 
 
 def test_install_conf_missing_source_is_an_error(ctx):
-    res = subprocess.run(PLUGIN + ["install-conf", str(ctx / "nope.json"), str(ctx / "x.conflist")],
+    res = subprocess.run([*PLUGIN, "install-conf", str(ctx / "nope.json"), str(ctx / "x.conflist")],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "nope.json" in res.stderr
     assert not (ctx / "x.conflist").exists()

@@ -35,7 +35,8 @@ def dotenv() -> dict[str, str]:
     path = ROOT / ".env"
     if not path.exists():
         return {}
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
 
 
 def interpolate(value: Any, env: dict[str, str]) -> Any:
@@ -87,7 +88,8 @@ def parse_agent_argv(args: list[str], monkeypatch, env: dict[str, str]):
         pytest.skip(f"flannel.cli is not importable yet ({e})")
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    scripts = dict(l.replace(" ", "").split("=", 1) for l in cfg["options.entry_points"]["console_scripts"].split("\n") if l.strip())
+    scripts = dict(line.replace(" ", "").split("=", 1)
+                   for line in cfg["options.entry_points"]["console_scripts"].split("\n") if line.strip())
     assert scripts.get(args[0]) == "flannel.cli:main", f"{args[0]} is not the agent's console script"
     for k in list(os.environ):
         if k.startswith(cli.ENV_PREFIX):
@@ -139,7 +141,7 @@ def test_every_reference_resolves(compose):
             assert "networks" not in svc, f"{name}: network_mode and networks exclude each other"
         for net in svc.get("networks") or []:
             assert net in nets, f"{name} uses undefined network {net}"
-        for target, source in mounts(svc).items():
+        for source in mounts(svc).values():
             if source.startswith((".", "/")):
                 assert (ROOT / source).exists(), f"{name} bind-mounts missing {source}"
             else:
@@ -291,7 +293,7 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
     ignore = ROOT / ".dockerignore"
     if not ignore.exists():
         return
-    patterns = [l.strip() for l in ignore.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ".venv" in patterns, "the venv must not be sent as build context"
     for op, rest in dockerfile_instructions():
         if op != "COPY":

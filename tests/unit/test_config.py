@@ -33,7 +33,8 @@ def test_overrides_preserved():
     assert (c.subnet_len, str(c.subnet_min), str(c.subnet_max)) == (28, "10.3.5.0", "10.3.8.0")
     c6 = parse_network_config('{"EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fc00:0:0:1::",'
                               '"IPv6SubnetMax":"fc00:0:0:f::","IPv6SubnetLen":124,"Network":"10.0.0.0/8"}')
-    assert (c6.ipv6_subnet_len, str(c6.ipv6_subnet_min), str(c6.ipv6_subnet_max)) == (124, "fc00:0:0:1::", "fc00:0:0:f::")
+    assert (c6.ipv6_subnet_len, str(c6.ipv6_subnet_min), str(c6.ipv6_subnet_max)) == (
+        124, "fc00:0:0:1::", "fc00:0:0:f::")
 
 
 @pytest.mark.parametrize("net,length,smin,smax", [
@@ -83,13 +84,16 @@ BAD_CONFIGS = [
     ('{"Network":"10.0.0.0/16","SubnetMax":"11.0.0.0"}', "SubnetMax is not in the range of the Network"),
     ('{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.5"}', "SubnetMin is not on a SubnetLen boundary: 10.0.1.5"),
     ('{"Network":"10.0.0.0/16","SubnetMax":"10.0.9.1"}', "SubnetMax is not on a SubnetLen boundary"),
-    ('{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.2.0"}', "SubnetMin 10.0.9.0 is greater than SubnetMax"),
+    ('{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.2.0"}',
+     "SubnetMin 10.0.9.0 is greater than SubnetMax"),
     ('{"Network":"10.0.0.0/16","SubnetMin":"banana"}', "SubnetMin: 'banana' is not an IPv4 address"),
     ('{"Network":"10.0.0.0/16","EnableIPv6":"yes"}', "EnableIPv6: must be true or false"),
     ('{"Network":"10.0.0.0/16","EnableIPv6":true}', "IPv6Network: is missing"),
     ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/125"}', "IPv6Network is too small"),
-    ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetLen":127}', "SubnetLen must be less than /127"),
-    ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fd00::"}', "IPv6SubnetMin is not in the range"),
+    ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetLen":127}',
+     "SubnetLen must be less than /127"),
+    ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fd00::"}',
+     "IPv6SubnetMin is not in the range"),
     ('{"EnableIPv4":false,"EnableIPv6":false}', "at least one address family must be enabled"),
     ('{"Network":"10.0.0.0/16","Backend":"vxlan"}', "Backend: must be a JSON object"),
     ('{"Network":"10.0.0.0/16","Backend":{"VNI":1}}', "Backend.Type: is missing"),

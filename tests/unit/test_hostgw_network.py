@@ -62,11 +62,13 @@ def test_hostgw_dual_stack():
 
     ctx = rm.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0", dev6="eth0",
                      local_nets=(N("198.18.0.0/24"),), local_nets6=(N6("2001:2::/64"),))
-    good = Lease(N("10.6.2.0/24"), LeaseAttrs(public_ip=A("198.18.0.2"), public_ipv6=A6("2001:2::2"), backend_type="host-gw"),
+    good = Lease(N("10.6.2.0/24"),
+                 LeaseAttrs(public_ip=A("198.18.0.2"), public_ipv6=A6("2001:2::2"), backend_type="host-gw"),
                  ipv6_subnet=N6("fd00:10:6:2::/64"))
     assert hostgw_entries(good, ctx).routes == frozenset({rm.Route(N("10.6.2.0/24"), A("198.18.0.2"), "eth0"),
                                                          rm.Route(N6("fd00:10:6:2::/64"), A6("2001:2::2"), "eth0")})
-    off6 = Lease(N("10.6.3.0/24"), LeaseAttrs(public_ip=A("198.18.0.3"), public_ipv6=A6("2001:db8::3"), backend_type="host-gw"),
+    off6 = Lease(N("10.6.3.0/24"),
+                 LeaseAttrs(public_ip=A("198.18.0.3"), public_ipv6=A6("2001:db8::3"), backend_type="host-gw"),
                  ipv6_subnet=N6("fd00:10:6:3::/64"))
     with pytest.raises(rm.Skip, match="peer 2001:db8::3 is not on the same L2 network"):
         hostgw_entries(off6, ctx)
@@ -78,5 +80,5 @@ def test_hostgw_refuses_ipv6_nat():
     ext = ExternalInterface("eth0", 2, 1500, A("198.18.0.1"), A("198.18.0.1"), A6("2001:2::1"), A6("2001:db8::1"))
     cfg = parse_network_config('{"Network":"10.6.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:6::/48",'
                                '"Backend":{"Type":"host-gw"}}')
-    with pytest.raises(errors.ConfigError, match="PublicIPv6 .* differs"):
+    with pytest.raises(errors.ConfigError, match=r"PublicIPv6 .* differs"):
         HostGWBackend(ext).register_network(config=cfg, leases=NeverCalled())

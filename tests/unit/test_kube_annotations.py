@@ -53,7 +53,7 @@ def test_all_names_share_the_normalised_prefix():
 
 
 def vxlan_attrs(**kw):
-    base = dict(public_ip=IPv4Address("192.168.1.10"), backend_type="vxlan", backend_data=VXLAN_BD)
+    base = {"public_ip": IPv4Address("192.168.1.10"), "backend_type": "vxlan", "backend_data": VXLAN_BD}
     base.update(kw)
     return LeaseAttrs(**base)
 

@@ -35,10 +35,12 @@ def test_status_codes_map_to_what_the_caller_can_do(status, cls):
 
 
 def test_transport_errors_are_store_unavailable_with_a_short_reason():
-    cause = urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
+    cause = urllib3.exceptions.NewConnectionError(
+        None, "Failed to establish a new connection: [Errno 111] Connection refused")
     e = raised(urllib3.exceptions.MaxRetryError(None, "/api/v1/nodes", cause), verb="list", resource="nodes", name="")
     assert isinstance(e, errors.StoreUnavailable)
-    assert str(e) == "API server unreachable: list nodes: Failed to establish a new connection: [Errno 111] Connection refused"
+    assert str(e) == ("API server unreachable: list nodes: "
+                      "Failed to establish a new connection: [Errno 111] Connection refused")
 
 
 def test_long_error_bodies_are_cut():

@@ -222,7 +222,7 @@ def test_tracker_broken_update_keeps_the_last_good_lease():
     assert t.apply("MODIFIED", node(ann={N.public_ip: "garbage"})) == []
     assert t.lease_of("n1").attrs.public_ip == IPv4Address("198.18.0.1")
     # and a relist in that state keeps it too, so snapshot and events agree
-    assert [l.subnet for l in t.reset([node(ann={N.public_ip: "garbage"})])] == [IPv4Network("10.244.1.0/24")]
+    assert [lease.subnet for lease in t.reset([node(ann={N.public_ip: "garbage"})])] == [IPv4Network("10.244.1.0/24")]
 
 
 def test_tracker_broken_new_node_is_skipped():
@@ -257,5 +257,5 @@ def test_tracker_reset_replaces_everything():
     t = NodeTracker(N, V4)
     t.apply("ADDED", node("a", cidrs=("10.244.1.0/24",)))
     snap = t.reset([node("b", cidrs=("10.244.2.0/24",)), node("c", managed=False)])
-    assert [str(l.subnet) for l in snap] == ["10.244.2.0/24"]
+    assert [str(lease.subnet) for lease in snap] == ["10.244.2.0/24"]
     assert t.lease_of("a") is None

@@ -76,7 +76,7 @@ def run(tmp_path, lists, watches):
 
 def subnets(result) -> list[str]:
     if result.snapshot is not None:
-        return sorted(str(l.subnet) for l in result.snapshot)
+        return sorted(str(lease.subnet) for lease in result.snapshot)
     return [f"{e.type.value} {e.lease.subnet} {e.lease.attrs.public_ip}" for e in result.events]
 
 

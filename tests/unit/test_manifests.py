@@ -107,9 +107,8 @@ def volume_for_path(c: dict[str, Any], path: str) -> tuple[str, str]:
     best = None
     for m in c.get("volumeMounts", []):
         mp = m["mountPath"].rstrip("/")
-        if path == mp or path.startswith(mp + "/"):
-            if best is None or len(mp) > len(best[2]):
-                best = (m["name"], posixpath.relpath(path, mp), mp)
+        if (path == mp or path.startswith(mp + "/")) and (best is None or len(mp) > len(best[2])):
+            best = (m["name"], posixpath.relpath(path, mp), mp)
     assert best is not None, f"{path} is not on any volume of container {c['name']}"
     return best[0], best[1]
 

@@ -27,7 +27,7 @@ def test_unknown_lists_installed():
 
 
 def test_broken_plugin_reports_cause():
-    with pytest.raises(errors.PluginError, match="cannot load .* 'broken': ModuleNotFoundError"):
+    with pytest.raises(errors.PluginError, match=r"cannot load .* 'broken': ModuleNotFoundError"):
         plugins.load(plugins.BACKENDS, "broken", [_ep("broken", "no.such.module:X")])
 
 

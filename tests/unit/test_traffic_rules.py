@@ -41,7 +41,8 @@ def test_masq_rules_flannel_case_has_seven_rules_and_teardown_deletes_each_in_or
 
 def test_masq_rules_without_random_fully_and_ipv6():
     rules = ipt.masq_rules(N6("fc00::/48"), N6("fc00:0:0:1::/64"), fully_random=False)
-    assert rules[5].line() == '-A FLANNEL-POSTRTG -s fc00::/48 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE'
+    assert rules[5].line() == ('-A FLANNEL-POSTRTG -s fc00::/48 ! -d ff00::/8 '
+                               '-m comment --comment "flanneld masq" -j MASQUERADE')
 
 
 def test_forward_rules():
@@ -92,7 +93,8 @@ def test_restore_payload_text():
                 '-m comment --comment "flanneld masq" -j MASQUERADE --random-fully\nCOMMIT\n')
     assert ipt.render_payload({"filter": [r1.line(), r2.line()]}) == expected
     assert ipt.render_payload({"filter": [r1.line()], "nat": [r1.line()], "raw": []}) == (
-        "*filter\n-A INPUT -s 127.0.0.1 -d 127.0.0.1 -j RETURN\nCOMMIT\n*nat\n-A INPUT -s 127.0.0.1 -d 127.0.0.1 -j RETURN\nCOMMIT\n")
+        "*filter\n-A INPUT -s 127.0.0.1 -d 127.0.0.1 -j RETURN\nCOMMIT\n"
+        "*nat\n-A INPUT -s 127.0.0.1 -d 127.0.0.1 -j RETURN\nCOMMIT\n")
 
 
 def test_random_fully_version_check():

@@ -103,7 +103,7 @@ def test_lpm_same_subnet_last_one_wins_and_port() -> None:
 def test_c_lookup_and_source_filter_agree_with_python() -> None:
     rng = random.Random(3)
     pairs = []
-    for i in range(300):
+    for _ in range(300):
         plen = rng.choice((16, 20, 24, 24, 26))
         net = IPv4Network((rng.getrandbits(32), plen), strict=False)
         pairs.append((str(net), str(IPv4Address(0xC6120000 + rng.randint(1, 60)))))

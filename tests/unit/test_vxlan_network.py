@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
+from ipaddress import IPv6Address as A6
+from ipaddress import IPv6Network as N6
 
 import pytest
 
@@ -18,7 +20,8 @@ CTX_DR = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local
 MAC2 = "02:00:00:00:00:02"
 
 
-def lease(subnet: str, ip: str, typ: str = "vxlan", data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}') -> Lease:
+def lease(subnet: str, ip: str, typ: str = "vxlan",
+          data: str | None = '{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}') -> Lease:
     return Lease(N(subnet), LeaseAttrs(public_ip=A(ip), backend_type=typ, backend_data=data))
 
 
@@ -58,7 +61,8 @@ def test_device_mtu_too_small_is_config_error():
 
 # ---- MACs and BackendData ------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, mac", [("02:AA:bb:00:00:01", "02:aa:bb:00:00:01"), ("02-aa-bb-00-00-01", "02:aa:bb:00:00:01"),
+@pytest.mark.parametrize("text, mac", [("02:AA:bb:00:00:01", "02:aa:bb:00:00:01"),
+                                       ("02-aa-bb-00-00-01", "02:aa:bb:00:00:01"),
                                        ("02aa.bb00.0001", "02:aa:bb:00:00:01")])
 def test_normalize_mac(text, mac):
     assert vx.normalize_mac(text) == mac
@@ -154,15 +158,13 @@ def test_plan_changed_mac_is_a_replace_not_a_delete():
 
 def test_plan_direct_route_switch_replaces_route():
     direct = rm.Route(N("10.5.2.0/24"), A("198.18.0.2"), "eth0")
-    p = rm.plan(rm.KernelState(routes=frozenset({direct})), rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB})))
+    p = rm.plan(rm.KernelState(routes=frozenset({direct})),
+                rm.KernelState(frozenset({ROUTE}), frozenset({NEIGH}), frozenset({FDB})))
     assert p.set_routes == (direct,) and p.del_routes == ()
     assert p.del_neighs == (NEIGH,) and p.del_fdbs == (FDB,)
 
 
 # ---- dual stack ----------------------------------------------------------------------------
-
-from ipaddress import IPv6Address as A6  # noqa: E402
-from ipaddress import IPv6Network as N6
 
 CTX_DS = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", dev6="flannel-v6.1",
                     local_nets=(N("198.18.0.0/24"),), local_nets6=(N6("2001:2::/64"),))

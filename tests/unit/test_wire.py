@@ -45,7 +45,8 @@ GOLDEN_VALUES = [
     (LeaseAttrs(public_ip=IPv4Address("10.0.0.2"), backend_type="host-gw"),
      '{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"host-gw"}'),
     (LeaseAttrs(public_ip=IPv4Address("192.168.64.3"), public_ipv6=IPv6Address("fd00::3"), backend_type="vxlan",
-                backend_data='{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}', backend_v6_data='{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}'),
+                backend_data='{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}',
+                backend_v6_data='{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}'),
      '{"PublicIP":"192.168.64.3","PublicIPv6":"fd00::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"},'
      '"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}}'),
 ]
@@ -62,11 +63,13 @@ def test_decode_golden(attrs, text):
 
 
 def test_decode_is_case_insensitive_and_compacts_backend_data():
-    attrs = wire.decode_attrs('{"publicip": "1.2.3.4", "BACKENDTYPE": "vxlan", "backenddata": {"VNI": 1,  "VtepMAC": "x"}, "extra": 5}')
+    attrs = wire.decode_attrs('{"publicip": "1.2.3.4", "BACKENDTYPE": "vxlan", '
+                              '"backenddata": {"VNI": 1,  "VtepMAC": "x"}, "extra": 5}')
     assert attrs.public_ip == IPv4Address("1.2.3.4")
     assert attrs.backend_type == "vxlan"
     assert attrs.backend_data == '{"VNI":1,"VtepMAC":"x"}'
-    assert wire.encode_attrs(attrs) == '{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"x"}}'
+    assert wire.encode_attrs(attrs) == ('{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"vxlan",'
+                                        '"BackendData":{"VNI":1,"VtepMAC":"x"}}')
 
 
 def test_go_html_escaping_in_embedded_json():

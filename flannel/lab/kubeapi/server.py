@@ -20,6 +20,7 @@ from flannel.lab.kubeapi.state import (
     JSON,
     APIError,
     ClusterState,
+    Event,
     make_node,
     make_pod,
     now_rfc3339,
@@ -126,47 +127,67 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(404, "NotFound", "the server could not find the requested resource")
         rest = parts[2:]
         if rest == ["nodes"]:
-            if method == "GET" and query.get("watch") in ("1", "true", "True"):
-                self._authorize("watch", "nodes")
-                return self._watch(query)
-            if method == "GET":
-                self._authorize("list", "nodes")
-                items, rv = state.list_nodes()
-                for item in items:  # list items carry no kind/apiVersion, like the real server
-                    item.pop("kind", None)
-                    item.pop("apiVersion", None)
-                return self._send_json(200, {"kind": "NodeList", "apiVersion": "v1",
-                                             "metadata": {"resourceVersion": str(rv)}, "items": items})
-            if method == "POST":
-                self._authorize("create", "nodes")
-                return self._send_json(201, state.create_node(body))
+            if self._route_nodes(method, query, body):
+                return None
         elif len(rest) in (2, 3) and rest[0] == "nodes" and (len(rest) == 2 or rest[2] == "status"):
-            name, sub = rest[1], (rest[2] if len(rest) == 3 else None)
-            resource = "nodes/status" if sub else "nodes"
-            if method == "GET":
-                self._authorize("get", resource, name)
-                return self._send_json(200, state.get_node(name))
-            if method == "PATCH":
-                self._authorize("patch", resource, name)
-                ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-                if ctype not in _PATCH_TYPES:
-                    raise APIError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
-                                   f'accepted media types include: {", ".join(_PATCH_TYPES)}')
-                if not isinstance(body, dict):
-                    raise APIError(400, "BadRequest", "patch body must be a JSON object")
-                return self._send_json(200, state.patch_node(name, body, strategic=_PATCH_TYPES[ctype],
-                                                             subresource=sub))
-            if method == "DELETE" and not sub:
-                self._authorize("delete", "nodes", name)
-                state.delete_node(name)
-                return self._send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                                             "status": "Success", "details": {"name": name, "kind": "nodes"}})
+            if self._route_node(method, rest[1], rest[2] if len(rest) == 3 else None, body):
+                return None
         elif len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "pods" and method == "GET":
             self._authorize("get", "pods", rest[3])
             return self._send_json(200, state.get_pod(rest[1], rest[3]))
         raise APIError(405 if rest[:1] in (["nodes"], ["namespaces"]) else 404,
                        "MethodNotAllowed" if rest[:1] in (["nodes"], ["namespaces"]) else "NotFound",
                        f"{method} {self.path} is not supported by the stand-in API server")
+
+    def _route_nodes(self, method: str, query: dict[str, str], body: Any) -> bool:
+        """``/api/v1/nodes``: watch, list, create. False if ``method`` is not served there."""
+        state = self.server.api.state
+        if method == "GET" and query.get("watch") in ("1", "true", "True"):
+            self._authorize("watch", "nodes")
+            self._watch(query)
+            return True
+        if method == "GET":
+            self._authorize("list", "nodes")
+            items, rv = state.list_nodes()
+            for item in items:  # list items carry no kind/apiVersion, like the real server
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+            self._send_json(200, {"kind": "NodeList", "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": str(rv)}, "items": items})
+            return True
+        if method == "POST":
+            self._authorize("create", "nodes")
+            if not isinstance(body, dict):
+                raise APIError(400, "BadRequest", "node body must be a JSON object")
+            self._send_json(201, state.create_node(body))
+            return True
+        return False
+
+    def _route_node(self, method: str, name: str, sub: str | None, body: Any) -> bool:
+        """``/api/v1/nodes/<name>[/status]``: get, patch, delete. False if ``method`` is not served there."""
+        state = self.server.api.state
+        resource = "nodes/status" if sub else "nodes"
+        if method == "GET":
+            self._authorize("get", resource, name)
+            self._send_json(200, state.get_node(name))
+            return True
+        if method == "PATCH":
+            self._authorize("patch", resource, name)
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if ctype not in _PATCH_TYPES:
+                raise APIError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
+                               f'accepted media types include: {", ".join(_PATCH_TYPES)}')
+            if not isinstance(body, dict):
+                raise APIError(400, "BadRequest", "patch body must be a JSON object")
+            self._send_json(200, state.patch_node(name, body, strategic=_PATCH_TYPES[ctype], subresource=sub))
+            return True
+        if method == "DELETE" and not sub:
+            self._authorize("delete", "nodes", name)
+            state.delete_node(name)
+            self._send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                  "status": "Success", "details": {"name": name, "kind": "nodes"}})
+            return True
+        return False
 
     def _test_hook(self, parts: list[str]) -> None:
         api = self.server.api
@@ -213,24 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + timeout
         next_bookmark = time.monotonic() + api.bookmark_interval
         while True:
-            with state.cond:
-                try:
-                    events = state.events_after(cursor)
-                except APIError as e:
-                    events, expired = [], e
-                else:
-                    expired = None
-                while not events and expired is None and state.epoch == epoch and not state.closed:
-                    remaining = min(deadline, next_bookmark) - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    state.cond.wait(remaining)
-                    try:
-                        events = state.events_after(cursor)
-                    except APIError as e:
-                        expired = e
-                cut = state.epoch != epoch or state.closed
-                current = state.resource_version
+            events, expired, cut, current = self._wait_events(cursor, epoch, min(deadline, next_bookmark))
             if cut:
                 return self._drop_connection()
             if expired is not None:
@@ -248,6 +252,29 @@ class _Handler(BaseHTTPRequestHandler):
                                                              "metadata": {"resourceVersion": str(cursor)}}})
             if now >= next_bookmark:
                 next_bookmark = now + api.bookmark_interval
+
+    def _wait_events(self, cursor: int, epoch: int, until: float) -> tuple[list[Event], APIError | None, bool, int]:
+        """Wait (at most until the monotonic time ``until``) for events after ``cursor``.
+
+        Returns (events, the 410 if ``cursor`` fell out of the window, whether the watch was cut
+        by a restart or close of the state, the current resource version)."""
+        state = self.server.api.state
+        expired: APIError | None = None
+        with state.cond:
+            try:
+                events = state.events_after(cursor)
+            except APIError as e:
+                events, expired = [], e
+            while not events and expired is None and state.epoch == epoch and not state.closed:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                state.cond.wait(remaining)
+                try:
+                    events = state.events_after(cursor)
+                except APIError as e:
+                    expired = e
+            return events, expired, state.epoch != epoch or state.closed, state.resource_version
 
     def _end_stream(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
