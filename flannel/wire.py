@@ -10,7 +10,7 @@ import ipaddress
 import json
 import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, cast
 
 from flannel import errors
 from flannel.lease import UNSPECIFIED_V4, Lease, LeaseAttrs
@@ -95,16 +95,16 @@ def decode_attrs(text: str | bytes) -> LeaseAttrs:
     fields = {k.lower(): v for k, v in obj.items()}
     public_ip = UNSPECIFIED_V4
     if "publicip" in fields:
-        public_ip = _ip(fields["publicip"], 4, "PublicIP")  # type: ignore[assignment]
+        public_ip = cast(IPv4Address, _ip(fields["publicip"], 4, "PublicIP"))  # _ip checked the version
     public_ipv6 = None
     if fields.get("publicipv6") is not None:
-        public_ipv6 = _ip(fields["publicipv6"], 6, "PublicIPv6")
+        public_ipv6 = cast(IPv6Address, _ip(fields["publicipv6"], 6, "PublicIPv6"))
     btype = fields.get("backendtype") or ""
     if not isinstance(btype, str):
         raise errors.BadLeaseRecord(f"BackendType must be a string, got {btype!r}")
     return LeaseAttrs(
-        public_ip=public_ip,  # type: ignore[arg-type]
-        public_ipv6=public_ipv6,  # type: ignore[arg-type]
+        public_ip=public_ip,
+        public_ipv6=public_ipv6,
         backend_type=btype,
         backend_data=_raw(fields.get("backenddata")),
         backend_v6_data=_raw(fields.get("backendv6data")),

@@ -52,7 +52,7 @@ def ipv4_checksum(header: bytes | bytearray | memoryview) -> int:
     if n % 2:
         header = bytes(header) + b"\0"
         n += 1
-    total = sum(struct.unpack(f"!{n // 2}H", header))
+    total: int = sum(struct.unpack(f"!{n // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

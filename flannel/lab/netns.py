@@ -12,6 +12,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 _CLONE_NEWNET = 0x40000000
 
@@ -42,8 +43,9 @@ class NetNS:
     def ip(self, *args: str, check: bool = True) -> str:
         return run("ip", "-n", self.name, *args, check=check)
 
-    def popen(self, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)  # type: ignore[call-overload]
+    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen`` in the namespace; ``kw`` as for Popen (text or bytes as it says)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
 
     def delete(self) -> None:
         # kill anything still running inside (only processes in *our* namespace)

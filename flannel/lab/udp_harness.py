@@ -161,7 +161,8 @@ class HarnessProcess:
         self.cmd(op="del", subnet=subnet, ip=str(ip))
 
     def counters(self) -> dict[str, int]:
-        return self.cmd(op="counters")["counters"]
+        counters: dict[str, int] = self.cmd(op="counters")["counters"]
+        return counters
 
     def close(self) -> None:
         if self.p.poll() is None:
