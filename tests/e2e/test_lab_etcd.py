@@ -18,7 +18,7 @@ import pytest
 
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
-from tests.e2e.helpers import build_lab, masq_missing
+from tests.support import build_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e]
 
@@ -211,9 +211,6 @@ while True:
 
 
 def test_ip_masq_hides_pod_addresses_outside_the_cluster(lab: Lab) -> None:
-    why = masq_missing()
-    if why:
-        pytest.skip(why)
     assert lab.underlay is not None
     host = next(iter(lab.hosts))
     pod = _first_pod(lab, host)

@@ -12,7 +12,7 @@ import pytest
 
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import Lab
-from tests.e2e.helpers import build_lab
+from tests.support import build_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 
