@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from flannel import errors
 from flannel.backends.base import Backend, ExternalInterface, Network
@@ -341,14 +342,22 @@ class WireGuardBackend(Backend):
 
     type_name = TYPE
 
+    def __init__(self, ext_iface: ExternalInterface, options: Any = None, *, key_file: str | None = None,
+                 impl: str | None = None, uapi_dir: str | None = None) -> None:
+        """``key_file`` / ``impl`` / ``uapi_dir`` default to ``$WIREGUARD_KEY_FILE`` (else
+        /run/flannel/wgkey), ``$FLANNEL_WIREGUARD_IMPL`` (else auto) and
+        ``$FLANNEL_WIREGUARD_UAPI_DIR`` (else /var/run/wireguard); tests pass them per instance."""
+        super().__init__(ext_iface, options)
+        self.key_file = key_file or keys.key_file_path()
+        self.impl = (impl or os.environ.get(device.IMPL_ENV, "")).strip().lower() or device.AUTO
+        self.uapi_dir = uapi_dir or os.environ.get(device.UAPI_DIR_ENV) or device.DEFAULT_UAPI_DIR
+
     def register_network(self, *, config: NetworkConfig, leases: LeaseSource) -> Network:
         opts = wgnet.parse_options(config.backend or {})
         ext = self.ext_iface
         fams = families(config, ext, TYPE)
         mtu = wgnet.device_mtu(opts, ext.mtu)
-        impl = os.environ.get(device.IMPL_ENV, device.AUTO).strip().lower() or device.AUTO
-        uapi_dir = os.environ.get(device.UAPI_DIR_ENV) or device.DEFAULT_UAPI_DIR
-        key_file = keys.key_file_path()
+        impl, uapi_dir, key_file = self.impl, self.uapi_dir, self.key_file
         private_key = keys.load_or_create(key_file)
         public_key = keys.public_key(private_key)
         specs = device_specs(opts.mode, fams, opts)
