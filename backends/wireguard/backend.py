@@ -94,6 +94,7 @@ class WireGuardNetwork(Network):
         self._next_resync = 0.0
         self._next_check = 0.0
         self._logged_skips: dict[object, str] = {}
+        self._logged_shared: dict[tuple[str, str], tuple[object, ...]] = {}
         self._lock = threading.RLock()   # devices: run loop vs close / peer_report
         self._closed = False
 
@@ -315,9 +316,14 @@ class WireGuardNetwork(Network):
             if self._logged_skips.get(ident) != reason:
                 self._logged_skips[ident] = reason
                 log.warning("wireguard: skipping lease: %s", reason)
-        for (dev, key), leases in self.table.shared_keys().items():
-            log.warning("wireguard: %s: %d leases share public key %s (%s); one peer with all their subnets",
-                        dev, len(leases), key, ", ".join(le.describe() for le in leases))
+        shared = self.table.shared_keys()
+        now_shared: dict[tuple[str, str], tuple[object, ...]] = {
+            pk: tuple(le.ident for le in leases) for pk, leases in shared.items()}
+        for pk, leases in shared.items():
+            if self._logged_shared.get(pk) != now_shared[pk]:
+                log.warning("wireguard: %s: %d leases share public key %s (%s); one peer with all their subnets",
+                            pk[0], len(leases), pk[1], ", ".join(le.describe() for le in leases))
+        self._logged_shared = now_shared
 
 
 def configure_device(nl: Netlink, index: int, spec: DeviceSpec, lease: Lease, config: NetworkConfig) -> None:
