@@ -172,12 +172,7 @@ class UserspaceDevice(WGDevice):
             cmd = ["unshare", "--mount", "--propagation", "slave", "sh", "-c", _PRIVATE_DIR_WRAPPER, "sh",
                    uapi_dir, *cmd]
         sock = socket_path(name, uapi_dir)
-        try:
-            os.unlink(sock)   # a stale socket of a killed wireguard-go (its device is gone: we deleted it)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.debug("cannot remove stale %s: %s", sock, e)
+        _wait_socket_free(sock, name)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1",
                    LOG_LEVEL="verbose" if log.isEnabledFor(logging.DEBUG) else "error")
         try:
@@ -194,13 +189,17 @@ class UserspaceDevice(WGDevice):
         return dev
 
     def _wait_ready(self, timeout: float) -> None:
+        """Until our TUN exists and the socket answers (a stale socket file is replaced by
+        wireguard-go itself; one still served by someone else was refused before we started)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._pump.join(2)
+                out = " | ".join(self.output) or "no output"
+                hint = f"; another agent on this machine? set {UAPI_DIR_ENV}" if "in use" in out else ""
                 raise errors.BackendError(f"wireguard-go for {self.name} exited with {self.proc.returncode}: "
-                                          f"{' | '.join(self.output) or 'no output'}")
+                                          f"{out}{hint}")
             if self.nl.link_index(self.name) is not None and os.path.exists(self.client.path):
                 try:
                     self.client.get()
@@ -288,6 +287,25 @@ class WgTool:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _wait_socket_free(path: str, name: str, timeout: float = 5.0) -> None:
+    """A UAPI socket that still answers belongs to a running wireguard-go: our previous one exits
+    within moments of its device being deleted; anything else is another agent's, which we must
+    never configure. :raises errors.BackendError: still served after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(path)
+        except OSError:
+            return   # absent or stale (nobody listening): wireguard-go takes it over
+        if time.monotonic() >= deadline:
+            raise errors.BackendError(f"{path} is served by another wireguard-go (another agent on this machine, in "
+                                      f"another network namespace?); refusing to start one for {name}; give each "
+                                      f"agent its own directory with {UAPI_DIR_ENV}")
+        time.sleep(0.1)
 
 
 def _memfd(text: str, fds: list[int]) -> str:

@@ -221,6 +221,25 @@ def test_psk_mismatch_fails_closed(hosts):
     wait_for(lambda: h1.ping("10.7.2.0"), what="matching PSK works", timeout=30)
 
 
+def test_relist_removes_a_stranger_and_keeps_correct_peers(hosts):
+    h1, h2, _ = hosts
+    a1, a2 = h1.start(cfg()), h2.start(cfg())
+    a1.send(*added(h2.lease()), synced=True)
+    a2.send(*added(h1.lease()), synced=True)
+    wait_for(lambda: h1.ping("10.7.2.0"), what="tunnel up", timeout=30)
+    stranger = keys.public_key(keys.generate_private_key())
+    wgdev.UAPIClient(wgdev.socket_path("flannel-wg", h1.uapi_dir), "flannel-wg").set(SetRequest(upsert=(
+        PeerConfig(stranger, Endpoint(A("198.18.0.99"), 51820), frozenset({N("10.7.99.0/24")})),)))
+    good_before = h1.status().peer(keys.public_key(Path(h2.key_file).read_text()))
+    assert good_before is not None and good_before.last_handshake is not None
+    a1.send(*added(h2.lease()), synced=True)                     # a relist: full resync against the device
+    wait_for(lambda: h1.status().peer(stranger) is None, what="stranger removed by the resync")
+    good = h1.status().peer(good_before.public_key)
+    assert good is not None and good.config() == good_before.config()
+    assert good.last_handshake == good_before.last_handshake   # untouched: no new handshake was forced
+    assert h1.ping("10.7.2.0")
+
+
 def test_device_deleted_behind_our_back_is_recreated_with_its_peers(hosts, caplog):
     caplog.set_level(logging.INFO)
     h1, h2, _ = hosts
@@ -262,7 +281,8 @@ def test_kernel_path_wg_tool_configures_a_device(hosts, tmp_path):
                 st = kdev.status()
                 assert st.listen_port == 51999 and st.public_key == keys.public_key(priv)
                 assert [p.config() for p in st.peers] == [want]
-                assert go.status() == st or [p.config() for p in go.status().peers] == [want]
+                via_uapi = go.status()       # the same device read over UAPI agrees
+                assert via_uapi.public_key == st.public_key and [p.config() for p in via_uapi.peers] == [want]
             finally:
                 go.close()
             assert not go.alive()
