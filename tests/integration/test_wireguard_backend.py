@@ -15,6 +15,8 @@ import stat
 import subprocess
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
+from ipaddress import IPv6Address as A6  # noqa: N814
+from ipaddress import IPv6Network as N6  # noqa: N814
 from pathlib import Path
 
 import pytest
@@ -288,3 +290,65 @@ def test_kernel_path_wg_tool_configures_a_device(hosts, tmp_path):
             assert not go.alive()
         finally:
             nl.close()
+
+
+class DualLeases:
+    """A LeaseSource handing out an IPv4 and an IPv6 subnet."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.attrs: LeaseAttrs | None = None
+
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        self.attrs = attrs
+        return self.lease()
+
+    def lease(self) -> Lease:
+        assert self.attrs is not None
+        return Lease(N(f"10.7.{self.i}.0/24"), self.attrs, N6(f"fd07:0:0:{self.i}::/64"))
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        return (None, None)
+
+
+def _dual_agent(h: Host, mode: str) -> tuple[Agent, DualLeases]:
+    h.ns.ip("-6", "addr", "add", f"fd18::{h.i}/64", "dev", "eth0", "nodad")
+    idx = int(json.loads(h.ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
+    ext = ExternalInterface("eth0", idx, 1500, h.ip, h.ip, iface_v6_addr=A6(f"fd18::{h.i}"),
+                            ext_v6_addr=A6(f"fd18::{h.i}"))
+    leases = DualLeases(h.i)
+    conf = json.dumps({"Network": NET, "EnableIPv6": True, "IPv6Network": "fd07::/48",
+                       "Backend": {"Type": "wireguard", "Mode": mode}})
+    backend = WireGuardBackend(ext, key_file=h.key_file, impl="wireguard-go", uapi_dir=h.uapi_dir)
+    agent = Agent(h.ns, backend, conf, leases).start()   # type: ignore[arg-type]
+    h.agent = agent
+    return agent, leases
+
+
+@pytest.mark.parametrize("mode", ["separate", "ipv6"])
+def test_dual_stack(hosts, mode):
+    h1, h2, _ = hosts
+    (a1, l1), (a2, l2) = _dual_agent(h1, mode), _dual_agent(h2, mode)
+    a1.send(*added(l2.lease()), synced=True)
+    a2.send(*added(l1.lease()), synced=True)
+    wait_for(lambda: h1.ping("10.7.2.0") and h1.ping("fd07:0:0:2::"), what=f"{mode}: v4 and v6 over wireguard",
+             timeout=30)
+    pub = keys.public_key(Path(h1.key_file).read_text())
+    v6dev = "flannel-wg-v6" if mode == "separate" else "flannel-wg"
+    assert "fd07:0:0:1::/128" in h1.ns.ip("-6", "addr", "show", "dev", v6dev)
+    assert "fd07::/48 dev " + v6dev in h1.ns.ip("-6", "route", "show")
+    assert "10.7.0.0/16 dev flannel-wg" in h1.ns.ip("route", "show")
+    assert l1.attrs is not None
+    if mode == "separate":
+        assert l1.attrs.backend_v6_data == f'{{"PublicKey":"{pub}","Port":51821}}'
+        v6 = wgdev.read_status("flannel-wg-v6", uapi_dir=h2.uapi_dir)
+        assert v6.listen_port == 51821
+        assert [(p.endpoint, p.allowed_ips) for p in v6.peers] == \
+            [(Endpoint(A6("fd18::1"), 51821), frozenset({N6("fd07:0:0:1::/64")}))]
+    else:
+        # one device, one peer with both subnets, reached over IPv6 on the port the device listens on
+        assert l1.attrs.backend_v6_data == f'{{"PublicKey":"{pub}","Port":51820}}'
+        st = h2.status()
+        assert [(p.endpoint, p.allowed_ips) for p in st.peers] == \
+            [(Endpoint(A6("fd18::1"), 51820), frozenset({N("10.7.1.0/24"), N6("fd07:0:0:1::/64")}))]
+        assert "flannel-wg-v6" not in h1.ns.ip("link", "show")
