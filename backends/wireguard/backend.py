@@ -186,6 +186,8 @@ class WireGuardNetwork(Network):
         if not self._synced:
             return
         now = time.monotonic()
+        if self._dirty and batch is None and now < self._retry_at:
+            return   # backing off after a failure (a new batch is tried at once)
         try:
             if now >= self._next_check:
                 self._next_check = now + DEVICE_CHECK_INTERVAL
@@ -198,8 +200,6 @@ class WireGuardNetwork(Network):
         if now >= self._next_resync:
             full = True
         if self._dirty:
-            if batch is None and now < self._retry_at:
-                return
             full = True
         try:
             if full:

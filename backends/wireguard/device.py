@@ -358,7 +358,10 @@ def create(name: str, nl: Netlink, *, mtu: int, impl: str = AUTO, uapi_dir: str 
     if impl in (AUTO, KERNEL):
         if nl.add_wireguard(name, mtu):
             dev = KernelDevice(name, nl)
-            _check_wg_tool()
+            if shutil.which("wg") is None:
+                dev.close()
+                raise errors.BackendError("kernel WireGuard needs the wg tool to configure it "
+                                          "(Debian package wireguard-tools)")
             return dev
         if impl == KERNEL:
             raise errors.BackendError(f"cannot create {name}: the kernel has no WireGuard ({IMPL_ENV}=kernel)")
@@ -370,11 +373,6 @@ def create(name: str, nl: Netlink, *, mtu: int, impl: str = AUTO, uapi_dir: str 
         raise errors.BackendError(f"{name} vanished right after wireguard-go created it")
     nl.set_mtu(idx, mtu)
     return dev
-
-
-def _check_wg_tool() -> None:
-    if shutil.which("wg") is None:
-        raise errors.BackendError("kernel WireGuard needs the wg tool to configure it (Debian package wireguard-tools)")
 
 
 def _delete_link(nl: Netlink, name: str) -> None:
