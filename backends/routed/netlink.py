@@ -45,6 +45,7 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 RTN_UNICAST = 1
+RT_SCOPE_LINK = 253   # wireguard backend addition
 BATCH_THRESHOLD = 64
 BATCH_UNVERIFIED = "batch"   # marker in apply()'s result: re-dump and redo the rest entry by entry
 
@@ -199,6 +200,27 @@ class Netlink:
     @_boundary
     def set_up(self, index: int) -> None:
         self._ipr.link("set", index=index, state="up")
+
+    # ---- wireguard backend additions (flannel.backends.wireguard; owner: the wireguard backend) --
+
+    @_boundary
+    def add_wireguard(self, name: str, mtu: int) -> bool:
+        """``ip link add <name> mtu <mtu> type wireguard``. Returns False when the kernel has no
+        WireGuard link type (EOPNOTSUPP), so the caller can fall back to wireguard-go."""
+        try:
+            self._ipr.link("add", ifname=name, kind="wireguard", mtu=mtu)
+        except NetlinkError as e:
+            if e.code == errno.EOPNOTSUPP:
+                return False
+            raise
+        return True
+
+    @_boundary
+    def replace_link_route(self, dst: Net, index: int) -> None:
+        """``ip route replace <dst> dev <link> scope link`` in the main table (wireguard's one
+        route per family, reference §9.4). Same protocol as the routes ``apply`` installs."""
+        self._ipr.route("replace", dst=str(dst), oif=index, scope=RT_SCOPE_LINK, table=MAIN_TABLE,
+                        proto=PROTO_BOOT, family=AF_INET6 if dst.version == 6 else AF_INET)
 
     # ---- entries ----------------------------------------------------------------------------
 

@@ -54,7 +54,12 @@ ETCD_PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 8471
 KUBEAPI_PORT = 6443
 CNI_BIN = "/usr/lib/cni"
-BACKENDS = ("vxlan", "host-gw", "udp", "alloc")
+BACKENDS = ("vxlan", "host-gw", "udp", "wireguard", "extension", "alloc")
+# the extension lab: host-gw done with shell commands (flannel's Documentation/extension.md example)
+EXTENSION_BACKEND = {
+    "SubnetAddCommand": 'ip route replace "$SUBNET" via "$PUBLIC_IP" dev eth0',
+    "SubnetRemoveCommand": 'ip route del "$SUBNET" via "$PUBLIC_IP" dev eth0',
+}
 
 
 class LabError(RuntimeError):
@@ -78,6 +83,8 @@ class LabConfig:
 
     def network_config(self) -> str:
         backend: dict[str, Any] = {"Type": self.backend}
+        if self.backend == "extension":
+            backend.update(EXTENSION_BACKEND)
         return json.dumps({"Network": self.network, "Backend": backend})
 
     def pod_cidr(self, index: int) -> str:
@@ -230,6 +237,10 @@ class Lab:
         for tool in ("ip", "ping", "iptables"):
             if shutil.which(tool) is None:
                 missing.append(f"{tool}: run scripts/setup")
+        if self.config.backend == "wireguard":
+            for tool in ("wireguard-go", "unshare", "mount"):
+                if shutil.which(tool) is None:
+                    missing.append(f"{tool}: run scripts/setup (Debian packages wireguard-go, util-linux, mount)")
         if self.config.subnet_manager == "etcd" and not Path(ETCD_BIN).exists():
             missing.append(f"etcd at {ETCD_BIN}: run scripts/setup (Debian package etcd-server)")
         if self.config.subnet_manager == "kube":
@@ -374,13 +385,30 @@ class Lab:
             args.append(f"--subnet-lease-ttl={cfg.lease_ttl}")
         return args + list(cfg.agent_args) + list(extra)
 
+    def wireguard_dir(self, host: str) -> Path:
+        """wireguard lab: the host's UAPI directory (its wireguard-go's ``flannel-wg.sock``)."""
+        return self.dir / host / "wireguard"
+
+    def wireguard_key_file(self, host: str) -> Path:
+        return self.dir / host / "wgkey"
+
+    def agent_env(self, host: str) -> dict[str, str]:
+        """Per-host environment. wireguard: each host has its own key file, and its own UAPI
+        directory, because wireguard-go's socket path /var/run/wireguard/flannel-wg.sock is shared
+        by every namespace (the agent mounts the directory over it privately for its wireguard-go)."""
+        env = {"NODE_NAME": host}
+        if self.config.backend == "wireguard":
+            env["WIREGUARD_KEY_FILE"] = str(self.wireguard_key_file(host))
+            env["FLANNEL_WIREGUARD_UAPI_DIR"] = str(self.wireguard_dir(host))
+        return env
+
     def start_agent(self, host: str, extra: Sequence[str] = ()) -> int:
         """Start the host's agent (flannel.lab.agent.AgentProcess; log <dir>/<host>/flannel.log)."""
         h = self.hosts[host]
         if self.agent_alive(host):
             raise LabError(f"agent on {host} already running (pid {h.agent.pid})")
         agent = AgentProcess("flannel", netns=h.ns, workdir=self.dir / host, args=self.agent_args(host, extra),
-                             healthz_port=HEALTHZ_PORT, env={"NODE_NAME": host}, python=self.config.python,
+                             healthz_port=HEALTHZ_PORT, env=self.agent_env(host), python=self.config.python,
                              subnet_file=self.subnet_file(host))
         agent.start()
         assert agent.pid is not None

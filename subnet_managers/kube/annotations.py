@@ -108,6 +108,8 @@ def desired_annotations(names: AnnotationNames, attrs: LeaseAttrs,
 def _publish_v6(attrs: LeaseAttrs) -> bool:
     if attrs.backend_type in _V6_NEEDS_DATA:
         return attrs.backend_v6_data is not None
+    if attrs.backend_type == "wireguard":   # §5.5 step 6: v6 data and a public IPv6 (wireguard backend)
+        return attrs.backend_v6_data is not None and attrs.public_ipv6 is not None
     return attrs.public_ipv6 is not None
 
 

@@ -32,5 +32,5 @@ def test_broken_plugin_reports_cause():
 
 
 def test_builtins_are_registered_like_third_party():
-    assert {"alloc", "vxlan", "host-gw", "udp"} <= set(plugins.available(plugins.BACKENDS))
+    assert {"alloc", "vxlan", "host-gw", "udp", "wireguard", "extension"} <= set(plugins.available(plugins.BACKENDS))
     assert {"etcd", "kube"} <= set(plugins.available(plugins.SUBNET_MANAGERS))
