@@ -7,8 +7,8 @@ import queue
 import threading
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
-from ipaddress import IPv6Address as A6  # noqa: N814
-from ipaddress import IPv6Network as N6  # noqa: N814
+from ipaddress import IPv6Address as A6
+from ipaddress import IPv6Network as N6
 
 import pytest
 
