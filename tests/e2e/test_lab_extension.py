@@ -13,8 +13,7 @@ import pytest
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
 from flannel.lab.netns import run
-from tests.e2e.helpers import build_lab
-from tests.support import wait_for
+from tests.support import build_lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -20,8 +20,7 @@ from flannel.backends.wireguard import device as wgdev
 from flannel.backends.wireguard import keys
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
-from tests.e2e.helpers import build_lab
-from tests.support import wait_for
+from tests.support import build_lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e, pytest.mark.timeout(600),
               pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v wireguard-go && command -v tcpdump"],
