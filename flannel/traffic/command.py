@@ -28,9 +28,12 @@ def run(argv: Sequence[str], *, input: str | None = None,
     status is the caller's to judge."""
     timeout = COMMAND_TIMEOUT_SECONDS if timeout is None else timeout
     try:
-        return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+        # errors="replace": bytes that are not UTF-8 reach the parser (and its clear error), not a
+        # UnicodeDecodeError from deep inside subprocess
+        return subprocess.run(list(argv), input=input, capture_output=True, text=True, errors="replace",
+                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise errors.ResourceBusy(f"`{cmdline(argv)}` did not finish within {timeout:.0f}s and was killed "
+        raise errors.ResourceBusy(f"`{cmdline(argv)}` did not finish within {timeout:g}s and was killed "
                                   "(the machine may be overloaded, or the tool is stuck); will retry") from e
     except OSError as e:
         raise errors.BackendError(f"cannot run `{cmdline(argv)}`: {e.strerror or e} "
