@@ -34,7 +34,7 @@ def run(argv: Sequence[str], *, input: str | None = None,
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise errors.ResourceBusy(f"`{cmdline(argv)}` did not finish within {timeout:g}s and was killed "
-                                  "(the machine may be overloaded, or the tool is stuck); will retry") from e
+                                  "(the machine may be overloaded, or the tool is stuck)") from e
     except OSError as e:
         raise errors.BackendError(f"cannot run `{cmdline(argv)}`: {e.strerror or e} "
                                   f"(is {argv[0]} installed and on PATH?)") from e
@@ -42,9 +42,14 @@ def run(argv: Sequence[str], *, input: str | None = None,
 
 def failed(argv: Sequence[str], res: subprocess.CompletedProcess[str], hint: str = "") -> errors.BackendError:
     """The error for a command that exited non-zero: the command, its status, its stderr, a hint."""
-    err = (res.stderr or res.stdout or "").strip() or "no output"
     tail = f"; {hint}" if hint else ""
-    return errors.BackendError(f"`{cmdline(argv)}` failed (exit {res.returncode}): {err}{tail}")
+    return errors.BackendError(f"`{cmdline(argv)}` failed (exit {res.returncode}): {output_of(res)}{tail}")
+
+
+def output_of(res: subprocess.CompletedProcess[str]) -> str:
+    """stderr (or stdout) on one line, for a log line or an error message."""
+    lines = [ln.strip() for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
+    return " / ".join(lines) or "no output"
 
 
 def bad_output(argv: Sequence[str], why: str, output: str) -> errors.BackendError:

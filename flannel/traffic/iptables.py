@@ -156,11 +156,10 @@ def supports_random_fully(version_text: str) -> bool:
 
 
 def _busy(argv: Sequence[str], res: subprocess.CompletedProcess[str]) -> errors.ResourceBusy:
-    err = (res.stderr or "").strip() or "no output"
     return errors.ResourceBusy(
-        f"`{command.cmdline(argv)}` could not take the xtables lock within {LOCK_WAIT_SECONDS}s (exit 4: {err}): "
-        "another program holds it (kube-proxy, firewalld, an iptables-restore; `fuser -v /run/xtables.lock` "
-        "shows which); will retry")
+        f"`{command.cmdline(argv)}` could not take the xtables lock within {LOCK_WAIT_SECONDS}s "
+        f"(exit 4: {command.output_of(res)}): another program holds it (kube-proxy, firewalld, an "
+        "iptables-restore; `fuser -v /run/xtables.lock` shows which)")
 
 
 class IPTables:

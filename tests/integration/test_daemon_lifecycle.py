@@ -296,8 +296,8 @@ def test_healthz_turns_503_once_a_thread_fails_longer_than_the_threshold(opts: A
     d = Running(opts, BrokenWatch(), board=board)
     port = opts.healthz_port
     wait_for(lambda: d.finished.is_set() or worker(port, "watch").get("last_error"), "the first watch failure")
-    status, body = wait_for(lambda: d.finished.is_set() or (r := http(port, "/healthz"))[0] == 503 and r,
-                            "/healthz to turn 503")
+    body = wait_for(lambda: d.finished.is_set() or ((r := http(port, "/healthz"))[0] == 503 and r[1]),
+                    "/healthz to turn 503")
     assert not d.finished.is_set()
     assert body.startswith("flanneld is unhealthy: watch failing for ")
     assert body.endswith("StoreError: watch: permission denied by the API server")
@@ -445,8 +445,8 @@ class EndingWatch(FakeManager):
 def test_a_loop_that_returns_early_is_a_failure_and_restarted(opts: AgentOptions) -> None:
     manager = EndingWatch()
     d = Running(opts, manager)
-    w = wait_for(lambda: d.finished.is_set() or worker(opts.healthz_port, "watch").get("restarts", 0) >= 2 and
-                 worker(opts.healthz_port, "watch"), "the watch restarted")
+    w = wait_for(lambda: d.finished.is_set() or (worker(opts.healthz_port, "watch").get("restarts", 0) >= 2 and
+                                                 worker(opts.healthz_port, "watch")), "the watch restarted")
     assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
     assert w["last_error"] == "FlannelError: the watch loop ended unexpectedly" and manager.calls >= 3
     assert d.end() is None

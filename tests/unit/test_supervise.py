@@ -113,8 +113,8 @@ def test_stop_error_names_the_thread_and_the_cause() -> None:
     assert isinstance(changed.__cause__, errors.ConfigChanged)
     bug = supervise.stop_error("lease", KeyError("subnet"))
     assert str(bug).startswith("internal error (a bug) in the lease thread: KeyError")
-    assert "configuration error in the traffic thread: bad" == str(supervise.stop_error("traffic",
-                                                                                       errors.ConfigError("bad")))
+    config = supervise.stop_error("traffic", errors.ConfigError("bad"))
+    assert str(config) == "configuration error in the traffic thread: bad"
 
 
 def test_is_operational() -> None:
