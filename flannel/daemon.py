@@ -157,12 +157,9 @@ class Daemon:
             if self._closing or (restart and self.stop.is_set() and retry.is_operational(e)):
                 log.info("%s ended during shutdown: %s", name, e)
                 return
-            if restart:
-                self.fail(supervise.stop_error(name, e))
-            elif isinstance(e, errors.FlannelError):
-                self.fail(e)
-            else:
-                self.fail(supervise.stop_error(name, e))
+            # a startup failure is reported as it is (exit 1, or 2 for a usage error), as in flannel
+            startup_error = not restart and isinstance(e, errors.FlannelError)
+            self.fail(e if startup_error else supervise.stop_error(name, e))
 
     def fail(self, error: BaseException) -> None:
         """Record the first failure and stop everything."""

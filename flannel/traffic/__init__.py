@@ -79,7 +79,10 @@ class TrafficManager(abc.ABC):
     def ensure_blackhole(self, lease: Lease) -> None:
         """Add ``blackhole <our subnet>`` (IPv4 and IPv6) when ``--ip-blackhole-route`` and it is missing.
 
-        :raises errors.BackendError: ``ip`` failed, timed out or printed something unreadable.
+        The kernel refusing the route (e.g. another route for the same prefix) is a warning, as in
+        flannel: the route is an extra and the next resync tries again.
+
+        :raises errors.BackendError: ``ip route show`` failed, timed out or printed something unreadable.
         """
         if not self.opts.ip_blackhole_route:
             return
@@ -94,8 +97,9 @@ class TrafficManager(abc.ABC):
             argv = ["ip", fam, "route", "add", "blackhole", str(subnet)]
             add = command.run(argv)
             if add.returncode != 0:
-                raise command.failed(argv, add, "another route for our subnet may be in the way")
-            log.info("added blackhole route %s", subnet)
+                log.warning("%s", command.failed(argv, add, "another route for our subnet may be in the way"))
+            else:
+                log.info("added blackhole route %s", subnet)
 
     def _ensure_blackhole_at_setup(self, lease: Lease) -> None:
         if self.opts.ip_blackhole_route and shutil.which("ip") is None:
