@@ -42,6 +42,8 @@ def run(name: str, target: Callable[[], None], *, stop: threading.Event, board: 
     while the worker was failing.
     """
     def once() -> None:
+        if stop.is_set():       # stop came during the backoff: no restart
+            return
         board.started(name)
         try:
             target()

@@ -179,3 +179,19 @@ def test_board_a_long_healthy_run_ends_the_streak() -> None:
     assert board.failed("watch", errors.StoreError("b")) == 1      # a new streak, shortest backoff
     assert board.snapshot()["watch"].state == FAILED
     assert board.verdict() == (True, "")
+
+
+def test_stop_during_the_backoff_does_not_restart() -> None:
+    stop = threading.Event()
+    runs = []
+
+    class StopWhileWaiting(WorkerBoard):
+        def retrying(self, name: str, delay: float) -> None:
+            super().retrying(name, delay)
+            stop.set()          # SIGTERM arrives just as the supervisor starts its wait
+
+    def target() -> None:
+        runs.append(1)
+        raise errors.StoreError("down")
+    supervise.run("w", target, stop=stop, board=StopWhileWaiting())
+    assert runs == [1]
