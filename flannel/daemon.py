@@ -7,18 +7,23 @@ construct the backend → ``register_network`` (acquires the lease) → traffic 
 → "flannel is ready" → event pipeline → keep the lease alive.
 
 Concurrency (DESIGN §4): one stop ``threading.Event`` and plain threads. The main thread only
-supervises: the startup and every loop run on worker threads, so SIGTERM is honoured within a
-few seconds even when a worker is stuck in a blocking store call. Threads:
+waits: the startup and every loop run on worker threads, so SIGTERM is honoured within a few
+seconds even when a worker is stuck in a blocking store call. Threads:
 
 * ``startup``   – the sequence above, then waits for stop and shuts down;
+* ``health``    – the HTTP server (flannel.health);
+* ``traffic``   – re-checks the masquerade/forward rules and the blackhole route;
 * ``watch``     – ``subnet_manager.watch_leases`` → ``LeaseWatcher`` → a queue of ``Batch``;
 * ``network``   – ``Network.run(queue, stop)`` (the backend's event loop);
-* ``lease``     – ``subnet_manager.complete_lease`` (renewal, re-acquisition);
-* ``health``    – the HTTP server (flannel.health).
+* ``lease``     – ``subnet_manager.complete_lease`` (renewal, re-acquisition).
 
-A thread that dies with an exception stops the daemon with that error (exit 1 via the CLI): a
-half-working agent that no longer follows leases is worse than a restart. The composed objects
-(manager, backend, network) are plain dependencies; nothing here inherits from them.
+Failures (``flannel.supervise``): a failure during startup exits 1, as in flannel. After that, a
+worker that fails on an operational error (a store or backend error, a tool that timed out or
+printed garbage, an OSError) is restarted with backoff and reported by ``/healthz``; only a
+configuration error (``ConfigError``, e.g. ``ConfigChanged``) or a bug stops the agent, with exit
+1 and a message naming the thread. Our lease coming back with another subnet also exits 1 (see
+``_on_lease``). The composed objects (manager, backend, network) are plain dependencies; nothing
+here inherits from them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from flannel import errors, health, iface, plugins, subnet_file, traffic
+from flannel import errors, health, iface, plugins, retry, subnet_file, supervise, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease
@@ -97,7 +102,8 @@ class Daemon:
 
     def __init__(self, opts: AgentOptions, *, manager: SubnetManager | None = None,
                  stop: threading.Event | None = None,
-                 select_interface: Callable[..., ExternalInterface] = iface.select) -> None:
+                 select_interface: Callable[..., ExternalInterface] = iface.select,
+                 board: health.WorkerBoard | None = None) -> None:
         self.opts = opts
         self.stop = stop or threading.Event()
         self.ready = threading.Event()
@@ -108,6 +114,7 @@ class Daemon:
         self.watcher: LeaseWatcher | None = None
         self.batches: queue.Queue[Batch | None] = queue.Queue()
         self._health: health.HealthServer | None = None
+        self.board = board or health.WorkerBoard()
         self._threads: list[threading.Thread] = []
         self._failure: BaseException | None = None
         self._closing = False
@@ -115,7 +122,7 @@ class Daemon:
 
     # --- supervision ---------------------------------------------------------------------------
     def run(self) -> None:
-        main = self._spawn("startup", self._main)
+        main = self._spawn("startup", self._main, restart=False)
         while main.is_alive() and not self.stop.wait(POLL_SECONDS):
             pass
         main.join(SHUTDOWN_GRACE_SECONDS)
@@ -129,28 +136,30 @@ class Daemon:
             raise self._failure
         log.info("Exiting cleanly...")
 
-    def _spawn(self, name: str, target: Callable[[], None], *, until_stop: bool = False) -> threading.Thread:
-        """Start a worker. ``until_stop``: returning before stop is a failure (the loop must not end)."""
-        t = threading.Thread(target=self._guarded, args=(name, target, until_stop), name=name, daemon=True)
+    def _spawn(self, name: str, target: Callable[[], None], *, until_stop: bool = False,
+               restart: bool = True) -> threading.Thread:
+        """Start a thread. ``restart``: a supervised worker (``flannel.supervise``), else a failure
+        stops the agent. ``until_stop``: returning before stop is a failure (the loop must not end)."""
+        t = threading.Thread(target=self._guarded, args=(name, target, until_stop, restart), name=name, daemon=True)
         self._threads.append(t)
         t.start()
         return t
 
-    def _guarded(self, name: str, target: Callable[[], None], until_stop: bool = False) -> None:
+    def _guarded(self, name: str, target: Callable[[], None], until_stop: bool, restart: bool) -> None:
         try:
-            target()
-            if until_stop and not self.stop.is_set():
-                raise errors.FlannelError(f"the {name} loop ended unexpectedly")
+            if restart:
+                supervise.run(name, target, stop=self.stop, board=self.board, until_stop=until_stop)
+            else:
+                target()
         except _Stopped:
             log.info("stopped during startup")
-        except errors.FlannelError as e:
-            if self._closing:
+        except BaseException as e:  # a failure in any thread must stop the daemon, never hang it
+            if self._closing or (restart and self.stop.is_set() and retry.is_operational(e)):
                 log.info("%s ended during shutdown: %s", name, e)
                 return
-            self.fail(e)
-        except BaseException as e:  # a crash in any thread must stop the daemon, never hang it
-            log.exception("thread %s died", name)
-            self.fail(errors.FlannelError(f"internal error in thread {name}: {type(e).__name__}: {e}"))
+            # a startup failure is reported as it is (exit 1, or 2 for a usage error), as in flannel
+            startup_error = not restart and isinstance(e, errors.FlannelError)
+            self.fail(e if startup_error else supervise.stop_error(name, e))
 
     def fail(self, error: BaseException) -> None:
         """Record the first failure and stop everything."""
@@ -190,9 +199,10 @@ class Daemon:
     def _start_health(self) -> None:
         if not self.opts.healthz_port:
             return
-        self._health = health.HealthServer(self.opts.healthz_ip, self.opts.healthz_port,
-                                           ready=self.ready, debug=self.debug_leases)
-        self._health.start()
+        server = self._health = health.HealthServer(self.opts.healthz_ip, self.opts.healthz_port, ready=self.ready,
+                                                    debug=self.debug_leases, board=self.board)
+        server.bind()
+        self._spawn("health", lambda: server.serve(self.stop), until_stop=True)
 
     def _wait_for_config(self, manager: SubnetManager) -> NetworkConfig:
         """Retry every second while the config is missing or the store is down (ConfigError is fatal)."""
@@ -219,7 +229,7 @@ class Daemon:
         Runs before subnet.env is written (readiness implies the rules are in place). The previous
         network/subnet come from the *old* subnet.env, so rules for a subnet we no longer hold are
         recycled. A failure is fatal (BackendError → exit 1), as in flannel; the resync loop then
-        repairs rules that someone deletes while we run.
+        repairs rules that someone deletes while we run (a supervised worker: see the module doc).
         """
         if not (self.opts.ip_masq or self.opts.iptables_forward_rules or self.opts.ip_blackhole_route):
             log.info("no masquerade, forward or blackhole rules requested; leaving iptables/nftables alone")
@@ -272,7 +282,8 @@ class Daemon:
         Same subnet: tell the backend and the watcher. A *different* subnet means pods on this
         host hold addresses the network no longer routes here, and subnet.env, the rules and the
         backend's devices all describe the old subnet; rather than patch all of that in place we
-        exit 1 and let the supervisor restart us: a fresh start converges on the new lease.
+        exit 1 and let the supervisor restart us: a fresh start converges on the new lease. So
+        the backend and the watcher only ever see our lease in the subnet it started with.
         """
         assert self.lease is not None and self.network is not None and self.watcher is not None
         if lease.ident != self.lease.ident:
@@ -281,6 +292,7 @@ class Daemon:
             return
         self.network.on_lease_renewed(lease)
         with self._lock:
+            self.lease = lease
             self.watcher.set_own(lease)
 
     def debug_leases(self) -> dict[str, Any]:
@@ -297,7 +309,7 @@ class Daemon:
         self._join_workers()
         _close_quietly("network", self.network.close if self.network else None)
         _close_quietly("subnet manager", self.manager.close if self.manager else None)
-        _close_quietly("health server", self._health.stop if self._health else None)
+        _close_quietly("health server", self._health.close if self._health else None)
 
     def _join_workers(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
@@ -344,8 +356,12 @@ def _lease_json(lease: Lease) -> dict[str, Any]:
 
 
 def run(opts: AgentOptions, *, manager: SubnetManager | None = None, stop: threading.Event | None = None,
-        select_interface: Callable[..., ExternalInterface] = iface.select) -> None:
-    """Run the agent until SIGINT/SIGTERM (or ``stop``). Raises FlannelError on failure."""
-    d = Daemon(opts, manager=manager, stop=stop, select_interface=select_interface)
+        select_interface: Callable[..., ExternalInterface] = iface.select,
+        board: health.WorkerBoard | None = None) -> None:
+    """Run the agent until SIGINT/SIGTERM (or ``stop``). Raises FlannelError on failure.
+
+    ``board`` (tests): the record of the workers behind /healthz, e.g. with a short threshold.
+    """
+    d = Daemon(opts, manager=manager, stop=stop, select_interface=select_interface, board=board)
     with signal_handlers(d.stop):
         d.run()

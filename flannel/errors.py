@@ -7,7 +7,8 @@ Classes are grouped by what the caller can do about them:
 * ``StoreUnavailable`` – etcd / the API server cannot be reached right now. Retried.
 * ``LeaseConflict`` – someone else created the subnet key first. Try another subnet.
 * ``NetworkFull`` – no free subnet left. Fatal, with the network and its size in the message.
-* ``BackendError`` – the data plane could not be set up.
+* ``BackendError`` – the data plane could not be set up. ``ResourceBusy`` – a tool or the
+  kernel was busy (the xtables lock held by another program, a command that timed out): retried.
 * ``PluginError`` – an unknown or broken backend / subnet-manager plugin.
 
 Adapters (etcd registry, kube client, netlink) convert library errors into these at their
@@ -31,6 +32,16 @@ class UsageError(ConfigError):
 
 class InterfaceError(ConfigError):
     """No usable external interface / public address could be determined."""
+
+
+class ConfigChanged(ConfigError):
+    """The network config in the store (``Network``, the backend type) changed while the agent runs.
+
+    Raised by a subnet manager's ``watch_leases``. subnet.env, the traffic rules and the backend's
+    devices all describe the old network, so rather than patch them in place the agent exits 1 with
+    this message and its supervisor (systemd, the DaemonSet) restarts it with the new config
+    (flannel ignored the change until a restart).
+    """
 
 
 class StoreError(FlannelError):
@@ -67,6 +78,12 @@ class BadLeaseRecord(FlannelError):
 
 class BackendError(FlannelError):
     """The data plane (devices, routes, sockets) could not be set up."""
+
+
+class ResourceBusy(BackendError):
+    """A tool or the kernel is busy right now: ``iptables`` could not take the xtables lock (another
+    program, e.g. kube-proxy, holds it), or a command did not finish within its timeout. Retried
+    with backoff (``retry.firewall``, then the worker supervision); the message names the command."""
 
 
 class PluginError(FlannelError):

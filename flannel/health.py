@@ -1,19 +1,39 @@
 """The health server (reference §12.1): ``/healthz`` (liveness) and ``/readyz`` (subnet.env written).
 
-Plain HTTP on its own thread, exact paths, anything else 404. ``/debug/leases`` is our extension:
-the remote leases the agent currently tracks, as JSON, so tests and operators can see what the
-agent believes without reading its log.
+Plain HTTP, exact paths (a query string is ignored, as by Go's mux), anything else 404.
+``/debug/leases`` is our extension: the remote leases the agent currently tracks, as JSON, so tests
+and operators can see what the agent believes without reading its log.
+
+**What /healthz says** (flannel answered 200 as long as the process ran). The daemon's worker
+threads (watch, network, lease, traffic, health) report to a ``WorkerBoard``; a worker that fails
+on an operational error is restarted with backoff (``flannel.supervise``). /healthz is a liveness
+probe — a kubelet restarts the pod when it fails — and a restart does not help against a
+transient problem such as another program holding the xtables lock for a minute. So:
+
+* ``200 flanneld is running`` while every worker runs, and also while one is failing and being
+  restarted, for up to ``UNHEALTHY_AFTER_SECONDS`` (5 min);
+* ``503 flanneld is unhealthy: <worker> failing for <n>s (<k> failures in a row): <last error>``
+  once a worker has been failing without a healthy run of ``STABLE_AFTER_SECONDS`` for longer
+  than that. A restart of the agent is then worth trying (it keeps the kernel state, §12.4) and
+  the failure is visible in ``kubectl get pods`` instead of only in a log;
+* ``/healthz?verbose=1`` (or ``?verbose``): the same status code with a JSON body listing every
+  worker's state (running / backoff / failed / stopped), restarts, failures in a row, how long it
+  has been failing, its last error and when it retries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import ipaddress
 import json
 import logging
 import socket
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flannel import errors
@@ -23,16 +43,147 @@ log = logging.getLogger(__name__)
 LIVE_BODY = b"flanneld is running"
 READY_BODY = b"flanneld is ready"
 NOT_READY_BODY = b"flanneld is not ready yet"
+UNHEALTHY_PREFIX = "flanneld is unhealthy: "
+
+#: a worker failing (without a healthy run in between) for longer than this makes /healthz 503
+UNHEALTHY_AFTER_SECONDS = 300.0
+#: a run this long without failing ends a failure streak (backoff and /healthz start over)
+STABLE_AFTER_SECONDS = 60.0
+POLL_SECONDS = 0.2
+
+RUNNING, BACKOFF, FAILED, STOPPED = "running", "backoff", "failed", "stopped"
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker's state; times are ``time.monotonic()`` values (None = never)."""
+
+    name: str
+    state: str = RUNNING
+    started_at: float = 0.0            # when the current (or last) run started
+    restarts: int = 0                  # since the agent started
+    streak: int = 0                    # failures in a row (0: healthy)
+    failing_since: float | None = None  # first failure of the current streak
+    last_error: str | None = None
+    last_error_at: float | None = None
+    retry_at: float | None = None
+
+
+class WorkerBoard:
+    """Thread-safe record of the daemon's workers, read by /healthz. ``clock`` is for tests."""
+
+    def __init__(self, *, unhealthy_after: float = UNHEALTHY_AFTER_SECONDS,
+                 stable_after: float = STABLE_AFTER_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.unhealthy_after = unhealthy_after
+        self.stable_after = stable_after
+        self.clock = clock
+        self._workers: dict[str, WorkerStatus] = {}
+        self._lock = threading.Lock()
+
+    def _update(self, name: str, **changes: Any) -> WorkerStatus:
+        with self._lock:
+            status = dataclasses.replace(self._workers.get(name, WorkerStatus(name)), **changes)
+            self._workers[name] = status
+            return status
+
+    def started(self, name: str) -> None:
+        """A run of ``name`` starts (the first one or a restart)."""
+        with self._lock:
+            old = self._workers.get(name)
+        restarts = 0 if old is None else old.restarts
+        if old is not None and old.state == BACKOFF:
+            restarts += 1
+        self._update(name, state=RUNNING, started_at=self.clock(), restarts=restarts, retry_at=None)
+
+    def failed(self, name: str, error: BaseException) -> int:
+        """A run of ``name`` failed with ``error``; returns the failures in a row (for the backoff).
+
+        A run that lasted ``stable_after`` or more starts a new streak: an error once a day is
+        restarted after the shortest wait and does not count towards /healthz's threshold.
+        """
+        now = self.clock()
+        with self._lock:
+            old = self._workers.get(name, WorkerStatus(name, started_at=now))
+        fresh = old.streak == 0 or now - old.started_at >= self.stable_after
+        status = self._update(name, state=FAILED, streak=1 if fresh else old.streak + 1,
+                              failing_since=now if fresh else old.failing_since,
+                              last_error=describe_error(error), last_error_at=now)
+        return status.streak
+
+    def retrying(self, name: str, delay: float) -> None:
+        self._update(name, state=BACKOFF, retry_at=self.clock() + delay)
+
+    def stopped(self, name: str) -> None:
+        self._update(name, state=STOPPED, retry_at=None)
+
+    def streak(self, name: str) -> int:
+        with self._lock:
+            status = self._workers.get(name)
+        return status.streak if status else 0
+
+    def snapshot(self) -> dict[str, WorkerStatus]:
+        with self._lock:
+            return dict(self._workers)
+
+    def _failing_for(self, status: WorkerStatus, now: float) -> float | None:
+        """Seconds ``status`` has been failing, or None when it is healthy."""
+        if status.failing_since is None or status.streak == 0:
+            return None
+        if status.state == RUNNING and now - status.started_at >= self.stable_after:
+            return None      # restarted and has been fine for a while: the streak is over
+        return now - status.failing_since
+
+    def verdict(self) -> tuple[bool, str]:
+        """(healthy, reason): unhealthy once a worker has been failing longer than ``unhealthy_after``."""
+        now = self.clock()
+        worst: tuple[float, WorkerStatus] | None = None
+        for status in self.snapshot().values():
+            failing = self._failing_for(status, now)
+            if failing is not None and failing > self.unhealthy_after and (worst is None or failing > worst[0]):
+                worst = (failing, status)
+        if worst is None:
+            return True, ""
+        failing, status = worst
+        return False, (f"{status.name} failing for {failing:.0f}s ({status.streak} failures in a row): "
+                       f"{status.last_error}")
+
+    def report(self) -> dict[str, Any]:
+        """The verbose /healthz body."""
+        now = self.clock()
+        healthy, reason = self.verdict()
+        workers: dict[str, Any] = {}
+        for name, s in sorted(self.snapshot().items()):
+            failing = self._failing_for(s, now)
+            workers[name] = {
+                "state": s.state,
+                "restarts": s.restarts,
+                "failures_in_a_row": s.streak if failing is not None else 0,
+                "failing_for_s": None if failing is None else round(failing, 1),
+                "last_error": s.last_error,
+                "last_error_age_s": None if s.last_error_at is None else round(now - s.last_error_at, 1),
+                "retry_in_s": None if s.retry_at is None else round(max(0.0, s.retry_at - now), 1),
+            }
+        return {"status": "ok" if healthy else "unhealthy", "reason": reason or None,
+                "unhealthy_after_s": self.unhealthy_after, "workers": workers}
+
+
+def describe_error(error: BaseException) -> str:
+    """``BackendError: iptables ... timed out`` — the type tells a reader which kind of failure."""
+    text = str(error).strip() or repr(error)
+    return f"{type(error).__name__}: {text}"
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], ready: threading.Event, debug: Callable[[], Any] | None) -> None:
+    def __init__(self, addr: tuple[str, int], ready: threading.Event, debug: Callable[[], Any] | None,
+                 board: WorkerBoard | None) -> None:
         self.address_family = socket.AF_INET6 if ipaddress.ip_address(addr[0]).version == 6 else socket.AF_INET
         self.ready = ready
         self.debug = debug
+        self.board = board
         super().__init__(addr, _Handler)
+        self.timeout = POLL_SECONDS   # handle_request() returns after this, so serve() sees stop
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -48,13 +199,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _route(self) -> tuple[int, bytes]:
-        if self.path == "/healthz":
-            return 200, LIVE_BODY
-        if self.path == "/readyz":
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/healthz":
+            return self._healthz("verbose" in urllib.parse.parse_qs(url.query, keep_blank_values=True))
+        if url.path == "/readyz":
             return (200, READY_BODY) if self.server.ready.is_set() else (503, NOT_READY_BODY)
-        if self.path == "/debug/leases" and self.server.debug is not None:
+        if url.path == "/debug/leases" and self.server.debug is not None:
             return 200, json.dumps(self.server.debug()).encode()
         return 404, b"404 page not found\n"
+
+    def _healthz(self, verbose: bool) -> tuple[int, bytes]:
+        board = self.server.board
+        healthy, reason = board.verdict() if board is not None else (True, "")
+        status = 200 if healthy else 503
+        if verbose:
+            report = board.report() if board is not None else {"status": "ok", "workers": {}}
+            return status, json.dumps(report, indent=1).encode()
+        return status, LIVE_BODY if healthy else (UNHEALTHY_PREFIX + reason).encode()
 
     def do_GET(self) -> None:
         self._answer()
@@ -77,31 +238,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class HealthServer:
-    """Serve on ``ip:port`` from a thread. ``ready`` is set by the daemon once subnet.env exists."""
+    """The server on ``ip:port``. ``ready`` is set by the daemon once subnet.env exists.
+
+    ``bind()`` then ``serve(stop)`` on a worker thread (the daemon supervises it like its other
+    workers), ``close()`` at the end.
+    """
 
     def __init__(self, ip: str, port: int, *, ready: threading.Event,
-                 debug: Callable[[], Any] | None = None) -> None:
+                 debug: Callable[[], Any] | None = None, board: WorkerBoard | None = None) -> None:
         self.ip, self.port = ip, port
         self.ready = ready
         self.debug = debug
+        self.board = board
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Bind and serve. A bind failure is fatal (flannel panics; we exit 1 with the reason)."""
+    def bind(self) -> None:
+        """Bind the socket. A failure is fatal (flannel panics; we exit 1 with the reason)."""
         try:
-            self._server = _Server((self.ip, self.port), self.ready, self.debug)
+            self._server = _Server((self.ip, self.port), self.ready, self.debug, self.board)
         except OSError as e:
             raise errors.FlannelError(f"cannot serve /healthz on {self.ip}:{self.port}: {e.strerror or e}") from e
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="health", daemon=True)
-        self._thread.start()
         log.info("health server listening on %s:%d (/healthz, /readyz)", self.ip, self.port)
 
-    def stop(self) -> None:
+    def serve(self, stop: threading.Event) -> None:
+        """Answer requests (each on its own thread) until ``stop`` is set."""
+        server = self._server
+        if server is None:
+            raise errors.FlannelError("the health server is not bound")
+        while not stop.is_set():
+            server.handle_request()
+
+    def close(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
         self._server.server_close()
         self._server = None

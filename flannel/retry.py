@@ -4,12 +4,19 @@
                      until the stop event is set. Logs each wait so an operator sees what happens.
 * ``lease_race``   – a create-if-absent lost a race: try another subnet, up to LEASE_RACE_ATTEMPTS.
 * ``netlink``      – a transient netlink failure (EBUSY/EAGAIN/ENOBUFS): 10 tries, 100 ms·2ⁿ.
+* ``firewall``     – iptables/nft was busy (``errors.ResourceBusy``: the xtables lock, a command
+                     timeout): FIREWALL_ATTEMPTS tries, 0.5 s·2ⁿ; then the error goes to the worker.
+* ``worker``       – a daemon worker thread failed on an operational error (``is_operational``):
+                     restart it after 1 s·2ⁿ (n = failures in a row), at most 30 s, until stop.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import subprocess
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import tenacity
@@ -19,6 +26,16 @@ from flannel import errors
 log = logging.getLogger(__name__)
 
 LEASE_RACE_ATTEMPTS = 50
+FIREWALL_ATTEMPTS = 3
+WORKER_BACKOFF_MIN = 1.0
+WORKER_BACKOFF_MAX = 30.0
+
+#: what the environment throws at a worker: a tool that timed out or printed something we cannot
+#: parse, a socket or file that failed, the store or the kernel refusing. ``FlannelError`` minus
+#: ``ConfigError`` (see ``is_operational``). Anything else (TypeError, KeyError, RuntimeError, ...)
+#: is a bug in our code, and restarting a thread does not fix a bug.
+OPERATIONAL_ERRORS: tuple[type[BaseException], ...] = (
+    errors.FlannelError, OSError, subprocess.SubprocessError, ValueError)
 
 
 class _StopOnEvent(tenacity.stop.stop_base):
@@ -71,3 +88,53 @@ def _log_wait(what: str, level: int = logging.WARNING) -> Any:
         wait = state.next_action.sleep if state.next_action else 0
         log.log(level, "%s failed (attempt %d): %s; retrying in %.1fs", what, state.attempt_number, exc, wait)
     return before_sleep
+
+
+def firewall(what: str) -> tenacity.Retrying:
+    """Retry an iptables/nft call that found the tool busy (``errors.ResourceBusy``).
+
+    A few quick tries ride out another program's short iptables-restore (kube-proxy holds the
+    xtables lock for a few seconds on a busy node); a longer hold is reported to the caller, whose
+    worker is then restarted with the ``worker`` backoff and shows up in ``/healthz?verbose``.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(errors.ResourceBusy),
+        wait=tenacity.wait_exponential(multiplier=0.5, min=0.5, max=4.0),
+        stop=tenacity.stop_after_attempt(FIREWALL_ATTEMPTS),
+        before_sleep=_log_wait(what),
+        reraise=True,
+    )
+
+
+def is_operational(exc: BaseException) -> bool:
+    """True for an error a restart of the failing worker can get past (see OPERATIONAL_ERRORS).
+
+    A ``ConfigError`` (including ``ConfigChanged``) is not: the agent must stop and say what to fix.
+    """
+    return isinstance(exc, OPERATIONAL_ERRORS) and not isinstance(exc, errors.ConfigError)
+
+
+def worker_backoff(streak: int) -> float:
+    """Seconds before restart number ``streak`` (failures in a row, ≥ 1): 1, 2, 4, ... 30, +≤10 % jitter."""
+    doublings = min(max(0, streak - 1), 16)      # bounded: a worker may fail for days
+    base = min(WORKER_BACKOFF_MAX, WORKER_BACKOFF_MIN * 2.0 ** doublings)
+    return base * (1 + random.uniform(0, 0.1))
+
+
+def worker(stop: threading.Event, *, streak: Callable[[], int],
+           before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.Retrying:
+    """Restart a worker that failed on an operational error, with backoff, until ``stop`` is set.
+
+    ``streak`` returns the worker's failures in a row (the supervisor resets it after a long
+    healthy run, so an error once a day does not wait 30 s); ``before_sleep`` reports the
+    failure and the wait (log line, /healthz). A non-operational error, or any error once ``stop``
+    is set, is re-raised to the supervisor.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_operational),
+        wait=lambda state: worker_backoff(streak()),
+        stop=_StopOnEvent(stop),
+        sleep=_SleepOnEvent(stop),
+        before_sleep=before_sleep,
+        reraise=True,
+    )

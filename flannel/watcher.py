@@ -36,12 +36,15 @@ class LeaseWatcher:
         return self._own
 
     def set_own(self, lease: Lease) -> None:
-        """Our lease changed (re-acquired). If it now occupies a slot we tracked as remote, the
-        backend is told to forget that peer."""
+        """A renewal (or re-acquisition) of our lease, always in the same subnet: the daemon exits
+        when our lease comes back with another subnet, so the slot we filter never moves.
+
+        :raises ValueError: ``lease`` is in another subnet than our lease.
+        """
+        if lease.ident != self._own.ident:
+            raise ValueError(f"our lease cannot move from {self._own.describe()} to {lease.describe()} "
+                             "(the daemon restarts instead)")
         self._own = lease
-        stale = self._tracked.pop(lease.ident, None)
-        if stale is not None:
-            log.warning("our lease %s was tracked as a remote peer; dropping it", lease.describe())
 
     def tracked(self) -> list[Lease]:
         return list(self._tracked.values())

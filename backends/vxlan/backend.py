@@ -23,7 +23,7 @@ from flannel.backends.routed.reconcile import DEVICE_CHECK_INTERVAL, MAX_BACKOFF
 from flannel.backends.vxlan import network as vx
 from flannel.backends.vxlan.device import VXLANSpec, configure_device, setup_device
 from flannel.config import NetworkConfig
-from flannel.lease import Lease, LeaseAttrs, LeaseSource
+from flannel.lease import LeaseAttrs, LeaseSource
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ class VXLANNetwork(RoutedNetwork):
     @property
     def mac(self) -> str:
         return self.macs.get(4) or self.macs[6]
-
-    def on_lease_renewed(self, lease: Lease) -> None:
-        """A re-acquired lease with another subnet moves the devices' /32 (/128) addresses."""
-        old = self._lease
-        self._lease = lease
-        if lease.ident != old.ident:
-            for version, spec in self.specs.items():
-                try:
-                    info = self.nl.link(spec.name)
-                    if info is not None:
-                        configure_device(self.nl, info, lease, self.config, version)
-                except errors.BackendError as e:
-                    log.warning("moving %s to lease %s failed: %s", spec.name, lease.describe(), e)
 
     def route_devs(self) -> tuple[str, ...]:
         # direct routes (DirectRouting) go via the ext iface; include it even when the option is

@@ -17,13 +17,18 @@ API for the daemon::
   also installed IPv6 rules with a ``::/0`` pod subnet when IPv6 was disabled, §14.22).
   iptables mode: if the network or our subnet changed since the previous run, the old masquerade
   rules are deleted first ("recycle"); a failure there raises ``errors.BackendError``.
-* ``run_resync(stop)`` checks every ``opts.iptables_resync`` seconds that every rule exists
-  (``iptables -C``) and re-installs a group that lost one (one ``iptables-restore --noflush``).
-  In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft resync).
-  Errors are logged; the loop only ends when ``stop`` is set.
+* ``run_resync(stop)`` checks at once and then every ``opts.iptables_resync`` seconds that every
+  rule exists (``iptables -C``) and re-installs a group that lost one (one ``iptables-restore
+  --noflush``). In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft
+  resync). It returns when ``stop`` is set and raises ``errors.BackendError`` when a pass could not
+  repair everything (a group failed, the xtables lock stayed busy through ``retry.firewall``,
+  a tool timed out or printed garbage): the daemon runs it as a supervised worker, which logs the
+  error, restarts the loop with backoff and reports it in ``/healthz?verbose``. Every failure of a
+  tool names the command (``flannel.traffic.command``).
 * ``--ip-blackhole-route``: a ``blackhole`` route for our own subnet(s) in the main table (so
   traffic to pod IPs that do not exist is dropped here instead of following the default route),
-  added by ``setup`` and re-checked by ``run_resync`` (reference §11.6). Uses ``ip route``.
+  added by ``setup`` and re-checked by ``run_resync`` (reference §11.6). Uses ``ip route``. A
+  failure during ``setup`` is a warning (the resync retries it), as the route is an extra.
 * Rules are left in place at exit (zero-downtime restarts, §12.4).
 
 The semantics chosen for the iptables/nftables difference (§14.20) are documented in
@@ -36,14 +41,15 @@ import abc
 import json
 import logging
 import shutil
-import subprocess
 import threading
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from flannel import errors
 from flannel.config import NetworkConfig
 from flannel.lease import Lease
 from flannel.options import AgentOptions
+from flannel.traffic import command
 from flannel.traffic import iptables as ipt
 from flannel.traffic import nftables as nft
 
@@ -59,6 +65,7 @@ class TrafficManager(abc.ABC):
     def __init__(self, opts: AgentOptions, config: NetworkConfig) -> None:
         self.opts = opts
         self.config = config
+        self._lease: Lease | None = None
 
     def families(self, lease: Lease) -> list[tuple[int, IPv4Network | IPv6Network, IPv4Network | IPv6Network]]:
         """(version, cluster network, our pod subnet) for every family that gets rules."""
@@ -70,24 +77,38 @@ class TrafficManager(abc.ABC):
         return out
 
     def ensure_blackhole(self, lease: Lease) -> None:
-        """Add ``blackhole <our subnet>`` (IPv4 and IPv6) when ``--ip-blackhole-route`` and it is missing."""
-        if not self.opts.ip_blackhole_route or shutil.which("ip") is None:
+        """Add ``blackhole <our subnet>`` (IPv4 and IPv6) when ``--ip-blackhole-route`` and it is missing.
+
+        The kernel refusing the route (e.g. another route for the same prefix) is a warning, as in
+        flannel: the route is an extra and the next resync tries again.
+
+        :raises errors.BackendError: ``ip route show`` failed, timed out or printed something unreadable.
+        """
+        if not self.opts.ip_blackhole_route:
             return
         self._lease = lease
+        if shutil.which("ip") is None:
+            return      # said once by setup
         for fam, subnet in (("-4", lease.subnet), ("-6", lease.ipv6_subnet)):
             if subnet is None:
                 continue
-            res = subprocess.run(["ip", "-j", fam, "route", "show", "table", "main", "type", "blackhole"],
-                                 capture_output=True, text=True, timeout=30)
-            have = {r.get("dst") for r in json.loads(res.stdout or "[]")} if res.returncode == 0 else set()
-            if str(subnet) in have:
+            if str(subnet) in _blackhole_dsts(fam):
                 continue
-            add = subprocess.run(["ip", fam, "route", "add", "blackhole", str(subnet)], capture_output=True, text=True,
-                                 timeout=30)
+            argv = ["ip", fam, "route", "add", "blackhole", str(subnet)]
+            add = command.run(argv)
             if add.returncode != 0:
-                log.warning("adding blackhole route %s failed: %s", subnet, add.stderr.strip())
+                log.warning("%s", command.failed(argv, add, "another route for our subnet may be in the way"))
             else:
                 log.info("added blackhole route %s", subnet)
+
+    def _ensure_blackhole_at_setup(self, lease: Lease) -> None:
+        if self.opts.ip_blackhole_route and shutil.which("ip") is None:
+            log.error("--ip-blackhole-route needs the `ip` command (iproute2), which is not on PATH: "
+                      "no blackhole route")
+        try:
+            self.ensure_blackhole(lease)
+        except errors.BackendError as e:
+            log.warning("blackhole route for %s: %s (the resync will try again)", lease.describe(), e)
 
     @abc.abstractmethod
     def setup(self, lease: Lease, prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
@@ -99,17 +120,16 @@ class TrafficManager(abc.ABC):
         """Check the installed rules once and repair what is missing."""
 
     def run_resync(self, stop: threading.Event) -> None:
+        """Check and repair now and then every ``--iptables-resync`` seconds, until ``stop``.
+
+        :raises errors.BackendError: a pass could not repair everything (see the module doc).
+        """
         interval = max(1, int(self.opts.iptables_resync))
-        while not stop.wait(interval):
-            try:
-                self.resync_once()
-                lease = getattr(self, "_lease", None)
-                if lease is not None:
-                    self.ensure_blackhole(lease)
-            except errors.FlannelError as e:
-                log.warning("rule resync failed: %s", e)
-            except OSError as e:
-                log.warning("rule resync failed: %s", e)
+        while not stop.is_set():
+            self.resync_once()
+            if self._lease is not None:
+                self.ensure_blackhole(self._lease)
+            stop.wait(interval)
 
 
 class IPTablesManager(TrafficManager):
@@ -125,7 +145,8 @@ class IPTablesManager(TrafficManager):
             for version in (4, 6):
                 n.delete_table(version)
         groups: list[ipt.RuleGroup] = []
-        for version, cluster, pod in self.families(lease):
+        wanted = self.opts.ip_masq or self.opts.iptables_forward_rules
+        for version, cluster, pod in self.families(lease) if wanted else []:
             tool = ipt.IPTables(version)
             if not tool.available():
                 log.error("%s / %s not found: no %s rules installed", tool.cmd, tool.restore_cmd,
@@ -148,16 +169,25 @@ class IPTablesManager(TrafficManager):
             g.bootstrap()
         with self._lock:
             self.groups = groups
-        self.ensure_blackhole(lease)
+        self._ensure_blackhole_at_setup(lease)
 
     def resync_once(self) -> None:
+        """Repair every group that lost a rule. A failing group does not keep the others from
+        being repaired; then the first failure is raised. A busy lock ends the pass at once (every
+        group would wait for the same lock)."""
         with self._lock:
             groups = list(self.groups)
+        failures: list[errors.BackendError] = []
         for g in groups:
             try:
                 g.ensure()
+            except errors.ResourceBusy:
+                raise
             except errors.BackendError as e:
                 log.warning("repairing %s rules failed: %s", g.name, e)
+                failures.append(e)
+        if failures:
+            raise failures[0]
 
 
 class NFTablesManager(TrafficManager):
@@ -188,7 +218,7 @@ class NFTablesManager(TrafficManager):
             self.nft.apply(script)
         with self._lock:
             self.scripts = scripts
-        self.ensure_blackhole(lease)
+        self._ensure_blackhole_at_setup(lease)
 
     def resync_once(self) -> None:
         with self._lock:
@@ -207,18 +237,33 @@ def cleanup_iptables() -> None:
         if not tool.available():
             continue
         for table, builtin, chain in (("nat", "POSTROUTING", ipt.POSTRTG), ("filter", "FORWARD", ipt.FWD)):
-            lines = [ln.replace("-A ", "-D ", 1) for ln in tool.save(table).splitlines()
-                     if ln.startswith(f"-A {builtin} ") and ln.rstrip().endswith(f"-j {chain}")]
-            if tool.chain_exists(table, chain):
-                lines += [f"-F {chain}", f"-X {chain}"]
-            if lines:
-                try:
+            try:
+                lines = [ln.replace("-A ", "-D ", 1) for ln in tool.save(table).splitlines()
+                         if ln.startswith(f"-A {builtin} ") and ln.rstrip().endswith(f"-j {chain}")]
+                if tool.chain_exists(table, chain):
+                    lines += [f"-F {chain}", f"-X {chain}"]
+                if lines:
                     tool.restore(ipt.render_payload({table: lines}))
                     log.info("removed iptables chain %s/%s (switching to nftables)", table, chain)
-                except errors.BackendError as e:
-                    log.warning("cleaning up iptables %s/%s: %s", table, chain, e)
+            except errors.BackendError as e:
+                log.warning("cleaning up iptables %s/%s: %s", table, chain, e)
 
 
 def create(opts: AgentOptions, config: NetworkConfig) -> TrafficManager:
     """The manager for ``config.enable_nftables``."""
     return NFTablesManager(opts, config) if config.enable_nftables else IPTablesManager(opts, config)
+
+
+def _blackhole_dsts(fam: str) -> set[str]:
+    """Destinations of the blackhole routes in the main table (``ip -j`` output, checked)."""
+    argv = ["ip", "-j", fam, "route", "show", "table", "main", "type", "blackhole"]
+    res = command.run(argv)
+    if res.returncode != 0:
+        raise command.failed(argv, res)
+    try:
+        routes: Any = json.loads(res.stdout or "[]")
+    except ValueError as e:   # JSONDecodeError, or bytes that are not text
+        raise command.bad_output(argv, f"not JSON: {e}", res.stdout) from e
+    if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+        raise command.bad_output(argv, "not a JSON list of routes", res.stdout)
+    return {str(r.get("dst")) for r in routes}

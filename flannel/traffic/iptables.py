@@ -6,6 +6,14 @@ rules to the end of their chains in one ``iptables-restore --noflush`` transacti
 difference: the flannel chain is *declared* in that same transaction (``:FLANNEL-POSTRTG - [0:0]``,
 which creates it or flushes it), so create-or-flush and refill are atomic; only the jump rule in
 the built-in chain gets a ``-D`` before its ``-A`` when it already exists.
+
+The xtables lock: every call passes ``-w LOCK_WAIT_SECONDS``, so legacy iptables waits that long for
+a lock another program (kube-proxy, firewalld) holds and then exits 4 instead of hanging until our
+subprocess timeout (iptables-nft accepts ``-w`` and needs no lock). Exit 4 becomes
+``errors.ResourceBusy``, retried by ``retry.firewall``; a lock held longer fails the caller (the
+resync worker, which the daemon restarts with backoff). ``-C`` exit 1 means "no such rule" —
+anything else is an error, never "missing": a busy ``-C`` read as "missing" would append a second
+copy of the jump rule.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
-from flannel import errors
+from flannel import errors, retry
+from flannel.traffic import command
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,12 @@ FLANNEL_CHAINS = (POSTRTG, FWD)
 MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 KUBE_MARK = "0x4000/0x4000"
+
+LOCK_WAIT_SECONDS = 5            # iptables -w: one call waits this long for the xtables lock
+RESTORE_TIMEOUT_SECONDS = 60.0   # iptables-restore of our few lines; generous for a huge table
+EXIT_NO_RULE = 1                 # -C: the rule (or its chain) does not exist
+EXIT_PARAMETER_PROBLEM = 2       # -C with a match this kernel/binary lacks: treated as "missing"
+EXIT_RESOURCE_PROBLEM = 4        # the xtables lock (or the kernel) was busy
 
 Net = IPv4Network | IPv6Network
 
@@ -140,8 +155,15 @@ def supports_random_fully(version_text: str) -> bool:
     return bool(m) and tuple(int(x) for x in m.groups()) >= (1, 6, 2)  # type: ignore[union-attr]
 
 
+def _busy(argv: Sequence[str], res: subprocess.CompletedProcess[str]) -> errors.ResourceBusy:
+    return errors.ResourceBusy(
+        f"`{command.cmdline(argv)}` could not take the xtables lock within {LOCK_WAIT_SECONDS}s "
+        f"(exit 4: {command.output_of(res)}): another program holds it (kube-proxy, firewalld, an "
+        "iptables-restore; `fuser -v /run/xtables.lock` shows which)")
+
+
 class IPTables:
-    """Runs one family's binaries (``iptables`` or ``ip6tables``). Calls are serialised."""
+    """Runs one family's binaries (``iptables`` or ``ip6tables``). Restores are serialised."""
 
     def __init__(self, version: int = 4) -> None:
         self.cmd = "iptables" if version == 4 else "ip6tables"
@@ -151,30 +173,52 @@ class IPTables:
     def available(self) -> bool:
         return shutil.which(self.cmd) is not None and shutil.which(self.restore_cmd) is not None
 
+    def _call(self, argv: list[str], *, input: str | None = None,
+              timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run with the ``retry.firewall`` policy: a busy lock (exit 4) or a timeout is retried.
+        ``timeout``: ``command.COMMAND_TIMEOUT_SECONDS`` unless given."""
+        def once() -> subprocess.CompletedProcess[str]:
+            res = command.run(argv, input=input, timeout=timeout)
+            if res.returncode == EXIT_RESOURCE_PROBLEM:
+                raise _busy(argv, res)
+            return res
+        return retry.firewall(f"`{command.cmdline(argv[:6])} ...`")(once)
+
     def version_text(self) -> str:
-        return subprocess.run([self.cmd, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return self._call([self.cmd, "--version"]).stdout
 
     def exists(self, rule: Rule) -> bool:
-        res = subprocess.run([self.cmd, "-w", "-t", rule.table, "-C", rule.chain, *rule.spec],
-                             capture_output=True, text=True, timeout=30)
-        return res.returncode == 0
+        """Whether ``rule`` is installed. Raises (never answers False) when iptables could not tell."""
+        argv = [self.cmd, "-w", str(LOCK_WAIT_SECONDS), "-t", rule.table, "-C", rule.chain, *rule.spec]
+        res = self._call(argv)
+        if res.returncode == 0:
+            return True
+        if res.returncode in (EXIT_NO_RULE, EXIT_PARAMETER_PROBLEM):
+            return False
+        raise command.failed(argv, res)
 
     def chain_exists(self, table: str, chain: str) -> bool:
-        res = subprocess.run([self.cmd, "-w", "-t", table, "-S", chain], capture_output=True, text=True, timeout=30)
-        return res.returncode == 0
+        argv = [self.cmd, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S", chain]
+        res = self._call(argv)
+        if res.returncode in (0, EXIT_NO_RULE):
+            return res.returncode == 0
+        raise command.failed(argv, res)
 
     def restore(self, payload: str) -> None:
         if not payload:
             return
+        argv = [self.restore_cmd, "--noflush", "-w", str(LOCK_WAIT_SECONDS)]
         with self._lock:
-            res = subprocess.run([self.restore_cmd, "--noflush", "-w"], input=payload, capture_output=True,
-                                 text=True, timeout=60)
+            res = self._call(argv, input=payload, timeout=RESTORE_TIMEOUT_SECONDS)
         if res.returncode != 0:
-            raise errors.BackendError(f"{self.restore_cmd} failed: {res.stderr.strip()}\npayload:\n{payload}")
+            raise command.failed(argv, res, f"the rules flannel tried to apply:\n{payload}")
 
     def save(self, table: str) -> str:
-        res = subprocess.run([f"{self.cmd}-save", "-t", table], capture_output=True, text=True, timeout=30)
-        return res.stdout if res.returncode == 0 else ""
+        argv = [f"{self.cmd}-save", "-t", table]
+        res = self._call(argv)
+        if res.returncode != 0:
+            raise command.failed(argv, res)
+        return res.stdout
 
 
 @dataclass

@@ -11,17 +11,18 @@ Semantics (reference §14.20): we keep the **iptables semantics** in both modes,
   masqueraded in nft mode).
 
 Each family is one atomic ``nft -f -`` transaction: add table and chain (idempotent), flush the
-chain, add the rules.
+chain, add the rules. nft takes no lock; a call that does not finish within its timeout is
+``errors.ResourceBusy`` and ``apply`` retries it (``retry.firewall``).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from ipaddress import IPv4Network, IPv6Network
 
-from flannel import errors
+from flannel import retry
+from flannel.traffic import command
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ Net = IPv4Network | IPv6Network
 
 MASQ_CHAIN = "postrtg"
 FWD_CHAIN = "forward"
+APPLY_TIMEOUT_SECONDS = 60.0
 
 
 def table_of(version: int) -> tuple[str, str]:
@@ -83,18 +85,19 @@ class Nft:
         return shutil.which("nft") is not None
 
     def apply(self, script: str) -> None:
-        res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=60)
+        argv = ["nft", "-f", "-"]
+        res = retry.firewall("`nft -f -`")(command.run, argv, input=script, timeout=APPLY_TIMEOUT_SECONDS)
         if res.returncode != 0:
-            raise errors.BackendError(f"nft -f failed: {res.stderr.strip()}\nscript:\n{script}")
+            raise command.failed(argv, res, f"the script flannel tried to apply:\n{script}")
 
     def check(self, script: str) -> bool:
-        res = subprocess.run(["nft", "--check", "-f", "-"], input=script, capture_output=True, text=True, timeout=60)
+        res = command.run(["nft", "--check", "-f", "-"], input=script, timeout=APPLY_TIMEOUT_SECONDS)
         return res.returncode == 0
 
     def chain_rule_count(self, version: int, chain: str) -> int | None:
         """Rules in our chain, or None if the table/chain does not exist."""
         fam, table = table_of(version)
-        res = subprocess.run(["nft", "list", "chain", fam, table, chain], capture_output=True, text=True, timeout=30)
+        res = command.run(["nft", "list", "chain", fam, table, chain])
         if res.returncode != 0:
             return None
         body = [ln.strip() for ln in res.stdout.splitlines()]
@@ -102,6 +105,6 @@ class Nft:
 
     def delete_table(self, version: int) -> None:
         fam, table = table_of(version)
-        res = subprocess.run(["nft", "delete", "table", fam, table], capture_output=True, text=True, timeout=30)
+        res = command.run(["nft", "delete", "table", fam, table])
         if res.returncode != 0:
             log.debug("nft delete table %s %s: %s", fam, table, res.stderr.strip())

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network
@@ -24,6 +28,7 @@ from flannel.lab.agent import AgentProcess
 from flannel.lab.etcd import EtcdServer
 from flannel.lab.netns import cleanup_prefix, run_prefix
 from flannel.lab.topology import Host, Underlay
+from flannel.traffic import iptables as ipt
 from tests import support as waiting
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
@@ -63,11 +68,12 @@ class Cluster:
     def put_config(self, text: str = CONFIG) -> None:
         self.etcd.etcdctl("put", f"{self.prefix}/config", text)
 
-    def agent(self, *extra: str, host: Host | None = None, health: bool = True) -> AgentProcess:
+    def agent(self, *extra: str, host: Host | None = None, health: bool = True,
+              env: dict[str, str] | None = None) -> AgentProcess:
         if host is None:
             host = self.underlay.add_host(f"a{len(self.underlay.hosts) + 1}-{next(_counter)}")
             self.hosts.append(host)
-        a = AgentProcess(host.name, netns=host.ns.name, workdir=self.workdir,
+        a = AgentProcess(host.name, netns=host.ns.name, workdir=self.workdir, env=env,
                          healthz_port=HEALTH_PORT if health else None,
                          args=["--etcd-endpoints", self.etcd.endpoint, "--etcd-prefix", self.prefix,
                                "--iface", "eth0", *extra])
@@ -268,3 +274,70 @@ def test_short_ttl_is_renewed(cluster: Cluster) -> None:
         time.sleep(0.5)
     assert a.running and a.subnet() == IPv4Network(key.replace("-", "/"))
     assert "Lease renewed" in a.log_text() and "acquiring a lease again" not in a.log_text()
+
+
+LEGACY_TOOLS = ("iptables", "iptables-restore", "iptables-save", "ip6tables", "ip6tables-restore", "ip6tables-save")
+
+
+def legacy_iptables_env(tmp: Path) -> dict[str, str]:
+    """An environment where ``iptables*`` is iptables-legacy (which takes the xtables lock;
+    iptables-nft, this machine's default, needs none) and the lock is a private file, so that
+    holding it blocks only our agent, never the machine's real /run/xtables.lock."""
+    shim = tmp / "legacy-bin"
+    shim.mkdir()
+    for tool in LEGACY_TOOLS:
+        target = shutil.which(tool.replace("tables", "tables-legacy", 1))
+        assert target, f"{tool}-legacy not installed (iptables package)"
+        (shim / tool).symlink_to(target)
+    return {"PATH": f"{shim}:{os.environ['PATH']}", "XTABLES_LOCKFILE": str(tmp / "xtables.lock")}
+
+
+# holds the lock the way iptables takes it (flock(2) on the lock file) until it is terminated
+LOCK_HOLDER = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+               "print('locked', flush=True); time.sleep(600)")
+
+
+@pytest.mark.skipif(not shutil.which("iptables-legacy"), reason="needs iptables-legacy (Debian's iptables package)")
+def test_xtables_lock_held_60s_the_agent_survives_and_repairs_the_rules(cluster: Cluster, tmp_path: Path) -> None:
+    """Another process holds the xtables lock for 60 s while someone deletes one of our rules.
+    Before: the resync's ``iptables -w`` hit its 30 s subprocess timeout, the traffic thread died
+    and the agent exited 1. Now: it waits, reports the busy lock in /healthz?verbose, keeps
+    running, and repairs the rule once the lock is free (exactly once: no duplicate jump rule)."""
+    env = legacy_iptables_env(tmp_path)
+    lock = env["XTABLES_LOCKFILE"]
+    cluster.put_config()
+    a = cluster.agent("--ip-masq", "--iptables-resync", "1", env=env).start()
+    a.wait_ready()
+    ns = cluster.host_of(a).ns
+    expected = [r.line() for r in ipt.masq_rules(IPv4Network("10.9.0.0/16"), a.subnet())]
+    expected_fwd = [r.line() for r in ipt.forward_rules(IPv4Network("10.9.0.0/16"))]
+
+    def rules(table: str) -> list[str]:
+        return [ln for ln in ns.exec("iptables-legacy-save", "-t", table).splitlines() if ln.startswith("-A ")]
+    assert rules("nat") == expected and rules("filter") == expected_fwd
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        # someone deletes our jump rule meanwhile (with another lock file: only our agent is blocked)
+        ns.exec("env", f"XTABLES_LOCKFILE={tmp_path / 'other.lock'}", "iptables-legacy", "-t", "nat", "-D",
+                "POSTROUTING", "-m", "comment", "--comment", ipt.MASQ_COMMENT, "-j", ipt.POSTRTG)
+        held_until = time.monotonic() + 60
+        while time.monotonic() < held_until:
+            assert a.running, f"the agent exited while the xtables lock was held\n{a.log_tail()}"
+            time.sleep(0.5)
+        assert rules("nat") == expected[1:], "the rule came back while the lock was held: the test proves nothing"
+        traffic = a.http_get("/healthz?verbose=1")
+        assert traffic[0] == 200, traffic           # 60 s of a busy lock is not a reason to restart the pod
+        state = json.loads(traffic[1])["workers"]["traffic"]
+        assert "could not take the xtables lock" in state["last_error"] and state["restarts"] >= 1, state
+        assert a.http_get("/healthz") == (200, "flanneld is running")
+    finally:
+        holder.terminate()
+        holder.wait(10)
+    wait_for(lambda: rules("nat") == expected, "the masquerade rules to be repaired", timeout=90, agents=(a,))
+    assert rules("filter") == expected_fwd
+    assert a.running
+    assert "could not take the xtables lock" in a.log_text() and "restarting it in" in a.log_text()
+    wait_for(lambda: json.loads(a.http_get("/healthz?verbose=1")[1])["workers"]["traffic"]["state"] == "running",
+             "the traffic thread running again", agents=(a,))
+    assert a.stop() == 0

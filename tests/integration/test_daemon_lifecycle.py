@@ -2,15 +2,18 @@
 
 No root needed: the external interface is given (interface selection has its own tests), the
 health server listens on loopback. What is checked: startup order (config wait, readiness only
-after subnet.env), the health endpoints, clean stop, failures of worker threads and of our own
-lease, and the signal handlers.
+after subnet.env), the health endpoints, clean stop, the supervision of the worker threads (an
+operational error restarts the thread and shows in /healthz; a config change or a bug stops the
+agent naming the thread), our own lease moving, and the signal handlers.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -22,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from flannel import daemon, errors
+from flannel import cli, daemon, errors, health, retry
+from flannel.backends.alloc import AllocBackend
 from flannel.lab.etcd import free_port
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -31,7 +35,10 @@ from tests.support import FakeManager, fake_iface, wait_for
 DEADLINE = 10.0
 
 
-
+@pytest.fixture(autouse=True)
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker restarts after 0.2 s, 0.4 s, ... (the real 1 s → 30 s schedule is a unit test)."""
+    monkeypatch.setattr(retry, "WORKER_BACKOFF_MIN", 0.2)
 
 
 def http(port: int, path: str) -> tuple[int, str]:
@@ -45,16 +52,16 @@ def http(port: int, path: str) -> tuple[int, str]:
 class Running:
     """The daemon on a thread; ``result`` is None (clean) or the exception ``run`` raised."""
 
-    def __init__(self, opts: AgentOptions, manager: Any) -> None:
+    def __init__(self, opts: AgentOptions, manager: Any, **kw: Any) -> None:
         self.stop = threading.Event()
         self.result: BaseException | None = None
         self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(opts, manager), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(opts, manager, kw), daemon=True)
         self.thread.start()
 
-    def _run(self, opts: AgentOptions, manager: Any) -> None:
+    def _run(self, opts: AgentOptions, manager: Any, kw: dict[str, Any]) -> None:
         try:
-            daemon.run(opts, manager=manager, stop=self.stop, select_interface=fake_iface)
+            daemon.run(opts, manager=manager, stop=self.stop, select_interface=fake_iface, **kw)
         except BaseException as e:
             self.result = e
         finally:
@@ -157,11 +164,217 @@ class CrashingWatch(FakeManager):
         raise RuntimeError("boom in the watch")
 
 
-def test_a_dying_thread_stops_the_daemon_with_an_error(opts: AgentOptions) -> None:
+def test_a_bug_in_a_thread_stops_the_daemon_naming_the_thread(opts: AgentOptions) -> None:
     d = Running(opts, CrashingWatch())
     assert d.finished.wait(DEADLINE), "daemon hung after a thread died"
     assert isinstance(d.result, errors.FlannelError)
-    assert "thread watch" in str(d.result) and "boom in the watch" in str(d.result)
+    assert str(d.result).startswith("internal error (a bug) in the watch thread: RuntimeError: boom in the watch")
+    assert isinstance(d.result.__cause__, RuntimeError)
+
+
+def verbose(port: int) -> tuple[int, dict[str, Any]]:
+    """(status, JSON) of /healthz?verbose=1; (0, no workers) while the server is not up (yet)."""
+    got = http_or_none(port, "/healthz?verbose=1")
+    return (got[0], json.loads(got[1])) if got else (0, {"workers": {}})
+
+
+def worker(port: int, name: str) -> dict[str, Any]:
+    return verbose(port)[1]["workers"].get(name, {})
+
+
+def restarted(port: int, name: str, times: int) -> dict[str, Any] | None:
+    """The worker's verbose entry once it has been restarted ``times`` times and runs again."""
+    w = worker(port, name)
+    return w if w.get("restarts", 0) >= times and w.get("state") == "running" else None
+
+
+class FlakyWatch(FakeManager):
+    """watch_leases fails with each of ``errs`` in turn (after a snapshot), then follows normally."""
+
+    def __init__(self, *errs: BaseException) -> None:
+        super().__init__(remote=(REMOTE,))
+        self.errs = list(errs)
+        self.calls = 0
+
+    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        self.calls += 1
+        yield WatchResult.of_snapshot(self.remote)
+        if self.errs:
+            raise self.errs.pop(0)
+        stop.wait()
+
+
+OPERATIONAL = [errors.StoreError("etcd: connection lost"), OSError(errno.ECONNRESET, "Connection reset by peer"),
+               subprocess.TimeoutExpired(["some-tool"], 30), ValueError("Expecting value: line 1 column 1"),
+               errors.BackendError("route add failed")]
+
+
+@pytest.mark.parametrize("exc", OPERATIONAL, ids=lambda e: type(e).__name__)
+def test_an_operational_error_restarts_the_thread_not_the_agent(opts: AgentOptions, exc: BaseException) -> None:
+    """Before: any exception in a worker stopped the agent (exit 1)."""
+    manager = FlakyWatch(exc, exc)
+    d = Running(opts, manager)
+    port = opts.healthz_port
+    w = wait_for(lambda: d.finished.is_set() or restarted(port, "watch", 2), "the watch thread restarted twice",
+                 on_timeout=lambda: f"daemon result: {d.result!r}")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert w["last_error"].startswith(type(exc).__name__) and manager.calls == 3
+    assert http(port, "/healthz") == (200, "flanneld is running")      # retrying is not unhealthy
+    assert verbose(port)[0] == 200
+    assert [r["subnet"] for r in json.loads(http(port, "/debug/leases")[1])["remote"]] == ["10.9.3.0/24"]
+    assert {"watch", "network", "lease", "health"} <= set(verbose(port)[1]["workers"])
+    assert d.end() is None
+
+
+class FlakyLease(FakeManager):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def complete_lease(self, lease: Lease, stop: threading.Event, on_lease: Any = None) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise errors.StoreError("renewal: etcd said no")
+        stop.wait()
+
+
+def test_the_lease_thread_is_restarted(opts: AgentOptions) -> None:
+    manager = FlakyLease()
+    d = Running(opts, manager)
+    w = wait_for(lambda: d.finished.is_set() or restarted(opts.healthz_port, "lease", 1), "the lease thread restarted")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert w["last_error"] == "StoreError: renewal: etcd said no" and manager.calls == 2
+    assert d.end() is None
+
+
+def test_the_network_and_health_threads_are_restarted(opts: AgentOptions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend loop without its own guard, and the health server loop, fail once each."""
+    class FlakyNetworkBackend(AllocBackend):
+        def register_network(self, **kw: Any) -> Any:
+            net = super().register_network(**kw)
+            run, fails = net.run, [OSError(errno.ENOBUFS, "No buffer space available")]
+
+            def flaky_run(batches: Any, stop: threading.Event) -> None:
+                if fails:
+                    raise fails.pop()
+                run(batches, stop)
+            net.run = flaky_run  # type: ignore[method-assign]
+            return net
+    monkeypatch.setattr(daemon, "load_backend", lambda config: FlakyNetworkBackend)
+    serve, health_fails = health.HealthServer.serve, [OSError(errno.EBADF, "Bad file descriptor")]
+
+    def flaky_serve(self: health.HealthServer, stop: threading.Event) -> None:
+        if health_fails:
+            raise health_fails.pop()
+        serve(self, stop)
+    monkeypatch.setattr(health.HealthServer, "serve", flaky_serve)
+    d = Running(opts, FakeManager(remote=(REMOTE,)))
+    port = opts.healthz_port
+    wait_for(lambda: http_or_none(port, "/healthz") == (200, "flanneld is running"), "the health server back")
+    net = wait_for(lambda: d.finished.is_set() or restarted(port, "network", 1), "the network thread restarted")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert net["last_error"] == "OSError: [Errno 105] No buffer space available"
+    assert worker(port, "health")["restarts"] == 1
+    assert d.end() is None
+
+
+def http_or_none(port: int, path: str) -> tuple[int, str] | None:
+    try:
+        return http(port, path)
+    except OSError:
+        return None
+
+
+class BrokenWatch(FakeManager):
+    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        raise errors.StoreError("watch: permission denied by the API server")
+        yield  # a generator
+
+
+def test_healthz_turns_503_once_a_thread_fails_longer_than_the_threshold(opts: AgentOptions) -> None:
+    board = health.WorkerBoard(unhealthy_after=1.0)
+    d = Running(opts, BrokenWatch(), board=board)
+    port = opts.healthz_port
+    wait_for(lambda: d.finished.is_set() or worker(port, "watch").get("last_error"), "the first watch failure")
+    body = wait_for(lambda: d.finished.is_set() or ((r := http(port, "/healthz"))[0] == 503 and r[1]),
+                    "/healthz to turn 503")
+    assert not d.finished.is_set()
+    assert body.startswith("flanneld is unhealthy: watch failing for ")
+    assert body.endswith("StoreError: watch: permission denied by the API server")
+    code, report = verbose(port)
+    assert code == 503 and report["status"] == "unhealthy" and report["unhealthy_after_s"] == 1.0
+    assert report["workers"]["watch"]["failures_in_a_row"] >= 2
+    assert report["workers"]["watch"]["state"] in ("backoff", "running", "failed")
+    assert report["workers"]["network"]["state"] == "running"
+    assert http(port, "/readyz") == (200, "flanneld is ready")       # readiness is about the lease
+    assert d.end() is None
+
+
+FAKE_IP = """#!/bin/sh
+echo "$@" >> {dir}/ip.calls
+case "$(/bin/cat {dir}/ip.mode)" in
+    garbage) printf 'Error: this is not JSON'; exit 0 ;;
+    hang) exec /bin/sleep 60 ;;
+esac
+case "$*" in *"route show"*) printf '[]' ;; esac
+exit 0
+"""
+
+
+def test_the_traffic_thread_survives_bad_ip_output_and_a_hung_tool(opts: AgentOptions, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ip -j`` printing garbage (ValueError before) and ``ip`` hanging (TimeoutExpired before)
+    restart the traffic thread; once ``ip`` works again the blackhole route is added. PATH holds
+    only the fake ``ip``: no real tool touches this (root) namespace."""
+    from flannel.traffic import command
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ip").write_text(FAKE_IP.format(dir=bindir))
+    (bindir / "ip").chmod(0o755)
+    mode, calls = bindir / "ip.mode", bindir / "ip.calls"
+    mode.write_text("garbage")
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setattr(command, "COMMAND_TIMEOUT_SECONDS", 0.5)
+    import dataclasses
+    d = Running(dataclasses.replace(opts, ip_blackhole_route=True, iptables_resync=1), FakeManager())
+    port = opts.healthz_port
+
+    def traffic_error(text: str) -> bool:
+        return d.finished.is_set() or text in (worker(port, "traffic").get("last_error") or "")
+    wait_for(lambda: traffic_error("`ip -j -4 route show table main type blackhole` printed output flannel cannot "
+                                   "read (not JSON"), "the traffic thread to fail on garbage",
+             on_timeout=lambda: f"daemon result: {d.result!r}")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert http(port, "/readyz") == (200, "flanneld is ready")     # the blackhole route is an extra
+    mode.write_text("hang")
+    wait_for(lambda: traffic_error("did not finish within 0.5s and was killed"), "the traffic thread to time out")
+    mode.write_text("good")
+    wait_for(lambda: d.finished.is_set() or "-4 route add blackhole 10.9.7.0/24" in calls.read_text(),
+             "the blackhole route to be added")
+    w = wait_for(lambda: d.finished.is_set() or restarted(port, "traffic", 2), "the traffic thread running again")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert w["state"] == "running" and http(port, "/healthz") == (200, "flanneld is running")
+    assert d.end() is None
+
+
+class ChangedConfig(FakeManager):
+    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        yield WatchResult.of_snapshot(())
+        raise errors.ConfigChanged("the network config in the store changed: Network 10.9.0.0/16 → 10.10.0.0/16")
+
+
+def test_a_config_change_exits_1_saying_why(opts: AgentOptions, caplog: pytest.LogCaptureFixture) -> None:
+    stop = threading.Event()
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(cli.run_agent(opts, manager=ChangedConfig(), stop=stop,
+                                                                 select_interface=fake_iface)), daemon=True)
+    t.start()
+    t.join(DEADLINE)
+    stop.set()
+    assert out == [1]
+    msg = [r.getMessage() for r in caplog.records if r.name == "flannel.cli"][-1]
+    assert msg.startswith("the network config in the store changed: Network 10.9.0.0/16 → 10.10.0.0/16 "
+                          "(noticed by the watch thread); exiting with status 1 so that the supervisor")
 
 
 class MovingLease(FakeManager):
@@ -220,14 +433,23 @@ def test_sigterm_stops_and_handlers_are_restored(opts: AgentOptions) -> None:
 
 
 class EndingWatch(FakeManager):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
     def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+        self.calls += 1
         yield WatchResult.of_snapshot(())
 
 
-def test_a_loop_that_returns_early_is_a_failure(opts: AgentOptions) -> None:
-    d = Running(opts, EndingWatch())
-    assert d.finished.wait(DEADLINE)
-    assert isinstance(d.result, errors.FlannelError) and "the watch loop ended unexpectedly" in str(d.result)
+def test_a_loop_that_returns_early_is_a_failure_and_restarted(opts: AgentOptions) -> None:
+    manager = EndingWatch()
+    d = Running(opts, manager)
+    w = wait_for(lambda: d.finished.is_set() or (worker(opts.healthz_port, "watch").get("restarts", 0) >= 2 and
+                                                 worker(opts.healthz_port, "watch")), "the watch restarted")
+    assert not d.finished.is_set(), f"the agent stopped: {d.result!r}"
+    assert w["last_error"] == "FlannelError: the watch loop ended unexpectedly" and manager.calls >= 3
+    assert d.end() is None
 
 
 def test_systemd_is_notified_when_ready(opts: AgentOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

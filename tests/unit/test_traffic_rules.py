@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network as N
 from ipaddress import IPv6Network as N6
+from pathlib import Path
 
+import pytest
+
+from flannel import errors, retry, traffic
+from flannel.config import parse_network_config
+from flannel.lease import Lease, LeaseAttrs
+from flannel.options import AgentOptions
+from flannel.traffic import command
 from flannel.traffic import iptables as ipt
 from flannel.traffic import nftables as nft
 from tests.support import GOLDEN_NAT_S
@@ -123,3 +131,89 @@ def test_nft_forward_script_ipv6():
     s = nft.forward_script(N6("fc00::/48"))
     assert "add table ip6 flannel-ipv6" in s
     assert "add rule ip6 flannel-ipv6 forward ip6 saddr fc00::/48 accept" in s
+
+
+# ---- the tools failing: fake binaries on PATH --------------------------------------------------
+
+LOCK_MSG = "Another app is currently holding the xtables lock. Stopped waiting after 5s."
+
+
+def fake_tool(bindir: Path, name: str, body: str) -> Path:
+    """An executable ``name`` in ``bindir`` that appends its arguments to ``<name>.calls`` first."""
+    calls = bindir / f"{name}.calls"
+    path = bindir / name
+    path.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{body}\n')
+    path.chmod(0o755)
+    return calls
+
+
+@pytest.fixture
+def bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    monkeypatch.setenv("PATH", str(d))      # only our fakes: no real iptables/ip can run
+    return d
+
+
+RULE = ipt.masq_rules(N("10.42.0.0/16"), N("10.42.1.0/24"))[0]
+
+
+def test_a_busy_xtables_lock_is_an_error_never_a_missing_rule(bindir: Path) -> None:
+    """Before: ``-C`` exiting 4 (lock busy) read as "rule missing", so the bootstrap appended a
+    second jump rule; and ``iptables -w`` without seconds hung until the subprocess timeout."""
+    calls = fake_tool(bindir, "iptables", f'echo "{LOCK_MSG}" >&2\nexit 4')
+    restores = fake_tool(bindir, "iptables-restore", "exit 0")
+    tool = ipt.IPTables(4)
+    with pytest.raises(errors.ResourceBusy) as e:
+        tool.exists(RULE)
+    msg = str(e.value)
+    assert "`iptables -w 5 -t nat -C POSTROUTING" in msg and "xtables lock" in msg and "fuser" in msg
+    assert len(calls.read_text().splitlines()) == retry.FIREWALL_ATTEMPTS
+    assert calls.read_text().splitlines()[0].startswith(f"-w {ipt.LOCK_WAIT_SECONDS} -t nat -C POSTROUTING")
+    with pytest.raises(errors.ResourceBusy):
+        ipt.RuleGroup("masq v4", [RULE], tool).ensure()
+    assert not restores.exists()        # nothing was re-installed on a guess
+
+
+def test_a_lock_busy_for_a_moment_is_retried_within_the_call(bindir: Path) -> None:
+    flag = bindir / "busy-once"
+    flag.write_text("")
+    calls = fake_tool(bindir, "iptables", f'if [ -e {flag} ]; then /bin/rm {flag}; echo "{LOCK_MSG}" >&2; exit 4; fi\n'
+                                          "exit 0")
+    assert ipt.IPTables(4).exists(RULE) is True
+    assert len(calls.read_text().splitlines()) == 2
+
+
+def test_iptables_restore_busy_and_failing(bindir: Path) -> None:
+    fake_tool(bindir, "iptables-restore", f'echo "{LOCK_MSG}" >&2\nexit 4')
+    with pytest.raises(errors.ResourceBusy, match=r"`iptables-restore --noflush -w 5` could not take the xtables"):
+        ipt.IPTables(4).restore("*nat\nCOMMIT\n")
+    fake_tool(bindir, "iptables-restore", 'echo "iptables-restore: line 2 failed" >&2\nexit 1')
+    with pytest.raises(errors.BackendError, match=r"`iptables-restore --noflush -w 5` failed \(exit 1\): "
+                                                  r"iptables-restore: line 2 failed; the rules flannel tried"):
+        ipt.IPTables(4).restore("*nat\nCOMMIT\n")
+
+
+def test_a_hung_tool_is_busy_and_named(bindir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(command, "COMMAND_TIMEOUT_SECONDS", 0.3)
+    fake_tool(bindir, "iptables", "exec /bin/sleep 30")
+    with pytest.raises(errors.ResourceBusy, match=r"`iptables -w 5 -t nat -C POSTROUTING .*` did not finish within "
+                                                  r"0.3s and was killed"):
+        ipt.IPTables(4).exists(RULE)
+
+
+def test_a_missing_binary_is_named(bindir: Path) -> None:
+    with pytest.raises(errors.BackendError, match=r"cannot run `iptables --version`: .*is iptables installed"):
+        ipt.IPTables(4).version_text()
+
+
+@pytest.mark.parametrize("output", ["this is not json", '{"dst": "10.42.1.0/24"}', "[1, 2]", "[\\377]"])
+def test_unreadable_ip_output_is_a_backend_error_naming_the_command(bindir: Path, output: str) -> None:
+    """Before: ``json.loads`` raised ValueError (or ``.get`` on an int AttributeError) out of the
+    resync loop, which ended the traffic thread and the agent."""
+    fake_tool(bindir, "ip", f"printf '{output}'")
+    tm = traffic.create(AgentOptions(ip_blackhole_route=True, ip_masq=False, iptables_forward_rules=False),
+                        parse_network_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"}}'))
+    with pytest.raises(errors.BackendError, match=r"`ip -j -4 route show table main type blackhole` printed output "
+                                                  r"flannel cannot read"):
+        tm.ensure_blackhole(Lease(N("10.42.1.0/24"), LeaseAttrs()))

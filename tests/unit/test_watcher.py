@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -101,12 +102,17 @@ def test_batches_are_bounded_and_only_last_is_synced():
     assert [len(b.events) for b in out] == [3, 3, 1] and not any(b.synced for b in out)
 
 
-def test_set_own_drops_tracked_slot():
+def test_set_own_takes_a_renewal_and_refuses_a_move():
+    """Our lease never moves under a running watcher (the daemon exits 1 instead), so set_own
+    refuses another subnet rather than silently re-filtering a slot it tracked as a peer."""
     w = LeaseWatcher(OWN)
     w.apply(WatchResult.of_snapshot([lease(2)]))
-    w.set_own(lease(2))
-    assert w.tracked() == []
-    assert w.apply(WatchResult.of_events([added(lease(2))])) == []
+    renewed = replace(OWN, expiration=123.0)
+    w.set_own(renewed)
+    assert w.own is renewed
+    with pytest.raises(ValueError, match="cannot move"):
+        w.set_own(lease(2))
+    assert w.own is renewed and [le.subnet for le in w.tracked()] == [lease(2).subnet]
 
 
 def test_max_batch_validation():
