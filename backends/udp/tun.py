@@ -132,6 +132,14 @@ class TunDevice:
 
 
 def _sysctl(path: str, value: str) -> None:
+    """Set a sysctl unless it already has the value: a container sees /proc/sys read-only, where the
+    namespace's default (inherited by the new device) may already be what we want."""
+    try:
+        with open(path) as f:
+            if f.read().strip() == value:
+                return
+    except OSError:
+        pass
     try:
         with open(path, "w") as f:
             f.write(value)

@@ -1,10 +1,13 @@
 #!/bin/sh
-# A test "pod" for docker-compose.yml: a network namespace attached to the agent's host namespace
-# by the flannel CNI plugin (bridge + host-local for the agent's subnet), like a kubelet would.
-# The container shares the agent container's network namespace (network_mode: service:agentN), so
-# the bridge lands on the "host"; the pod itself is the netns "pod" inside it.
+# The compose lab's helper (docker-compose.yml). A test "pod" is a network namespace attached to its
+# host's namespace by the flannel CNI plugin (bridge + host-local for the agent's subnet), like a
+# kubelet would. The pod container shares the host container's network namespace (network_mode:
+# service:hostN), so the bridge lands on the "host"; the pod itself is the netns "pod" inside it.
 #
+#   flannel-test-pod host        hold a host's network namespace: drop its default route (the underlay
+#                                is all a host reaches), then wait for SIGTERM
 #   flannel-test-pod run         wait for subnet.env, ADD the pod, serve HTTP on :8080 in it, DEL on stop
+#   flannel-test-pod ready       exit 0 once the pod has its IPv4 address (the container's healthcheck)
 #   flannel-test-pod ip          print the pod's IPv4 address
 #   flannel-test-pod ping IP     ping IP from inside the pod
 #   flannel-test-pod get IP      fetch http://IP:8080/ from inside the pod
@@ -20,6 +23,11 @@ cni() {
 }
 
 case "${1:-run}" in
+  host)
+    ip route del default 2>/dev/null || true
+    trap 'exit 0' TERM INT
+    while :; do sleep 3600 & wait $! || true; done
+    ;;
   run)
     echo "pod $ID: waiting for $SUBNET_FILE"
     while [ ! -s "$SUBNET_FILE" ]; do sleep 1; done
@@ -33,6 +41,9 @@ case "${1:-run}" in
     ip netns exec "$NETNS" python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1 &
     wait
     ;;
+  ready)
+    ip -n "$NETNS" -4 -o addr show dev eth0 2>/dev/null | grep -q inet
+    ;;
   ip)
     ip -n "$NETNS" -4 -o addr show dev eth0 | awk '{split($4, a, "/"); print a[1]}'
     ;;
@@ -43,6 +54,6 @@ case "${1:-run}" in
     exec ip netns exec "$NETNS" python3 -c "import sys, urllib.request; print(urllib.request.urlopen('http://%s:8080/' % sys.argv[1], timeout=5).status)" "$2"
     ;;
   *)
-    echo "usage: $0 run|ip|ping IP|get IP" >&2; exit 2
+    echo "usage: $0 host|run|ready|ip|ping IP|get IP" >&2; exit 2
     ;;
 esac

@@ -111,6 +111,31 @@ def _python() -> str:
     return sys.executable or "python3"
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod as the traffic helpers see it: the namespace to run in and the address it owns.
+
+    ``enter`` is how to run a command in the pod's network namespace; empty means a named namespace
+    of this machine (``ip netns exec <ns>``). The compose lab's pods are namespaces inside
+    containers, entered with ``nsenter --net=<path>``. ``python`` is the interpreter to run the
+    helpers' scripts with there (default: this one; they need only the standard library).
+    """
+    name: str
+    ns: str
+    ip: str
+    enter: tuple[str, ...] = ()
+    python: str = ""
+
+    def argv(self, *cmd: str) -> list[str]:
+        return [*(self.enter or ("ip", "netns", "exec", self.ns)), *cmd]
+
+    def interpreter(self) -> str:
+        return self.python or _python()
+
+    def run(self, *cmd: str, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*cmd), capture_output=True, text=True, timeout=timeout, check=check)
+
+
 def ns_exec(ns: str, *cmd: str, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
                           timeout=timeout, check=check)
@@ -118,24 +143,23 @@ def ns_exec(ns: str, *cmd: str, timeout: float = 30, check: bool = False) -> sub
 
 def ping_once(ns: str, dst: str, *, count: int = 2, wait: float = 1.0) -> bool:
     """True if at least one echo reply came back (the first may be spent on ARP in the pod)."""
-    res = ns_exec(ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), dst,
-                  timeout=count * wait + 10)
+    return ping_from(Endpoint(ns, ns, ""), dst, count=count, wait=wait)
+
+
+def ping_from(src: Endpoint, dst: str, *, count: int = 2, wait: float = 1.0) -> bool:
+    """``ping_once`` from an endpoint (a namespace here or a pod in a container)."""
+    res = src.run("ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), dst,
+                  timeout=count * wait + 20)
     return res.returncode == 0
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A pod as the traffic helpers see it: the namespace to run in and the address it owns."""
-    name: str
-    ns: str
-    ip: str
 
 
 def ping_matrix(pods: Sequence[Endpoint], *, workers: int = 8) -> dict[tuple[str, str], bool]:
     """Ping every other pod from every pod, in parallel; {(src, dst): reachable}."""
     pairs = [(a, b) for a in pods for b in pods if a.name != b.name]
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        results = list(ex.map(lambda p: ping_once(p[0].ns, p[1].ip), pairs))
+        results = list(ex.map(lambda p: ping_from(p[0], p[1].ip), pairs))
     return {(a.name, b.name): ok for (a, b), ok in zip(pairs, results)}
 
 
@@ -172,7 +196,7 @@ class TcpServers:
             raise
 
     def add(self, pod: Endpoint) -> None:
-        proc = subprocess.Popen(["ip", "netns", "exec", pod.ns, _python(), "-c", _SERVER, str(self.port)],
+        proc = subprocess.Popen(pod.argv(pod.interpreter(), "-c", _SERVER, str(self.port)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -199,7 +223,7 @@ class TcpServers:
 def tcp_transfer(src: Endpoint, dsts: Sequence[Endpoint], *, size: int = 256 * 1024,
                  port: int = TCP_PORT) -> dict[str, str]:
     """Send ``size`` random bytes from ``src`` to each dst's server; {dst name: "ok" | error}."""
-    res = ns_exec(src.ns, _python(), "-c", _CLIENT, str(port), str(size), *[d.ip for d in dsts],
+    res = src.run(src.interpreter(), "-c", _CLIENT, str(port), str(size), *[d.ip for d in dsts],
                   timeout=30 + 20 * len(dsts))
     if res.returncode != 0:
         raise RuntimeError(f"tcp client in {src.ns} failed: {res.stderr.strip()}")
@@ -231,8 +255,7 @@ class ContinuousPing:
 
     def __init__(self, src: Endpoint, dst: str, *, interval: float = 0.05, grace: float = 2.0) -> None:
         self.src, self.dst = src, dst
-        self.proc = subprocess.Popen(["ip", "netns", "exec", src.ns, _python(), "-c", _PINGER, dst,
-                                      str(interval), str(grace)],
+        self.proc = subprocess.Popen(src.argv(src.interpreter(), "-c", _PINGER, dst, str(interval), str(grace)),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         assert self.proc.stdout is not None
@@ -262,3 +285,28 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+IPERF_PORT = 5211  # not TCP_PORT: a digest server may be running in the same pod
+
+
+def iperf3(src: Endpoint, dst: Endpoint, *, streams: int = 1, seconds: int = 5, port: int = IPERF_PORT) -> float:
+    """Gbit/s received in one iperf3 TCP run ``src`` → ``dst`` (a one-off server, bounded by ``timeout``)."""
+    srv = subprocess.Popen(dst.argv("timeout", str(seconds + 60), "iperf3", "-s", "-1", "-p", str(port)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while f":{port} " not in dst.run("ss", "-ltnH").stdout:
+            if srv.poll() is not None or time.monotonic() > deadline:
+                err = srv.stderr.read() if srv.stderr and srv.poll() is not None else ""
+                raise RuntimeError(f"iperf3 server in {dst.name} did not start: {err.strip()}")
+            time.sleep(0.1)
+        res = src.run("iperf3", "-c", dst.ip, "-p", str(port), "-J", "-t", str(seconds), "-P", str(streams),
+                      timeout=seconds + 40)
+        if res.returncode != 0:
+            raise RuntimeError(f"iperf3 {src.name}→{dst.name} failed: {res.stdout[-500:]} {res.stderr.strip()}")
+        return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(10)
