@@ -266,11 +266,13 @@ def reservations_remove(obj: _Ctx, subnet: str) -> None:
 @click.option("--wireguard-uapi-dir", envvar="FLANNEL_WIREGUARD_UAPI_DIR", default="",
               help="wireguard-go's socket directory, as the agent's FLANNEL_WIREGUARD_UAPI_DIR "
                    "[default: /var/run/wireguard].")
+@click.option("--store-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Seconds to keep retrying an unreachable store before giving up (exit 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def doctor(ctx: click.Context, subnet_manager: str, kube_subnet_mgr: bool, kubeconfig_file: str, kube_api_url: str,
            kube_annotation_prefix: str, net_config_path: str, node_name: str, subnet_file: str,
-           iface: tuple[str, ...], wireguard_uapi_dir: str, as_json: bool) -> None:
+           iface: tuple[str, ...], wireguard_uapi_dir: str, store_timeout: float, as_json: bool) -> None:
     """Compare this node's kernel (routes, neighbours, fdb, WireGuard peers) with the store.
 
     Run it on the node, as root. Prints one line per difference with the lease it concerns.
@@ -287,9 +289,9 @@ def doctor(ctx: click.Context, subnet_manager: str, kube_subnet_mgr: bool, kubec
     def run() -> doc.Report:
         if kube:
             view = _kube_view(kubeconfig_file, kube_api_url, kube_annotation_prefix, net_config_path, node_name,
-                              subnet_file)
+                              subnet_file, store_timeout)
         else:
-            view = doc.from_etcd(obj.registry, subnet_file)
+            view = doc.from_etcd(obj.registry, subnet_file, store_timeout=store_timeout)
         return doc.check(view, ifaces=iface, uapi_dir=wireguard_uapi_dir or None)
 
     try:
@@ -304,7 +306,7 @@ def doctor(ctx: click.Context, subnet_manager: str, kube_subnet_mgr: bool, kubec
 
 
 def _kube_view(kubeconfig_file: str, kube_api_url: str, prefix: str, net_config_path: str, node_name: str,
-               subnet_file: str) -> Any:
+               subnet_file: str, store_timeout: float) -> Any:
     from flannel import doctor as doc
     from flannel.subnet_managers.kube.client import KubeClient
     from flannel.subnet_managers.kube.manager import KubeSubnetManager
@@ -317,7 +319,7 @@ def _kube_view(kubeconfig_file: str, kube_api_url: str, prefix: str, net_config_
     manager = KubeSubnetManager(opts, client=client, node_name=node_name.strip())
     try:
         return doc.from_kube(client, manager.annotation_names, manager.get_network_config(), node_name.strip(),
-                             subnet_file)
+                             subnet_file, store_timeout=store_timeout)
     finally:
         manager.close()
 

@@ -9,24 +9,28 @@ Read through the agent's own store code, read-only:
   tracker uses); the config is ``net-conf.json`` as the kube subnet manager reads it; our lease is
   our node's (``$NODE_NAME``) pod CIDR as ``nodes.own_lease`` computes it.
 
-A problem that makes the check impossible (store unreachable, no config, no subnet.env, our node
-unknown) raises a ``FlannelError``; a problem that *is* a difference (our lease is gone from the
+An unreachable store is retried with the agent's ``retry.store`` policy for ``store_timeout``
+seconds (a loaded node or a restarting etcd should not fail the check at once). A problem that
+makes the check impossible (store still unreachable, no config, no subnet.env, our node unknown)
+raises a ``FlannelError``; a problem that *is* a difference (our lease is gone from the
 store, subnet.env disagrees with the node's pod CIDR) becomes a finding.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from flannel import errors, subnet_file
+from flannel import errors, retry, subnet_file
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.doctor.findings import MISSING, WRONG_SUBNET, Finding, LeaseRef
 from flannel.lease import Lease, LeaseAttrs
 
+T = TypeVar("T")
 Net = IPv4Network | IPv6Network
 Ident = tuple[IPv4Network | None, IPv6Network | None]
 
@@ -79,6 +83,21 @@ class StoreView:
         return LeaseRef(subnet=str(v4) if v4 else None, ipv6_subnet=str(v6) if v6 else None, node=self.own_node)
 
 
+STORE_TIMEOUT_SECONDS = 20.0
+
+
+def _retrying(what: str, timeout: float, fn: Callable[[], T]) -> T:
+    """``fn()``, retried while the store is unavailable, for at most ``timeout`` seconds."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.daemon = True
+    timer.start()
+    try:
+        return retry.store(stop, what=what)(fn)
+    finally:
+        timer.cancel()
+
+
 # --------------------------------------------------------------------------------------------
 # subnet.env
 # --------------------------------------------------------------------------------------------
@@ -115,14 +134,15 @@ def _show(ident: Ident) -> str:
 # etcd
 # --------------------------------------------------------------------------------------------
 
-def from_etcd(registry: Registry, subnet_path: str) -> StoreView:
+def from_etcd(registry: Registry, subnet_path: str, *, store_timeout: float = STORE_TIMEOUT_SECONDS) -> StoreView:
     """Config, leases and our lease from etcd; our subnets from subnet.env.
 
     :raises errors.FlannelError: etcd unreachable or refusing, no/invalid config, no subnet.env.
     """
-    config = parse_network_config(registry.get_config(), source=f"etcd {registry.config_key}")
+    text = _retrying("reading the network config", store_timeout, registry.get_config)
+    config = parse_network_config(text, source=f"etcd {registry.config_key}")
     own_ident = subnets_from_env(subnet_file.read(subnet_path), config, subnet_path)
-    leases, _ = registry.list_leases()
+    leases, _ = _retrying("listing leases", store_timeout, registry.list_leases)
     own = next((lease for lease in leases if lease.ident == own_ident), None)
     remote = tuple(lease for lease in leases if lease.ident != own_ident)
     findings: tuple[Finding, ...] = ()
@@ -140,7 +160,8 @@ def from_etcd(registry: Registry, subnet_path: str) -> StoreView:
 # kube
 # --------------------------------------------------------------------------------------------
 
-def from_kube(client: NodeLister, names: Any, config: NetworkConfig, node_name: str, subnet_path: str) -> StoreView:
+def from_kube(client: NodeLister, names: Any, config: NetworkConfig, node_name: str, subnet_path: str, *,
+              store_timeout: float = STORE_TIMEOUT_SECONDS) -> StoreView:
     """Leases from the node list (``names``: the agent's ``AnnotationNames``); our lease is
     ``node_name``'s pod CIDR. subnet.env is optional here; when present it must agree.
 
@@ -148,7 +169,7 @@ def from_kube(client: NodeLister, names: Any, config: NetworkConfig, node_name: 
     """
     from flannel.subnet_managers.kube import nodes
 
-    items, _ = client.list_nodes()
+    items, _ = _retrying("listing nodes", store_timeout, client.list_nodes)
     mine = next((n for n in items if nodes.node_name(n) == node_name), None)
     if mine is None:
         raise errors.ConfigError(f"node {node_name!r} is not in the API server's node list ({client.host}); "

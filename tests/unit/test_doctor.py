@@ -374,6 +374,24 @@ def test_etcd_view_takes_our_lease_from_subnet_env(tmp_path):
     assert set(v.remote) == set(VX_LEASES) and v.findings == ()
 
 
+def test_etcd_view_retries_an_unavailable_store_then_gives_up(tmp_path):
+    reg = registry([OWN, *VX_LEASES])
+    calls = []
+
+    def flaky() -> tuple[list[Lease], int]:
+        calls.append(1)
+        if len(calls) < 3:
+            raise errors.StoreUnavailable("etcd connection failed")
+        return FakeRegistry.list_leases(reg)
+
+    reg.list_leases = flaky  # type: ignore[method-assign]
+    assert from_etcd(reg, env_file(tmp_path), store_timeout=30).own == OWN and len(calls) == 3
+    calls.clear()
+    reg.list_leases = lambda: (_ for _ in ()).throw(errors.StoreUnavailable("down"))  # type: ignore[method-assign]
+    with pytest.raises(errors.StoreUnavailable, match="down"):
+        from_etcd(reg, env_file(tmp_path), store_timeout=0.3)
+
+
 def test_etcd_view_without_our_lease_is_a_finding(tmp_path):
     v = from_etcd(registry(VX_LEASES), env_file(tmp_path))
     f = one(d.Diff(v.findings))
@@ -453,10 +471,10 @@ def test_report_text_and_json():
 
 
 def test_cli_unreachable_etcd_cannot_check(tmp_path):
-    res = CliRunner().invoke(cli, ["--etcd-endpoints", "http://127.0.0.1:9", "doctor",
+    res = CliRunner().invoke(cli, ["--etcd-endpoints", "http://127.0.0.1:9", "doctor", "--store-timeout", "0.5",
                                    "--subnet-file", env_file(tmp_path), "--json"])
     assert res.exit_code == 2, res.output
-    assert "cannot check" in res.stderr
+    assert "cannot check" in res.stderr and "127.0.0.1:9" in res.stderr
     assert json.loads(res.stdout) == {"ok": None, "error": json.loads(res.stdout)["error"]}
 
 
