@@ -249,6 +249,20 @@ def test_vxlan_fdb_entry_pointing_at_the_wrong_ip_is_wrong_endpoint(vxlan_lab: L
         doc.assert_clean()
 
 
+def test_vxlan_own_lease_deleted_from_the_store_is_missing(vxlan_lab: Lab) -> None:
+    """Runs last in its lab: the agent re-acquires its lease once resumed."""
+    lab, doc = vxlan_lab, Doctor(vxlan_lab, "h1")
+    s1 = lab.hosts["h1"].subnet
+    with agent_paused(lab, "h1"):
+        lab.delete_lease("h1")
+        f = doc.one_finding()
+        assert (f["problem"], f["kind"], f["kernel"]) == ("missing", "lease", None)
+        assert f["expected"] == f"lease {s1} of this node (from {lab.subnet_file('h1')})"
+        assert f["lease"]["subnet"] == s1
+    wait_for(lambda: doc.run().returncode == 0, what="the agent re-acquired its lease and doctor is clean",
+             timeout=120, interval=1, on_timeout=lambda: doc.run().stdout + lab.log_file("h1").read_text()[-3000:])
+
+
 # ---- host-gw (etcd) -----------------------------------------------------------------------------
 
 hostgw_lab = lab_fixture("host-gw")
