@@ -307,19 +307,35 @@ def doctor(ctx: click.Context, subnet_manager: str, kube_subnet_mgr: bool, kubec
 
 def _kube_view(kubeconfig_file: str, kube_api_url: str, prefix: str, net_config_path: str, node_name: str,
                subnet_file: str, store_timeout: float) -> Any:
+    """The kube store's view, through the kube subnet manager and client the daemon uses. This
+    node's name: ``--node-name`` / ``$NODE_NAME``, else (as the daemon) the ``spec.nodeName`` of pod
+    ``$POD_NAMESPACE/$POD_NAME`` — the DaemonSet sets those, so doctor works in the flannel pod."""
+    import os
+    import threading
+
     from flannel import doctor as doc
     from flannel.subnet_managers.kube.client import KubeClient
     from flannel.subnet_managers.kube.manager import KubeSubnetManager
 
-    if not node_name.strip():
-        raise errors.ConfigError("kube mode needs this node's name: set NODE_NAME or --node-name")
     client = KubeClient(kubeconfig_file=kubeconfig_file, api_url=kube_api_url)
     opts = AgentOptions(subnet_manager="kube", kubeconfig_file=kubeconfig_file, kube_api_url=kube_api_url,
                         kube_annotation_prefix=prefix, net_config_path=net_config_path)
-    manager = KubeSubnetManager(opts, client=client, node_name=node_name.strip())
+    manager = KubeSubnetManager(opts, client=client, node_name=node_name.strip() or None)
     try:
-        return doc.from_kube(client, manager.annotation_names, manager.get_network_config(), node_name.strip(),
-                             subnet_file, store_timeout=store_timeout)
+        if not node_name.strip() and not (os.environ.get("POD_NAME") and os.environ.get("POD_NAMESPACE")):
+            raise errors.ConfigError("kube mode needs this node's name: set NODE_NAME or --node-name "
+                                     "(or POD_NAME and POD_NAMESPACE, as in the flannel pod)")
+        config = manager.get_network_config()
+        # the manager retries an unreachable API server until it is closed: bound that
+        timer = threading.Timer(store_timeout, manager.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            node = manager.node_name()
+        finally:
+            timer.cancel()
+        return doc.from_kube(client, manager.annotation_names, config, node, subnet_file,
+                             store_timeout=store_timeout)
     finally:
         manager.close()
 

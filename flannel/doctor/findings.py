@@ -121,7 +121,7 @@ class Report:
 
     def lines(self) -> list[str]:
         counts = ", ".join(f"{n} {what}" for what, n in self.checked.items())
-        out = [f"flannelctl doctor: {self.mode} store {self.store}; backend {self.backend}; "
+        out = [f"flannelctl doctor ({self.mode}): leases from {self.store}; backend {self.backend}; "
                f"this node: {self.node} on {self.interface}",
                f"compared: {counts}"]
         out += [f"note: {n}" for n in self.notes]
@@ -130,8 +130,8 @@ class Report:
             out.append("OK: the kernel matches the store")
         else:
             n = len(self.findings)
-            out.append(f"{n} difference{'s' if n != 1 else ''} (the agent repairs them at its next full "
-                       "reconcile; if they persist, see its log)")
+            out.append(f"{n} difference{'s' if n != 1 else ''} (the agent repairs {'it' if n == 1 else 'them'} "
+                       "at its next full reconcile; if this persists, see the agent's log)")
         return out
 
     def to_json(self) -> str:

@@ -479,5 +479,6 @@ def test_cli_unreachable_etcd_cannot_check(tmp_path):
 
 
 def test_cli_kube_mode_needs_a_node_name(tmp_path):
-    res = CliRunner().invoke(cli, ["doctor", "--subnet-manager", "kube"], env={"NODE_NAME": ""})
+    res = CliRunner().invoke(cli, ["doctor", "--subnet-manager", "kube"],
+                             env={"NODE_NAME": "", "POD_NAME": "", "POD_NAMESPACE": ""})
     assert res.exit_code == 2 and "set NODE_NAME or --node-name" in res.stderr
