@@ -177,6 +177,8 @@ def test_vxlan_deleted_route_is_missing(vxlan_lab: Lab) -> None:
             assert text.returncode == 1
             assert f"missing route: {s2} via {gw} dev flannel.1 onlink — lease {s2} (public IP 198.18.0.2)" \
                 in text.stdout
+            # doctor is read-only: after two runs the route is still missing
+            assert ip(lab, "h1", "route", "show", s2).strip() == ""
         finally:
             ip(lab, "h1", "route", "replace", s2, "via", gw, "dev", "flannel.1", "onlink", "proto", orig["protocol"])
         doc.assert_clean()
