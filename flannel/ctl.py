@@ -1,10 +1,12 @@
-"""flannelctl: manage the network config, leases and reservations in etcd (clusters without Kubernetes).
+"""flannelctl: manage the network config, leases and reservations in etcd; check a node (``doctor``).
 
 It connects exactly like the daemon (same ``--etcd-*`` flags and ``FLANNELD_ETCD_*`` variables) and
 goes through the same storage module (``subnet_managers/etcd/registry.py``), so what it writes is
 byte for byte what flannel writes. ``config set`` validates with the daemon's parser before writing
 anything; ``reservations add`` writes a key without an etcd lease, which a node whose public IP
 matches takes over as a reservation (it stays one, unlike in flannel, reference §14.5).
+``doctor`` (etcd or kube mode) compares this node's kernel with the store; its logic lives in
+``flannel.doctor``, this module only maps its result to output and an exit status.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ import sys
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from flannel import errors, wire
 from flannel.config import parse_network_config
 from flannel.lease import Lease, LeaseAttrs
-from flannel.options import DEFAULT_ETCD_ENDPOINTS, DEFAULT_ETCD_PREFIX
+from flannel.options import (
+    DEFAULT_ETCD_ENDPOINTS,
+    DEFAULT_ETCD_PREFIX,
+    DEFAULT_KUBE_ANNOTATION_PREFIX,
+    DEFAULT_NET_CONFIG_PATH,
+    DEFAULT_SUBNET_FILE,
+    AgentOptions,
+)
 from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP
 
 
@@ -78,7 +87,7 @@ def _split_endpoints(ctx: click.Context, param: click.Parameter, value: str) -> 
 @click.pass_context
 def cli(ctx: click.Context, etcd_endpoints: tuple[str, ...], etcd_prefix: str, etcd_keyfile: str,
         etcd_certfile: str, etcd_cafile: str, etcd_username: str, etcd_password: str) -> None:
-    """Manage a flannel network stored in etcd: config, leases, reservations."""
+    """Manage a flannel network stored in etcd: config, leases, reservations; check a node (doctor)."""
     obj = _Ctx(endpoints=etcd_endpoints, prefix=etcd_prefix, keyfile=etcd_keyfile, certfile=etcd_certfile,
                cafile=etcd_cafile, username=etcd_username, password=etcd_password)
     ctx.obj = obj
@@ -232,6 +241,112 @@ def reservations_remove(obj: _Ctx, subnet: str) -> None:
     for lease in matches:
         _run(functools.partial(reg.delete_lease, lease.subnet, lease.ipv6_subnet))
         click.echo(f"removed reservation {reg.lease_key(lease.subnet, lease.ipv6_subnet)}")
+
+
+# -- doctor ---------------------------------------------------------------------------------------
+
+@cli.command("doctor")
+@click.option("--subnet-manager", type=click.Choice(["etcd", "kube"], case_sensitive=False),
+              envvar="FLANNELD_SUBNET_MANAGER", default="etcd", show_default=True,
+              help="Where the leases are: etcd (the --etcd-* options of flannelctl) or the Kubernetes API.")
+@click.option("--kube-subnet-mgr", is_flag=True, help="flannel's spelling of --subnet-manager=kube.")
+@click.option("--kubeconfig-file", envvar="FLANNELD_KUBECONFIG_FILE", default="",
+              help="kube mode: kubeconfig path (default: in-cluster config).")
+@click.option("--kube-api-url", envvar="FLANNELD_KUBE_API_URL", default="",
+              help="kube mode: API server URL (overrides the kubeconfig).")
+@click.option("--kube-annotation-prefix", envvar="FLANNELD_KUBE_ANNOTATION_PREFIX",
+              default=DEFAULT_KUBE_ANNOTATION_PREFIX, show_default=True, help="kube mode: node annotation prefix.")
+@click.option("--net-config-path", envvar="FLANNELD_NET_CONFIG_PATH", default=DEFAULT_NET_CONFIG_PATH,
+              show_default=True, help="kube mode: the network config (net-conf.json).")
+@click.option("--node-name", envvar="NODE_NAME", default="", help="kube mode: this node's name [env NODE_NAME].")
+@click.option("--subnet-file", envvar="FLANNELD_SUBNET_FILE", default=DEFAULT_SUBNET_FILE, show_default=True,
+              help="The agent's subnet.env (etcd mode: it names this node's lease).")
+@click.option("--iface", multiple=True, envvar="FLANNELD_IFACE",
+              help="The agent's --iface (default: the interface with this node's public IP).")
+@click.option("--wireguard-uapi-dir", envvar="FLANNEL_WIREGUARD_UAPI_DIR", default="",
+              help="wireguard-go's socket directory, as the agent's FLANNEL_WIREGUARD_UAPI_DIR "
+                   "[default: /var/run/wireguard].")
+@click.option("--store-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Seconds to keep retrying an unreachable store before giving up (exit 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def doctor(ctx: click.Context, subnet_manager: str, kube_subnet_mgr: bool, kubeconfig_file: str, kube_api_url: str,
+           kube_annotation_prefix: str, net_config_path: str, node_name: str, subnet_file: str,
+           iface: tuple[str, ...], wireguard_uapi_dir: str, store_timeout: float, as_json: bool) -> None:
+    """Compare this node's kernel (routes, neighbours, fdb, WireGuard peers) with the store.
+
+    Run it on the node, as root. Prints one line per difference with the lease it concerns.
+    Read-only: it changes neither the kernel nor the store.
+
+    Exit status: 0 the kernel matches the store, 1 differences, 2 cannot check (store unreachable,
+    no subnet.env, our node unknown, unsupported backend, bad options). See docs/doctor.md.
+    """
+    from flannel import doctor as doc
+
+    kube = kube_subnet_mgr or subnet_manager.lower() == "kube"
+    obj: _Ctx = ctx.obj
+
+    def run() -> doc.Report:
+        if kube:
+            view = _kube_view(kubeconfig_file, kube_api_url, kube_annotation_prefix, net_config_path, node_name,
+                              subnet_file, store_timeout)
+        else:
+            view = doc.from_etcd(obj.registry, subnet_file, store_timeout=store_timeout)
+        return doc.check(view, ifaces=iface, uapi_dir=wireguard_uapi_dir or None)
+
+    try:
+        report = run()
+    except errors.FlannelError as e:
+        _cannot_check(ctx, str(e), as_json)
+    except Exception as e:  # a bug must not look like "differences found" (exit 1)
+        logging.getLogger(__name__).exception("doctor crashed")
+        _cannot_check(ctx, f"internal error: {type(e).__name__}: {e}", as_json)
+    click.echo(report.to_json() if as_json else "\n".join(report.lines()))
+    ctx.exit(report.exit_code)
+
+
+def _kube_view(kubeconfig_file: str, kube_api_url: str, prefix: str, net_config_path: str, node_name: str,
+               subnet_file: str, store_timeout: float) -> Any:
+    """The kube store's view, through the kube subnet manager and client the daemon uses. This
+    node's name: ``--node-name`` / ``$NODE_NAME``, else (as the daemon) the ``spec.nodeName`` of pod
+    ``$POD_NAMESPACE/$POD_NAME`` — the DaemonSet sets those, so doctor works in the flannel pod."""
+    import os
+    import threading
+
+    from flannel import doctor as doc
+    from flannel.subnet_managers.kube.client import KubeClient
+    from flannel.subnet_managers.kube.manager import KubeSubnetManager
+
+    client = KubeClient(kubeconfig_file=kubeconfig_file, api_url=kube_api_url)
+    opts = AgentOptions(subnet_manager="kube", kubeconfig_file=kubeconfig_file, kube_api_url=kube_api_url,
+                        kube_annotation_prefix=prefix, net_config_path=net_config_path)
+    manager = KubeSubnetManager(opts, client=client, node_name=node_name.strip() or None)
+    try:
+        if not node_name.strip() and not (os.environ.get("POD_NAME") and os.environ.get("POD_NAMESPACE")):
+            raise errors.ConfigError("kube mode needs this node's name: set NODE_NAME or --node-name "
+                                     "(or POD_NAME and POD_NAMESPACE, as in the flannel pod)")
+        config = manager.get_network_config()
+        # the manager retries an unreachable API server until it is closed: bound that
+        timer = threading.Timer(store_timeout, manager.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            node = manager.node_name()
+        finally:
+            timer.cancel()
+        return doc.from_kube(client, manager.annotation_names, config, node, subnet_file,
+                             store_timeout=store_timeout)
+    finally:
+        manager.close()
+
+
+def _cannot_check(ctx: click.Context, message: str, as_json: bool) -> NoReturn:
+    from flannel.doctor import EXIT_CANNOT_CHECK
+
+    click.echo(f"flannelctl doctor: cannot check: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": None, "error": message}))
+    ctx.exit(EXIT_CANNOT_CHECK)
 
 
 def main() -> None:
