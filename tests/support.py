@@ -507,12 +507,13 @@ class VxlanState:
 
 def vxlan_state(lab: Lab, host: str) -> VxlanState:
     ns = lab_ns(lab, host)
-    routes = {r["dst"]: r["gateway"] for r in json.loads(ns.ip("-j", "route", "show", "dev", LAB_VXLAN_DEV) or "[]")
+    dev = LAB_VXLAN_DEV
+    routes = {r["dst"]: r["gateway"] for r in json.loads(ns.ip("-j", "route", "show", "dev", dev) or "[]")
               if r.get("gateway")}
-    neigh = {n["dst"]: n["lladdr"].lower() for n in json.loads(ns.ip("-j", "neigh", "show", "dev", LAB_VXLAN_DEV) or "[]")
+    neigh = {n["dst"]: n["lladdr"].lower() for n in json.loads(ns.ip("-j", "neigh", "show", "dev", dev) or "[]")
              if n.get("lladdr")}
-    fdb = {e["mac"].lower(): e["dst"] for e in json.loads(ns.exec("bridge", "-j", "fdb", "show", "dev", LAB_VXLAN_DEV)
-                                                             or "[]") if e.get("dst")}
+    fdb = {e["mac"].lower(): e["dst"] for e in json.loads(ns.exec("bridge", "-j", "fdb", "show", "dev", dev) or "[]")
+           if e.get("dst")}
     return VxlanState(routes, neigh, fdb)
 
 

@@ -274,6 +274,7 @@ class Lab:
             elif cfg.etcd_members > 1:
                 self.etcd = self._start_etcd_cluster(cfg.etcd_members)
                 self.etcd_endpoint = self.etcd.endpoint
+                self.etcdctl("put", f"{ETCD_PREFIX}/config", cfg.network_config())
             else:
                 self.etcd = EtcdServer(str(self.dir / "etcd"), host=str(self.underlay.hub_ip), netns=hub.name,
                                        log_path=str(self.dir / "etcd.log"))

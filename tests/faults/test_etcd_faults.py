@@ -16,7 +16,6 @@ import signal
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,7 +254,7 @@ def test_garbage_records_crash_no_agent_and_good_leases_still_arrive(lab: Lab, f
         assert not dead_agents(lab), f"agents exited: {dead_agents(lab)}" + lab_logs(lab, 25)
         m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 30)
         assert all(m.values()), pt.format_matrix(lab.pods(), m) + lab_logs(lab)
-        log = lab.log_file(list(lab.hosts)[0]).read_text(errors="replace")
+        log = lab.log_file(next(iter(lab.hosts))).read_text(errors="replace")
         figure("log lines naming the deep-nesting record (h1)", log.count("10.244.150.0-24"))
         figure("log size after the garbage (h1)", len(log), "bytes")
     finally:
@@ -269,7 +268,7 @@ def test_garbage_records_crash_no_agent_and_good_leases_still_arrive(lab: Lab, f
 def test_compaction_while_an_agent_is_paused_leaves_kernel_equal_to_the_store(lab: Lab, figure: Figure) -> None:
     """SIGSTOP an agent, make 200 adds/changes/deletes, compact etcd, SIGCONT: its routes, neigh and
     fdb entries must equal what the final store says, exactly (stale MACs gone, new ones in)."""
-    host = list(lab.hosts)[0]
+    host = next(iter(lab.hosts))
     agent = lab.agent(host)
     assert agent.pid is not None
     rng = random.Random(8)
@@ -279,7 +278,8 @@ def test_compaction_while_an_agent_is_paused_leaves_kernel_equal_to_the_store(la
 
     def expect_all() -> dict[str, str]:
         leases = etcd_leases(lab)
-        return {h: d for h in lab.hosts if (d := vxlan_state(lab, h).diff(expected_vxlan_state(leases, lab.hosts[h].subnet)))}
+        return {h: d for h in lab.hosts
+                if (d := vxlan_state(lab, h).diff(expected_vxlan_state(leases, lab.hosts[h].subnet)))}
 
     try:
         for i, s in enumerate(pool[:60]):
@@ -376,7 +376,7 @@ def test_etcd_host_vanishing_without_a_reset_is_noticed_after_healing(lab: Lab, 
     stay dead afterwards (a replacement host or load balancer never knew them); the agent must
     notice by itself and reconnect, and a lease written meanwhile must reach it within 60 s."""
     assert lab.underlay is not None and isinstance(lab.etcd, object) and lab.etcd is not None
-    h1 = list(lab.hosts)[0]
+    h1 = next(iter(lab.hosts))
     others = [h for h in lab.hosts if h != h1]
     meanwhile = "10.244.140.0/24"
     bh = Blackhole(lab.hosts[h1].ns, str(lab.underlay.hub_ip), lab.etcd.client_port)  # type: ignore[union-attr]
