@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from ipaddress import IPv4Network
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,7 +47,18 @@ def healthy(lab: Lab) -> Iterator[None]:
         lab.wait_subnet(host)
     m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 60)
     assert all(m.values()), "the lab does not work before the scenario:\n" + pt.format_matrix(lab.pods(), m)
+    wait_for(lambda: not fake_routes(lab), "earlier scenarios' fake nodes to be removed", timeout=60,
+             on_timeout=lambda: f"{fake_routes(lab)}" + lab_logs(lab))
     yield
+
+
+FAKE_RANGE = IPv4Network("10.244.192.0/18")
+
+
+def fake_routes(lab: Lab) -> dict[str, list[str]]:
+    """Routes to fake nodes (a scenario's leftovers) per host."""
+    out = {h: [d for d in kernel_routes(lab, h) if IPv4Network(d).subnet_of(FAKE_RANGE)] for h in lab.hosts}
+    return {h: r for h, r in out.items() if r}
 
 
 # ---- helpers -------------------------------------------------------------------------------------
