@@ -105,6 +105,19 @@ def in_netns(name: str) -> Iterator[None]:
                 raise OSError(err, f"setns(back): {os.strerror(err)}")
 
 
+def tcp_connections(ns: str, addr: str, port: int) -> list[int]:
+    """Local ports of the established TCP connections from namespace ``ns`` to ``addr``:``port``
+    (read with ``ss``; IPv4 peers of IPv6 sockets, as gRPC opens them, are included)."""
+    out = run("ip", "netns", "exec", ns, "ss", "-Htn", "state", "established",
+              "dst", addr, "dport", "=", f":{port}", check=False)
+    ports = []
+    for line in out.splitlines():
+        locals_ = [tok for tok in line.split() if ":" in tok]
+        if locals_:
+            ports.append(int(locals_[0].rsplit(":", 1)[1]))
+    return sorted(set(ports))
+
+
 class Blackhole:
     """Silently drop one namespace's TCP traffic with a server (``addr``:``port``): what a client
     sees when the server's host vanishes without a reset (a crash, a pulled cable, a load-balancer
@@ -130,14 +143,7 @@ class Blackhole:
 
     def connections(self) -> list[int]:
         """Local ports of this namespace's established TCP connections to the server."""
-        out = run("ip", "netns", "exec", self.ns, "ss", "-Htn", "state", "established",
-                  "dst", self.addr, "dport", "=", f":{self.port}", check=False)
-        ports = []
-        for line in out.splitlines():
-            locals_ = [tok for tok in line.split() if ":" in tok]
-            if locals_:
-                ports.append(int(locals_[0].rsplit(":", 1)[1]))
-        return sorted(set(ports))
+        return tcp_connections(self.ns, self.addr, self.port)
 
     def _apply(self, rules_in: list[str], rules_out: list[str]) -> None:
         t = self.TABLE

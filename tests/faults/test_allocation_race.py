@@ -19,6 +19,8 @@ import pytest
 from flannel.config import parse_network_config
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
+from flannel.lab.etcd import EtcdServer
+from flannel.lab.netns import tcp_connections
 from tests.support import Figure, build_lab, dead_agents, lab_logs, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
@@ -45,9 +47,14 @@ def test_thirty_agents_race_for_thirty_subnets(lab: Lab, figure: Figure) -> None
     # at once, so all 30 list the free subnets and create their keys at about the same time.
     lab.etcdctl("del", f"{ETCD_PREFIX}/config")
     names = [lab.add_host(pods=0, wait=False) for _ in range(AGENTS)]
-    wait_for(lambda: all(lab.agent_alive(n) and "network config not available" in lab.log_file(n).read_text()
-                         for n in names), "every agent to wait for the config", timeout=300, interval=0.5,
-             on_timeout=lambda: lab_logs(lab))
+    assert lab.underlay is not None and isinstance(lab.etcd, EtcdServer)
+    hub, port = str(lab.underlay.hub_ip), lab.etcd.client_port
+
+    def waiting(n: str) -> bool:  # running, talking to etcd, no subnet yet
+        return (lab.agent_alive(n) and bool(tcp_connections(lab.hosts[n].ns, hub, port))
+                and not lab.subnet_file(n).exists())
+    wait_for(lambda: all(waiting(n) for n in names), "every agent to wait for the config", timeout=300,
+             interval=0.5, on_timeout=lambda: lab_logs(lab))
     lab.etcdctl("put", f"{ETCD_PREFIX}/config", config_text)
     t0 = time.monotonic()
     for n in names:
