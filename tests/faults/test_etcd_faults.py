@@ -3,8 +3,9 @@
 One lab for the module (hub + etcd + 3 hosts with one pod each). Every scenario starts from a
 working lab (``healthy``: an agent that an earlier scenario killed is restarted first, that
 scenario has already failed for it) and removes what it wrote to etcd. Peers that exist only in
-the store ("fake leases") use subnets 10.244.128.0/24 and up (agents allocate among the first
-100 free subnets, far below) and public IPs 198.18.0.100-199 (nothing answers there).
+the store ("fake leases") use subnets in 10.244.128.0/17 (agents allocate among the first 100
+free subnets, far below) and public IPs 198.18.0.100-199, 198.18.1.x and 198.18.2.x (nothing
+answers there; nothing leaves the lab).
 """
 
 from __future__ import annotations
