@@ -7,6 +7,7 @@ Test modules import from here and never from each other. Nothing installed impor
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -27,7 +28,8 @@ from flannel.backends.base import Backend, ExternalInterface
 from flannel.backends.udp.packet import Peer, PeerTable
 from flannel.backends.udp.proxy import Proxy, open_socket
 from flannel.config import NetworkConfig, parse_network_config
-from flannel.lab.cluster import Lab, LabConfig
+from flannel.lab.cluster import ETCD_PREFIX, Lab, LabConfig
+from flannel.lab.etcd import b64
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.lab.kubeapi.server import KubeAPIServer
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run_prefix
@@ -443,3 +445,108 @@ def build_lab(backend: str, tmp: Path, *, hosts: int = 3, pods_per_host: int = 2
         cleanup_prefix(cfg.prefix)
         raise
     return lab
+
+
+# ---- the chaos suite (tests/faults): observing a lab while faults are injected -----------------
+
+LAB_VXLAN_DEV = "flannel.1"
+
+#: the ``figure`` fixture of tests/faults/conftest.py: ``figure(name, value, unit="")``
+Figure = Callable[..., None]
+
+
+def lab_logs(lab: Lab, lines: int = 12) -> str:
+    """The tails of every agent's log (for assertion messages)."""
+    out = []
+    for name in lab.hosts:
+        try:
+            tail = lab.log_file(name).read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            tail = ["(no log)"]
+        out.append(f"\n--- {lab.log_file(name)} (tail)\n" + "\n".join(tail))
+    return "".join(out)
+
+
+def dead_agents(lab: Lab) -> list[str]:
+    return [name for name in lab.hosts if not lab.agent_alive(name)]
+
+
+def kernel_routes(lab: Lab, host: str) -> dict[str, str]:
+    """``ip route`` in the host: destination → gateway, for every gateway route (what the vxlan and
+    host-gw backends program for peers), read with iproute2, not through the agent."""
+    out = lab_ns(lab, host).ip("-j", "route", "show", "table", "main")
+    return {r["dst"]: r["gateway"] for r in json.loads(out or "[]") if r.get("gateway") and r.get("dst") != "default"}
+
+
+def lab_ns(lab: Lab, host: str) -> NetNS:
+    """A handle on a lab host's existing namespace (``NetNS()`` would create one)."""
+    ns = NetNS.__new__(NetNS)
+    ns.name = lab.hosts[host].ns
+    return ns
+
+
+@dataclass(frozen=True)
+class VxlanState:
+    """What the vxlan backend programmed on ``flannel.1``: routes {dst: gateway}, neigh {ip: mac},
+    fdb {mac: underlay dst}."""
+
+    routes: dict[str, str]
+    neigh: dict[str, str]
+    fdb: dict[str, str]
+
+    def diff(self, want: VxlanState) -> str:
+        parts = []
+        for what in ("routes", "neigh", "fdb"):
+            have, exp = getattr(self, what), getattr(want, what)
+            extra = {k: v for k, v in have.items() if exp.get(k) != v}
+            missing = {k: v for k, v in exp.items() if have.get(k) != v}
+            if extra or missing:
+                parts.append(f"{what}: unexpected {extra} missing {missing}")
+        return "; ".join(parts)
+
+
+def vxlan_state(lab: Lab, host: str) -> VxlanState:
+    ns = lab_ns(lab, host)
+    dev = LAB_VXLAN_DEV
+    routes = {r["dst"]: r["gateway"] for r in json.loads(ns.ip("-j", "route", "show", "dev", dev) or "[]")
+              if r.get("gateway")}
+    neigh = {n["dst"]: n["lladdr"].lower() for n in json.loads(ns.ip("-j", "neigh", "show", "dev", dev) or "[]")
+             if n.get("lladdr")}
+    fdb = {e["mac"].lower(): e["dst"] for e in json.loads(ns.exec("bridge", "-j", "fdb", "show", "dev", dev) or "[]")
+           if e.get("dst")}
+    return VxlanState(routes, neigh, fdb)
+
+
+def expected_vxlan_state(leases: dict[str, dict[str, Any]], own_subnet: str) -> VxlanState:
+    """The vxlan entries flannel programs for ``leases`` ({subnet text: lease value}) seen from the
+    host that holds ``own_subnet``: route via the peer's network address, onlink; neigh that
+    address → VtepMAC; fdb VtepMAC → PublicIP."""
+    routes, neigh, fdb = {}, {}, {}
+    for subnet, value in leases.items():
+        if subnet == own_subnet:
+            continue
+        gw = str(IPv4Network(subnet).network_address)
+        mac = str(value["BackendData"]["VtepMAC"]).lower()
+        routes[subnet], neigh[gw], fdb[mac] = gw, mac, str(value["PublicIP"])
+    return VxlanState(routes, neigh, fdb)
+
+
+def fake_vxlan_lease(public_ip: str, mac: str, **extra: Any) -> dict[str, Any]:
+    """A lease value as a vxlan flannel writes it (for a peer that exists only in the store)."""
+    return {"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": mac}, **extra}
+
+
+def etcd_leases(lab: Lab) -> dict[str, dict[str, Any]]:
+    """Every lease under the lab's prefix that decodes as JSON: {subnet text: value}."""
+    assert lab.etcd is not None
+    start = f"{ETCD_PREFIX}/subnets/"
+    resp = lab.etcd.v3("/v3/kv/range", {"key": b64(start), "range_end": b64(start[:-1] + "0")})
+    out = {}
+    for kv in resp.get("kvs", []):
+        name = base64.b64decode(kv["key"]).decode("utf-8", "replace")[len(start):]
+        try:
+            out[name.replace("-", "/")] = json.loads(base64.b64decode(kv.get("value", "")))
+        except ValueError:
+            continue
+    return out

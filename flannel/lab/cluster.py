@@ -7,6 +7,8 @@ What ``up`` builds (every name starts with the lab prefix, ``flab-`` for the CLI
                      (a real process: ``ip netns exec <host> python -m flannel ...``)
     <prefix>hK-pJ    "pods": eth0 = veth into the host's ``cni0`` bridge, address from the host's
                      subnet.env (FLANNEL_SUBNET + J), default route via the bridge
+    <prefix>e1..eM   only with ``etcd_members`` > 1: one etcd member each (198.18.0.241...), agents
+                     get every member's endpoint
 
 Files (the lab dir, default /tmp/flannel-lab, ``--dir`` to change it):
 
@@ -40,7 +42,7 @@ from typing import Any
 from flannel import subnet_file
 from flannel.lab import podtraffic
 from flannel.lab.agent import AgentFailed, AgentProcess
-from flannel.lab.etcd import ETCD_BIN, EtcdServer
+from flannel.lab.etcd import ETCD_BIN, EtcdCluster, EtcdServer
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.lab.netns import NetNS, cleanup_prefix, run
 from flannel.lab.topology import Host, Pod, Underlay, add_pod, subnet_env_gateway
@@ -80,12 +82,20 @@ class LabConfig:
     agent_args: tuple[str, ...] = ()
     python: str = sys.executable
     agent_timeout: float = 60.0  # generous: a loaded CI machine can be slow; waits end on the condition
+    etcd_members: int = 1  # > 1: a cluster, one member per namespace (fault tests kill members)
+    subnet_min: str = ""  # SubnetMin / SubnetMax of the network config ("" = flannel's default)
+    subnet_max: str = ""
 
     def network_config(self) -> str:
         backend: dict[str, Any] = {"Type": self.backend}
         if self.backend == "extension":
             backend.update(EXTENSION_BACKEND)
-        return json.dumps({"Network": self.network, "Backend": backend})
+        conf: dict[str, Any] = {"Network": self.network, "Backend": backend}
+        if self.subnet_min:
+            conf["SubnetMin"] = self.subnet_min
+        if self.subnet_max:
+            conf["SubnetMax"] = self.subnet_max
+        return json.dumps(conf)
 
     def pod_cidr(self, index: int) -> str:
         """kube mode: the podCIDR the "node-ipam controller" gives host ``index`` (a /24)."""
@@ -179,7 +189,7 @@ class Lab:
         self.config = config
         self.dir = Path(config.dir).resolve()
         self.underlay: Underlay | None = None
-        self.etcd: EtcdServer | None = None
+        self.etcd: EtcdServer | EtcdCluster | None = None
         self.etcd_pid = 0
         self.etcd_endpoint = ""
         self.kubeapi_pid = 0
@@ -272,6 +282,10 @@ class Lab:
             hub = self.underlay.hub
             if cfg.subnet_manager == "kube":
                 self._start_kubeapi()
+            elif cfg.etcd_members > 1:
+                self.etcd = self._start_etcd_cluster(cfg.etcd_members)
+                self.etcd_endpoint = self.etcd.endpoint
+                self.etcdctl("put", f"{ETCD_PREFIX}/config", cfg.network_config())
             else:
                 self.etcd = EtcdServer(str(self.dir / "etcd"), host=str(self.underlay.hub_ip), netns=hub.name,
                                        log_path=str(self.dir / "etcd.log"))
@@ -291,6 +305,16 @@ class Lab:
             log.error("lab up failed; tearing down what was built (logs stay in %s until down)", self.dir)
             self.teardown(keep_dir=True)
             raise
+
+    def _start_etcd_cluster(self, members: int) -> EtcdCluster:
+        """Members in namespaces ``<prefix>e1..`` on the underlay at .241, .242, ... (the members'
+        processes die with their namespaces at teardown)."""
+        assert self.underlay is not None
+        if members > 13:
+            raise LabError("at most 13 etcd members (underlay addresses .241-.253)")
+        hosts = [self.underlay.add_host(f"e{i}", index=240 + i) for i in range(1, members + 1)]
+        cluster = EtcdCluster(str(self.dir / "etcd"), [(h.ns.name, str(h.ip)) for h in hosts])
+        return cluster.start()
 
     # ------------------------------------------------------------------ kube mode
     def _start_kubeapi(self) -> None:
@@ -402,14 +426,15 @@ class Lab:
             env["FLANNEL_WIREGUARD_UAPI_DIR"] = str(self.wireguard_dir(host))
         return env
 
-    def start_agent(self, host: str, extra: Sequence[str] = ()) -> int:
-        """Start the host's agent (flannel.lab.agent.AgentProcess; log <dir>/<host>/flannel.log)."""
+    def start_agent(self, host: str, extra: Sequence[str] = (), env: dict[str, str] | None = None) -> int:
+        """Start the host's agent (flannel.lab.agent.AgentProcess; log <dir>/<host>/flannel.log).
+        ``env``: more environment variables for this run (e.g. a PATH with other binaries)."""
         h = self.hosts[host]
         if self.agent_alive(host):
             raise LabError(f"agent on {host} already running (pid {h.agent.pid})")
         agent = AgentProcess("flannel", netns=h.ns, workdir=self.dir / host, args=self.agent_args(host, extra),
-                             healthz_port=HEALTHZ_PORT, env=self.agent_env(host), python=self.config.python,
-                             subnet_file=self.subnet_file(host))
+                             healthz_port=HEALTHZ_PORT, env={**self.agent_env(host), **(env or {})},
+                             python=self.config.python, subnet_file=self.subnet_file(host))
         agent.start()
         assert agent.pid is not None
         self._agents[host] = agent
@@ -430,6 +455,13 @@ class Lab:
             clean = stop_pid(h.agent.pid, str(self.subnet_file(host)), timeout=timeout)
         h.agent = AgentState()
         return clean
+
+    def agent(self, host: str) -> AgentProcess:
+        """The agent process this lab object started last on ``host`` (for /debug/leases, its log, PID)."""
+        agent = self._agents.get(host)
+        if agent is None:
+            raise LabError(f"no agent started on {host} by this lab object")
+        return agent
 
     def agent_alive(self, host: str) -> bool:
         agent = self._agents.get(host)
@@ -452,9 +484,10 @@ class Lab:
         self.hosts[host].subnet = str(gw.network)
         return gw.network
 
-    def restart_agent(self, host: str, extra: Sequence[str] = ()) -> ipaddress.IPv4Network:
+    def restart_agent(self, host: str, extra: Sequence[str] = (),
+                      env: dict[str, str] | None = None) -> ipaddress.IPv4Network:
         self.stop_agent(host)
-        self.start_agent(host, extra)
+        self.start_agent(host, extra, env)
         net = self.wait_subnet(host)
         self.save()
         return net

@@ -1,7 +1,10 @@
-"""Run a real etcd (Debian's ``etcd-server``) on free loopback ports with a private data dir."""
+"""Run a real etcd (Debian's ``etcd-server``) on free loopback ports with a private data dir, or a
+multi-member cluster with one member per network namespace (``EtcdCluster``, for fault tests)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -9,9 +12,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from flannel.lab.netns import in_netns
 
 ETCD_BIN = os.environ.get("FLANNEL_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL_BIN = os.environ.get("FLANNEL_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -31,11 +38,15 @@ class EtcdServer:
     """One single-member etcd. ``stop()`` keeps the data dir so ``start()`` resumes it."""
 
     def __init__(self, data_dir: str | None = None, *, host: str = "127.0.0.1", log_path: str | None = None,
-                 netns: str | None = None, extra_args: Sequence[str] = ()) -> None:
+                 netns: str | None = None, extra_args: Sequence[str] = (), name: str = "flannel-test") -> None:
         """``netns``: run etcd inside that network namespace, listening on ``host`` there (agents in
         other namespaces reach it over the test underlay; the root namespace is not involved).
-        ``extra_args``: more etcd flags (e.g. TLS: ``--cert-file ... --client-cert-auth``)."""
+        ``extra_args``: more etcd flags (e.g. TLS: ``--cert-file ... --client-cert-auth``).
+        ``name``: the member name (``EtcdCluster`` sets it and ``initial_cluster``)."""
         self.netns = netns
+        self.name = name
+        #: ``--initial-cluster`` for a multi-member cluster; None = a cluster of this member alone
+        self.initial_cluster: str | None = None
         self.extra_args = tuple(extra_args)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="flannel-etcd-")
@@ -50,20 +61,26 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> EtcdServer:
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> EtcdServer:
+        """Start (or resume, with the same data dir) etcd. ``wait=False`` returns at once: the
+        members of a new cluster only become healthy together (see ``EtcdCluster``)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        name = "flannel-test"
-        peer = f"http://{self.host}:{self.peer_port}"
-        cmd = [ETCD_BIN, "--name", name, "--data-dir", os.path.join(self.data_dir, "data"),
+        cluster = self.initial_cluster or f"{self.name}={self.peer_url}"
+        cmd = [ETCD_BIN, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"{name}={peer}", "--log-level", "warn", *self.extra_args]
+               "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+               "--initial-cluster", cluster, "--log-level", "warn", *self.extra_args]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -101,6 +118,42 @@ class EtcdServer:
                 self.proc.wait(5)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL etcd (a crashed member: no goodbye to clients or peers); ``start()`` resumes it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def v3(self, path: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """One call of etcd's JSON gateway (``/v3/kv/put``, ``/v3/kv/range``, ``/v3/kv/compaction``...),
+        from inside ``netns`` when set. Keys and values are bytes and travel base64-encoded, so
+        anything can be written (non-UTF-8, megabytes: etcdctl takes values as argv and cannot).
+
+        Use ``b64`` for the ``key``/``value``/``range_end`` fields of ``body``."""
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(self.endpoint + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        if self.netns:
+            with in_netns(self.netns):
+                return self._urlopen(req, timeout)
+        return self._urlopen(req, timeout)
+
+    @staticmethod
+    def _urlopen(req: urllib.request.Request, timeout: float) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                out: dict[str, Any] = json.loads(r.read() or b"{}")
+                return out
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"etcd {req.full_url} answered {e.code}: {e.read()[:300]!r}") from None
+
     def etcdctl(self, *args: str, input: bytes | None = None) -> str:
         """Run etcdctl (API v3) against this server; returns stdout. Raises on failure."""
         env = dict(os.environ, ETCDCTL_API="3")
@@ -123,3 +176,93 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def b64(data: bytes | str) -> str:
+    """base64 text of ``data`` (str is UTF-8 encoded) for the JSON gateway (``EtcdServer.v3``)."""
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class EtcdCluster:
+    """A multi-member etcd cluster, each member in its own network namespace (created by the
+    caller, e.g. hosts of a ``flannel.lab.topology.Underlay``), so that a member can be killed,
+    cut off or restarted on its own. Same ``etcdctl``/``endpoint``/``stop``/``close`` surface as
+    ``EtcdServer``; ``endpoint`` lists every member (comma-separated, as ``--etcd-endpoints``).
+
+    :param members: (namespace name, address in it) per member.
+    """
+
+    def __init__(self, data_dir: str, members: Sequence[tuple[str, str]]) -> None:
+        if len(members) < 1:
+            raise ValueError("a cluster needs at least one member")
+        self.data_dir = data_dir
+        self.members = [EtcdServer(os.path.join(data_dir, f"m{i}"), host=addr, netns=ns, name=f"m{i}",
+                                   log_path=os.path.join(data_dir, f"m{i}.log"),
+                                   extra_args=("--initial-cluster-token", f"flannel-lab-{os.getpid()}"))
+                        for i, (ns, addr) in enumerate(members, 1)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+
+    @property
+    def endpoint(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 60.0) -> EtcdCluster:
+        for m in self.members:
+            m.start(wait=False)
+        for m in self.members:
+            m.wait_ready(timeout)
+        return self
+
+    def member_at(self, endpoint: str) -> EtcdServer:
+        return next(m for m in self.members if m.endpoint == endpoint or m.host in endpoint)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per running member endpoint: ``etcdctl endpoint status`` (``leader``, ``raft_term``...)."""
+        out = {}
+        for m in self.members:
+            if not m.running:
+                continue
+            try:
+                st = json.loads(m.etcdctl("endpoint", "status", "-w", "json", "--command-timeout=3s"))[0]["Status"]
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, LookupError):
+                continue
+            out[m.endpoint] = st
+        return out
+
+    def leader(self) -> EtcdServer | None:
+        """The member that is the raft leader now (as the members themselves report it)."""
+        for ep, st in self.status().items():
+            if st["header"]["member_id"] == st["leader"]:
+                return self.member_at(ep)
+        return None
+
+    def etcdctl(self, *args: str, input: bytes | None = None) -> str:
+        """etcdctl against every running member's endpoint (it uses whichever answers)."""
+        alive = [m for m in self.members if m.running] or self.members
+        env = dict(os.environ, ETCDCTL_API="3")
+        cmd = [ETCDCTL_BIN, "--endpoints", ",".join(m.endpoint for m in alive), *args]
+        if alive[0].netns:
+            cmd = ["ip", "netns", "exec", alive[0].netns, *cmd]
+        res = subprocess.run(cmd, input=input, capture_output=True, env=env, timeout=30)
+        if res.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {res.stderr.decode().strip()}")
+        return res.stdout.decode()
+
+    def v3(self, path: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """``EtcdServer.v3`` on the first running member (any member serves the whole cluster)."""
+        member = next((m for m in self.members if m.running), self.members[0])
+        return member.v3(path, body, timeout)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def close(self) -> None:
+        for m in self.members:
+            m.close()

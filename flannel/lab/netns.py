@@ -103,3 +103,78 @@ def in_netns(name: str) -> Iterator[None]:
             if libc.setns(orig.fileno(), _CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns(back): {os.strerror(err)}")
+
+
+def tcp_connections(ns: str, addr: str, port: int) -> list[int]:
+    """Local ports of the established TCP connections from namespace ``ns`` to ``addr``:``port``
+    (read with ``ss``; IPv4 peers of IPv6 sockets, as gRPC opens them, are included)."""
+    out = run("ip", "netns", "exec", ns, "ss", "-Htn", "state", "established",
+              "dst", addr, "dport", "=", f":{port}", check=False)
+    ports = []
+    for line in out.splitlines():
+        locals_ = [tok for tok in line.split() if ":" in tok]
+        if locals_:
+            ports.append(int(locals_[0].rsplit(":", 1)[1]))
+    return sorted(set(ports))
+
+
+class Blackhole:
+    """Silently drop one namespace's TCP traffic with a server (``addr``:``port``): what a client
+    sees when the server's host vanishes without a reset (a crash, a pulled cable, a load-balancer
+    failover). Uses an nftables table of its own in that namespace only (``inet flannel_lab_fault``,
+    hooked before everything else), so nothing else's rules are touched.
+
+    ``cut()`` drops everything to and from the server and remembers the connections that were
+    open. ``heal()`` lets new connections through; by default the remembered ones stay dead (their
+    packets are still dropped, as a replacement host or load balancer that never knew them would),
+    so a client only recovers if it notices the dead connection by itself (keepalives, a read
+    timeout) and reconnects. ``heal(old_connections=True)`` restores everything. ``close()``
+    removes the table.
+    """
+
+    TABLE = "flannel_lab_fault"
+
+    def __init__(self, ns: str, addr: str, port: int) -> None:
+        self.ns, self.addr, self.port = ns, addr, int(port)
+        self.old_ports: list[int] = []
+
+    def _nft(self, script: str) -> None:
+        run("ip", "netns", "exec", self.ns, "nft", "-f", "-", input=script)
+
+    def connections(self) -> list[int]:
+        """Local ports of this namespace's established TCP connections to the server."""
+        return tcp_connections(self.ns, self.addr, self.port)
+
+    def _apply(self, rules_in: list[str], rules_out: list[str]) -> None:
+        t = self.TABLE
+        lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{",
+                 "  chain in { type filter hook input priority -400; policy accept;",
+                 *[f"    {r}" for r in rules_in], "  }",
+                 "  chain out { type filter hook output priority -400; policy accept;",
+                 *[f"    {r}" for r in rules_out], "  }", "}"]
+        self._nft("\n".join(lines) + "\n")
+
+    def cut(self) -> list[int]:
+        """Drop every packet between the namespace and the server; returns the open connections'
+        local ports (remembered for ``heal``)."""
+        self.old_ports = self.connections()
+        self._apply([f"ip saddr {self.addr} tcp sport {self.port} drop"],
+                    [f"ip daddr {self.addr} tcp dport {self.port} drop"])
+        return self.old_ports
+
+    def heal(self, *, old_connections: bool = False) -> None:
+        if old_connections or not self.old_ports:
+            self.close()
+            return
+        ports = ", ".join(str(p) for p in self.old_ports)
+        self._apply([f"ip saddr {self.addr} tcp sport {self.port} tcp dport {{ {ports} }} drop"],
+                    [f"ip daddr {self.addr} tcp dport {self.port} tcp sport {{ {ports} }} drop"])
+
+    def close(self) -> None:
+        run("ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", self.TABLE, check=False)
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -34,7 +34,8 @@ As a process (the lab, agent tests)::
     ip netns exec <hub> python -m flannel.lab.kubeapi --host 198.18.0.254 --port 6443 --token T \\
         --node h1=10.244.1.0/24 --node h2=10.244.2.0/24
 
-Out-of-process tests reach the hooks over HTTP: ``POST /_test/cut-watches``, ``POST /_test/compact``;
+Out-of-process tests reach the hooks over HTTP: ``POST /_test/cut-watches``, ``POST /_test/compact``,
+``POST /_test/outage?seconds=N`` (down for N seconds: connections refused, then back with the same state);
 node changes go through the normal API (``POST``/``PATCH``/``DELETE`` nodes).
 """
 

@@ -122,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0-flannel-standin"})
         if parts[:1] == ["_test"] and method == "POST":
             self._authorize("create", "_test")
-            return self._test_hook(parts[1:])
+            return self._test_hook(parts[1:], query)
         if parts[:2] != ["api", "v1"]:
             raise APIError(404, "NotFound", "the server could not find the requested resource")
         rest = parts[2:]
@@ -189,15 +189,25 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
-    def _test_hook(self, parts: list[str]) -> None:
+    def _test_hook(self, parts: list[str], query: dict[str, str]) -> None:
         api = self.server.api
+        outage = 0.0
         if parts == ["cut-watches"]:
             api.cut_watches()
         elif parts == ["compact"]:
             api.compact()
+        elif parts == ["outage"]:
+            try:
+                outage = float(query.get("seconds", ""))
+            except ValueError:
+                raise APIError(400, "BadRequest", "outage needs ?seconds=N") from None
+            if not 0 < outage <= 3600:
+                raise APIError(400, "BadRequest", "outage seconds must be in (0, 3600]")
         else:
             raise APIError(404, "NotFound", f"unknown test hook {'/'.join(parts)}")
         self._send_json(200, {"ok": True, "resourceVersion": str(api.state.resource_version)})
+        if outage:  # after answering: the outage also breaks this connection
+            threading.Thread(target=api.outage, args=(outage,), name="kubeapi-outage", daemon=True).start()
 
     # -- watch -----------------------------------------------------------------------------
 
@@ -415,3 +425,10 @@ class KubeAPIServer:
     def compact(self) -> int:
         """Drop the watch history: re-watching from any older version gets 410 Gone."""
         return self.state.compact()
+
+    def outage(self, seconds: float) -> None:
+        """Be down for ``seconds`` (connections refused, open ones broken), then serve again on the
+        same port with the same state, like an API server restart. Blocks for the outage."""
+        self.stop()
+        time.sleep(seconds)
+        self.start()
