@@ -138,7 +138,10 @@ class HarnessProcess:
 
     def __init__(self, ns: NetNSLike, subnet: str, network: str, *, accel: str = "auto",
                  queues: int | None = None, offload: str = "auto", spread_ports: bool = False,
-                 trusted: tuple[str, ...] = (), python: str = sys.executable) -> None:
+                 trusted: tuple[str, ...] = (), python: str = sys.executable,
+                 env: dict[str, str] | None = None, cwd: str | None = None, log_path: str | None = None) -> None:
+        """``python``/``env``/``cwd``: which installation runs it (the install test runs a
+        ``pip install --target`` copy); ``log_path``: where its log (stderr) goes."""
         args = [python, "-m", "flannel.lab.udp_harness", "--subnet", subnet, "--network", network,
                 "--accel", accel, "--offload", offload]
         if queues:
@@ -147,10 +150,17 @@ class HarnessProcess:
             args.append("--spread-ports")
         for t in trusted:
             args += ["--trusted", t]
-        self.p = ns.popen(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._log = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in close())
+        extra: dict[str, Any] = {"env": env, "cwd": cwd}
+        if self._log is not None:
+            extra["stderr"] = self._log
+        self.p = ns.popen(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **extra)
         self.ready = self._read()
         if not self.ready.get("ready"):
             self.p.kill()
+            self.p.wait(5)
+            if self._log is not None:
+                self._log.close()
             raise RuntimeError(f"udp harness failed to start in {ns.name}: {self.ready}")
 
     def _read(self) -> dict[str, Any]:
@@ -182,3 +192,5 @@ class HarnessProcess:
             except (BrokenPipeError, ValueError, OSError):
                 self.p.kill()
                 self.p.wait(5)
+        if self._log is not None:
+            self._log.close()

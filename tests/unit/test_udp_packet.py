@@ -21,7 +21,6 @@ from flannel.backends.udp.packet import (
     RX_VERSION,
     Peer,
     PeerTable,
-    TableBuilder,
     classify_rx,
     decrement_ttl,
     icmp_net_unreachable,
