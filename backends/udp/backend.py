@@ -139,8 +139,8 @@ class UDPNetwork(Network):
 
     @property
     def peers(self) -> Mapping[IPv4Network, Peer]:
-        """The peers the workers currently use (read-only snapshot)."""
-        return self.proxy.table.peers
+        """The current peers (read-only view; control thread)."""
+        return self.table.peers
 
     def apply(self, batch: Batch) -> None:
         """Fold one batch into the peer table and swap the new table in.

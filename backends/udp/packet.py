@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
 from typing import Any
 
 IPV4_HEADER_LEN = 20
@@ -132,30 +133,39 @@ def _net(n: IPv4Network) -> Net:
 EVERYTHING: Net = (0, 0)
 
 
+#: Each dict of the Python table is split into this many shards, so a lease event copies one
+#: shard (peers / SHARDS entries), not the whole dict (copy-on-write at shard granularity).
+SHARDS = 64
+_SHARD = SHARDS - 1
+
+# (mask, shift, shards): one prefix length of the routes; shard of a key = (key >> shift) & _SHARD
+RouteGroup = tuple[int, int, tuple[Mapping[int, tuple[str, int]], ...]]
+
+
 @dataclass(frozen=True)
 class PeerTable:
     """An immutable snapshot of the peers, swapped in whole (copy-on-write).
 
     Workers read ``network.table`` once per packet (an atomic attribute read), so no lock is
     needed in the hot path. Lookup is longest-prefix match (flannel: first match). Built by a
-    ``TableBuilder``, which shares every dict a change does not touch with the previous
-    snapshot, so one lease event costs a copy of one or two dicts, not a rebuild.
+    ``TableBuilder``, which shares every shard a change does not touch with the previous
+    snapshot, so one lease event copies two small dicts, not the table.
 
     ``network``: the overlay (``Network``) as (net, mask); inner sources outside it are not
     attributed to any node. ``trusted``: outer sources that may send without being a peer's
     PublicIP (docs/udp.md, "Anti-spoofing").
     """
 
-    peers: Mapping[IPv4Network, Peer] = field(default_factory=dict)
-    # [(mask, {network_int: (ip_str, port)})] sorted by prefix length, longest first
-    routes: tuple[tuple[int, Mapping[int, tuple[str, int]]], ...] = field(default=(), repr=False)
-    # public ip (int) -> ((net_int, mask), ...) the subnets that peer may send from
-    sources: Mapping[int, tuple[Net, ...]] = field(default_factory=dict, repr=False)
+    # per prefix length, longest first: (mask, shift, shards of {network_int: (ip_str, port)})
+    routes: tuple[RouteGroup, ...] = field(default=(), repr=False)
+    # shards (by ``ip & _SHARD``) of {public ip (int): ((net_int, mask), ...) the subnets it may send from}
+    sources: tuple[Mapping[int, tuple[Net, ...]], ...] = field(default=(), repr=False)
     port: int = 8285
     network: Net = EVERYTHING
     trusted: tuple[Net, ...] = ()
     #: the same table in ``struct fl_table`` layout, for the C workers
     c_layout: bytes = field(default=b"", repr=False)
+    size: int = 0  # number of peers
 
     @classmethod
     def build(cls, peers: Iterable[Peer], port: int, *, network: IPv4Network | None = None,
@@ -168,15 +178,19 @@ class PeerTable:
 
     def lookup(self, dst: int) -> tuple[str, int] | None:
         """Longest-prefix match of a destination address (int) → (peer ip, port), or None."""
-        for mask, nets in self.routes:
-            hit = nets.get(dst & mask)
+        for mask, shift, shards in self.routes:
+            key = dst & mask
+            hit = shards[(key >> shift) & _SHARD].get(key)
             if hit is not None:
                 return hit
         return None
 
+    def _nets_of(self, outer_src: int) -> tuple[Net, ...] | None:
+        return self.sources[outer_src & _SHARD].get(outer_src) if self.sources else None
+
     def known_sender(self, outer_src: int) -> bool:
         """Whether a datagram from ``outer_src`` is looked at at all: a peer's PublicIP, or trusted."""
-        if outer_src in self.sources:
+        if self._nets_of(outer_src) is not None:
             return True
         return any(outer_src & mask == net for net, mask in self.trusted)
 
@@ -186,10 +200,11 @@ class PeerTable:
         * outer source = a peer's PublicIP: that peer, and it may send as its own subnet(s) or as
           an address outside ``Network`` (forwarded traffic when it does not masquerade);
         * outer source in ``trusted`` (a node whose datagrams do not come from its PublicIP, e.g.
-          started with ``--public-ip``): as any peer's subnet, or outside ``Network``;
+          started with ``--public-ip`` behind an inbound-only NAT): as any peer's subnet, or
+          outside ``Network``;
         * never as our own subnet or an address of ``Network`` that no peer leases.
         """
-        nets = self.sources.get(outer_src)
+        nets = self._nets_of(outer_src)
         if nets is None and not any(outer_src & mask == net for net, mask in self.trusted):
             return RX_UNKNOWN_PEER
         net, mask = self.network
@@ -203,12 +218,12 @@ class PeerTable:
 class TableBuilder:
     """The control thread's mutable view of the peer table; ``publish`` snapshots it.
 
-    Copy-on-write per dict: the first change after a ``publish`` to a prefix length's route dict
-    (or the sources / peers dict) copies that dict, later changes in the same batch reuse the
-    copy. The C layout is kept alongside as sorted flat ``array('I')`` runs (insert/delete is a
-    ``memmove``), so packing a snapshot for the C workers is a few ``tobytes`` calls. All of it is
-    C-speed O(peers) copying at worst, no Python loop over the peers: well under 1 ms per event
-    at 5000 peers (bench/udp_peer_table.py).
+    Copy-on-write per shard: the first change after a ``publish`` to a shard of the routes (or of
+    the sources) copies that shard, later changes in the same batch reuse the copy. The C layout
+    is kept alongside as sorted flat ``array('I')`` runs (insert/delete is a ``memmove``), so
+    packing a snapshot for the C workers is a few ``tobytes`` calls. No Python loop over the
+    peers anywhere: one lease event at 5000 peers costs tens of microseconds
+    (bench/udp_peer_table.py, docs/benchmarks.md).
     """
 
     def __init__(self, port: int, *, network: IPv4Network | None = None,
@@ -217,9 +232,9 @@ class TableBuilder:
         self.network = _net(network) if network is not None else EVERYTHING
         self.trusted = tuple(_net(t) for t in trusted)
         self._peers: dict[IPv4Network, Peer] = {}
-        self._routes: dict[int, dict[int, tuple[str, int]]] = {}   # prefix length → {net: (ip, port)}
-        self._sources: dict[int, tuple[Net, ...]] = {}
-        self._owned: set[int] = set()   # id() of the dicts not yet shared with a published table
+        self._routes: dict[int, list[dict[int, tuple[str, int]]]] = {}   # prefix length → shards
+        self._sources: list[dict[int, tuple[Net, ...]]] = [{} for _ in range(SHARDS)]
+        self._owned: set[int] = set()   # id() of the shards not yet shared with a published table
         # C layout: per prefix length, sorted nets and the flat (net, peer) pairs; sources as
         # sorted (peer, net) keys and flat (peer, net, mask) triples.
         self._c_nets: dict[int, list[int]] = {}
@@ -230,15 +245,17 @@ class TableBuilder:
     def __len__(self) -> int:
         return len(self._peers)
 
-    def get(self, subnet: IPv4Network) -> Peer | None:
-        return self._peers.get(subnet)
+    @property
+    def peers(self) -> Mapping[IPv4Network, Peer]:
+        """Read-only view of the current peers (control thread only)."""
+        return MappingProxyType(self._peers)
 
-    def _own(self, d: dict[Any, Any]) -> dict[Any, Any]:
-        if id(d) in self._owned:
-            return d
-        c = dict(d)
-        self._owned.add(id(c))
-        return c
+    def _own(self, shards: list[dict[Any, Any]], i: int) -> dict[Any, Any]:
+        d = shards[i]
+        if id(d) not in self._owned:
+            d = shards[i] = dict(d)
+            self._owned.add(id(d))
+        return d
 
     def set(self, peer: Peer) -> bool:
         """Add or replace the peer of ``peer.subnet``; False if it was already exactly that."""
@@ -247,15 +264,15 @@ class TableBuilder:
             return False
         if old is not None:
             self.remove(old.subnet)
-        self._peers = self._own(self._peers)
         self._peers[peer.subnet] = peer
         net, mask = _net(peer.subnet)
         plen, ip = peer.subnet.prefixlen, int(peer.public_ip)
-        routes = self._own(self._routes.get(plen, {}))
-        routes[net] = (str(peer.public_ip), self.port)
-        self._routes[plen] = routes
-        self._sources = self._own(self._sources)
-        self._sources[ip] = tuple(sorted((*self._sources.get(ip, ()), (net, mask))))  # canonical order
+        shards = self._routes.get(plen)
+        if shards is None:
+            shards = self._routes[plen] = [{} for _ in range(SHARDS)]
+        self._own(shards, (net >> (32 - plen)) & _SHARD)[net] = (str(peer.public_ip), self.port)
+        src = self._own(self._sources, ip & _SHARD)
+        src[ip] = tuple(sorted((*src.get(ip, ()), (net, mask))))  # canonical order
         nets = self._c_nets.setdefault(plen, [])
         i = bisect_left(nets, net)
         nets.insert(i, net)
@@ -267,28 +284,23 @@ class TableBuilder:
 
     def remove(self, subnet: IPv4Network) -> bool:
         """Drop the peer of ``subnet``; False if there was none."""
-        old = self._peers.get(subnet)
+        old = self._peers.pop(subnet, None)
         if old is None:
             return False
-        self._peers = self._own(self._peers)
-        del self._peers[subnet]
         net, mask = _net(subnet)
         plen, ip = subnet.prefixlen, int(old.public_ip)
-        routes = self._own(self._routes[plen])
-        del routes[net]
-        self._sources = self._own(self._sources)
-        left = tuple(s for s in self._sources[ip] if s != (net, mask))
+        del self._own(self._routes[plen], (net >> (32 - plen)) & _SHARD)[net]
+        src = self._own(self._sources, ip & _SHARD)
+        left = tuple(s for s in src[ip] if s != (net, mask))
         if left:
-            self._sources[ip] = left
+            src[ip] = left
         else:
-            del self._sources[ip]
+            del src[ip]
         nets = self._c_nets[plen]
         i = bisect_left(nets, net)
         del nets[i]
         del self._c_routes[plen][2 * i:2 * i + 2]
-        if routes:
-            self._routes[plen] = routes
-        else:
+        if not nets:
             del self._routes[plen], self._c_nets[plen], self._c_routes[plen]
         j = bisect_left(self._c_src_keys, (ip, net))
         del self._c_src_keys[j]
@@ -296,11 +308,12 @@ class TableBuilder:
         return True
 
     def publish(self) -> PeerTable:
-        """The current state as an immutable table; the dicts it holds are never mutated again."""
+        """The current state as an immutable table; the shards it holds are never mutated again."""
         self._owned.clear()
-        routes = tuple((_mask(plen), self._routes[plen]) for plen in sorted(self._routes, reverse=True))
-        return PeerTable(peers=self._peers, routes=routes, sources=self._sources, port=self.port,
-                         network=self.network, trusted=self.trusted, c_layout=self.c_layout())
+        routes = tuple((_mask(plen), 32 - plen, tuple(self._routes[plen]))
+                       for plen in sorted(self._routes, reverse=True))
+        return PeerTable(routes=routes, sources=tuple(self._sources), port=self.port, network=self.network,
+                         trusted=self.trusted, c_layout=self.c_layout(), size=len(self._peers))
 
     def c_layout(self) -> bytes:
         """The current state in ``struct fl_table`` layout (fastpath.c): header, groups (longest

@@ -103,7 +103,7 @@ def test_lpm_longest_prefix_wins_and_miss() -> None:
 def test_lpm_same_subnet_last_one_wins_and_port() -> None:
     t = table(("10.244.5.0/24", "198.18.0.5"), ("10.244.5.0/24", "198.18.0.9"), port=9999)
     assert t.lookup(int(IPv4Address("10.244.5.1"))) == ("198.18.0.9", 9999)
-    assert len(t.peers) == 1
+    assert t.size == 1
 
 
 @pytest.mark.parametrize("network", [None, "10.0.0.0/8", "0.0.0.0/1"])

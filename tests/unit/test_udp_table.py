@@ -24,7 +24,9 @@ def _random_subnet(rng: random.Random) -> IPv4Network:
 
 
 def _snapshot(t: PeerTable) -> tuple[object, ...]:
-    return (dict(t.peers), [(m, dict(d)) for m, d in t.routes], dict(t.sources), t.network, t.trusted, t.c_layout)
+    """Everything a worker can see, with the shards copied out (so a later mutation would show)."""
+    return ([(m, sh, [dict(d) for d in shards]) for m, sh, shards in t.routes], [dict(d) for d in t.sources],
+            t.network, t.trusted, t.c_layout, t.size)
 
 
 def _model_lookup(model: dict[IPv4Network, Peer], dst: int) -> str | None:
@@ -56,7 +58,7 @@ def test_random_batches_equal_a_table_built_from_scratch(seed: int) -> None:
         t = b.publish()
         fresh = PeerTable.build(rng.sample(list(model.values()), len(model)), 8285, network=NETWORK, trusted=TRUSTED)
         assert _snapshot(t) == _snapshot(fresh)
-        assert len(b) == len(model)
+        assert len(b) == len(model) == t.size and dict(b.peers) == model
         for _ in range(20):
             dst = rng.getrandbits(32) if rng.random() < 0.3 else \
                 int(rng.choice(pool).network_address) + rng.getrandbits(8)
