@@ -94,8 +94,9 @@ class UDPBackend(Backend):
                 sock.close()
             tun.close()
             raise
-        log.info("udp: %s %s/32 mtu %d, route %s, listening on %s:%d, %d queue(s)", tun.name, tun_addr, mtu,
-                 config.network, iface_addr, opts.port, len(tun.fds))
+        log.info("udp: %s %s/32 mtu %d, route %s, listening on %s:%d, %d queue(s); trusted sources: %s", tun.name,
+                 tun_addr, mtu, config.network, iface_addr, opts.port, len(tun.fds),
+                 ", ".join(map(str, opts.trusted_sources)) or "none (peers are known by their PublicIP only)")
         line = data_path_line(have_c, offload, reason)
         (log.info if have_c or opts.data_path == "python" else log.warning)("%s", line)
         table = TableBuilder(opts.port, network=config.network, trusted=opts.trusted_sources)
@@ -112,7 +113,7 @@ class UDPNetwork(Network):
         self.tun = tun
         self.socks = socks
         self.proxy = proxy
-        self.table = table or TableBuilder(port)
+        self.table = table if table is not None else TableBuilder(port)
         proxy.set_table(self.table.publish())
         self._started = False
         self._closed = False
