@@ -90,3 +90,41 @@ def test_c_layout_of_incremental_table_answers_like_python() -> None:
         assert lib.fl_lookup(ctypes.addressof(buf), dst) == (int(IPv4Address(hit[0])) if hit else 0)
         outer = rng.choice((0xC6120000 + rng.randint(0, 31), int(IPv4Address("198.18.9.77"))))
         assert lib.fl_source_allowed(ctypes.addressof(buf), outer, dst) == t.source_allowed(outer, dst)
+
+
+def test_replaced_c_tables_are_freed_only_after_every_worker_left_them() -> None:
+    """Epoch-based reclamation (fastpath.c ``fl_publish``/``fl_oldest_seen``): a worker that may
+    still read a replaced table keeps it alive; once every worker is seen past the swap, it goes."""
+    import socket
+
+    from flannel.backends.udp.proxy import Proxy
+
+    assert accel.load() is not None, f"C fast path not available: {accel.load_error()}"
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        proxy = Proxy([a.fileno()], [udp], IPv4Address("10.255.0.0"), 8285, 1472, use_accel=True)  # not started
+        state = proxy._c_state
+        assert state is not None
+        builder = TableBuilder(8285, network=NETWORK)
+        for i in range(50):   # no worker holds anything: every replaced table is freed at once
+            builder.set(Peer(IPv4Network((0x0A000000 + (i << 8), 24)), IPv4Address("198.18.0.2")))
+            proxy.set_table(builder.publish())
+        assert len(proxy._retired) == 0
+        # worker 1 entered the current table (it read the generation, then the pointer)
+        held = proxy._c_table
+        state.seen[1] = state.gen
+        for i in range(50, 60):
+            builder.set(Peer(IPv4Network((0x0A000000 + (i << 8), 24)), IPv4Address("198.18.0.2")))
+            proxy.set_table(builder.publish())
+        assert proxy._retired[0][1] is held and len(proxy._retired) == 10
+        newest = proxy._c_table
+        state.seen[1] = state.gen   # it moved on to the newest table: the 10 older ones go, that one stays
+        proxy.set_table(builder.publish())
+        assert [buf for _, buf in proxy._retired] == [newest]
+        state.seen[1] = accel.IDLE  # between batches it holds none
+        proxy.set_table(builder.publish())
+        assert len(proxy._retired) == 0
+    finally:
+        for s in (a, b, udp):
+            s.close()
