@@ -12,13 +12,19 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg setup.py README.md ./
 COPY flannel ./flannel
 COPY backends ./backends
 COPY subnet_managers ./subnet_managers
-RUN pip install --no-cache-dir . \
+# The udp fast path (a C extension, docs/udp.md) is compiled by `pip install .`; the compiler is
+# installed and purged in the same layer, so the image ships the built module but no gcc. The build
+# fails if the fast path is missing.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-cache-dir . \
+ && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
  && cd / && rm -rf /src \
- && flannel --version && flannel-cni version
+ && flannel --version && flannel --version | grep -qx "udp fast path: available" && flannel-cni version
 
 COPY deploy/docker/pod.sh /usr/local/bin/flannel-test-pod
 WORKDIR /
