@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ from flannel.lab.topology import Host, Underlay
 from flannel.lab.udp_harness import HarnessProcess
 
 PY = sys.executable
+SERVER_PID = [0]  # the iperf3 server's pid, set in main()
 
 
 def add_pod(u: Underlay, h: Host, n: int, mtu: int) -> NetNS:
@@ -51,15 +53,34 @@ def set_pod_mtu(h: Host, pod: NetNS, n: int, mtu: int) -> None:
     h.ns.ip("link", "set", "cni0", "mtu", str(mtu))
 
 
-def iperf(client: NetNS, server_ip: str, streams: int, seconds: int) -> float:
-    out = client.exec("iperf3", "-c", server_ip, "-t", str(seconds), "-P", str(streams), "-J",
-                      timeout=seconds + 30, check=False)
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def iperf(client: NetNS, server_ip: str, streams: int, seconds: int, cpu_pids: list[int]) -> tuple[float, float]:
+    """(Gbit/s received, CPU seconds per GB): the CPU is the iperf3 client's (its rusage) plus the
+    growth of every process in ``cpu_pids`` (the iperf3 server, the udp agents) during the run:
+    the data path's cost in task context, which does not depend on how busy the machine is the
+    way throughput does (softirq work the kernel does outside these tasks is not included)."""
+    before = sum(proc_cpu(p) for p in cpu_pids)
+    cli = client.popen("iperf3", "-c", server_ip, "-t", str(seconds), "-P", str(streams), "-J",
+                       stdout=subprocess.PIPE, text=True)
+    assert cli.stdout is not None
+    out = cli.stdout.read()
+    _, _, usage = os.wait4(cli.pid, 0)
+    cli.returncode = 0
+    cpu = usage.ru_utime + usage.ru_stime + sum(proc_cpu(p) for p in cpu_pids) - before
     try:
         data = json.loads(out)
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-    except (ValueError, KeyError):
+        bps = float(data["end"]["sum_received"]["bits_per_second"])
+        gbytes = float(data["end"]["sum_received"]["bytes"]) / 1e9
+        return bps / 1e9, cpu / gbytes
+    except (ValueError, KeyError, ZeroDivisionError):
         print("iperf3 failed:", out[-500:], file=sys.stderr)
-        return 0.0
+        return 0.0, float("nan")
 
 
 def ping_rtt(client: NetNS, dst: str) -> float:
@@ -68,14 +89,17 @@ def ping_rtt(client: NetNS, dst: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def measure(pod1: NetNS, seconds: int) -> dict[str, float]:
-    return {"rtt_ms": ping_rtt(pod1, "10.244.2.2"),
-            "gbps_1": iperf(pod1, "10.244.2.2", 1, seconds),
-            "gbps_4": iperf(pod1, "10.244.2.2", 4, seconds)}
+def measure(pod1: NetNS, seconds: int, cpu_pids: list[int]) -> dict[str, float]:
+    res = {"rtt_ms": ping_rtt(pod1, "10.244.2.2")}
+    for n in (1, 4):
+        res[f"gbps_{n}"], res[f"cpu_{n}"] = iperf(pod1, "10.244.2.2", n, seconds, cpu_pids)
+    return res
 
 
 def run_udp(u: Underlay, hosts: list[Host], pods: list[NetNS], mode: str, queues: int | None,
             seconds: int) -> dict[str, Any]:
+    mode, _, q = mode.partition("@")   # "offload@1": that data path with 1 queue
+    queues = int(q) if q else queues
     accel_mode, offload = {"offload": ("c", "on"), "offload-spread": ("c", "on"), "c": ("c", "off"),
                            "python": ("python", "off")}[mode]
     nodes = [HarnessProcess(h.ns, f"10.244.{i + 1}.0/24", "10.244.0.0/16", accel=accel_mode, queues=queues,
@@ -87,7 +111,7 @@ def run_udp(u: Underlay, hosts: list[Host], pods: list[NetNS], mode: str, queues
             set_pod_mtu(h, pod, i + 1, mtu)
         nodes[0].add("10.244.2.0/24", hosts[1].ip)
         nodes[1].add("10.244.1.0/24", hosts[0].ip)
-        res: dict[str, Any] = measure(pods[0], seconds)
+        res: dict[str, Any] = measure(pods[0], seconds, [SERVER_PID[0], *(n.p.pid for n in nodes)])
         res["counters_h1"] = nodes[0].counters()
         res["accel"] = nodes[0].ready["accel"]
         res["queues"] = nodes[0].ready["queues"]
@@ -113,7 +137,7 @@ def run_vxlan(hosts: list[Host], pods: list[NetNS], seconds: int) -> dict[str, A
         h.ns.ip("neigh", "add", f"10.244.{m}.0", "lladdr", macs[j], "dev", "flannel.1", "nud", "permanent")
         h.ns.exec("bridge", "fdb", "add", macs[j], "dev", "flannel.1", "dst", str(hosts[j].ip))
     try:
-        return measure(pods[0], seconds)
+        return measure(pods[0], seconds, [SERVER_PID[0]])
     finally:
         for h in hosts:
             h.ns.ip("link", "del", "flannel.1", check=False)
@@ -129,7 +153,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds (vxlan and each udp mode alternate); medians")
     ap.add_argument("--modes", default="offload,c,python",
                     help="udp data paths: offload (C + TSO/GSO/GRO), offload-spread (+ a source port per "
-                         "queue, opt-in), c (C, plain), python")
+                         "queue, opt-in), c (C, plain), python; a suffix @N sets that variant's queues")
     ap.add_argument("--queues", type=int, default=None)
     args = ap.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -137,6 +161,7 @@ def main() -> int:
         hosts = [u.add_host("h1"), u.add_host("h2")]
         pods = [add_pod(u, h, i + 1, 1500) for i, h in enumerate(hosts)]
         server = pods[1].popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        SERVER_PID[0] = server.pid
         try:
             time.sleep(0.3)
             for _ in range(args.repeat):
@@ -149,17 +174,20 @@ def main() -> int:
             server.wait()
             for p in pods:
                 p.delete()
-    med = {name: {k: median([r[k] for r in rs]) for k in ("gbps_1", "gbps_4", "rtt_ms")}
-           for name, rs in runs.items()}
+    keys = ("gbps_1", "gbps_4", "rtt_ms", "cpu_1", "cpu_4")
+    med = {name: {k: median([r[k] for r in rs]) for k in keys} for name, rs in runs.items()}
     ref = med["vxlan"]
-    print(f"{args.repeat} round(s) of {args.seconds} s, medians; per-run values in brackets")
-    print(f"{'path':<20} {'1 stream Gb/s':>26} {'4 streams Gb/s':>26} {'ping avg ms':>12}   udp/vxlan 1 / 4 streams")
+    print(f"{args.repeat} round(s) of {args.seconds} s, medians; per-run values in brackets; load {os.getloadavg()}")
+    print(f"{'path':<20} {'1 stream Gb/s':>26} {'4 streams Gb/s':>26} {'ping ms':>8} {'CPU s/GB 1 / 4':>15}"
+          "   udp/vxlan Gb/s 1 / 4   vxlan/udp CPU per GB 1 / 4")
     for name, m in med.items():
         one = " ".join(f"{r['gbps_1']:.2f}" for r in runs[name])
         four = " ".join(f"{r['gbps_4']:.2f}" for r in runs[name])
-        ratio = "" if name == "vxlan" else f"   {m['gbps_1'] / ref['gbps_1']:.2f} / {m['gbps_4'] / ref['gbps_4']:.2f}"
+        ratio = "" if name == "vxlan" else (
+            f"   {m['gbps_1'] / ref['gbps_1']:.2f} / {m['gbps_4'] / ref['gbps_4']:.2f}"
+            f"            {ref['cpu_1'] / m['cpu_1']:.2f} / {ref['cpu_4'] / m['cpu_4']:.2f}")
         print(f"{name:<20} {m['gbps_1']:>6.2f} [{one:>17}] {m['gbps_4']:>6.2f} [{four:>17}] "
-              f"{m['rtt_ms']:>12.3f}{ratio}")
+              f"{m['rtt_ms']:>8.3f} {m['cpu_1']:>7.2f} / {m['cpu_4']:<5.2f}{ratio}")
     print(json.dumps(runs, indent=1, default=str), file=sys.stderr)
     return 0
 

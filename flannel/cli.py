@@ -249,6 +249,18 @@ def run_agent(opts: AgentOptions, **daemon_kw: Any) -> int:
     return EXIT_OK
 
 
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: the version, then one line per optional data path (the udp fast path is
+    built at install time and may be missing; operators and the compose test read this line)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from flannel.backends.udp import accel  # only here: the CLI does not otherwise depend on a backend
+
+    click.echo(f"flannel {__version__}")
+    click.echo(f"udp fast path: {accel.status()}")
+    ctx.exit()
+
+
 def _decorate(f: Callable[..., Any]) -> Callable[..., Any]:
     for flag in reversed(FLAGS):
         f = flag(f)
@@ -258,7 +270,8 @@ def _decorate(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.command(name="flannel", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
                epilog=f"Every flag can also be set with {ENV_PREFIX}<FLAG> (e.g. FLANNELD_IFACE=eth0); the command "
                       "line wins. An unparsable environment value is an error (exit 2), not silently ignored.")
-@click.version_option(__version__, "--version", prog_name="flannel", message="%(prog)s %(version)s")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the version and which data paths are available, and exit.")
 @_decorate
 @click.pass_context
 def command(ctx: click.Context, /, **kw: Any) -> None:

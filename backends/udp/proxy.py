@@ -26,7 +26,7 @@ from flannel.backends.udp import accel
 from flannel.backends.udp.packet import (
     COUNTER_NAMES,
     IPV4_HEADER_LEN,
-    RX_SPOOFED,
+    RX_OK,
     PeerTable,
     decrement_ttl,
     icmp_net_unreachable,
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 SOCK_BUF = 8 << 20
 POLL_S = 0.2
 _IDX = {name: i for i, name in enumerate(COUNTER_NAMES)}
-# table buffers handed to C stay referenced this long after being replaced
-_RETIRE_S = 2.0
 
 
 SOL_UDP = 17
@@ -90,25 +88,34 @@ class Proxy:
         self._c_counters: list[ctypes.Array[ctypes.c_uint64]] = []
         self._c_state: accel.State | None = None
         self._c_table: ctypes.Array[ctypes.c_char] | None = None
-        self._retired: collections.deque[tuple[float, ctypes.Array[ctypes.c_char]]] = collections.deque()
+        # replaced C tables, kept until every worker has been seen past the swap: (generation, buffer)
+        self._retired: collections.deque[tuple[int, ctypes.Array[ctypes.c_char]]] = collections.deque()
+        if len(tun_fds) * 2 > accel.MAX_WORKERS:
+            raise errors.BackendError(f"udp: at most {accel.MAX_WORKERS // 2} queues")
         if self._lib is not None:
-            self._c_state = accel.State(stop=0, tun_addr=self.tun_addr, port=port, mtu=mtu, table=None)
+            self._c_state = accel.State(stop=0, tun_addr=self.tun_addr, port=port, mtu=mtu, table=None, gen=0)
+            for w in range(accel.MAX_WORKERS):
+                self._c_state.seen[w] = accel.IDLE
 
     @property
     def accelerated(self) -> bool:
         return self._lib is not None
 
     def set_table(self, table: PeerTable) -> None:
-        """Publish a new peer table (copy-on-write swap)."""
-        if self._c_state is not None:
-            buf = accel.pack_table(table)
-            old = self._c_table
+        """Publish a new peer table (copy-on-write swap; the workers never wait for it).
+
+        The C workers get a copy in ``struct fl_table`` layout; the one it replaces is freed once
+        every worker has been seen outside it (``fl_publish`` / ``fl_oldest_seen``: epoch-based
+        reclamation, so a descheduled worker can never read a freed table).
+        """
+        if self._lib is not None and self._c_state is not None:
+            buf = ctypes.create_string_buffer(table.c_layout, len(table.c_layout))
+            gen = self._lib.fl_publish(ctypes.byref(self._c_state), ctypes.addressof(buf))
+            if self._c_table is not None:
+                self._retired.append((gen, self._c_table))
             self._c_table = buf
-            self._c_state.table = ctypes.addressof(buf)  # one aligned pointer store
-            now = time.monotonic()
-            if old is not None:
-                self._retired.append((now, old))
-            while self._retired and now - self._retired[0][0] > _RETIRE_S:
+            oldest = self._lib.fl_oldest_seen(ctypes.byref(self._c_state), accel.MAX_WORKERS)
+            while self._retired and self._retired[0][0] <= oldest:
                 self._retired.popleft()
         self.table = table
 
@@ -119,7 +126,8 @@ class Proxy:
                 assert self._c_state is not None
                 c_out, c_in = accel.Counters(), accel.Counters()
                 self._c_counters += [c_out, c_in]
-                targets = [(self._c_tun_to_udp, (c_out, fd, tx)), (self._c_udp_to_tun, (c_in, sock, fd))]
+                targets = [(self._c_tun_to_udp, (c_out, fd, tx, 2 * q)),
+                           (self._c_udp_to_tun, (c_in, sock, fd, 2 * q + 1))]
             else:
                 p_out, p_in = [0] * len(COUNTER_NAMES), [0] * len(COUNTER_NAMES)
                 self._py_counters += [p_out, p_in]
@@ -129,8 +137,6 @@ class Proxy:
                                      name=f"udp-{'out' if i == 0 else 'in'}-{q}")
                 t.start()
                 self._threads.append(t)
-        log.info("udp: %d queue(s), %s data path%s", len(self.tun_fds), "C" if self._lib else "Python",
-                 " with TSO/GSO/GRO offload" if self.offload else "")
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stopped = True
@@ -165,15 +171,15 @@ class Proxy:
                 time.sleep(0.1)
 
     # --- C workers: the ctypes call releases the GIL for the whole loop ---
-    def _c_tun_to_udp(self, c: ctypes.Array[ctypes.c_uint64], fd: int, sock: socket.socket) -> None:
+    def _c_tun_to_udp(self, c: ctypes.Array[ctypes.c_uint64], fd: int, sock: socket.socket, w: int) -> None:
         assert self._lib is not None and self._c_state is not None
         fn = self._lib.fl_tun_to_udp_gso if self.offload else self._lib.fl_tun_to_udp
-        fn(ctypes.byref(self._c_state), c, fd, sock.fileno())
+        fn(ctypes.byref(self._c_state), c, fd, sock.fileno(), w)
 
-    def _c_udp_to_tun(self, c: ctypes.Array[ctypes.c_uint64], sock: socket.socket, fd: int) -> None:
+    def _c_udp_to_tun(self, c: ctypes.Array[ctypes.c_uint64], sock: socket.socket, fd: int, w: int) -> None:
         assert self._lib is not None and self._c_state is not None
         fn = self._lib.fl_udp_to_tun_gro if self.offload else self._lib.fl_udp_to_tun
-        fn(ctypes.byref(self._c_state), c, sock.fileno(), fd)
+        fn(ctypes.byref(self._c_state), c, sock.fileno(), fd, w)
 
     # --- pure-Python workers ---
     def _py_tun_to_udp(self, c: list[int], fd: int, sock: socket.socket) -> None:
@@ -242,7 +248,7 @@ class Proxy:
             c[i_rx] += 1
             table = self.table
             outer = int.from_bytes(inet_aton(src[0]), "big")
-            if outer not in table.sources:
+            if not table.known_sender(outer):
                 c[i_unk] += 1
                 continue
             if len(data) < IPV4_HEADER_LEN:
@@ -251,7 +257,7 @@ class Proxy:
             if data[0] >> 4 != 4:
                 c[i_ver] += 1
                 continue
-            if table.source_allowed(outer, int.from_bytes(data[12:16], "big")) == RX_SPOOFED:
+            if table.source_allowed(outer, int.from_bytes(data[12:16], "big")) != RX_OK:
                 c[i_spoof] += 1
                 continue
             pkt = bytearray(data)

@@ -4,7 +4,9 @@
         --subnet 10.244.1.0/24 --network 10.244.0.0/16 [--accel c|python|auto] [--queues N]
 
 It goes through ``UDPBackend.register_network`` exactly as the daemon does, with a fixed-subnet
-LeaseSource instead of etcd. Commands, one JSON object per line on stdin:
+LeaseSource instead of etcd; the flags become the typed options of the ``Backend`` config
+(``--accel`` → ``DataPath``, ``--queues`` → ``Queues``, ``--offload`` → ``Offload``,
+``--spread-ports`` → ``SpreadPorts``, ``--trusted`` → ``TrustedSources``). Commands, one JSON object per line on stdin:
 ``{"op":"add","subnet":"10.244.2.0/24","ip":"198.18.0.2"}``, ``{"op":"del",...}``,
 ``{"op":"counters"}``, ``{"op":"quit"}``. Replies are JSON lines on stdout; the first is
 ``{"ready":true,...}`` (with the lease value as it would be stored).
@@ -60,20 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queues", type=int, default=None)
     ap.add_argument("--offload", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--spread-ports", action="store_true")
+    ap.add_argument("--trusted", action="append", default=[], help="a TrustedSources network (repeatable)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     idx, mtu, addr = iface_mtu_and_addr(args.iface)
     ext = ExternalInterface(name=args.iface, index=idx, mtu=mtu, iface_addr=addr, ext_addr=addr)
-    conf: dict[str, object] = {"Network": args.network, "Backend": {"Type": "udp"}}
+    backend: dict[str, object] = {"Type": "udp", "DataPath": args.accel}
     if args.port is not None:
-        conf["Backend"] = {"Type": "udp", "Port": args.port}
-    config = parse_network_config(json.dumps(conf))
-    use_accel = {"auto": None, "c": True, "python": False}[args.accel]
+        backend["Port"] = args.port
+    if args.queues:
+        backend["Queues"] = args.queues
+    if args.offload != "auto":
+        backend["Offload"] = args.offload == "on"
+    if args.spread_ports:
+        backend["SpreadPorts"] = True
+    if args.trusted:
+        backend["TrustedSources"] = args.trusted
+    config = parse_network_config(json.dumps({"Network": args.network, "Backend": backend}))
     source = FixedLeaseSource(IPv4Network(args.subnet))
-    net = UDPBackend(ext, queues=args.queues, use_accel=use_accel,
-                     offload={"auto": None, "on": True, "off": False}[args.offload],
-                     spread_ports=args.spread_ports or None).register_network(config=config, leases=source)
+    net = UDPBackend(ext).register_network(config=config, leases=source)
     batches: queue.Queue[Batch | None] = queue.Queue()
     stop = threading.Event()
     runner = threading.Thread(target=net.run, args=(batches, stop), daemon=True)
@@ -130,17 +138,29 @@ class HarnessProcess:
 
     def __init__(self, ns: NetNSLike, subnet: str, network: str, *, accel: str = "auto",
                  queues: int | None = None, offload: str = "auto", spread_ports: bool = False,
-                 python: str = sys.executable) -> None:
+                 trusted: tuple[str, ...] = (), python: str = sys.executable,
+                 env: dict[str, str] | None = None, cwd: str | None = None, log_path: str | None = None) -> None:
+        """``python``/``env``/``cwd``: which installation runs it (the install test runs a
+        ``pip install --target`` copy); ``log_path``: where its log (stderr) goes."""
         args = [python, "-m", "flannel.lab.udp_harness", "--subnet", subnet, "--network", network,
                 "--accel", accel, "--offload", offload]
         if queues:
             args += ["--queues", str(queues)]
         if spread_ports:
             args.append("--spread-ports")
-        self.p = ns.popen(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for t in trusted:
+            args += ["--trusted", t]
+        self._log = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in close())
+        extra: dict[str, Any] = {"env": env, "cwd": cwd}
+        if self._log is not None:
+            extra["stderr"] = self._log
+        self.p = ns.popen(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **extra)
         self.ready = self._read()
         if not self.ready.get("ready"):
             self.p.kill()
+            self.p.wait(5)
+            if self._log is not None:
+                self._log.close()
             raise RuntimeError(f"udp harness failed to start in {ns.name}: {self.ready}")
 
     def _read(self) -> dict[str, Any]:
@@ -172,3 +192,5 @@ class HarnessProcess:
             except (BrokenPipeError, ValueError, OSError):
                 self.p.kill()
                 self.p.wait(5)
+        if self._log is not None:
+            self._log.close()

@@ -68,8 +68,8 @@ MODES = {"offload": ("c", "on"), "c": ("c", "off"), "python": ("python", "off")}
 
 @pytest.fixture(params=list(MODES))
 def pair(request: pytest.FixtureRequest, underlay: tuple[Underlay, Host, Host]) -> Iterator[Pair]:
-    if request.param != "python" and accel.load() is None:
-        pytest.skip(f"C accelerator unavailable: {accel.load_error()}")
+    if request.param != "python":
+        assert accel.load() is not None, f"C fast path not available: {accel.load_error()}"
     p = Pair(*underlay, request.param)
     yield p
     p.close()
@@ -108,10 +108,9 @@ def test_ping_and_tcp_transfer(pair: Pair) -> None:
 
 
 def test_spread_source_ports_opt_in(underlay: tuple[Underlay, Host, Host]) -> None:
-    """FLANNEL_UDP_SPREAD_PORTS: queues > 0 send from their own port; traffic is still accepted
+    """Option SpreadPorts: queues > 0 send from their own port; traffic is still accepted
     (the receiver filters on the peer's address only) and arrives intact."""
-    if accel.load() is None:
-        pytest.skip(f"C accelerator unavailable: {accel.load_error()}")
+    assert accel.load() is not None, f"C fast path not available: {accel.load_error()}"
     p = Pair(*underlay, "offload", queues=2, spread_ports=True)
     try:
         udp = [line.split()[3] for line in p.h1.ns.exec("ss", "-uanH").splitlines()]
@@ -221,6 +220,24 @@ def test_garbage_and_spoofed_datagrams_dropped_and_counted(pair: Pair) -> None:
     assert c1["drop_short"] == 2 and c1["drop_version"] == 1
     assert pair.n1.p.poll() is None  # the worker survived
     assert ping(pair.h1.ns, "10.244.2.0")
+
+
+def test_peer_may_forward_sources_outside_network_but_not_other_nodes(pair: Pair) -> None:
+    """The anti-spoof rule as the daemon builds it (Network from the config): a peer identified by
+    its PublicIP may send as an address outside Network (a node that does not masquerade forwards
+    such traffic), never as another part of Network (issue 8 item 4)."""
+    h1_port = (str(pair.h1.ip), PORT)
+    before = pair.n1.counters()
+    with in_netns(pair.h2.ns.name):
+        known = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with known:
+        for _ in range(5):
+            known.sendto(_ipv4("192.0.2.7", "10.244.1.0"), h1_port)    # outside Network: accepted
+        for _ in range(3):
+            known.sendto(_ipv4("10.244.1.9", "10.244.1.0"), h1_port)   # our own subnet: spoofed
+    wait_for(lambda: pair.n1.counters()["drop_spoofed"] - before["drop_spoofed"] == 3, what="spoofed drops")
+    wait_for(lambda: pair.n1.counters()["tun_tx_packets"] - before["tun_tx_packets"] >= 5, what="forwarded")
+    assert pair.n1.counters()["drop_unknown_peer"] == before["drop_unknown_peer"]
 
 
 def test_close_removes_tun_and_route(pair: Pair) -> None:

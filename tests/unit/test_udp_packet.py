@@ -1,5 +1,6 @@
 """udp backend packet logic: TTL/checksum rewrite, LPM, ICMP (byte-exact, reference §8.5),
-source filtering, malformed input; the C accelerator must agree with the Python functions."""
+the anti-spoof rule (docs/udp.md), malformed input; the C fast path must agree with the Python
+functions. The C fast path is built by the install (scripts/setup): missing, these tests fail."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from flannel import errors
 from flannel.backends.udp import accel
-from flannel.backends.udp.backend import parse_port
+from flannel.backends.udp.network import parse_port
 from flannel.backends.udp.packet import (
     RX_OK,
     RX_SHORT,
@@ -27,12 +28,19 @@ from flannel.backends.udp.packet import (
 from tests.support import csum, ip_packet
 
 
-def table(*pairs: tuple[str, str], port: int = 8285) -> PeerTable:
-    return PeerTable.build([Peer(IPv4Network(n), IPv4Address(ip)) for n, ip in pairs], port)
+def table(*pairs: tuple[str, str], port: int = 8285, network: str | None = None,
+          trusted: tuple[str, ...] = ()) -> PeerTable:
+    return PeerTable.build([Peer(IPv4Network(n), IPv4Address(ip)) for n, ip in pairs], port,
+                           network=IPv4Network(network) if network else None,
+                           trusted=[IPv4Network(t) for t in trusted])
 
 
-LIB = accel.load()
-needs_c = pytest.mark.skipif(LIB is None, reason=f"C accelerator unavailable: {accel.load_error()}")
+@pytest.fixture(scope="module")
+def lib() -> ctypes.CDLL:
+    """The installed C fast path (a failure, not a skip, when the install did not build it)."""
+    loaded = accel.load()
+    assert loaded is not None, f"C fast path not available: {accel.load_error()}"
+    return loaded
 
 
 # --- TTL / checksum -------------------------------------------------------------------------------
@@ -71,13 +79,12 @@ def test_decrement_ttl_expiry() -> None:
     assert decrement_ttl(pkt) and pkt[8] == 1
 
 
-@needs_c
-def test_c_decrement_ttl_agrees_with_python() -> None:
+def test_c_decrement_ttl_agrees_with_python(lib: ctypes.CDLL) -> None:
     rng = random.Random(7)
     for _ in range(3000):
         raw = bytearray(rng.getrandbits(8) for _ in range(20))
         py, c = bytearray(raw), ctypes.create_string_buffer(bytes(raw), 20)
-        assert bool(LIB.fl_decrement_ttl(c)) == decrement_ttl(py)
+        assert bool(lib.fl_decrement_ttl(c)) == decrement_ttl(py)
         assert c.raw == bytes(py)
 
 
@@ -96,36 +103,40 @@ def test_lpm_longest_prefix_wins_and_miss() -> None:
 def test_lpm_same_subnet_last_one_wins_and_port() -> None:
     t = table(("10.244.5.0/24", "198.18.0.5"), ("10.244.5.0/24", "198.18.0.9"), port=9999)
     assert t.lookup(int(IPv4Address("10.244.5.1"))) == ("198.18.0.9", 9999)
-    assert len(t.peers) == 1
+    assert t.size == 1
 
 
-@needs_c
-def test_c_lookup_and_source_filter_agree_with_python() -> None:
+@pytest.mark.parametrize("network", [None, "10.0.0.0/8", "0.0.0.0/1"])
+def test_c_lookup_and_source_filter_agree_with_python(lib: ctypes.CDLL, network: str | None) -> None:
     rng = random.Random(3)
     pairs = []
     for _ in range(300):
         plen = rng.choice((16, 20, 24, 24, 26))
-        net = IPv4Network((rng.getrandbits(32), plen), strict=False)
+        net = IPv4Network((rng.getrandbits(32) & 0x0FFFFFFF | 0x0A000000, plen), strict=False)  # mostly 10/8
         pairs.append((str(net), str(IPv4Address(0xC6120000 + rng.randint(1, 60)))))
-    t = table(*pairs)
-    buf = accel.pack_table(t)
+    t = table(*pairs, network=network, trusted=("198.18.1.0/24", "198.19.0.7/32"))
+    buf = ctypes.create_string_buffer(t.c_layout, len(t.c_layout))
     addr = ctypes.addressof(buf)
     nets = [IPv4Network(n) for n, _ in pairs]
-    for _ in range(4000):
+    outers = [0xC6120000 + rng.randint(0, 64) for _ in range(20)] + [0xC6120100 + rng.randint(0, 255) for _ in range(5)]
+    outers += [int(IPv4Address("198.19.0.7")), int(IPv4Address("198.19.0.8"))]
+    for _ in range(6000):
         if rng.random() < 0.5:
             n = rng.choice(nets)
             dst = int(n.network_address) + rng.randint(0, n.num_addresses - 1)
         else:
             dst = rng.getrandbits(32)
         hit = t.lookup(dst)
-        assert LIB.fl_lookup(addr, dst) == (int(IPv4Address(hit[0])) if hit else 0)
-        outer = 0xC6120000 + rng.randint(0, 64)
-        assert LIB.fl_source_allowed(addr, outer, dst) == t.source_allowed(outer, dst)
+        assert lib.fl_lookup(addr, dst) == (int(IPv4Address(hit[0])) if hit else 0)
+        outer = rng.choice(outers)
+        assert lib.fl_known_sender(addr, outer) == t.known_sender(outer)
+        assert lib.fl_source_allowed(addr, outer, dst) == t.source_allowed(outer, dst), (outer, dst)
 
 
 # --- source filtering ----------------------------------------------------------------------------
 
-def test_classify_rx_decisions() -> None:
+def test_classify_rx_decisions_without_network() -> None:
+    """No Network known (the strictest reading): every inner source must be the peer's own."""
     t = table(("10.244.2.0/24", "198.18.0.2"), ("10.244.3.0/24", "198.18.0.3"), ("10.244.4.0/24", "198.18.0.3"))
     peer2, peer3 = int(IPv4Address("198.18.0.2")), int(IPv4Address("198.18.0.3"))
     stranger = int(IPv4Address("198.18.0.77"))
@@ -137,6 +148,41 @@ def test_classify_rx_decisions() -> None:
     assert classify_rx(ip_packet("10.9.9.9", "10.244.1.5"), peer2, t) == RX_SPOOFED
     assert classify_rx(good[:19], peer2, t) == RX_SHORT
     assert classify_rx(b"\x60" + good[1:], peer2, t) == RX_VERSION
+
+
+A = lambda s: int(IPv4Address(s))  # noqa: E731
+
+
+def test_anti_spoof_rule_with_network_and_trusted_sources() -> None:
+    """docs/udp.md "Anti-spoofing", row by row. Network 10.244.0.0/16, we are 10.244.1.0/24."""
+    t = table(("10.244.2.0/24", "198.18.0.2"), ("10.244.3.0/24", "198.19.0.3"),
+              network="10.244.0.0/16", trusted=("198.18.0.0/24",))
+    peer2, nat3, iface3 = A("198.18.0.2"), A("198.19.0.3"), A("198.18.0.3")   # 3: --public-ip 198.19.0.3
+    stranger = A("203.0.113.9")
+    to_us = "10.244.1.5"
+    ok = lambda outer, src: classify_rx(ip_packet(src, to_us), outer, t)  # noqa: E731
+    # identified by its PublicIP: its own subnet, or an address outside Network (not masqueraded)
+    assert ok(peer2, "10.244.2.7") == RX_OK
+    assert ok(peer2, "192.168.7.7") == RX_OK
+    assert ok(nat3, "10.244.3.7") == RX_OK             # 1:1 NAT: datagrams arrive from the PublicIP
+    # an identified peer never speaks for another node, for us, or for unleased addresses
+    assert ok(peer2, "10.244.3.7") == RX_SPOOFED
+    assert ok(peer2, "10.244.1.9") == RX_SPOOFED
+    assert ok(peer2, "10.244.200.1") == RX_SPOOFED
+    # a trusted sender that is no PublicIP (a node with --public-ip, no SNAT): any remote lease's
+    # subnet or outside Network, never ours or unleased ones
+    assert ok(iface3, "10.244.3.7") == RX_OK
+    assert ok(iface3, "10.244.2.7") == RX_OK
+    assert ok(iface3, "8.8.8.8") == RX_OK
+    assert ok(iface3, "10.244.1.9") == RX_SPOOFED
+    assert ok(iface3, "10.244.99.1") == RX_SPOOFED
+    # anyone else is not looked at, whatever it sends
+    assert ok(stranger, "10.244.2.7") == RX_UNKNOWN_PEER
+    assert classify_rx(b"junk", stranger, t) == RX_UNKNOWN_PEER
+    assert classify_rx(b"junk", iface3, t) == RX_SHORT
+    # without TrustedSources the --public-ip node's interface address is a stranger
+    strict = table(("10.244.3.0/24", "198.19.0.3"), network="10.244.0.0/16")
+    assert classify_rx(ip_packet("10.244.3.7", to_us), iface3, strict) == RX_UNKNOWN_PEER
 
 
 # --- ICMP net unreachable (§8.5) -----------------------------------------------------------------
@@ -174,8 +220,7 @@ def test_icmp_not_sent_for_icmp_fragments_and_long_ihl() -> None:
     assert icmp_net_unreachable(ip_packet("10.244.1.7", "10.9.0.1", frag=0x2000, payload=b"x" * 8), tun) is not None
 
 
-@needs_c
-def test_c_icmp_agrees_with_python() -> None:
+def test_c_icmp_agrees_with_python(lib: ctypes.CDLL) -> None:
     rng = random.Random(11)
     tun = int(IPv4Address("10.244.1.0"))
     for i in range(3000):
@@ -186,7 +231,7 @@ def test_c_icmp_agrees_with_python() -> None:
                             ihl=rng.randint(5, 15), frag=rng.choice((0, 0x4000, 0x0001)),
                             payload=bytes(rng.randint(0, 20)))
         out = ctypes.create_string_buffer(128)
-        n = LIB.fl_icmp_unreach(pkt, len(pkt), tun, out)
+        n = lib.fl_icmp_unreach(pkt, len(pkt), tun, out)
         py = icmp_net_unreachable(pkt, tun)
         assert (out.raw[:n] if n else None) == py
 
@@ -211,13 +256,13 @@ def test_fuzz_random_bytes_never_raise() -> None:
             t.lookup(int.from_bytes(data[16:20], "big"))
 
 
-# --- options -------------------------------------------------------------------------------------
+# --- options ---------------------------------------------------------------------------------------
 
 def test_port_option() -> None:
     assert parse_port({}) == 8285
     assert parse_port({"Type": "udp", "port": 9000}) == 9000
     assert parse_port({"PORT": 1, "Port": 65535}) == 65535
-    for bad in ("8285", 0, 70000, True, 1.5, None):
+    for bad in ("8285", 0, 70000, True, 1.5, [8285]):
         with pytest.raises(errors.ConfigError, match="Port"):
             parse_port({"Port": bad})
 
@@ -244,11 +289,51 @@ def test_register_network_rejects_bad_options_before_leasing() -> None:
 
     ext = ExternalInterface(name="eth0", index=2, mtu=1500, iface_addr=IPv4Address("198.18.0.1"),
                             ext_addr=IPv4Address("198.18.0.1"))
-    bad = parse_network_config(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "port": "x"}}))
-    with pytest.raises(errors.ConfigError, match="Port"):
-        UDPBackend(ext).register_network(config=bad, leases=_NoLease())  # type: ignore[arg-type]
+    for backend, name in (({"port": "x"}, "Port"), ({"Queues": -1}, "Queues"), ({"DataPath": "go"}, "DataPath"),
+                          ({"TrustedSources": ["10.0.0.1/8"]}, "TrustedSources")):
+        bad = parse_network_config(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "udp", **backend}}))
+        with pytest.raises(errors.ConfigError, match=name):
+            UDPBackend(ext).register_network(config=bad, leases=_NoLease())  # type: ignore[arg-type]
     no_addr = ExternalInterface(name="eth0", index=2, mtu=1500, iface_addr=None, ext_addr=None)
     ok = parse_network_config(json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}))
     with pytest.raises(errors.ConfigError, match="eth0"):
         UDPBackend(no_addr).register_network(config=ok, leases=_NoLease())  # type: ignore[arg-type]
     assert _NoLease.calls == 0
+
+
+def test_typed_options_defaults_and_values() -> None:
+    from flannel.backends.udp.network import UDPOptions, parse_options
+
+    assert parse_options({"Type": "udp"}) == UDPOptions()
+    assert UDPOptions() == UDPOptions(port=8285, queues=0, data_path="auto", offload=None, spread_ports=False,
+                                      trusted_sources=())
+    got = parse_options({"Type": "udp", "Port": 9000, "queues": 4, "DataPath": "c", "Offload": False,
+                         "SpreadPorts": True, "TrustedSources": ["192.168.0.0/24", "10.1.2.3/32"]})
+    assert got == UDPOptions(port=9000, queues=4, data_path="c", offload=False, spread_ports=True,
+                             trusted_sources=(IPv4Network("192.168.0.0/24"), IPv4Network("10.1.2.3/32")))
+    assert parse_options({"DataPath": "python"}).data_path == "python"
+
+
+@pytest.mark.parametrize(("backend", "name"), [
+    ({"Queues": 17}, "Queues"), ({"Queues": "2"}, "Queues"), ({"Queues": True}, "Queues"),
+    ({"DataPath": "C"}, "DataPath"), ({"DataPath": 1}, "DataPath"),
+    ({"Offload": "yes"}, "Offload"), ({"SpreadPorts": 1}, "SpreadPorts"),
+    ({"TrustedSources": "10.0.0.0/8"}, "TrustedSources"), ({"TrustedSources": ["10.0.0.0/33"]}, "TrustedSources"),
+    ({"TrustedSources": ["fd00::/64"]}, "TrustedSources"), ({"TrustedSources": [7]}, "TrustedSources"),
+    ({"DataPath": "python", "Offload": True}, "Offload"),
+])
+def test_typed_options_errors_name_the_option(backend: dict[str, object], name: str) -> None:
+    from flannel.backends.udp.network import parse_options
+
+    with pytest.raises(errors.ConfigError, match=name) as e:
+        parse_options({"Type": "udp", **backend})
+    assert "udp backend option" in str(e.value)
+
+
+def test_data_path_log_line_contract() -> None:
+    """The compose test and operators grep for these exact prefixes."""
+    from flannel.backends.udp.backend import data_path_line
+
+    assert data_path_line(True, True, "") == "udp: data path: accelerated (C fast path, offload TSO/GSO/GRO)"
+    assert data_path_line(True, False, "") == "udp: data path: accelerated (C fast path)"
+    assert data_path_line(False, False, "not built").startswith("udp: data path: pure Python (not built)")

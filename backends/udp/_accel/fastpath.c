@@ -1,15 +1,27 @@
 /*
- * Optional C inner loop of the udp backend (loaded with ctypes; see ../accel.py).
+ * C inner loop of the udp backend, loaded with ctypes (see ../accel.py).
+ *
+ * Built at install time by setup.py as the extension module flannel.backends.udp._fastpath and
+ * installed inside the package; the daemon never compiles anything. It is not meant to be
+ * imported (accel.py CDLL-loads the file); when Python's headers are there it is still a valid,
+ * empty module, so `import` does not crash either.
  *
  * Same decisions as packet.py / proxy.py (tests compare them): flannel's wire format (one raw IPv4
  * packet per datagram, TTL-1 with RFC 1624 checksum patch), longest-prefix match, ICMP
- * net-unreachable exactly as flannel's proxy.c, source filtering on receive. Batching: up to
- * BATCH packets read from the TUN go out in one sendmmsg(); recvmmsg() takes up to BATCH datagrams.
- * Each worker runs until state->stop is set (checked at least every POLL_MS).
- *
- * Build: gcc -O3 -shared -fPIC -o fastpath.so fastpath.c   (no Python headers needed)
+ * net-unreachable exactly as flannel's proxy.c, the anti-spoof rule on receive (docs/udp.md).
+ * Batching: up to BATCH packets read from the TUN go out in one sendmmsg(); recvmmsg() takes up to
+ * BATCH datagrams. Each worker runs until state->stop is set (checked at least every POLL_MS).
  */
+#if defined(__has_include)
+#  if __has_include(<Python.h>)
+#    define PY_SSIZE_T_CLEAN
+#    include <Python.h>
+#    define FL_HAVE_PYTHON 1
+#  endif
+#endif
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -20,8 +32,20 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#ifdef FL_HAVE_PYTHON
+static struct PyModuleDef fl_module = {
+    PyModuleDef_HEAD_INIT, "_fastpath", "udp fast path; loaded with ctypes by flannel.backends.udp.accel", -1, NULL,
+    NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__fastpath(void) { return PyModule_Create(&fl_module); }
+#else
+void *PyInit__fastpath(void);
+void *PyInit__fastpath(void) { return 0; }
+#endif
+
 #define BATCH 64
 #define POLL_MS 200
+#define FL_ABI 2           /* layout of fl_table / fl_state; packet.TABLE_ABI must match */
+#define FL_MAX_WORKERS 64
 
 enum {
     C_TUN_RX, C_TX_PACKETS, C_TX_BYTES, C_RX_PACKETS, C_TUN_TX_PACKETS, C_TUN_TX_BYTES,
@@ -34,14 +58,24 @@ struct fl_group { uint32_t mask; uint32_t start; uint32_t count; };
 /* All values host byte order. */
 struct fl_route { uint32_t net; uint32_t peer; };
 struct fl_src { uint32_t peer; uint32_t net; uint32_t mask; };
+struct fl_net { uint32_t net; uint32_t mask; };
 
-/* Table layout (built by accel.py): header, groups (longest prefix first), routes, sources
- * (sorted by peer). Immutable once published; replaced as a whole. */
+/* Table layout (packet.TableBuilder.c_layout): header, groups (longest prefix first), routes,
+ * sources (sorted by peer, net), trusted outer-source networks. Immutable once published;
+ * replaced as a whole (see fl_publish). */
 struct fl_table {
-    uint32_t ngroups, nroutes, nsources, pad;
-    /* struct fl_group groups[ngroups]; struct fl_route routes[nroutes]; struct fl_src src[nsources]; */
+    uint32_t ngroups, nroutes, nsources, ntrusted;
+    uint32_t net, netmask;   /* the overlay Network (0/0: unknown, everything counts as inside) */
+    uint32_t abi, pad;
+    /* struct fl_group groups[ngroups]; struct fl_route routes[nroutes]; struct fl_src src[nsources];
+     * struct fl_net trusted[ntrusted]; */
 };
 
+/* Shared by every worker of one Network. `table` is swapped by fl_publish; a replaced table is
+ * freed by the owner only once every worker has been seen outside it: worker w stores the
+ * generation it read before loading the table into seen[w], and FL_IDLE while it holds none
+ * (epoch-based reclamation, no lock in the packet path). */
+#define FL_IDLE UINT64_MAX
 struct fl_state {
     volatile int32_t stop;
     uint32_t tun_addr;   /* host order, ICMP source */
@@ -49,11 +83,42 @@ struct fl_state {
     uint16_t pad;
     int32_t mtu;         /* read size from the TUN / max inner packet */
     struct fl_table *volatile table;
+    volatile uint64_t gen;
+    volatile uint64_t seen[FL_MAX_WORKERS];
 };
+
+int fl_abi(void) { return FL_ABI; }
+int fl_max_workers(void) { return FL_MAX_WORKERS; }
+
+/* Swap in a new table; returns the new generation. A table replaced by generation g may be freed
+ * once fl_oldest_seen() >= g. Sequentially consistent, so a worker that published its generation
+ * before this swap is seen by the owner's next fl_oldest_seen(). */
+uint64_t fl_publish(struct fl_state *st, struct fl_table *t) {
+    __atomic_store_n(&st->table, t, __ATOMIC_SEQ_CST);
+    return __atomic_add_fetch(&st->gen, 1, __ATOMIC_SEQ_CST);
+}
+
+uint64_t fl_oldest_seen(struct fl_state *st, int nworkers) {
+    uint64_t m = FL_IDLE;
+    for (int w = 0; w < nworkers && w < FL_MAX_WORKERS; w++) {
+        uint64_t s = __atomic_load_n(&st->seen[w], __ATOMIC_SEQ_CST);
+        if (s < m) m = s;
+    }
+    return m;
+}
+
+static inline struct fl_table *table_enter(struct fl_state *st, int w) {
+    __atomic_store_n(&st->seen[w], __atomic_load_n(&st->gen, __ATOMIC_SEQ_CST), __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&st->table, __ATOMIC_SEQ_CST);
+}
+static inline void table_leave(struct fl_state *st, int w) {
+    __atomic_store_n(&st->seen[w], FL_IDLE, __ATOMIC_SEQ_CST);
+}
 
 static inline struct fl_group *groups_of(struct fl_table *t) { return (struct fl_group *)(t + 1); }
 static inline struct fl_route *routes_of(struct fl_table *t) { return (struct fl_route *)(groups_of(t) + t->ngroups); }
 static inline struct fl_src *sources_of(struct fl_table *t) { return (struct fl_src *)(routes_of(t) + t->nroutes); }
+static inline struct fl_net *trusted_of(struct fl_table *t) { return (struct fl_net *)(sources_of(t) + t->nsources); }
 
 static uint16_t csum(const uint8_t *p, size_t n) {
     uint32_t s = 0;
@@ -118,19 +183,45 @@ uint32_t fl_lookup(struct fl_table *t, uint32_t dst) {
     return 0;
 }
 
-/* 0 ok, 3 unknown peer, 4 spoofed (same codes as packet.py). */
-int fl_source_allowed(struct fl_table *t, uint32_t outer, uint32_t inner) {
-    if (!t) return 3;
+/* First source entry of `outer` (sources sorted by peer), or nsources. */
+static uint32_t first_source(struct fl_table *t, uint32_t outer) {
     struct fl_src *s = sources_of(t);
     uint32_t lo = 0, hi = t->nsources;
-    while (lo < hi) {  /* first entry with peer >= outer */
+    while (lo < hi) {
         uint32_t mid = (lo + hi) / 2;
         if (s[mid].peer < outer) lo = mid + 1; else hi = mid;
     }
-    if (lo >= t->nsources || s[lo].peer != outer) return 3;
-    for (; lo < t->nsources && s[lo].peer == outer; lo++)
-        if ((inner & s[lo].mask) == s[lo].net) return 0;
-    return 4;
+    return lo < t->nsources && s[lo].peer == outer ? lo : t->nsources;
+}
+
+static int trusted(struct fl_table *t, uint32_t outer) {
+    struct fl_net *n = trusted_of(t);
+    for (uint32_t i = 0; i < t->ntrusted; i++)
+        if ((outer & n[i].mask) == n[i].net) return 1;
+    return 0;
+}
+
+/* Whether datagrams from `outer` are looked at at all (packet.PeerTable.known_sender). */
+int fl_known_sender(struct fl_table *t, uint32_t outer) {
+    if (!t) return 0;
+    return first_source(t, outer) < t->nsources || trusted(t, outer);
+}
+
+/* The anti-spoof rule (packet.PeerTable.source_allowed, docs/udp.md): 0 ok, 3 unknown peer,
+ * 4 spoofed (same codes as packet.py). */
+int fl_source_allowed(struct fl_table *t, uint32_t outer, uint32_t inner) {
+    if (!t) return 3;
+    uint32_t i = first_source(t, outer);
+    int is_peer = i < t->nsources;
+    if (!is_peer && !trusted(t, outer)) return 3;
+    if ((inner & t->netmask) != t->net) return 0;         /* outside Network: not a node's address */
+    if (is_peer) {
+        struct fl_src *s = sources_of(t);
+        for (; i < t->nsources && s[i].peer == outer; i++)
+            if ((inner & s[i].mask) == s[i].net) return 0;
+        return 4;
+    }
+    return fl_lookup(t, inner) ? 0 : 4;
 }
 
 static int tun_write(int fd, const uint8_t *p, int n, uint64_t *c) {
@@ -145,7 +236,7 @@ static int tun_write(int fd, const uint8_t *p, int n, uint64_t *c) {
 }
 
 /* TUN -> UDP worker. */
-int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
+int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, int w) {
     uint8_t (*bufs)[9000] = malloc(sizeof(uint8_t[BATCH][9000]));
     if (!bufs) return -1;
     struct mmsghdr msgs[BATCH];
@@ -155,7 +246,7 @@ int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
     int rsize = st->mtu > 9000 ? 9000 : st->mtu;
     while (!st->stop) {
         int n = 0;
-        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        struct fl_table *t = table_enter(st, w);
         while (n < BATCH) {
             ssize_t len = read(tun_fd, bufs[n], (size_t)rsize);
             if (len < 0) break;
@@ -183,6 +274,7 @@ int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
             msgs[n].msg_hdr.msg_iovlen = 1;
             n++;
         }
+        table_leave(st, w);
         int off = 0;
         while (off < n) {
             int s = sendmmsg(udp_fd, msgs + off, (unsigned)(n - off), 0);
@@ -211,7 +303,7 @@ int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
 }
 
 /* UDP -> TUN worker. */
-int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
+int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, int w) {
     uint8_t (*bufs)[9000] = malloc(sizeof(uint8_t[BATCH][9000]));
     if (!bufs) return -1;
     struct mmsghdr msgs[BATCH];
@@ -236,14 +328,14 @@ int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
             poll(&pf, 1, POLL_MS);
             continue;
         }
-        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        struct fl_table *t = table_enter(st, w);
         for (int i = 0; i < n; i++) {
             uint8_t *p = bufs[i];
             int len = (int)msgs[i].msg_len;
             c[C_RX_PACKETS]++;
             uint32_t outer = ntohl(src[i].sin_addr.s_addr);
             /* strangers first, whatever they send; then shape; then the inner source */
-            if (fl_source_allowed(t, outer, 0) == 3) { c[C_DROP_UNKNOWN_PEER]++; continue; }
+            if (!fl_known_sender(t, outer)) { c[C_DROP_UNKNOWN_PEER]++; continue; }
             if (len < 20) { c[C_DROP_SHORT]++; continue; }
             if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
             if (fl_source_allowed(t, outer, rd32(p + 12)) != 0) { c[C_DROP_SPOOFED]++; continue; }
@@ -253,6 +345,7 @@ int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
                 c[C_TUN_TX_BYTES] += (uint64_t)len;
             }
         }
+        table_leave(st, w);
     }
     free(bufs);
     return 0;
@@ -288,8 +381,23 @@ int fl_ncounters(void) { return C_NCOUNTERS; }
 
 struct vnet_hdr { uint8_t flags, gso_type; uint16_t hdr_len, gso_size, csum_start, csum_offset; };
 
-/* one's-complement sum of native 16-bit words (byte-order independent, RFC 1071 §2(B)) */
+/* one's-complement sum of native 16-bit words (byte-order independent, RFC 1071 §2(B)), as a
+ * 64-bit sum of 32-bit words folded at the end. It runs over every byte the offload path sends (the
+ * TCP checksum of each segment), so it is compiled twice: with AVX2 (about twice as fast, picked at
+ * load time when the CPU has it) and for plain x86-64 / other architectures. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 static uint64_t sum_native(const uint8_t *p, size_t n, uint64_t acc) {
+    uint64_t a0 = 0, a1 = 0;   /* independent chains; each adds 32-bit halves, no overflow < 2^31 words */
+    while (n >= 16) {
+        uint64_t w0, w1;
+        memcpy(&w0, p, 8); memcpy(&w1, p + 8, 8);
+        a0 += (w0 & 0xFFFFFFFFu) + (w0 >> 32);
+        a1 += (w1 & 0xFFFFFFFFu) + (w1 >> 32);
+        p += 16; n -= 16;
+    }
+    acc += a0 + a1;
     while (n >= 4) { uint32_t w; memcpy(&w, p, 4); acc += w; p += 4; n -= 4; }
     if (n >= 2) { uint16_t w; memcpy(&w, p, 2); acc += w; p += 2; n -= 2; }
     if (n) { uint16_t w = 0; memcpy(&w, p, 1); acc += w; }
@@ -443,7 +551,7 @@ static int tun_writev(int fd, const struct vnet_hdr *vh, const uint8_t *p, int n
 }
 
 /* TUN (vnet hdr, TSO) -> UDP (GSO) worker. */
-int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) {
+int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, int w) {
     uint8_t *in = malloc(BIGBUF + 64), *hdrs = malloc(MAX_SEGS * MAX_HL);
     struct iovec *iov = malloc(sizeof(struct iovec) * 2 * MAX_SEGS);
     uint8_t icmp[128];
@@ -467,8 +575,8 @@ int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd) 
         int len = (int)n - VNET_HDR_LEN;
         if (len < 20) { c[C_DROP_SHORT]++; continue; }
         if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
-        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
-        uint32_t peer = fl_lookup(t, rd32(p + 16));
+        uint32_t peer = fl_lookup(table_enter(st, w), rd32(p + 16));
+        table_leave(st, w);
         if (!peer) {
             c[C_DROP_NO_ROUTE]++;
             if ((vh.flags & VNET_F_NEEDS_CSUM) && vh.gso_type == VNET_GSO_NONE)
@@ -600,7 +708,7 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
 }
 
 /* UDP (GRO) -> TUN (vnet hdr) worker. */
-int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) {
+int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, int w) {
     uint8_t *bufs = malloc((size_t)RX_BATCH * BIGBUF);
     struct coal k;
     memset(&k, 0, sizeof k);
@@ -628,7 +736,7 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) 
             poll(&pf, 1, POLL_MS);
             continue;
         }
-        struct fl_table *t = __atomic_load_n(&st->table, __ATOMIC_ACQUIRE);
+        struct fl_table *t = table_enter(st, w);
         for (int i = 0; i < n; i++) {
             int total = (int)msgs[i].msg_len;
             int gso = total;
@@ -638,7 +746,7 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) 
                     if (g > 0) gso = g;
                 }
             uint32_t outer = ntohl(src[i].sin_addr.s_addr);
-            int known = fl_source_allowed(t, outer, 0) != 3;
+            int known = fl_known_sender(t, outer);
             uint8_t *base = bufs + (size_t)i * BIGBUF;
             for (int off = 0; off < total || (total == 0 && off == 0); off += gso) {
                 uint8_t *p = base + off;
@@ -652,6 +760,7 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd) 
                 coal_add(&k, p, len, tun_fd, c);
             }
         }
+        table_leave(st, w);
         coal_flush(&k, tun_fd, c);
     }
     free(bufs);
