@@ -84,7 +84,7 @@ def corrupted_good(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
         key = draw(st.sampled_from([k for k in ALL_KEYS if k not in (*READ_V4, N.subnet_manager, N.backend_type)]))
         node["metadata"]["annotations"][key] = draw(annotation_value)
         value = node["metadata"]["annotations"][key]
-        readable = key not in (N.backend_v6_data, N.public_ipv6) or isinstance(value, str) and len(value) <= 65536
+        readable = key not in (N.backend_v6_data, N.public_ipv6) or (isinstance(value, str) and len(value) <= 65536)
         return node, readable
     if what == "read-annotation":
         key = draw(st.sampled_from(READ_V4))
