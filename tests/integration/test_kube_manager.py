@@ -44,6 +44,23 @@ def remote_annotations(i: int, *, v6: bool = False) -> dict[str, str]:
     return out
 
 
+class Completer:
+    """``complete_lease`` on a thread, as the daemon runs it, recording what it hands to ``on_lease``."""
+
+    def __init__(self, manager: KubeSubnetManager, own) -> None:
+        self.moved: list = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(manager, own), daemon=True)
+        self.thread.start()
+
+    def _run(self, manager, own) -> None:
+        try:
+            manager.complete_lease(own, self.stop, on_lease=self.moved.append)
+        except BaseException as e:
+            self.error = e
+
+
 @pytest.fixture
 def server():
     srv = KubeAPIServer(token=TOKEN, bookmark_interval=1.0).start()
@@ -72,11 +89,23 @@ def managers():
             followers.append(f)
             return f
 
+        def complete(self, manager, own) -> Completer:
+            c = Completer(manager, own)
+            completers.append(c)
+            return c
+
+    completers: list[Completer] = []
     yield Factory()
+    for c in completers:
+        c.stop.set()
     for f in followers:
         f.stop.set()
     for f in followers:
         assert f.close(), "watch_leases did not honour stop"
+    for c in completers:
+        c.thread.join(5)
+        assert not c.thread.is_alive(), "complete_lease did not honour stop"
+        assert c.error is None, f"complete_lease raised {c.error!r}"
     for m in made:
         m.close()
 
@@ -328,10 +357,87 @@ def test_our_annotations_are_restored_if_someone_removes_them(server, env, manag
     m = managers(env, "me")
     own = m.acquire_lease(vxlan_attrs(1))
     f = managers.follow(m, own)
+    managers.complete(m, own)
     wait_for(lambda: f.batches, what="initial snapshot")
     server.set_annotations("me", {P + "public-ip": None, P + "kube-subnet-manager": None})
     wait_for(lambda: server.get_node("me")["metadata"]["annotations"].get(P + "public-ip") == "198.18.0.1",
                what="annotations restored")
+
+
+def own_subnets_seen(f: Follower, *subnets: str) -> list[str]:
+    """Every lease event (or current peer) that names one of our own subnets."""
+    seen = [f"{t.value} {lease.subnet}" for t, lease in f.events() if str(lease.subnet) in subnets]
+    return seen + [f"peer {p}" for p in f.peers() if p in subnets]
+
+
+def test_our_node_changing_its_pod_cidr_is_never_a_peer_and_the_new_lease_goes_to_the_daemon(server, env, managers):
+    """Issue 8 item 5: the re-registered node with a new podCIDR was routed to as a remote peer."""
+    server.add_node("me", ["10.244.1.0/24"])
+    server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "initial peer")
+    changed = server.modify_node("me", {"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}})
+    # one more event after ours, so we know the watch has handled ours
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: "10.244.3.0/24" in p, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24", "10.244.9.0/24") == [], "our own node came out as a peer"
+    assert set(f.peers()) == {"10.244.2.0/24", "10.244.3.0/24"}
+    moved = wait_for(lambda: c.moved, what="on_lease with the new lease")
+    assert [str(lease.subnet) for lease in moved] == ["10.244.9.0/24"]
+    assert moved[0].attrs == vxlan_attrs(1)
+    c.thread.join(5)
+    assert not c.thread.is_alive(), "complete_lease returns once the daemon was told (it exits 1)"
+    assert server.get_node("me")["metadata"]["resourceVersion"] == changed["metadata"]["resourceVersion"], \
+        "nothing is published for the new CIDR before the restart"
+
+
+def test_our_node_deleted_and_registered_again_with_the_same_cidr_is_released_in_place(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    wait_for(lambda: "NetworkUnavailable" in {x["type"] for x in server.get_node("me")["status"]["conditions"]},
+             what="NetworkUnavailable set at start")
+    server.delete_node("me")
+    server.add_node("me", ["10.244.1.0/24"])  # the kubelet registers it again: no annotations, no condition
+
+    def republished():
+        node = server.get_node("me")
+        conds = {x["type"]: x for x in node["status"].get("conditions", [])}
+        return (node["metadata"].get("annotations", {}).get(P + "backend-data") == vxlan_attrs(1).backend_data
+                and conds.get("NetworkUnavailable", {}).get("status") == "False")
+
+    wait_for(republished, what="annotations and NetworkUnavailable=False published again")
+    assert c.moved == [] and c.thread.is_alive()
+    assert server.get_node("me")["metadata"]["annotations"] == {
+        P + "backend-type": "vxlan", P + "backend-data": vxlan_attrs(1).backend_data, P + "public-ip": "198.18.0.1",
+        P + "kube-subnet-manager": "true"}
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: set(p) == {"10.244.3.0/24"}, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24") == []
+
+
+def test_our_node_registered_again_with_another_cidr_hands_on_the_new_lease(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    wait_for(lambda: f.batches, what="initial snapshot")
+    server.delete_node("me")
+    server.add_node("me")  # registered again; the node IPAM controller assigns a CIDR a moment later
+    server.modify_node("me", {"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}})
+    moved = wait_for(lambda: c.moved, what="on_lease with the new lease")
+    assert [str(lease.subnet) for lease in moved] == ["10.244.9.0/24"]
+    assert P + "kube-subnet-manager" not in server.get_node("me")["metadata"].get("annotations", {}), \
+        "nothing is published for the new CIDR before the restart"
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: set(p) == {"10.244.3.0/24"}, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24", "10.244.9.0/24") == []
 
 
 def test_missing_net_conf_is_a_config_error(server, env, managers, tmp_path):
