@@ -354,7 +354,7 @@ class KubeClient:
                                                    _request_timeout=REQUEST_TIMEOUT)
             return self._json(resp, f"get pod {namespace}/{name}")
 
-    def list_node_pages(self, *, limit: int = LIST_PAGE_SIZE) -> Iterator[tuple[list[Any], str]]:
+    def list_node_pages(self, *, limit: int | None = None) -> Iterator[tuple[list[Any], str]]:
         """All nodes, one page (``limit`` nodes) at a time, with the list's resourceVersion (the
         point to watch from; every page of one list has the same).
 
@@ -365,7 +365,7 @@ class KubeClient:
         rv: str | None = None
         while True:
             with _mapped("list", "nodes"):
-                kw: dict[str, Any] = {"limit": limit}
+                kw: dict[str, Any] = {"limit": limit or LIST_PAGE_SIZE}
                 if token:
                     kw["_continue"] = token
                 resp = self._api().list_node(_preload_content=False, _request_timeout=LIST_TIMEOUT, **kw)

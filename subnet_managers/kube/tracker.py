@@ -96,6 +96,7 @@ class NodeTracker:
             lease = nodes.lease_from_inputs(name, new, self._names, self._config)
         except Exception as e:  # the trust boundary: any failure skips this one record
             reason, detail = skips.reason_of(e), skips.describe(e)
+            detail = detail.removeprefix(f"node {name!r}: ")  # the log line names the node already
             inputs.pop(name, None)
             prev = bad.get(name)
             if prev is not None and prev.detail == detail:

@@ -241,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(400, "BadRequest", f"invalid resourceVersion {rv_text!r}") from None
         with api._conns_lock:
             api.watch_requests += 1
+            seq = api.watch_requests
         if api.hang_watches.is_set():  # accept, never answer (an overloaded or wedged server)
             while api.hang_watches.is_set() and not state.closed:
                 time.sleep(0.05)
@@ -262,6 +263,9 @@ class _Handler(BaseHTTPRequestHandler):
         while True:
             wake = min(deadline, next_bookmark, final_bookmark or deadline)
             events, expired, cut, current = self._wait_events(cursor, epoch, wake)
+            if seq <= api.frozen_upto and not cut:  # wedged: the connection stays up, nothing is sent
+                time.sleep(0.1)
+                continue
             if cut:
                 return self._vanish() if api.aborting else self._drop_connection()
             if expired is not None:
@@ -356,6 +360,8 @@ class KubeAPIServer:
         self.bookmarks_sent = 0
         #: set by abort_connections(): cut watches vanish instead of closing
         self.aborting = False
+        #: watches up to this request number are wedged (freeze_watches)
+        self.frozen_upto = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
@@ -490,6 +496,12 @@ class KubeAPIServer:
                 time.sleep(0.02)
         finally:
             self.aborting = False
+
+    def freeze_watches(self) -> None:
+        """The watches open now are wedged: their connections stay up (TCP answers, keepalive
+        probes too) but no event or bookmark is sent on them again. New watches work normally."""
+        with self._conns_lock:
+            self.frozen_upto = self.watch_requests
 
     def add_nodes(self, nodes: list[JSON]) -> int:
         """Load many nodes at once (see ``generate``); returns the resourceVersion after them."""
