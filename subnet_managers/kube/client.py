@@ -68,6 +68,9 @@ WATCH_READ_TIMEOUT = 90.0
 KEEPALIVE = (15, 5, 3)
 #: Longest watch line accepted; a larger one is skipped (the API server limits objects to ~1.5 MB).
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+#: Decoded watch events waiting for the watch loop. When it is full the reader stops reading and
+#: TCP pushes back on the server, so a burst of events costs bounded memory (~40 KB per event).
+WATCH_QUEUE_SIZE = 64
 _BODY_LIMIT = 256
 
 
@@ -180,7 +183,7 @@ class NodeWatch:
         self._opener = opener
         self._skips = skipped
         self._resp: Any = None
-        self._q: queue.Queue[Any] = queue.Queue()
+        self._q: queue.Queue[Any] = queue.Queue(WATCH_QUEUE_SIZE)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kube-watch-reader", daemon=True)
         self._thread.start()
@@ -189,11 +192,11 @@ class NodeWatch:
         try:
             self._resp = self._opener()
         except errors.FlannelError as e:
-            self._q.put(e)
+            self._put(e)
             return
         except Exception as e:  # a failure on this thread must reach the watch loop, not end it
             log.exception("opening the watch on nodes failed unexpectedly")
-            self._q.put(errors.StoreUnavailable(f"watch on nodes could not be opened: {type(e).__name__}: {e}"))
+            self._put(errors.StoreUnavailable(f"watch on nodes could not be opened: {type(e).__name__}: {e}"))
             return
         if self._closed.is_set():  # closed while the request was in flight
             self._shutdown()
@@ -204,17 +207,17 @@ class NodeWatch:
         try:
             for line in self._lines():
                 self._line(line)
-            self._q.put(END)
+            self._put(END)
             clean = True
         except (urllib3.exceptions.HTTPError, OSError, AttributeError) as e:
             # AttributeError: urllib3 drops its fp when the socket is shut down under it
             if self._closed.is_set():
-                self._q.put(END)
+                self._put(END)
             else:
-                self._q.put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
+                self._put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
         except Exception as e:  # the reader must hand every failure to the watch loop
             log.exception("the watch reader failed unexpectedly")
-            self._q.put(errors.StoreUnavailable(f"watch on nodes failed: {type(e).__name__}: {e}"))
+            self._put(errors.StoreUnavailable(f"watch on nodes failed: {type(e).__name__}: {e}"))
         finally:
             # a stream that ended cleanly can go back to the pool; a broken one must not
             with contextlib.suppress(Exception):
@@ -222,6 +225,15 @@ class NodeWatch:
                     self._resp.release_conn()
                 else:
                     self._resp.close()
+
+    def _put(self, item: Any) -> None:
+        """Queue ``item`` for the watch loop, waiting while the queue is full (until closed)."""
+        while not self._closed.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _lines(self) -> Iterator[bytes]:
         """The stream split into lines; a line longer than ``MAX_EVENT_BYTES`` is dropped (counted)."""
@@ -260,7 +272,7 @@ class NodeWatch:
             self._skips.skip("a watch line", skips.MALFORMED_EVENT,
                              f"not a watch event object (a JSON {type(item).__name__}): {line[:80]!r}")
             return
-        self._q.put(item)
+        self._put(item)
 
     def get(self, timeout: float) -> tuple[str, dict[str, Any]] | _End | None:
         try:

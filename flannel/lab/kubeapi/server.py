@@ -60,7 +60,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing --------------------------------------------------------------------------
 
     def _send_json(self, code: int, obj: JSON) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        self._send_bytes(code, json.dumps(obj, separators=(",", ":")).encode())
+
+    def _send_bytes(self, code: int, data: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", _CT_JSON)
         self.send_header("Content-Length", str(len(data)))
@@ -162,9 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
             if token:
                 meta.update({"continue": token, "remainingItemCount": rest})
             # list items carry no kind/apiVersion, like the real server
-            body = {"kind": "NodeList", "apiVersion": "v1", "metadata": meta,
-                    "items": [{k: v for k, v in item.items() if k not in ("kind", "apiVersion")} for item in items]}
-            self._send_json(200, body)
+            data = (b'{"kind":"NodeList","apiVersion":"v1","metadata":' + json.dumps(meta).encode()
+                    + b',"items":[' + b",".join(state.item_json(item) for item in items) + b"]}")
+            self._send_bytes(200, data)
             return True
         if method == "POST":
             self._authorize("create", "nodes")

@@ -134,6 +134,8 @@ class ClusterState:
         self._history: collections.deque[Event] = collections.deque()
         self._history_limit = history_limit
         self._nodes: dict[str, JSON] = {}
+        #: list-item JSON per node, valid while the stored dict is the same object (never mutated)
+        self._item_json: dict[str, tuple[JSON, bytes]] = {}
         self._pods: dict[tuple[str, str], JSON] = {}
         self.epoch = 0  # bumped by cut_watches(): open watches drop their connections
         self.closed = False
@@ -175,6 +177,21 @@ class ClusterState:
         items = [view[n] for n in page]
         rest = len(names) - len(page)
         return items, rv, (_continue_token(rv, page[-1]) if rest > 0 else ""), rest
+
+    def item_json(self, node: JSON) -> bytes:
+        """``node`` as a list item (no kind/apiVersion, like the real server), serialised once per
+        stored version (a relist of thousands of nodes must not be bound by this server's JSON)."""
+        name = node.get("metadata", {}).get("name")
+        cached = self._item_json.get(name) if isinstance(name, str) else None
+        if cached is not None and cached[0] is node:
+            return cached[1]
+        data = json.dumps({k: v for k, v in node.items() if k not in ("kind", "apiVersion")},
+                          separators=(",", ":")).encode()
+        if isinstance(name, str):
+            with self.cond:
+                if self._nodes.get(name) is node:
+                    self._item_json[name] = (node, data)
+        return data
 
     def _nodes_at(self, rv: int) -> dict[str, JSON]:
         """The nodes as they were at version ``rv`` (>= the floor): undo the later history."""
