@@ -58,6 +58,12 @@ MAX_EVENTS_PER_RESULT = 500
 POLL_SECONDS = 0.5
 
 
+def _uid(node: Any) -> str | None:
+    meta = node.get("metadata") if isinstance(node, dict) else None
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    return uid if isinstance(uid, str) else None
+
+
 class _OwnNodeBox:
     """The latest version of our own node seen by the watch (latest wins), for ``complete_lease``."""
 
@@ -95,6 +101,7 @@ class KubeSubnetManager(SubnetManager):
         self._config: NetworkConfig | None = None
         self._own_attrs: LeaseAttrs | None = None
         self._own_lease: Lease | None = None
+        self._own_uid: str | None = None  # our node object's uid: another one means it was re-created
         self._own_box = _OwnNodeBox()
         #: how long a watch may stay silent before it is re-opened (tests shorten it)
         self.watch_read_timeout = WATCH_READ_TIMEOUT
@@ -195,6 +202,7 @@ class KubeSubnetManager(SubnetManager):
         self._publish(node, attrs)
         self._own_attrs = attrs
         self._own_lease = lease
+        self._own_uid = _uid(node)
         log.info("acquired lease %s from node %r", lease.describe(), nodes.node_name(node))
         return lease
 
@@ -242,9 +250,13 @@ class KubeSubnetManager(SubnetManager):
                                 "registered again (other nodes drop their routes to us meanwhile)", self._node_name)
                 deleted = True
                 continue
-            if self._own_node_changed(node, on_lease, stop, recreated=deleted or kind == "ADDED"):
+            recreated = deleted or _uid(node) != self._own_uid
+            outcome = self._own_node_changed(node, on_lease, stop, recreated=recreated)
+            if outcome == "stop":
                 return
-            deleted = False
+            if outcome == "handled":
+                deleted = False
+                self._own_uid = _uid(node)
 
     def _mark_network_available(self, stop: threading.Event) -> None:
         if not self._opts.set_node_network_unavailable:
@@ -260,28 +272,29 @@ class KubeSubnetManager(SubnetManager):
             log.error("could not set the NetworkUnavailable condition on node %r: %s", name, e)
 
     def _own_node_changed(self, node: Any, on_lease: Callable[[Lease], None] | None, stop: threading.Event,
-                          *, recreated: bool) -> bool:
-        """Handle a new version of our node. Returns True when this agent must stop (lease moved)."""
+                          *, recreated: bool) -> str:
+        """Handle a new version of our node: "stop" (the lease moved: the daemon exits), "waiting"
+        (no podCIDR yet) or "handled"."""
         current, attrs = self._own_lease, self._own_attrs
         if current is None or attrs is None:
-            return False
+            return "handled"
         try:
             lease = nodes.own_lease(node, self.get_network_config(), attrs)
         except errors.ConfigError as e:
             if "pod cidr not assigned" in str(e):
                 log.warning("our node %r has no podCIDR (re-registered?); waiting for one", self._node_name)
-                return False
+                return "waiting"
             raise errors.ConfigError(f"our node changed under us: {e}") from None
         if lease.ident != current.ident:
             msg = (f"our node {self._node_name!r} changed its podCIDR from {current.describe()} to "
                    f"{lease.describe()} while we run")
             if on_lease is None:
                 log.error("%s; restart this agent to use the new subnet", msg)
-                return False
+                return "handled"
             log.error("%s; handing the new lease to the daemon (it exits so that a restart sets up the new "
                       "subnet)", msg)
             on_lease(lease)
-            return True
+            return "stop"
         if recreated:
             log.warning("our node %r was registered again with the same podCIDR; publishing our annotations "
                         "again", self._node_name)
@@ -291,12 +304,12 @@ class KubeSubnetManager(SubnetManager):
             try:
                 retry.store(stop, what="restore our node annotations")(self._publish, node, attrs)
             except errors.StoreUnavailable:
-                return False  # stop was set
+                return "handled"  # stop was set
             except errors.StoreError as e:
                 log.error("could not restore our node annotations: %s", e)
         if recreated:
             self._mark_network_available(stop)
-        return False
+        return "handled"
 
     def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
         """Snapshot, then events, forever; relist on 410, re-watch (with backoff) on a drop.

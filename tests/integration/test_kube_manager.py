@@ -403,7 +403,8 @@ def test_our_node_deleted_and_registered_again_with_the_same_cidr_is_released_in
     wait_for(lambda: "NetworkUnavailable" in {x["type"] for x in server.get_node("me")["status"]["conditions"]},
              what="NetworkUnavailable set at start")
     server.delete_node("me")
-    server.add_node("me", ["10.244.1.0/24"])  # the kubelet registers it again: no annotations, no condition
+    server.add_node("me")  # the kubelet registers it again: no annotations, no condition, no podCIDR yet
+    server.modify_node("me", {"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}})
 
     def republished():
         node = server.get_node("me")
