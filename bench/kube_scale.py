@@ -181,7 +181,14 @@ def kube_round(underlay: Underlay, n: int, workdir: Path, args: argparse.Namespa
         agent.start()
         agent.wait_ready(300)
         ready = time.monotonic() - t0
-        wait(lambda: route_count(host.ns) >= n, f"{n} routes", 600, agent, 0.2)
+        listed: list[float] = []
+
+        def programmed() -> bool:
+            if not listed and "listed " in agent.log_text():
+                listed.append(time.monotonic() - t0)
+            return route_count(host.ns) >= n
+
+        wait(programmed, f"{n} routes", 600, agent, 0.2)
         cold = time.monotonic() - t0
         pid = agent.pid
         assert pid is not None
@@ -191,6 +198,7 @@ def kube_round(underlay: Underlay, n: int, workdir: Path, args: argparse.Namespa
         c0, w0 = cpu_seconds(pid), time.monotonic()
         time.sleep(args.idle)
         idle = (cpu_seconds(pid) - c0) / (time.monotonic() - w0)
+        rss_idle = rss_mb(pid)[0]
 
         # heartbeats at the kubelets' pace: N/10 per second
         rate = max(1, n // 10)
@@ -207,6 +215,7 @@ def kube_round(underlay: Underlay, n: int, workdir: Path, args: argparse.Namespa
         paced_wall = time.monotonic() - w0
         paced_cpu = cpu_seconds(pid) - c0 - idle * paced_wall
         lines = mon.stop()
+        rss_paced = rss_mb(pid)[0]
         # flannel's entries are all on flannel.1 (underlay ARP for the API server is not flannel work)
         netlink = [ln for ln in lines if "flannel.1" in ln and pod_cidr(n + 1).split("/")[0] not in ln
                    and vtep_mac(n + 1) not in ln and public_ip(n + 1) not in ln]
@@ -223,7 +232,8 @@ def kube_round(underlay: Underlay, n: int, workdir: Path, args: argparse.Namespa
         rss2, hwm2 = rss_mb(pid)
         # the whole burst was streamed after t1 at the latest; count from there
         absorb_total = time.monotonic() - t1 if absorb else 0.0
-        return {"mode": "kube", "nodes": n, "ready_s": ready, "cold_s": cold, "rss_mb": rss, "hwm_mb": hwm,
+        return {"mode": "kube", "nodes": n, "ready_s": ready, "listed_s": listed[0] if listed else -1.0,
+                "cold_s": cold, "rss_mb": rss, "hwm_mb": hwm, "rss_idle_mb": rss_idle, "rss_paced_mb": rss_paced,
                 "rss_after_mb": rss2, "hwm_after_mb": hwm2, "idle_ms_per_s": idle * 1000,
                 "paced_events": sent, "paced_rate": rate, "paced_cpu_ms_per_event": paced_cpu * 1000 / max(sent, 1),
                 "netlink_changes_from_heartbeats": len(netlink), "netlink_sample": netlink[:5],
@@ -254,7 +264,7 @@ for i in range(1, n + 1):
 """
 
 
-def etcd_round(underlay: Underlay, n: int, workdir: Path, idx: int) -> dict[str, Any]:
+def etcd_round(underlay: Underlay, n: int, workdir: Path, idx: int, wait_after: float) -> dict[str, Any]:
     host = underlay.add_host(f"e{idx}", index=idx)
     etcd = EtcdServer(str(workdir / "etcd"), host=str(underlay.hub_ip), netns=underlay.hub.name).start()
     agent: AgentProcess | None = None
@@ -272,7 +282,10 @@ def etcd_round(underlay: Underlay, n: int, workdir: Path, idx: int) -> dict[str,
         cold = time.monotonic() - t0
         assert agent.pid is not None
         rss, hwm = rss_mb(agent.pid)
-        return {"mode": "etcd", "nodes": n, "ready_s": ready, "cold_s": cold, "rss_mb": rss, "hwm_mb": hwm}
+        time.sleep(wait_after)  # as long as the kube round's idle + paced phases: the same periodic work
+        rss2, hwm2 = rss_mb(agent.pid)
+        return {"mode": "etcd", "nodes": n, "ready_s": ready, "cold_s": cold, "rss_mb": rss, "hwm_mb": hwm,
+                "rss_after_mb": rss2, "hwm_after_mb": hwm2}
     finally:
         if agent is not None:
             agent.kill()
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(res), flush=True)
                 if not args.skip_etcd:
                     with tempfile.TemporaryDirectory(prefix="etcd-scale-") as d:
-                        res = etcd_round(underlay, args.n, Path(d), 50 + r)
+                        res = etcd_round(underlay, args.n, Path(d), 50 + r, args.idle + args.seconds)
                         res["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
                         results.append(res)
                         print(json.dumps(res), flush=True)
@@ -317,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         return f"{statistics.median(vals):.2f} ({', '.join(f'{v:.2f}' for v in vals)})" if vals else "-"
 
     print(f"\nN = {args.n} nodes, {args.rounds} rounds, median (runs)")
-    for key in ("ready_s", "cold_s", "rss_mb", "hwm_mb"):
+    for key in ("ready_s", "cold_s", "rss_mb", "hwm_mb", "rss_after_mb", "hwm_after_mb"):
         print(f"{key:<28} kube {med(kube, key):<34} etcd {med(etcd, key)}")
-    for key in ("rss_after_mb", "hwm_after_mb", "idle_ms_per_s", "paced_cpu_ms_per_event",
+    for key in ("listed_s", "rss_idle_mb", "rss_paced_mb", "idle_ms_per_s", "paced_cpu_ms_per_event",
                 "netlink_changes_from_heartbeats", "burst_events_per_s", "burst_cpu_ms_per_event"):
         print(f"{key:<28} kube {med(kube, key)}")
     if args.json:
