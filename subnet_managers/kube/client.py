@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,7 +47,6 @@ from kubernetes import client as kclient
 from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.utils.keepalive import tcp_keepalive_socket_options
 
 from flannel import errors
 from flannel.subnet_managers.kube import skips
@@ -142,6 +142,18 @@ def _reason(e: BaseException) -> str:
     return text[:_BODY_LIMIT]
 
 
+def keepalive_socket_options() -> list[tuple[int, int, int]]:
+    """urllib3's default options (no Nagle) plus TCP keepalive with our timings (``KEEPALIVE``).
+    Built here rather than taken from the client package, which only grew a helper for it lately."""
+    idle, interval, count = KEEPALIVE
+    opts = list(urllib3.connection.HTTPConnection.default_socket_options)
+    opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
+
+
 def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient.ApiClient:
     """Client config like client-go's: kubeconfig (server overridden by the URL if given), else the
     URL alone, else the in-cluster service account.
@@ -162,8 +174,7 @@ def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient
         raise errors.ConfigError(f"cannot load Kubernetes client config from {src}: {e}{hint}") from None
     if api_url:
         cfg.host = api_url.rstrip("/")
-    idle, interval, count = KEEPALIVE
-    cfg.socket_options = tcp_keepalive_socket_options(idle=idle, interval=interval, count=count)
+    cfg.socket_options = keepalive_socket_options()
     cfg.retries = 0  # we retry with our own policies; never silently inside urllib3
     return kclient.ApiClient(cfg)
 

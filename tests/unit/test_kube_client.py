@@ -157,3 +157,17 @@ def test_a_trailing_line_without_newline_is_still_delivered():
     got = read_all([event("a", 1) + b"\n" + event("b", 2)[:10], event("b", 2)[10:]], counter)
     assert [o["metadata"]["name"] for _, o in got] == ["a", "b"]
     assert counter.total() == 0
+
+
+def test_api_connections_use_tcp_keepalive():
+    import socket
+
+    opts = kc.keepalive_socket_options()
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in opts
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, kc.KEEPALIVE[0]) in opts
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in opts  # urllib3's default kept
+    cfg = kc.build_api_client(api_url="http://127.0.0.1:1").configuration
+    assert cfg.socket_options == opts
+    # a dead peer is given up well within a minute
+    idle, interval, count = kc.KEEPALIVE
+    assert idle + interval * count <= 45 and kc.WATCH_READ_TIMEOUT < 300
