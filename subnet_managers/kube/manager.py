@@ -188,7 +188,14 @@ class KubeSubnetManager(SubnetManager):
     def stored_public_ips(self) -> tuple[str | None, str | None]:
         """``node-public-ip`` / ``node-public-ipv6`` annotations (they replace --public-ip[v6])."""
         ann = nodes.annotations_of(self._own_node())
-        return ann.get(self._names.node_public_ip) or None, ann.get(self._names.node_public_ipv6) or None
+        out: list[str | None] = []
+        for key in (self._names.node_public_ip, self._names.node_public_ipv6):
+            value = ann.get(key) or None
+            if value is not None and len(value) > 64:  # no address is that long: never pass it on
+                log.warning("ignoring annotation %s on our node: %d characters is not an address", key, len(value))
+                value = None
+            out.append(value)
+        return out[0], out[1]
 
     def stored_backend_data(self) -> tuple[str | None, str | None]:
         """What we published last time (vxlan reads its VtepMAC from it to keep the MAC)."""
