@@ -32,7 +32,8 @@ In-process use (tests): ``KubeAPIServer(...).start()`` plus the hooks ``add_node
 ``modify_node``, ``set_annotations``, ``heartbeat``, ``delete_node``, ``add_pod``, ``deny``,
 ``cut_watches``, ``compact`` (forces 410), ``hang_watches`` (an Event: watch requests get no
 answer), ``abort_connections`` (the host vanished: every connection reset, silently if the path is
-blocked), ``freeze_watches`` (open watches stay connected but send nothing more), ``inject_watch_line`` (raw bytes as one watch line), ``add_nodes`` (bulk load, e.g.
+blocked), ``freeze_watches`` (open watches stay connected but send nothing more),
+``inject_watch_line`` (raw bytes as one watch line), ``add_nodes`` (bulk load, e.g.
 ``generate.realistic_cluster``), ``state.heartbeat_nodes`` (kubelet heartbeats, cheap),
 ``stop``/``start`` (an outage; state and port survive); ``watch_requests``, ``list_requests`` and
 ``bookmarks_sent`` count.
