@@ -550,3 +550,54 @@ def etcd_leases(lab: Lab) -> dict[str, dict[str, Any]]:
         except ValueError:
             continue
     return out
+# ---- a scripted kube client (the kube manager's list/watch loop without a server) ------------------
+
+class ScriptedWatch:
+    """Hands out the scripted items of one watch (tuples, END, or exceptions to raise)."""
+
+    def __init__(self, script: list[Any], on_empty: threading.Event) -> None:
+        self.script, self.on_empty, self.closed = list(script), on_empty, False
+
+    def get(self, timeout: float) -> Any:
+        if not self.script:
+            if timeout > 0:
+                self.on_empty.set()  # nothing more will happen: end the test run
+            return None
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> ScriptedWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ScriptedClient:
+    """Stands in for ``KubeClient``: each list is (items, rv), each watch a script; when the last
+    watch's script is used up, ``stop`` is set (``watch_leases`` then returns)."""
+
+    host = "scripted"
+
+    def __init__(self, lists: list[tuple[list[Any], str]], watches: list[list[Any]], stop: threading.Event):
+        self.lists, self.watches, self.stop = list(lists), list(watches), stop
+        self.list_calls = 0
+        self.watch_from: list[str] = []
+
+    def list_node_pages(self, *, limit: int = 500) -> Iterator[tuple[list[Any], str]]:
+        self.list_calls += 1
+        items, rv = self.lists.pop(0)
+        for i in range(0, max(len(items), 1), limit):  # pages of ``limit`` items (one empty page)
+            yield items[i:i + limit], rv
+
+    def watch_nodes(self, rv: str, *, timeout_seconds: int, read_timeout: float = 90.0) -> ScriptedWatch:
+        self.watch_from.append(rv)
+        return ScriptedWatch(self.watches.pop(0) if self.watches else [], self.stop)
+
+    def close(self) -> None:
+        pass

@@ -18,8 +18,17 @@ from dataclasses import dataclass
 
 from flannel import errors, wire
 from flannel.lease import LeaseAttrs
+from flannel.subnet_managers.kube import skips
+from flannel.subnet_managers.kube.skips import Rejected
 
 log = logging.getLogger(__name__)
+
+#: Longest flannel annotation value we read. flannel's backend data is ~50 bytes; the API server
+#: allows 256 KiB of annotations in total. A larger value is refused before it is parsed.
+MAX_VALUE_BYTES = 64 * 1024
+#: Deepest JSON nesting accepted in backend data (flannel's is one flat object). Deeper values are
+#: refused here, so no backend ever parses something that could exhaust its stack.
+MAX_DATA_DEPTH = 32
 
 # flannel's regex, unanchored at the start (Go regexp MatchString = re.search semantics).
 _PREFIX_RE = re.compile(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$")
@@ -138,11 +147,36 @@ def backend_data_text(value: str | None, key: str) -> str | None:
     """A backend-data annotation → compact JSON text for ``LeaseAttrs`` (``None`` when absent,
     empty or ``null``).
 
-    :raises errors.BadLeaseRecord: the value is not JSON.
+    :raises Rejected: the value is not JSON, too large, or nested too deeply (``RecursionError``
+        from the decoder is caught here and in the tracker, whichever sees it first).
     """
     if value is None or value.strip() in ("", "null"):
         return None
+    if len(value) > MAX_VALUE_BYTES:
+        raise Rejected(skips.TOO_LARGE, f"annotation {key} is {len(value)} characters long "
+                                        f"(more than {MAX_VALUE_BYTES})")
     try:
-        return wire.compact_json(json.loads(value))
+        obj = json.loads(value)
+    except RecursionError:
+        raise Rejected(skips.TOO_DEEP, f"annotation {key} is nested too deeply to decode") from None
     except ValueError as e:
-        raise errors.BadLeaseRecord(f"annotation {key} is not JSON ({e}): {value[:80]!r}") from None
+        raise Rejected(skips.BAD_BACKEND_DATA, f"annotation {key} is not JSON ({e}): {value[:80]!r}") from None
+    if _depth(obj) > MAX_DATA_DEPTH:
+        raise Rejected(skips.TOO_DEEP, f"annotation {key} is nested more than {MAX_DATA_DEPTH} levels deep")
+    return wire.compact_json(obj)
+
+
+def _depth(obj: object) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DATA_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest

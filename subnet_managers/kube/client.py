@@ -6,6 +6,25 @@ Why a thread per watch: a blocking request or read on the watch socket cannot ob
 stop event, so the watch is opened and read on its own thread into a queue, and ``close()`` shuts
 the socket down to end it promptly.
 
+Why keepalive and a read timeout on the watch: a watch socket only ever receives. If the API
+server's host vanishes (a crash, a load-balancer failover: packets dropped, no reset) nothing tells
+the client, and urllib3 would wait for its read timeout. Three things notice a dead watch:
+
+* the real API server sends a BOOKMARK about once a minute (the watch cache's
+  ``defaultBookmarkFrequency``) and 2 s before the watch's deadline, so a watch that has been
+  silent for ``WATCH_READ_TIMEOUT`` (90 s, well under the 300-600 s ``timeoutSeconds``) is dead or
+  wedged: the read times out and the manager re-watches from its last resourceVersion;
+* TCP keepalive (``KEEPALIVE``: probe after 15 s idle, every 5 s, give up after 3): a peer that
+  does not answer for ~30 s is declared dead by the kernel, and a host that came back without the
+  connection answers the first probe with a reset, so the agent re-watches within seconds of the
+  network healing instead of waiting for a timeout;
+* re-watching opens a new connection; a request that gets no answer times out after
+  ``WATCH_READ_TIMEOUT`` as well.
+
+Every line of the watch stream is untrusted: one that does not decode (bad JSON, non-UTF-8, nested
+too deeply, larger than ``MAX_EVENT_BYTES``) or is not an event object is skipped and counted
+(``skips``), and the stream goes on, so later events are not lost.
+
 Errors are converted here, once (kopf's ``check_response`` pattern): connection problems, 429 and
 5xx → ``StoreUnavailable`` (retried by the caller); 401/403 → ``PermissionDenied`` naming the verb
 and resource; 404 → ``NotFound``; 410 → ``Expired`` (relist). Error bodies are cut to 256
@@ -18,6 +37,7 @@ import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,13 +49,28 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from flannel import errors
+from flannel.subnet_managers.kube import skips
 
 log = logging.getLogger(__name__)
 
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 REQUEST_TIMEOUT = (5.0, 15.0)  # (connect, read) seconds for every non-watch call
+LIST_TIMEOUT = (5.0, 30.0)  # one page of a node list
+#: Nodes per LIST page. client-go's pager uses 500, but a decoded 10 KB node is ~40 KB of Python
+#: objects: 100 per page keeps the transient peak of a relist at ~4 MB whatever the cluster size,
+#: for 50 requests at 5000 nodes.
+LIST_PAGE_SIZE = 100
 WATCH_CONNECT_TIMEOUT = 5.0
+#: Longest silence on a watch before it is treated as dead (the server sends bookmarks ~every 60 s).
+WATCH_READ_TIMEOUT = 90.0
+#: TCP keepalive (idle seconds, probe interval, probes) on every connection to the API server.
+KEEPALIVE = (15, 5, 3)
+#: Longest watch line accepted; a larger one is skipped (the API server limits objects to ~1.5 MB).
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+#: Decoded watch events waiting for the watch loop. When it is full the reader stops reading and
+#: TCP pushes back on the server, so a burst of events costs bounded memory (~40 KB per event).
+WATCH_QUEUE_SIZE = 64
 _BODY_LIMIT = 256
 
 
@@ -107,6 +142,18 @@ def _reason(e: BaseException) -> str:
     return text[:_BODY_LIMIT]
 
 
+def keepalive_socket_options() -> list[tuple[int, int, int]]:
+    """urllib3's default options (no Nagle) plus TCP keepalive with our timings (``KEEPALIVE``).
+    Built here rather than taken from the client package, which only grew a helper for it lately."""
+    idle, interval, count = KEEPALIVE
+    opts = list(urllib3.connection.HTTPConnection.default_socket_options)
+    opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
+
+
 def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient.ApiClient:
     """Client config like client-go's: kubeconfig (server overridden by the URL if given), else the
     URL alone, else the in-cluster service account.
@@ -127,6 +174,7 @@ def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient
         raise errors.ConfigError(f"cannot load Kubernetes client config from {src}: {e}{hint}") from None
     if api_url:
         cfg.host = api_url.rstrip("/")
+    cfg.socket_options = keepalive_socket_options()
     cfg.retries = 0  # we retry with our own policies; never silently inside urllib3
     return kclient.ApiClient(cfg)
 
@@ -142,10 +190,11 @@ class NodeWatch:
     ``StoreUnavailable`` when the request failed or the connection broke.
     """
 
-    def __init__(self, opener: Callable[[], Any]) -> None:
+    def __init__(self, opener: Callable[[], Any], *, skipped: skips.Skips = skips.SKIPPED) -> None:
         self._opener = opener
+        self._skips = skipped
         self._resp: Any = None
-        self._q: queue.Queue[Any] = queue.Queue()
+        self._q: queue.Queue[Any] = queue.Queue(WATCH_QUEUE_SIZE)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kube-watch-reader", daemon=True)
         self._thread.start()
@@ -153,35 +202,33 @@ class NodeWatch:
     def _run(self) -> None:
         try:
             self._resp = self._opener()
-        except Exception as e:
-            self._q.put(e)
+        except errors.FlannelError as e:
+            self._put(e)
+            return
+        except Exception as e:  # a failure on this thread must reach the watch loop, not end it
+            log.exception("opening the watch on nodes failed unexpectedly")
+            self._put(errors.StoreUnavailable(f"watch on nodes could not be opened: {type(e).__name__}: {e}"))
             return
         if self._closed.is_set():  # closed while the request was in flight
             self._shutdown()
         self._read()
 
     def _read(self) -> None:
-        buf = b""
         clean = False
         try:
-            for chunk in self._resp.stream(65536, decode_content=True):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        self._q.put(json.loads(line))
-            if buf.strip():
-                self._q.put(json.loads(buf))
-            self._q.put(END)
+            for line in self._lines():
+                self._line(line)
+            self._put(END)
             clean = True
-        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as e:
+        except (urllib3.exceptions.HTTPError, OSError, AttributeError) as e:
             # AttributeError: urllib3 drops its fp when the socket is shut down under it
             if self._closed.is_set():
-                self._q.put(END)
+                self._put(END)
             else:
-                self._q.put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
-        except Exception as e:
-            self._q.put(e)
+                self._put(errors.StoreUnavailable(f"watch on nodes broke: {_reason(e)}"))
+        except Exception as e:  # the reader must hand every failure to the watch loop
+            log.exception("the watch reader failed unexpectedly")
+            self._put(errors.StoreUnavailable(f"watch on nodes failed: {type(e).__name__}: {e}"))
         finally:
             # a stream that ended cleanly can go back to the pool; a broken one must not
             with contextlib.suppress(Exception):
@@ -189,6 +236,54 @@ class NodeWatch:
                     self._resp.release_conn()
                 else:
                     self._resp.close()
+
+    def _put(self, item: Any) -> None:
+        """Queue ``item`` for the watch loop, waiting while the queue is full (until closed)."""
+        while not self._closed.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _lines(self) -> Iterator[bytes]:
+        """The stream split into lines; a line longer than ``MAX_EVENT_BYTES`` is dropped (counted)."""
+        buf = b""
+        discarding = False
+        for chunk in self._resp.stream(65536, decode_content=True):
+            buf = buf + chunk if buf else chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                line, buf = buf[:nl], buf[nl + 1:]
+                if discarding:
+                    discarding = False
+                    continue
+                yield line
+            if len(buf) > MAX_EVENT_BYTES:
+                if not discarding:
+                    self._skips.skip("a watch line", skips.TOO_LARGE, f"longer than {MAX_EVENT_BYTES} bytes")
+                discarding, buf = True, b""
+        if buf and not discarding:
+            yield buf
+
+    def _line(self, line: bytes) -> None:
+        """Decode one line of the stream into the queue, or skip it (counted, rate-limited log)."""
+        if not line.strip():
+            return
+        try:
+            item = json.loads(line)
+        except Exception as e:  # the trust boundary for the stream: skip this line only
+            reason = skips.reason_of(e)
+            self._skips.skip("a watch line", skips.UNDECODABLE_LINE if reason == skips.UNEXPECTED else reason,
+                             f"{skips.describe(e)}: {line[:80]!r}")
+            return
+        if not (isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("object"), dict)):
+            self._skips.skip("a watch line", skips.MALFORMED_EVENT,
+                             f"not a watch event object (a JSON {type(item).__name__}): {line[:80]!r}")
+            return
+        self._put(item)
 
     def get(self, timeout: float) -> tuple[str, dict[str, Any]] | _End | None:
         try:
@@ -202,10 +297,8 @@ class NodeWatch:
         return self._event(item)
 
     @staticmethod
-    def _event(item: Any) -> tuple[str, dict[str, Any]]:
-        if not isinstance(item, dict) or not isinstance(item.get("object"), dict):
-            raise errors.StoreUnavailable(f"watch on nodes sent a malformed event: {str(item)[:_BODY_LIMIT]}")
-        etype, obj = str(item.get("type")), item["object"]
+    def _event(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        etype, obj = str(item["type"]), item["object"]
         if etype == "ERROR":
             code = obj.get("code")
             msg = str(obj.get("message", ""))[:_BODY_LIMIT]
@@ -285,18 +378,49 @@ class KubeClient:
                                                    _request_timeout=REQUEST_TIMEOUT)
             return self._json(resp, f"get pod {namespace}/{name}")
 
-    def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
-        """All nodes and the list's resourceVersion (the point to watch from)."""
-        with _mapped("list", "nodes"):
-            resp = self._api().list_node(_preload_content=False, _request_timeout=(5.0, 60.0))
-            obj = self._json(resp, "list nodes")
-        items = obj.get("items") or []
-        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-        if not rv:
-            raise errors.StoreUnavailable("API server: list nodes returned no metadata.resourceVersion")
-        return [i for i in items if isinstance(i, dict)], rv
+    def list_node_pages(self, *, limit: int | None = None) -> Iterator[tuple[list[Any], str]]:
+        """All nodes, one page (``limit`` nodes) at a time, with the list's resourceVersion (the
+        point to watch from; every page of one list has the same).
 
-    def watch_nodes(self, resource_version: str, *, timeout_seconds: int) -> NodeWatch:
+        Items are passed on as they are (the tracker decides what is readable).
+        :raises Expired: the continue token fell out of the server's history (relist from scratch).
+        """
+        token: str | None = None
+        rv: str | None = None
+        while True:
+            with _mapped("list", "nodes"):
+                kw: dict[str, Any] = {"limit": limit or LIST_PAGE_SIZE}
+                if token:
+                    kw["_continue"] = token
+                resp = self._api().list_node(_preload_content=False, _request_timeout=LIST_TIMEOUT, **kw)
+                obj = self._json(resp, "list nodes")
+            meta = obj.get("metadata")
+            meta = meta if isinstance(meta, dict) else {}
+            items = obj.get("items") or []
+            if not isinstance(items, list):
+                raise errors.StoreUnavailable("API server: list nodes: items is not a list")
+            if rv is None:
+                page_rv = meta.get("resourceVersion")
+                if not isinstance(page_rv, (str, int)) or not str(page_rv):
+                    raise errors.StoreUnavailable("API server: list nodes returned no metadata.resourceVersion")
+                rv = str(page_rv)
+            token = meta.get("continue") if isinstance(meta.get("continue"), str) else None
+            yield items, rv
+            del items, obj
+            if not token:
+                return
+
+    def list_nodes(self) -> tuple[list[Any], str]:
+        """All nodes (every page) and the list's resourceVersion."""
+        out: list[Any] = []
+        rv = ""
+        for items, page_rv in self.list_node_pages():
+            out.extend(items)
+            rv = page_rv
+        return out, rv
+
+    def watch_nodes(self, resource_version: str, *, timeout_seconds: int,
+                    read_timeout: float = WATCH_READ_TIMEOUT) -> NodeWatch:
         """Start a watch on all nodes from ``resource_version`` (events after it), with bookmarks.
 
         Returns at once; the request is made on the watch's thread (see ``NodeWatch``).
@@ -309,8 +433,8 @@ class KubeClient:
                 return api.list_node(
                     watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
                     timeout_seconds=timeout_seconds, _preload_content=False,
-                    # a silent dead connection is noticed after the server's own timeout plus slack
-                    _request_timeout=(WATCH_CONNECT_TIMEOUT, float(timeout_seconds) + 30.0))
+                    # bookmarks come ~every minute: a longer silence means a dead or wedged watch
+                    _request_timeout=(WATCH_CONNECT_TIMEOUT, read_timeout))
 
         return NodeWatch(open_watch)
 

@@ -8,8 +8,17 @@
   connection means re-watch from the last version seen (bookmarks keep it fresh), with backoff
   while the server is down. This is the informer pattern (kopf's ``watching.py``) without its
   cache: the ``NodeTracker`` keeps only each node's last lease.
-* Kube leases do not expire: ``complete_lease`` marks the node's network available once and
-  then waits for stop.
+* Kube leases do not expire: ``complete_lease`` marks the node's network available, then looks
+  after our own node for as long as we run: the watch hands it every version of our node object
+  (it is never a peer), and
+  - annotations changed or removed by someone else, or our node deleted and re-created with the
+    same podCIDR: our annotations (and ``NetworkUnavailable=False``) are published again: the lease
+    is re-established in place;
+  - our node's podCIDR changed (edited, or the node re-created with another CIDR): ``on_lease`` is
+    called with the new lease, and the daemon exits 1 so that a restart sets up the new subnet
+    (pods on this node hold addresses of the old one). Nothing is published for the new CIDR
+    before that restart, so no agent routes it here early;
+  - our node deleted: logged; our routes stay, and we wait for it to come back.
 
 Backends see the same ``Lease``/``LeaseAttrs`` as with etcd and never learn which store this is.
 """
@@ -31,8 +40,8 @@ from flannel.options import AgentOptions
 from flannel.subnet_managers.base import SubnetManager
 from flannel.subnet_managers.kube import annotations as annots
 from flannel.subnet_managers.kube import nodes
-from flannel.subnet_managers.kube.client import END, Expired, KubeClient, NotFound
-from flannel.subnet_managers.kube.tracker import NodeTracker
+from flannel.subnet_managers.kube.client import END, WATCH_READ_TIMEOUT, Expired, KubeClient, NotFound
+from flannel.subnet_managers.kube.tracker import MISSING, NodeTracker
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,32 @@ WATCH_TIMEOUT_RANGE = (300, 600)
 MAX_EVENTS_PER_RESULT = 500
 #: How often blocking loops look at the stop event.
 POLL_SECONDS = 0.5
+
+
+def _uid(node: Any) -> str | None:
+    meta = node.get("metadata") if isinstance(node, dict) else None
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    return uid if isinstance(uid, str) else None
+
+
+class _OwnNodeBox:
+    """The latest version of our own node seen by the watch (latest wins), for ``complete_lease``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: tuple[str, Any] | None = None
+        self.changed = threading.Event()
+
+    def put(self, kind: str, node: Any) -> None:
+        with self._lock:
+            self._item = (kind, node)
+        self.changed.set()
+
+    def take(self) -> tuple[str, Any] | None:
+        with self._lock:
+            item, self._item = self._item, None
+            self.changed.clear()
+            return item
 
 
 class KubeSubnetManager(SubnetManager):
@@ -65,6 +100,11 @@ class KubeSubnetManager(SubnetManager):
         self._node_name: str | None = node_name
         self._config: NetworkConfig | None = None
         self._own_attrs: LeaseAttrs | None = None
+        self._own_lease: Lease | None = None
+        self._own_uid: str | None = None  # our node object's uid: another one means it was re-created
+        self._own_box = _OwnNodeBox()
+        #: how long a watch may stay silent before it is re-opened (tests shorten it)
+        self.watch_read_timeout = WATCH_READ_TIMEOUT
 
     # -- identity and config -------------------------------------------------------------------
 
@@ -148,7 +188,14 @@ class KubeSubnetManager(SubnetManager):
     def stored_public_ips(self) -> tuple[str | None, str | None]:
         """``node-public-ip`` / ``node-public-ipv6`` annotations (they replace --public-ip[v6])."""
         ann = nodes.annotations_of(self._own_node())
-        return ann.get(self._names.node_public_ip) or None, ann.get(self._names.node_public_ipv6) or None
+        out: list[str | None] = []
+        for key in (self._names.node_public_ip, self._names.node_public_ipv6):
+            value = ann.get(key) or None
+            if value is not None and len(value) > 64:  # no address is that long: never pass it on
+                log.warning("ignoring annotation %s on our node: %d characters is not an address", key, len(value))
+                value = None
+            out.append(value)
+        return out[0], out[1]
 
     def stored_backend_data(self) -> tuple[str | None, str | None]:
         """What we published last time (vxlan reads its VtepMAC from it to keep the MAC)."""
@@ -161,6 +208,8 @@ class KubeSubnetManager(SubnetManager):
         lease = nodes.own_lease(node, config, attrs)
         self._publish(node, attrs)
         self._own_attrs = attrs
+        self._own_lease = lease
+        self._own_uid = _uid(node)
         log.info("acquired lease %s from node %r", lease.describe(), nodes.node_name(node))
         return lease
 
@@ -185,34 +234,105 @@ class KubeSubnetManager(SubnetManager):
 
     def complete_lease(self, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
-        """Set ``NetworkUnavailable=False`` once (unless disabled), then wait for stop (§5.8).
+        """Set ``NetworkUnavailable=False`` (unless disabled), then look after our own node until
+        stop (see the module docstring). A failure to patch is logged, never fatal: the data plane
+        already works.
 
-        A failure here is logged, never fatal: the data plane already works.
+        :raises errors.ConfigError: our node's new podCIDR is unusable (outside ``Network``): the
+            daemon exits 1, and a restart reports the same error until the node is fixed.
         """
-        if self._opts.set_node_network_unavailable:
-            name = self.node_name()
+        self._own_lease = self._own_lease or lease
+        self._mark_network_available(stop)
+        deleted = False
+        while not stop.is_set():
+            if not self._own_box.changed.wait(POLL_SECONDS):
+                continue
+            item = self._own_box.take()
+            if item is None:
+                continue
+            kind, node = item
+            if kind in ("DELETED", MISSING):
+                if not deleted:
+                    log.warning("our node %r was deleted; keeping our routes and waiting for it to be "
+                                "registered again (other nodes drop their routes to us meanwhile)", self._node_name)
+                deleted = True
+                continue
+            recreated = deleted or _uid(node) != self._own_uid
+            outcome = self._own_node_changed(node, on_lease, stop, recreated=recreated)
+            if outcome == "stop":
+                return
+            if outcome == "handled":
+                deleted = False
+                self._own_uid = _uid(node)
+
+    def _mark_network_available(self, stop: threading.Event) -> None:
+        if not self._opts.set_node_network_unavailable:
+            return
+        name = self.node_name()
+        try:
+            retry.store(stop, what=f"set NetworkUnavailable=False on node {name}")(
+                self._client.patch_node_status, name, nodes.network_available_patch())
+            log.info("node %r: NetworkUnavailable=False (%s)", name, nodes.CONDITION_REASON)
+        except errors.StoreUnavailable:
+            pass  # stop was set while the API server was unreachable
+        except errors.StoreError as e:
+            log.error("could not set the NetworkUnavailable condition on node %r: %s", name, e)
+
+    def _own_node_changed(self, node: Any, on_lease: Callable[[Lease], None] | None, stop: threading.Event,
+                          *, recreated: bool) -> str:
+        """Handle a new version of our node: "stop" (the lease moved: the daemon exits), "waiting"
+        (no podCIDR yet) or "handled"."""
+        current, attrs = self._own_lease, self._own_attrs
+        if current is None or attrs is None:
+            return "handled"
+        try:
+            lease = nodes.own_lease(node, self.get_network_config(), attrs)
+        except errors.ConfigError as e:
+            if "pod cidr not assigned" in str(e):
+                log.warning("our node %r has no podCIDR (re-registered?); waiting for one", self._node_name)
+                return "waiting"
+            raise errors.ConfigError(f"our node changed under us: {e}") from None
+        if lease.ident != current.ident:
+            msg = (f"our node {self._node_name!r} changed its podCIDR from {current.describe()} to "
+                   f"{lease.describe()} while we run")
+            if on_lease is None:
+                log.error("%s; restart this agent to use the new subnet", msg)
+                return "handled"
+            log.error("%s; handing the new lease to the daemon (it exits so that a restart sets up the new "
+                      "subnet)", msg)
+            on_lease(lease)
+            return "stop"
+        if recreated:
+            log.warning("our node %r was registered again with the same podCIDR; publishing our annotations "
+                        "again", self._node_name)
+        current_ann = nodes.annotations_of(node)
+        if annots.annotation_patch(current_ann, annots.desired_annotations(self._names, attrs, current_ann)):
+            log.warning("our node's flannel annotations changed under us; restoring them")
             try:
-                retry.store(stop, what=f"set NetworkUnavailable=False on node {name}")(
-                    self._client.patch_node_status, name, nodes.network_available_patch())
-                log.info("node %r: NetworkUnavailable=False (%s)", name, nodes.CONDITION_REASON)
+                retry.store(stop, what="restore our node annotations")(self._publish, node, attrs)
             except errors.StoreUnavailable:
-                pass  # stop was set while the API server was unreachable
+                return "handled"  # stop was set
             except errors.StoreError as e:
-                log.error("could not set the NetworkUnavailable condition on node %r: %s", name, e)
-        stop.wait()
+                log.error("could not restore our node annotations: %s", e)
+        if recreated:
+            self._mark_network_available(stop)
+        return "handled"
 
     def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
-        """Snapshot, then events, forever; relist on 410, re-watch (with backoff) on a drop."""
-        tracker = NodeTracker(self._names, self.get_network_config())
+        """Snapshot, then events, forever; relist on 410, re-watch (with backoff) on a drop.
+
+        Our own node never comes out of here: the tracker hands it to ``complete_lease``.
+        """
+        tracker = NodeTracker(self._names, self.get_network_config(), own_name=self._node_name,
+                              on_own=self._own_box.put)
         rv: str | None = None
         failures = 0
         while not stop.is_set():
             try:
                 if rv is None:
-                    items, rv = retry.store(stop, what="list nodes")(self._client.list_nodes)
-                    snapshot = tracker.reset(items)
+                    snapshot, rv, count = retry.store(stop, what="list nodes")(self._list, tracker)
                     log.info("listed %d nodes (%d with flannel leases) at resourceVersion %s",
-                             len(items), len(snapshot), rv)
+                             count, len(snapshot), rv)
                     yield WatchResult.of_snapshot(snapshot)
                 for result, seen in self._watch_once(tracker, rv, stop):
                     rv = seen  # where to resume if the watch drops
@@ -234,11 +354,27 @@ class KubeSubnetManager(SubnetManager):
                 log.error("cannot list/watch nodes: %s; retrying in 10s", e)
                 stop.wait(10.0)
 
+    def _list(self, tracker: NodeTracker) -> tuple[list[Lease], str, int]:
+        """One paginated LIST fed straight into the tracker: only one page of node objects is ever
+        held. Returns (snapshot, resourceVersion, number of nodes)."""
+        rv = ""
+        count = 0
+
+        def items() -> Iterator[Any]:
+            nonlocal rv, count
+            for page, page_rv in self._client.list_node_pages():
+                rv = rv or page_rv
+                count += len(page)
+                yield from page
+
+        snapshot = tracker.reset(items())
+        return snapshot, rv, count
+
     def _watch_once(self, tracker: NodeTracker, rv: str,
                     stop: threading.Event) -> Iterator[tuple[WatchResult | None, str]]:
         """One watch connection: yields (result or None for a bookmark, latest resourceVersion)."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
-        with self._client.watch_nodes(rv, timeout_seconds=timeout) as watch:
+        with self._client.watch_nodes(rv, timeout_seconds=timeout, read_timeout=self.watch_read_timeout) as watch:
             while not stop.is_set():
                 item = watch.get(POLL_SECONDS)
                 if item is None:
@@ -253,7 +389,6 @@ class KubeSubnetManager(SubnetManager):
                     rv = nodes.resource_version(obj) or rv
                     if etype != "BOOKMARK":
                         events.extend(tracker.apply(etype, obj))
-                        self._maybe_republish(etype, obj)
                     if len(events) >= MAX_EVENTS_PER_RESULT:
                         break
                     try:
@@ -266,19 +401,6 @@ class KubeSubnetManager(SubnetManager):
                     raise broke
                 if item is END:
                     return
-
-    def _maybe_republish(self, etype: str, node: dict[str, Any]) -> None:
-        """If our own node's flannel annotations were changed or removed by someone, put them back
-        (other agents would otherwise drop or misroute us)."""
-        if etype != "MODIFIED" or self._own_attrs is None or nodes.node_name(node) != self._node_name:
-            return
-        current = nodes.annotations_of(node)
-        if annots.annotation_patch(current, annots.desired_annotations(self._names, self._own_attrs, current)):
-            log.warning("our node's flannel annotations changed under us; restoring them")
-            try:
-                self._publish(node, self._own_attrs, retrying=False)
-            except errors.StoreError as e:
-                log.error("could not restore our node annotations: %s", e)
 
     def close(self) -> None:
         self._closed.set()

@@ -9,6 +9,7 @@ state is checked with iproute2 in each host namespace.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,82 @@ def test_kube_agent_without_patch_permission_exits_naming_it(lab: KubeLab) -> No
     assert agent.wait_exit(45) == 1
     log = agent.log_text()
     assert 'verb "patch" on resource "nodes/status"' in log, agent.log_tail(20)
+
+
+def fake_remote(i: int) -> dict[str, str]:
+    """What node k<i>'s agent would have published (no agent runs for it)."""
+    return {P + "kube-subnet-manager": "true", P + "backend-type": "vxlan", P + "public-ip": f"198.18.0.{i}",
+            P + "backend-data": json.dumps({"VNI": 1, "VtepMAC": f"02:00:00:00:00:{i:02x}"}, separators=(",", ":"))}
+
+
+def block(host: Host, peer: str, on: bool) -> None:
+    """DROP everything between ``host`` and ``peer`` (rules in the host's own namespace only)."""
+    op = "-I" if on else "-D"
+    host.ns.exec("iptables", "-w", op, "INPUT", "-s", peer, "-j", "DROP")
+    host.ns.exec("iptables", "-w", op, "OUTPUT", "-d", peer, "-j", "DROP")
+
+
+def test_kube_agent_notices_a_vanished_api_server_within_60s_of_the_network_healing(lab: KubeLab) -> None:
+    """Issue 8 items 5/6: the API server's host vanishes (no reset reaches the agent) for 20 s; a node
+    added meanwhile must reach the agent within 60 s of the network healing (it took 583 s)."""
+    name = lab.node(1)
+    agent = lab.agent(name).start()
+    agent.wait_ready(45)
+    host, hub = lab.hosts[name], str(lab.underlay.hub_ip)
+    seen = lab.api.watch_requests
+    wait_for(lambda: lab.api.watch_requests > seen or "listed" in agent.log_text(), "the agent to watch", [agent])
+    block(host, hub, True)
+    try:
+        lab.api.abort_connections()  # the server forgets every connection; its resets are dropped
+        lab.api.add_node("k2", ["10.244.2.0/24"], annotations=fake_remote(2))
+        time.sleep(20)  # the outage itself (the scenario's length, not a wait for a condition)
+    finally:
+        block(host, hub, False)
+    healed = time.monotonic()
+    wait_for(lambda: "10.244.2.0/24 via 10.244.2.0" in routes(host), "the node added during the outage",
+             [agent], timeout=60)
+    print(f"\nnode added during a 20 s outage reached the agent {time.monotonic() - healed:.1f} s after the "
+          "network healed")
+    assert agent.running
+
+
+def test_kube_agent_survives_an_api_outage_with_compaction_and_a_410_mid_watch(lab: KubeLab) -> None:
+    name = lab.node(1)
+    lab.api.add_node("k2", ["10.244.2.0/24"], annotations=fake_remote(2))
+    agent = lab.agent(name).start()
+    agent.wait_ready(45)
+    host = lab.hosts[name]
+    wait_for(lambda: routes(host) == {"10.244.2.0/24 via 10.244.2.0"}, "the first peer", [agent])
+    # 1) the API server is down for 10 s; the cluster changes meanwhile and the history is compacted
+    lab.api.stop()
+    lab.api.delete_node("k2")
+    lab.api.add_node("k3", ["10.244.3.0/24"], annotations=fake_remote(3))
+    lab.api.compact()
+    time.sleep(10)  # the outage itself
+    assert agent.running and routes(host) == {"10.244.2.0/24 via 10.244.2.0"}, "nothing removed while blind"
+    lab.api.start()
+    wait_for(lambda: routes(host) == {"10.244.3.0/24 via 10.244.3.0"}, "caught up after the outage", [agent])
+    # 2) a 410 during a live watch (history compacted under it): relist, nothing lost
+    lab.api.add_node("k4", ["10.244.4.0/24"], annotations=fake_remote(4))
+    lab.api.compact()
+    lab.api.cut_watches()
+    lab.api.add_node("k5", ["10.244.5.0/24"], annotations=fake_remote(5))
+    wait_for(lambda: routes(host) == {f"10.244.{i}.0/24 via 10.244.{i}.0" for i in (3, 4, 5)},
+             "every node after the 410", [agent])
+    assert agent.running
+
+
+def test_kube_agent_exits_1_when_its_node_gets_another_pod_cidr_and_never_routes_to_itself(lab: KubeLab) -> None:
+    """Issue 8 item 5: our node re-registered with a new podCIDR (docs/kubernetes.md: exit for a restart)."""
+    name = lab.node(1)
+    agent = lab.agent(name).start()
+    agent.wait_ready(45)
+    lab.api.modify_node(name, {"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}})
+    assert agent.wait_exit(30) == 1
+    log = agent.log_text()
+    assert "changed its podCIDR from 10.244.1.0/24" in log and "10.244.9.0/24" in log, agent.log_tail(20)
+    assert not any(r.startswith(("10.244.9.0/24", "10.244.1.0/24")) for r in routes(lab.hosts[name]))
+    # the restart picks up the new subnet
+    agent.start()
+    env = agent.wait_ready(45)
+    assert env["FLANNEL_SUBNET"] == "10.244.9.1/24"

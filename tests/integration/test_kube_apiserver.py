@@ -147,3 +147,98 @@ def test_listens_inside_a_namespace_in_process_and_as_a_process(ns_prefix, tmp_p
         finally:
             stop_process(proc)
     assert not [line for line in netns_mod.run("ip", "netns", "list").splitlines() if line.startswith(ns_prefix)]
+
+
+@pytest.fixture
+def server():
+    srv = KubeAPIServer(token=TOKEN).start()
+    yield srv
+    srv.stop()
+
+
+def test_paginated_list_is_consistent_at_the_first_pages_version(server):
+    for i in range(1, 8):
+        server.add_node(f"n{i}", [f"10.244.{i}.0/24"])
+    api = api_for(server.url)
+    first = api.list_node(limit=3)
+    assert [n.metadata.name for n in first.items] == ["n1", "n2", "n3"]
+    assert first.metadata.remaining_item_count == 4 and first.metadata._continue
+    # the cluster changes between the pages; the list still shows it as of the first page
+    server.delete_node("n5")
+    server.add_node("n4a", ["10.244.40.0/24"])
+    server.set_annotations("n6", {"x.io/changed": "yes"})
+    second = api.list_node(limit=3, _continue=first.metadata._continue)
+    third = api.list_node(limit=3, _continue=second.metadata._continue)
+    assert [n.metadata.name for n in second.items + third.items] == ["n4", "n5", "n6", "n7"]
+    assert second.items[2].metadata.annotations is None, "n6 as it was at the list's version"
+    assert second.metadata.resource_version == third.metadata.resource_version == first.metadata.resource_version
+    assert not third.metadata._continue and third.metadata.remaining_item_count is None
+    # a fresh list sees the changes
+    assert [n.metadata.name for n in api.list_node().items] == ["n1", "n2", "n3", "n4", "n4a", "n6", "n7"]
+
+
+def test_a_continue_token_older_than_the_history_is_410(server):
+    for i in range(1, 5):
+        server.add_node(f"n{i}", [f"10.244.{i}.0/24"])
+    api = api_for(server.url)
+    first = api.list_node(limit=2)
+    server.compact()
+    with pytest.raises(client.ApiException) as exc:
+        api.list_node(limit=2, _continue=first.metadata._continue)
+    assert exc.value.status == 410 and json.loads(exc.value.body)["reason"] == "Expired"
+
+
+def test_bookmarks_come_periodically_and_just_before_the_deadline(server):
+    server.bookmark_interval = 1.0
+    api = api_for(server.url)
+    rv = api.list_node().metadata.resource_version
+    resp = api.list_node(watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=5,
+                         _preload_content=False)
+    lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    assert lines and all(e["type"] == "BOOKMARK" for e in lines)
+    assert 3 <= len(lines) <= 6, f"~1/s over 5 s, plus one 2 s before the end: {len(lines)}"
+    assert all(e["object"]["metadata"]["resourceVersion"] == rv for e in lines)
+    # the real default: about once a minute, and one 2 s before the deadline
+    server.bookmark_interval = 60.0
+    before = server.bookmarks_sent
+    resp = api.list_node(watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=3,
+                         _preload_content=False)
+    assert [json.loads(line)["type"] for line in resp.read().splitlines() if line.strip()] == ["BOOKMARK"]
+    assert server.bookmarks_sent == before + 1
+    assert KubeAPIServer().bookmark_interval == 60.0
+
+
+def test_injected_raw_lines_reach_watches_in_order(server):
+    api = api_for(server.url)
+    rv = api.list_node().metadata.resource_version
+    server.add_node("n1", ["10.244.1.0/24"])
+    server.inject_watch_line(b"{not json")
+    server.add_node("n2", ["10.244.2.0/24"])
+    resp = api.list_node(watch=True, resource_version=rv, timeout_seconds=1, _preload_content=False)
+    lines = [line for line in resp.read().splitlines() if line.strip()]
+    assert len(lines) == 3 and lines[1] == b"{not json"
+    assert [json.loads(lines[i])["object"]["metadata"]["name"] for i in (0, 2)] == ["n1", "n2"]
+
+
+def test_generated_nodes_look_like_real_ones_and_heartbeats_are_status_only(server):
+    from flannel.lab.kubeapi.generate import flannel_annotations, realistic_cluster
+
+    nodes = realistic_cluster(20)
+    sizes = [len(json.dumps(n, separators=(",", ":"))) for n in nodes]
+    assert all(8000 <= s <= 12000 for s in sizes), sizes
+    server.add_nodes(nodes)
+    api = api_for(server.url)
+    got = api.list_node(limit=500)
+    assert len(got.items) == 20 and got.items[0].status.images and len(got.items[0].metadata.labels) > 10
+    assert got.items[3].metadata.annotations.items() >= flannel_annotations(4).items()
+    rv = got.metadata.resource_version
+    assert server.state.heartbeat_nodes() == 20
+    events = [json.loads(line) for line in api.list_node(watch=True, resource_version=rv, timeout_seconds=1,
+                                                         _preload_content=False).read().splitlines()]
+    assert len(events) == 20 and {e["type"] for e in events} == {"MODIFIED"}
+    before = {n.metadata.name: n for n in got.items}
+    for e in events:
+        old = api.api_client.sanitize_for_serialization(before[e["object"]["metadata"]["name"]])
+        new = e["object"]
+        assert new["spec"] == old["spec"] and new["metadata"]["annotations"] == old["metadata"]["annotations"]
+        assert new["status"]["conditions"] != old["status"]["conditions"]

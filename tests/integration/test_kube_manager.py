@@ -44,6 +44,23 @@ def remote_annotations(i: int, *, v6: bool = False) -> dict[str, str]:
     return out
 
 
+class Completer:
+    """``complete_lease`` on a thread, as the daemon runs it, recording what it hands to ``on_lease``."""
+
+    def __init__(self, manager: KubeSubnetManager, own) -> None:
+        self.moved: list = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(manager, own), daemon=True)
+        self.thread.start()
+
+    def _run(self, manager, own) -> None:
+        try:
+            manager.complete_lease(own, self.stop, on_lease=self.moved.append)
+        except BaseException as e:
+            self.error = e
+
+
 @pytest.fixture
 def server():
     srv = KubeAPIServer(token=TOKEN, bookmark_interval=1.0).start()
@@ -72,11 +89,23 @@ def managers():
             followers.append(f)
             return f
 
+        def complete(self, manager, own) -> Completer:
+            c = Completer(manager, own)
+            completers.append(c)
+            return c
+
+    completers: list[Completer] = []
     yield Factory()
+    for c in completers:
+        c.stop.set()
     for f in followers:
         f.stop.set()
     for f in followers:
         assert f.close(), "watch_leases did not honour stop"
+    for c in completers:
+        c.thread.join(5)
+        assert not c.thread.is_alive(), "complete_lease did not honour stop"
+        assert c.error is None, f"complete_lease raised {c.error!r}"
     for m in made:
         m.close()
 
@@ -328,10 +357,88 @@ def test_our_annotations_are_restored_if_someone_removes_them(server, env, manag
     m = managers(env, "me")
     own = m.acquire_lease(vxlan_attrs(1))
     f = managers.follow(m, own)
+    managers.complete(m, own)
     wait_for(lambda: f.batches, what="initial snapshot")
     server.set_annotations("me", {P + "public-ip": None, P + "kube-subnet-manager": None})
     wait_for(lambda: server.get_node("me")["metadata"]["annotations"].get(P + "public-ip") == "198.18.0.1",
                what="annotations restored")
+
+
+def own_subnets_seen(f: Follower, *subnets: str) -> list[str]:
+    """Every lease event (or current peer) that names one of our own subnets."""
+    seen = [f"{t.value} {lease.subnet}" for t, lease in f.events() if str(lease.subnet) in subnets]
+    return seen + [f"peer {p}" for p in f.peers() if p in subnets]
+
+
+def test_our_node_changing_its_pod_cidr_is_never_a_peer_and_the_new_lease_goes_to_the_daemon(server, env, managers):
+    """Issue 8 item 5: the re-registered node with a new podCIDR was routed to as a remote peer."""
+    server.add_node("me", ["10.244.1.0/24"])
+    server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "initial peer")
+    changed = server.modify_node("me", {"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}})
+    # one more event after ours, so we know the watch has handled ours
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: "10.244.3.0/24" in p, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24", "10.244.9.0/24") == [], "our own node came out as a peer"
+    assert set(f.peers()) == {"10.244.2.0/24", "10.244.3.0/24"}
+    moved = wait_for(lambda: c.moved, what="on_lease with the new lease")
+    assert [str(lease.subnet) for lease in moved] == ["10.244.9.0/24"]
+    assert moved[0].attrs == vxlan_attrs(1)
+    c.thread.join(5)
+    assert not c.thread.is_alive(), "complete_lease returns once the daemon was told (it exits 1)"
+    assert server.get_node("me")["metadata"]["resourceVersion"] == changed["metadata"]["resourceVersion"], \
+        "nothing is published for the new CIDR before the restart"
+
+
+def test_our_node_deleted_and_registered_again_with_the_same_cidr_is_released_in_place(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    wait_for(lambda: "NetworkUnavailable" in {x["type"] for x in server.get_node("me")["status"]["conditions"]},
+             what="NetworkUnavailable set at start")
+    server.delete_node("me")
+    server.add_node("me")  # the kubelet registers it again: no annotations, no condition, no podCIDR yet
+    server.modify_node("me", {"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}})
+
+    def republished():
+        node = server.get_node("me")
+        conds = {x["type"]: x for x in node["status"].get("conditions", [])}
+        return (node["metadata"].get("annotations", {}).get(P + "backend-data") == vxlan_attrs(1).backend_data
+                and conds.get("NetworkUnavailable", {}).get("status") == "False")
+
+    wait_for(republished, what="annotations and NetworkUnavailable=False published again")
+    assert c.moved == [] and c.thread.is_alive()
+    assert server.get_node("me")["metadata"]["annotations"] == {
+        P + "backend-type": "vxlan", P + "backend-data": vxlan_attrs(1).backend_data, P + "public-ip": "198.18.0.1",
+        P + "kube-subnet-manager": "true"}
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: set(p) == {"10.244.3.0/24"}, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24") == []
+
+
+def test_our_node_registered_again_with_another_cidr_hands_on_the_new_lease(server, env, managers):
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    wait_for(lambda: f.batches, what="initial snapshot")
+    server.delete_node("me")
+    server.add_node("me")  # registered again; the node IPAM controller assigns a CIDR a moment later
+    server.modify_node("me", {"spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]}})
+    moved = wait_for(lambda: c.moved, what="on_lease with the new lease")
+    assert [str(lease.subnet) for lease in moved] == ["10.244.9.0/24"]
+    assert P + "kube-subnet-manager" not in server.get_node("me")["metadata"].get("annotations", {}), \
+        "nothing is published for the new CIDR before the restart"
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: set(p) == {"10.244.3.0/24"}, "a later peer")
+    assert own_subnets_seen(f, "10.244.1.0/24", "10.244.9.0/24") == []
 
 
 def test_missing_net_conf_is_a_config_error(server, env, managers, tmp_path):
@@ -378,3 +485,80 @@ def test_stop_is_honoured_while_a_watch_request_hangs(server, env, managers):
         assert f.close(timeout=5.0), "watch_leases did not return after stop while its request hung"
     finally:
         server.hang_watches.clear()
+
+
+def test_garbage_nodes_and_lines_appear_while_watching_and_good_nodes_still_arrive(server, env, managers):
+    """Issue 8 item 1 on the wire: node objects and watch lines nobody should ever send."""
+    from flannel.subnet_managers.kube import skips
+
+    server.add_node("me", ["10.244.1.0/24"])
+    server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
+    server.add_node("bad-at-list", ["10.244.20.0/24"], annotations={
+        **remote_annotations(20), P + "backend-data": "[" * 6000 + "]" * 6000})
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    before = skips.SKIPPED.snapshot()
+    f = managers.follow(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "the good node of the list")
+
+    deep = '{"VNI":1,"VtepMAC":' + "[" * 5000 + "]" * 5000 + "}"
+    garbage = {
+        "deep": {**remote_annotations(21), P + "backend-data": deep},
+        "huge": {**remote_annotations(22), P + "backend-data": '{"VNI":1,"X":"' + "a" * (1 << 20) + '"}'},
+        "typed": {**remote_annotations(23), P + "public-ip": 7},
+        "v6-typed": {**remote_annotations(24), P + "backend-v6-data": ["x"], P + "public-ipv6": {"a": 1}},
+        "cidr-typed": remote_annotations(25),
+    }
+    for i, (name, ann) in enumerate(garbage.items(), start=21):
+        server.add_node(name, [f"10.244.{i}.0/24"], annotations=ann)
+    server.modify_node("cidr-typed", {"spec": {"podCIDRs": [{"not": "a string"}]}})
+    server.set_annotations("n2", {P + "public-ip": "not an address"})  # keeps its last good lease
+    server.inject_watch_line(b'{"type":"ADDED","object":' + b"[" * 6000 + b"]" * 6000 + b"}")
+    server.inject_watch_line(b"\xff\xfe not even utf-8")
+    server.inject_watch_line(b'{"type":"MODIFIED","object":"a string"}')
+    server.add_node("n3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    server.add_node("n4", ["10.244.4.0/24"], annotations=remote_annotations(4))
+    peers = f.wait_peers(lambda p: {"10.244.3.0/24", "10.244.4.0/24"} <= set(p), "good nodes after the garbage")
+    assert set(peers) == {"10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24", "10.244.25.0/24"}, \
+        "only the good ones, and cidr-typed with the lease it had before it broke"
+    assert peers["10.244.2.0/24"].attrs == vxlan_attrs(2), "n2 keeps its last good lease"
+    assert f.thread.is_alive() and f.snapshots == 1, "no relist, no dead thread"
+    after = skips.SKIPPED.snapshot()
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) > before.get(k, 0)}
+    assert grew.get(skips.TOO_DEEP, 0) >= 2 and grew.get(skips.TOO_LARGE, 0) >= 1
+    assert grew.get(skips.BAD_ANNOTATIONS, 0) >= 1 and grew.get(skips.BAD_POD_CIDR, 0) >= 1
+    assert grew.get(skips.BAD_PUBLIC_IP, 0) >= 1 and grew.get(skips.MALFORMED_EVENT, 0) >= 1
+    assert grew.get(skips.UNDECODABLE_LINE, 0) + grew.get(skips.BAD_ENCODING, 0) >= 1
+
+
+def test_a_wedged_watch_is_reopened_after_the_read_timeout(server, env, managers):
+    """Issue 8 item 5/6: a watch that stays connected but silent (no events, no bookmarks) is dead."""
+    server.add_node("me", ["10.244.1.0/24"])
+    m = managers(env, "me")
+    m.watch_read_timeout = 3.0  # production: 90 s (the real server bookmarks every ~60 s)
+    own = m.acquire_lease(vxlan_attrs(1))
+    f = managers.follow(m, own)
+    wait_for(lambda: f.batches and server.watch_requests >= 1, what="watching")
+    server.freeze_watches()
+    seen = server.watch_requests
+    server.add_node("n5", ["10.244.5.0/24"], annotations=remote_annotations(5))
+    f.wait_peers(lambda p: "10.244.5.0/24" in p, "the node added while the watch was wedged", timeout=30)
+    assert server.watch_requests > seen and f.snapshots == 1, "re-watched from its resourceVersion"
+
+
+def test_the_list_is_read_in_pages(server, env, managers, monkeypatch):
+    from flannel.subnet_managers.kube import client as kc
+
+    monkeypatch.setattr(kc, "LIST_PAGE_SIZE", 50)
+    from flannel.lab.kubeapi.generate import realistic_cluster
+
+    server.add_nodes(realistic_cluster(230, start=2))
+    server.add_node("me", ["10.1.0.0/24"])
+    env.write_net_conf({"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}})
+    m = managers(env, "me")
+    own = m.acquire_lease(vxlan_attrs(1))
+    lists = server.list_requests
+    f = managers.follow(m, own)
+    peers = f.wait_peers(lambda p: len(p) == 230, "every generated node")
+    assert server.list_requests - lists == 5, "230 nodes in pages of 50"
+    assert str(peers["10.0.2.0/24"].attrs.public_ip) == "198.19.0.2"

@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 from flannel import errors
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.subnet_managers.kube import client as kc
+from flannel.subnet_managers.kube import skips
 
 
 def raised(exc: BaseException, verb: str = "patch", resource: str = "nodes/status", name: str = "n1") -> BaseException:
@@ -54,8 +55,6 @@ def test_watch_error_event_410_means_relist():
                                                           "message": "too old resource version: 5 (9)"}})
     with pytest.raises(errors.StoreUnavailable, match="500"):
         kc.NodeWatch._event({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "boom"}})
-    with pytest.raises(errors.StoreUnavailable, match="malformed"):
-        kc.NodeWatch._event({"type": "ADDED"})
     assert kc.NodeWatch._event({"type": "ADDED", "object": {"a": 1}}) == ("ADDED", {"a": 1})
 
 
@@ -93,3 +92,82 @@ def test_the_status_message_is_quoted_not_the_raw_json():
 def _with_body(exc: ApiException, body: str) -> ApiException:
     exc.body = body
     return exc
+
+
+class FakeStream:
+    """A urllib3 response whose body arrives in the given chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def stream(self, amt: int, decode_content: bool = True):
+        yield from self.chunks
+
+    def release_conn(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def read_all(chunks: list[bytes], counter: skips.Skips) -> list:
+    watch = kc.NodeWatch(lambda: FakeStream(chunks), skipped=counter)
+    out = []
+    while True:
+        item = watch.get(5.0)
+        assert item is not None, "the reader thread stopped without ending the stream"
+        if item is kc.END:
+            return out
+        out.append(item)
+
+
+def event(name: str, rv: int) -> bytes:
+    return json.dumps({"type": "MODIFIED", "object": {"metadata": {"name": name, "resourceVersion": str(rv)}}}).encode()
+
+
+def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(monkeypatch):
+    monkeypatch.setattr(kc, "MAX_EVENT_BYTES", 16384)
+    deep = b'{"type":"ADDED","object":' + b"[" * 6000 + b"]" * 6000 + b"}"
+    garbage = [
+        b"this is not json",
+        deep,                                            # RecursionError in the decoder
+        b'{"type":"ADDED","object":{"metadata":{"name":"\xff\xfe"}}}',  # invalid UTF-8 in a string
+        b"\xff\xfe\x00garbage",                       # not UTF-8 at all
+        b"[1, 2, 3]",                                    # JSON, but not an event object
+        b'{"type": "ADDED"}',                            # no object
+        b'{"type": 7, "object": {}}',                    # type not a string
+        b'{"type":"ADDED","object":{"x":"' + b"y" * 40000 + b'"}}',   # longer than MAX_EVENT_BYTES
+    ]
+    body = b"\n".join([event("a", 1), *garbage, event("b", 2)]) + b"\n"
+    # deliver in awkward pieces: lines split across chunks
+    chunks = [body[i:i + 777] for i in range(0, len(body), 777)]
+    counter = skips.Skips()
+    got = read_all(chunks, counter)
+    assert [(t, o["metadata"]["name"]) for t, o in got] == [("MODIFIED", "a"), ("MODIFIED", "b")]
+    counts = counter.snapshot()
+    assert counts.get(skips.TOO_DEEP) == 1
+    assert counts.get(skips.TOO_LARGE) == 1
+    assert counts.get(skips.MALFORMED_EVENT) == 3
+    assert counts.get(skips.BAD_ENCODING) == 1
+    assert counter.total() == len(garbage)  # every garbage line counted once
+
+
+def test_a_trailing_line_without_newline_is_still_delivered():
+    counter = skips.Skips()
+    got = read_all([event("a", 1) + b"\n" + event("b", 2)[:10], event("b", 2)[10:]], counter)
+    assert [o["metadata"]["name"] for _, o in got] == ["a", "b"]
+    assert counter.total() == 0
+
+
+def test_api_connections_use_tcp_keepalive():
+    import socket
+
+    opts = kc.keepalive_socket_options()
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in opts
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, kc.KEEPALIVE[0]) in opts
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in opts  # urllib3's default kept
+    cfg = kc.build_api_client(api_url="http://127.0.0.1:1").configuration
+    assert cfg.socket_options == opts
+    # a dead peer is given up well within a minute
+    idle, interval, count = kc.KEEPALIVE
+    assert idle + interval * count <= 45 and kc.WATCH_READ_TIMEOUT < 300

@@ -10,6 +10,7 @@ from flannel import errors
 from flannel.options import AgentOptions
 from flannel.subnet_managers.kube import KubeSubnetManager
 from flannel.subnet_managers.kube.client import END, Expired
+from tests.support import ScriptedClient
 
 P = "flannel.alpha.coreos.com/"
 
@@ -18,50 +19,6 @@ def node(name: str, i: int, rv: int, ip: str | None = None) -> dict[str, Any]:
     return {"metadata": {"name": name, "resourceVersion": str(rv), "annotations": {
         P + "kube-subnet-manager": "true", P + "backend-type": "vxlan", P + "backend-data": '{"VNI":1}',
         P + "public-ip": ip or f"198.18.0.{i}"}}, "spec": {"podCIDR": f"10.244.{i}.0/24"}}
-
-
-class ScriptedWatch:
-    def __init__(self, script: list[Any], on_empty: threading.Event) -> None:
-        self.script, self.on_empty, self.closed = list(script), on_empty, False
-
-    def get(self, timeout: float) -> Any:
-        if not self.script:
-            if timeout > 0:
-                self.on_empty.set()  # nothing more will happen: end the test run
-            return None
-        item = self.script.pop(0)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self.closed = True
-
-    def __enter__(self) -> ScriptedWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ScriptedClient:
-    host = "scripted"
-
-    def __init__(self, lists: list[tuple[list[dict[str, Any]], str]], watches: list[list[Any]], stop: threading.Event):
-        self.lists, self.watches, self.stop = list(lists), list(watches), stop
-        self.list_calls = 0
-        self.watch_from: list[str] = []
-
-    def list_nodes(self) -> tuple[list[dict[str, Any]], str]:
-        self.list_calls += 1
-        return self.lists.pop(0)
-
-    def watch_nodes(self, rv: str, *, timeout_seconds: int) -> ScriptedWatch:
-        self.watch_from.append(rv)
-        return ScriptedWatch(self.watches.pop(0) if self.watches else [], self.stop)
-
-    def close(self) -> None:
-        pass
 
 
 def run(tmp_path, lists, watches):

@@ -9,8 +9,13 @@ requests flannel makes, with the response shapes the real server uses, so that t
 * ``GET /api/v1/nodes?watch=1&resourceVersion=N`` → chunked newline-delimited
   ``{"type": "ADDED|MODIFIED|DELETED|BOOKMARK", "object": {...}}`` for every change after N;
   no version (or ``0``) starts with synthetic ADDED events; ``timeoutSeconds`` ends the stream;
-  ``allowWatchBookmarks`` sends BOOKMARKs when idle; a version older than the history window gets
+  ``allowWatchBookmarks`` sends a BOOKMARK every ``bookmark_interval`` seconds (default 60, like the
+  watch cache's ``defaultBookmarkFrequency`` of one minute) and one 2 s before the deadline; a
+  version older than the history window gets
   ``{"type": "ERROR", "object": <Status code 410, reason Expired>}`` (as the watch cache does);
+* ``GET /api/v1/nodes?limit=N[&continue=T]`` → pages with ``metadata.continue`` and
+  ``remainingItemCount``, consistent at the first page's version; a token older than the history
+  window gets ``410 Expired``;
 * resourceVersions are one monotonic counter for all objects (like etcd revisions);
 * ``PATCH /api/v1/nodes/<n>[/status]`` with ``application/strategic-merge-patch+json`` (lists with a
   patch merge key, e.g. ``status.conditions`` by ``type``, merge) or ``application/merge-patch+json``;
@@ -21,12 +26,17 @@ requests flannel makes, with the response shapes the real server uses, so that t
   RBAC message (``User "..." cannot patch resource "nodes/status" in API group "" ...``);
 * errors are ``Status`` objects (``kind: Status``, ``code``, ``reason``, ``message``, ``details``).
 
-Not implemented: other resources, label/field selectors, pagination, apply, admission, TLS.
+Not implemented: other resources, label/field selectors, apply, admission, TLS.
 
 In-process use (tests): ``KubeAPIServer(...).start()`` plus the hooks ``add_node``,
 ``modify_node``, ``set_annotations``, ``heartbeat``, ``delete_node``, ``add_pod``, ``deny``,
 ``cut_watches``, ``compact`` (forces 410), ``hang_watches`` (an Event: watch requests get no
-answer), ``stop``/``start`` (an outage; state and port survive); ``watch_requests`` counts watches.
+answer), ``abort_connections`` (the host vanished: every connection reset, silently if the path is
+blocked), ``freeze_watches`` (open watches stay connected but send nothing more),
+``inject_watch_line`` (raw bytes as one watch line), ``add_nodes`` (bulk load, e.g.
+``generate.realistic_cluster``), ``state.heartbeat_nodes`` (kubelet heartbeats, cheap),
+``stop``/``start`` (an outage; state and port survive); ``watch_requests``, ``list_requests`` and
+``bookmarks_sent`` count.
 ``netns=`` creates the listening socket inside a named network namespace (e.g. the lab hub).
 
 As a process (the lab, agent tests)::
@@ -36,6 +46,7 @@ As a process (the lab, agent tests)::
 
 Out-of-process tests reach the hooks over HTTP: ``POST /_test/cut-watches``, ``POST /_test/compact``,
 ``POST /_test/outage?seconds=N`` (down for N seconds: connections refused, then back with the same state);
+``POST /_test/heartbeat[?count=N]``, ``POST /_test/inject-line`` (the body is the line);
 node changes go through the normal API (``POST``/``PATCH``/``DELETE`` nodes).
 """
 

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deny", action="append", type=_rule, default=[], metavar="VERB:RESOURCE",
                    help="answer 403 for this verb on this resource (repeatable)")
     p.add_argument("--history", type=int, default=1000, help="watch history window (events)")
-    p.add_argument("--bookmark-interval", type=float, default=5.0)
+    p.add_argument("--bookmark-interval", type=float, default=60.0,
+                   help="seconds between BOOKMARK events on idle watches (real API servers: about 60)")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="pre-load N generated nodes shaped like real ones (~10 KB each, flannel annotations, "
+                        "pod CIDRs in 10.0.0.0/8; see flannel.lab.kubeapi.generate)")
+    p.add_argument("--generate-start", type=int, default=1, metavar="I", help="index of the first generated node")
     p.add_argument("--ready-file", default="", help="write the URL here once listening")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                         bookmark_interval=args.bookmark_interval)
     for name, cidrs in args.node:
         srv.add_node(name, cidrs)
+    if args.generate:
+        from flannel.lab.kubeapi.generate import realistic_cluster
+
+        srv.add_nodes(realistic_cluster(args.generate, start=args.generate_start))
     for ns, name, node in args.pod:
         srv.add_pod(ns, name, node)
     for verb, resource in args.deny:

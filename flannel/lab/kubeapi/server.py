@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _raw_body = b""
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("kubeapi %s " + fmt, self.client_address[0], *args)
@@ -58,7 +60,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing --------------------------------------------------------------------------
 
     def _send_json(self, code: int, obj: JSON) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        self._send_bytes(code, json.dumps(obj, separators=(",", ":")).encode())
+
+    def _send_bytes(self, code: int, data: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", _CT_JSON)
         self.send_header("Content-Length", str(len(data)))
@@ -70,7 +74,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self._raw_body = self.rfile.read(length) if length else b""
+        if self.path.startswith("/_test/"):
+            return None  # test hooks take raw bytes or query parameters
         try:
             return json.loads(raw or b"null")
         except ValueError as e:
@@ -148,12 +154,19 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if method == "GET":
             self._authorize("list", "nodes")
-            items, rv = state.list_nodes()
-            for item in items:  # list items carry no kind/apiVersion, like the real server
-                item.pop("kind", None)
-                item.pop("apiVersion", None)
-            self._send_json(200, {"kind": "NodeList", "apiVersion": "v1",
-                                  "metadata": {"resourceVersion": str(rv)}, "items": items})
+            try:
+                limit = int(query.get("limit") or 0)
+            except ValueError:
+                raise APIError(400, "BadRequest", f"invalid limit {query.get('limit')!r}") from None
+            items, rv, token, rest = state.list_page(limit=limit, token=query.get("continue", ""))
+            self.server.api.list_requests += 1
+            meta: JSON = {"resourceVersion": str(rv)}
+            if token:
+                meta.update({"continue": token, "remainingItemCount": rest})
+            # list items carry no kind/apiVersion, like the real server
+            data = (b'{"kind":"NodeList","apiVersion":"v1","metadata":' + json.dumps(meta).encode()
+                    + b',"items":[' + b",".join(state.item_json(item) for item in items) + b"]}")
+            self._send_bytes(200, data)
             return True
         if method == "POST":
             self._authorize("create", "nodes")
@@ -203,6 +216,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise APIError(400, "BadRequest", "outage needs ?seconds=N") from None
             if not 0 < outage <= 3600:
                 raise APIError(400, "BadRequest", "outage seconds must be in (0, 3600]")
+        elif parts == ["heartbeat"]:  # ?count=N: the first N nodes (by name), default all
+            count = int(query.get("count") or 0)
+            names = sorted(api.state.list_page()[0], key=lambda n: n["metadata"]["name"]) if count else None
+            done = api.state.heartbeat_nodes([n["metadata"]["name"] for n in names[:count]] if names else None)
+            return self._send_json(200, {"ok": True, "heartbeats": done,
+                                         "resourceVersion": str(api.state.resource_version)})
+        elif parts == ["inject-line"]:
+            api.state.inject_raw(self._raw_body)
         else:
             raise APIError(404, "NotFound", f"unknown test hook {'/'.join(parts)}")
         self._send_json(200, {"ok": True, "resourceVersion": str(api.state.resource_version)})
@@ -212,11 +233,16 @@ class _Handler(BaseHTTPRequestHandler):
     # -- watch -----------------------------------------------------------------------------
 
     def _chunk(self, obj: JSON) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+        self._chunk_bytes(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+    def _chunk_bytes(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
     def _watch(self, query: dict[str, str]) -> None:
+        """Like the watch cache: events after the version, a BOOKMARK about every
+        ``bookmark_interval`` seconds (real servers: once a minute) and 2 s before the deadline when
+        ``allowWatchBookmarks`` is set, and a normal end of the stream at ``timeoutSeconds``."""
         api, state = self.server.api, self.server.api.state
         rv_text = query.get("resourceVersion", "")
         timeout = float(query.get("timeoutSeconds") or 1800)
@@ -227,6 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(400, "BadRequest", f"invalid resourceVersion {rv_text!r}") from None
         with api._conns_lock:
             api.watch_requests += 1
+            seq = api.watch_requests
         if api.hang_watches.is_set():  # accept, never answer (an overloaded or wedged server)
             while api.hang_watches.is_set() and not state.closed:
                 time.sleep(0.05)
@@ -241,27 +268,37 @@ class _Handler(BaseHTTPRequestHandler):
             items, cursor = state.list_nodes()
             for item in items:
                 self._chunk({"type": "ADDED", "object": item})
-        deadline = time.monotonic() + timeout
-        next_bookmark = time.monotonic() + api.bookmark_interval
+        start = time.monotonic()
+        deadline = start + timeout
+        next_bookmark = start + api.bookmark_interval
+        final_bookmark = deadline - 2.0 if timeout > 2.0 else None
         while True:
-            events, expired, cut, current = self._wait_events(cursor, epoch, min(deadline, next_bookmark))
+            wake = min(deadline, next_bookmark, final_bookmark or deadline)
+            events, expired, cut, current = self._wait_events(cursor, epoch, wake)
+            if seq <= api.frozen_upto and not cut:  # wedged: the connection stays up, nothing is sent
+                time.sleep(0.1)
+                continue
             if cut:
-                return self._drop_connection()
+                return self._vanish() if api.aborting else self._drop_connection()
             if expired is not None:
                 self._chunk({"type": "ERROR", "object": expired.status()})
                 return self._end_stream()
             for ev in events:
-                self._chunk({"type": ev.type, "object": ev.obj})
+                self._chunk_bytes(ev.data)
                 cursor = ev.rv
             now = time.monotonic()
             if now >= deadline:
                 return self._end_stream()
-            if bookmarks and now >= next_bookmark and not events:
+            due = now >= next_bookmark or (final_bookmark is not None and now >= final_bookmark)
+            if bookmarks and due:
                 cursor = max(cursor, current)
                 self._chunk({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
                                                              "metadata": {"resourceVersion": str(cursor)}}})
+                api.bookmarks_sent += 1
             if now >= next_bookmark:
                 next_bookmark = now + api.bookmark_interval
+            if final_bookmark is not None and now >= final_bookmark:
+                final_bookmark = None
 
     def _wait_events(self, cursor: int, epoch: int, until: float) -> tuple[list[Event], APIError | None, bool, int]:
         """Wait (at most until the monotonic time ``until``) for events after ``cursor``.
@@ -296,6 +333,21 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def _vanish(self) -> None:
+        """What a host that vanished looks like: this end of the connection is gone with a reset
+        (which the client only sees if the path to it is open), and nothing is sent again."""
+        self.close_connection = True
+        _abort(self.connection)
+
+
+def _abort(conn: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel forgets the connection at once and sends a RST (no FIN
+    that would be retransmitted until the client hears it)."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        conn.close()
+
 
 class KubeAPIServer:
     """The stand-in, in-process. ``start()``/``stop()`` may be called repeatedly (the state and the
@@ -307,15 +359,21 @@ class KubeAPIServer:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 netns: str | None = None, history_limit: int = 1000, bookmark_interval: float = 5.0) -> None:
+                 netns: str | None = None, history_limit: int = 1000, bookmark_interval: float = 60.0) -> None:
         self.host, self.port, self.token, self.netns = host, port, token, netns
         self.state = ClusterState(history_limit=history_limit)
         self.bookmark_interval = bookmark_interval
         self.denied: set[tuple[str, str]] = set()
         #: while set, watch requests are accepted but never answered
         self.hang_watches = threading.Event()
-        #: how many watch requests arrived (tests wait on it)
+        #: how many watch / list requests arrived and bookmarks went out (tests wait on them)
         self.watch_requests = 0
+        self.list_requests = 0
+        self.bookmarks_sent = 0
+        #: set by abort_connections(): cut watches vanish instead of closing
+        self.aborting = False
+        #: watches up to this request number are wedged (freeze_watches)
+        self.frozen_upto = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
@@ -432,3 +490,42 @@ class KubeAPIServer:
         self.stop()
         time.sleep(seconds)
         self.start()
+
+    def abort_connections(self) -> None:
+        """The server's host vanishes and comes back: every open connection is forgotten with a
+        reset and nothing more is sent on it. If the path to the client is blocked at that moment
+        (e.g. DROP rules in the client's namespace), the client never hears of it: only its own
+        keepalive probes or read timeout can tell it the connection is dead."""
+        self.aborting = True
+        try:
+            with self._conns_lock:
+                conns = list(self._conns)
+            for conn in conns:
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.state.cut_watches()
+            for conn in conns:  # idle keep-alive connections: wake their readers, which then close
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                with self._conns_lock:
+                    if not (self._conns & set(conns)):
+                        break
+                time.sleep(0.02)
+        finally:
+            self.aborting = False
+
+    def freeze_watches(self) -> None:
+        """The watches open now are wedged: their connections stay up (TCP answers, keepalive
+        probes too) but no event or bookmark is sent on them again. New watches work normally."""
+        with self._conns_lock:
+            self.frozen_upto = self.watch_requests
+
+    def add_nodes(self, nodes: list[JSON]) -> int:
+        """Load many nodes at once (see ``generate``); returns the resourceVersion after them."""
+        return self.state.add_nodes(nodes)
+
+    def inject_watch_line(self, data: bytes) -> None:
+        """Send raw ``data`` as one line to every open watch (and to watches replaying past it)."""
+        self.state.inject_raw(data)

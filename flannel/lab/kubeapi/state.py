@@ -3,16 +3,26 @@
 Like etcd behind the real API server: every change gets the next resourceVersion (one counter for
 all kinds, so a kind sees gaps), node changes are recorded in a history window that watches replay
 from, and a watch from a version that fell out of the window is told ``410 Gone``.
+
+Paginated lists (``limit`` / ``continue``) are consistent like the real server's (which reads an
+etcd snapshot at the first page's revision): later pages show the nodes as they were at that
+version, reconstructed by undoing the history after it; a continue token older than the history
+window gets ``410 Gone`` ("too old to display a consistent list result").
+
+Stored node dicts are never changed in place (every change stores a new dict), so the history and
+the lists can share them without copies; objects leave this module as copies or as JSON text.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import copy
 import datetime
+import json
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flannel.lab.kubeapi.patch import merge_patch, strategic_merge_patch
@@ -88,8 +98,30 @@ def make_pod(namespace: str, name: str, node_name: str) -> JSON:
 @dataclass(frozen=True)
 class Event:
     rv: int
-    type: str  # ADDED / MODIFIED / DELETED
+    type: str  # ADDED / MODIFIED / DELETED, or RAW (``data`` sent as it is: a corrupted line)
     obj: JSON
+    #: the node before this change (MODIFIED / DELETED), to reconstruct lists at older versions
+    prev: JSON | None = None
+    #: the watch line, serialised once
+    data: bytes = field(default=b"", compare=False)
+
+
+def watch_line(etype: str, obj: JSON) -> bytes:
+    return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+def _continue_token(rv: int, start: str) -> str:
+    """The real server's format: base64 of ``{"v":"meta.k8s.io/v1","rv":N,"start":"<key>\\u0000"}``."""
+    raw = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start + "\x00"}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _parse_continue(token: str) -> tuple[int, str]:
+    try:
+        obj = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(obj["rv"]), str(obj["start"]).rstrip("\x00")
+    except (ValueError, KeyError, TypeError) as e:
+        raise APIError(400, "BadRequest", f"continue key is not valid: {e}") from None
 
 
 class ClusterState:
@@ -102,6 +134,8 @@ class ClusterState:
         self._history: collections.deque[Event] = collections.deque()
         self._history_limit = history_limit
         self._nodes: dict[str, JSON] = {}
+        #: list-item JSON per node, valid while the stored dict is the same object (never mutated)
+        self._item_json: dict[str, tuple[JSON, bytes]] = {}
         self._pods: dict[tuple[str, str], JSON] = {}
         self.epoch = 0  # bumped by cut_watches(): open watches drop their connections
         self.closed = False
@@ -116,6 +150,63 @@ class ClusterState:
     def list_nodes(self) -> tuple[list[JSON], int]:
         with self.cond:
             return [copy.deepcopy(n) for _, n in sorted(self._nodes.items())], self._rv
+
+    @property
+    def node_count(self) -> int:
+        with self.cond:
+            return len(self._nodes)
+
+    def list_page(self, *, limit: int = 0, token: str = "") -> tuple[list[JSON], int, str, int]:
+        """One page of the node list: (items, list version, continue token or "", remaining count).
+
+        Items are the stored dicts (serialise them; never change them). ``limit`` 0 = everything.
+        :raises APIError: 410 for a token older than the history window, 400 for a bad token.
+        """
+        with self.cond:
+            if token:
+                rv, start = _parse_continue(token)
+                if rv < self._floor:
+                    raise APIError(410, "Expired", "The provided continue parameter is too old to display a "
+                                   "consistent list result. You can start a new list without the continue "
+                                   "parameter.")
+            else:
+                rv, start = self._rv, ""
+            view = self._nodes_at(rv)
+            names = sorted(n for n in view if n > start)
+        page = names[:limit] if limit > 0 else names
+        items = [view[n] for n in page]
+        rest = len(names) - len(page)
+        return items, rv, (_continue_token(rv, page[-1]) if rest > 0 else ""), rest
+
+    def item_json(self, node: JSON) -> bytes:
+        """``node`` as a list item (no kind/apiVersion, like the real server), serialised once per
+        stored version (a relist of thousands of nodes must not be bound by this server's JSON)."""
+        name = node.get("metadata", {}).get("name")
+        cached = self._item_json.get(name) if isinstance(name, str) else None
+        if cached is not None and cached[0] is node:
+            return cached[1]
+        data = json.dumps({k: v for k, v in node.items() if k not in ("kind", "apiVersion")},
+                          separators=(",", ":")).encode()
+        if isinstance(name, str):
+            with self.cond:
+                if self._nodes.get(name) is node:
+                    self._item_json[name] = (node, data)
+        return data
+
+    def _nodes_at(self, rv: int) -> dict[str, JSON]:
+        """The nodes as they were at version ``rv`` (>= the floor): undo the later history."""
+        if rv >= self._rv:
+            return self._nodes
+        view = dict(self._nodes)
+        for ev in reversed(self._history):
+            if ev.rv <= rv:
+                break
+            name = ev.obj.get("metadata", {}).get("name")
+            if ev.type == "ADDED":
+                view.pop(name, None)
+            elif ev.type in ("MODIFIED", "DELETED") and ev.prev is not None:
+                view[name] = ev.prev
+        return view
 
     def get_node(self, name: str) -> JSON:
         with self.cond:
@@ -143,15 +234,16 @@ class ClusterState:
         self._rv += 1
         return self._rv
 
-    def _record(self, etype: str, obj: JSON) -> None:
-        self._history.append(Event(self._rv, etype, copy.deepcopy(obj)))
+    def _record(self, etype: str, obj: JSON, prev: JSON | None = None) -> None:
+        self._history.append(Event(self._rv, etype, obj, prev, watch_line(etype, obj)))
         while len(self._history) > self._history_limit:
             self._floor = self._history.popleft().rv
         self.cond.notify_all()
 
     def create_node(self, node: JSON) -> JSON:
-        name = node.get("metadata", {}).get("name")
-        if not name:
+        meta_in = node.get("metadata")
+        name = meta_in.get("name") if isinstance(meta_in, dict) else None
+        if not isinstance(name, str) or not name:
             raise APIError(422, "Invalid", "Node is invalid: metadata.name: Required value: name is required")
         with self.cond:
             if name in self._nodes:
@@ -166,13 +258,56 @@ class ClusterState:
             self._record("ADDED", obj)
             return copy.deepcopy(obj)
 
+    def add_nodes(self, nodes: list[JSON]) -> int:
+        """Register many nodes at once (a generated cluster): one version each, no history (as if
+        they were created long ago: watches from before them get 410). Returns the version."""
+        with self.cond:
+            for node in nodes:
+                name = node["metadata"]["name"]
+                if name in self._nodes:
+                    raise APIError(409, "AlreadyExists", f'nodes "{name}" already exists')
+                node["metadata"]["resourceVersion"] = str(self._bump())
+                self._nodes[name] = node
+            self._floor = self._bump()
+            self._history.clear()
+            self.cond.notify_all()
+            return self._rv
+
+    def heartbeat_nodes(self, names: list[str] | None = None, *, stamp: str | None = None) -> int:
+        """What every kubelet does every 10 s: a new ``Ready`` heartbeat time, nothing else.
+        Cheap (no deep copies) so a benchmark can drive thousands per second. Returns the count."""
+        stamp = stamp or now_rfc3339()
+        with self.cond:
+            targets = list(self._nodes) if names is None else [n for n in names if n in self._nodes]
+            for name in targets:
+                old = self._nodes[name]
+                status = dict(old.get("status") or {})
+                conds = [dict(c) if c.get("type") == "Ready" else c for c in status.get("conditions") or []]
+                for c in conds:
+                    if c.get("type") == "Ready":
+                        c["lastHeartbeatTime"] = stamp
+                status["conditions"] = conds
+                new = {**old, "status": status, "metadata": {**old["metadata"], "resourceVersion": str(self._bump())}}
+                self._nodes[name] = new
+                self._record("MODIFIED", new, old)
+            return len(targets)
+
+    def inject_raw(self, data: bytes) -> None:
+        """Send ``data`` as one line to every watch (a corrupted stream, e.g. a broken proxy)."""
+        with self.cond:
+            self._bump()
+            self._history.append(Event(self._rv, "RAW", {}, None, data.rstrip(b"\n") + b"\n"))
+            while len(self._history) > self._history_limit:
+                self._floor = self._history.popleft().rv
+            self.cond.notify_all()
+
     def delete_node(self, name: str) -> JSON:
         with self.cond:
-            obj = self._nodes.pop(name, None)
-            if obj is None:
+            old = self._nodes.pop(name, None)
+            if old is None:
                 raise not_found("nodes", name)
-            obj["metadata"]["resourceVersion"] = str(self._bump())
-            self._record("DELETED", obj)
+            obj = {**old, "metadata": {**old["metadata"], "resourceVersion": str(self._bump())}}
+            self._record("DELETED", obj, old)
             return copy.deepcopy(obj)
 
     def patch_node(self, name: str, patch: JSON, *, strategic: bool, subresource: str | None) -> JSON:
@@ -204,7 +339,7 @@ class ClusterState:
                 return copy.deepcopy(old)
             meta["resourceVersion"] = str(self._bump())
             self._nodes[name] = new
-            self._record("MODIFIED", new)
+            self._record("MODIFIED", new, old)
             return copy.deepcopy(new)
 
     def put_pod(self, pod: JSON) -> JSON:
