@@ -94,7 +94,7 @@ class UDPBackend(Backend):
         if mtu < 68:
             raise errors.ConfigError(f"udp backend: MTU of {self.ext_iface.name} ({self.ext_iface.mtu}) is too small")
 
-        lease = leases.acquire_lease(LeaseAttrs(public_ip=self.ext_iface.ext_addr))
+        lease = leases.acquire_lease(config, LeaseAttrs(public_ip=self.ext_iface.ext_addr))
         if lease.subnet is None:
             raise errors.BackendError("udp backend: the lease has no IPv4 subnet")
         tun_addr = lease.subnet.network_address

@@ -154,9 +154,8 @@ class KubeSubnetManager(SubnetManager):
         """What we published last time (vxlan reads its VtepMAC from it to keep the MAC)."""
         return annots.stored_backend_data(self._names, nodes.annotations_of(self._own_node()))
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         """Our lease from our podCIDR(s); publish ``attrs`` as annotations if they differ (§5.5)."""
-        config = self.get_network_config()
         node = self._own_node(need_cidr=True)
         lease = nodes.own_lease(node, config, attrs)
         self._publish(node, attrs)
@@ -183,7 +182,7 @@ class KubeSubnetManager(SubnetManager):
         else:
             self._client.patch_node_status(name, body)
 
-    def complete_lease(self, lease: Lease, stop: threading.Event,
+    def complete_lease(self, config: NetworkConfig, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
         """Set ``NetworkUnavailable=False`` once (unless disabled), then wait for stop (§5.8).
 
@@ -201,9 +200,9 @@ class KubeSubnetManager(SubnetManager):
                 log.error("could not set the NetworkUnavailable condition on node %r: %s", name, e)
         stop.wait()
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         """Snapshot, then events, forever; relist on 410, re-watch (with backoff) on a drop."""
-        tracker = NodeTracker(self._names, self.get_network_config())
+        tracker = NodeTracker(self._names, config)
         rv: str | None = None
         failures = 0
         while not stop.is_set():

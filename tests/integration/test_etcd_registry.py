@@ -19,6 +19,7 @@ from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
+from tests.support import acquire
 
 pytestmark = pytest.mark.etcd
 
@@ -50,21 +51,22 @@ def test_round_trip_exact_bytes(etcd_server):
         assert reg.get_config() == CONFIG
         assert etcd_server.etcdctl("get", "--print-value-only", f"{PREFIX}/config") == CONFIG + "\n"
 
-        _, rev0 = reg.list_leases()
+        rev0 = reg.list_leases().revision
         lease = reg.create_lease(SN, None, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")), 86400)
         assert lease.expiration is not None and lease.expiration > time.time() + 86000
         out = etcd_server.etcdctl("get", "--prefix", f"{PREFIX}/subnets/")
         assert out == f"{PREFIX}/subnets/10.1.5.0-24\n" + '{"PublicIP":"1.2.3.4","PublicIPv6":null}\n'
 
-        leases, _ = reg.list_leases(ttl=True)
+        leases = reg.list_leases(ttl=True).leases
         assert [(x.subnet, x.attrs.public_ip) for x in leases] == [(SN, IPv4Address("1.2.3.4"))]
         assert leases[0].expiration is not None and leases[0].expiration > time.time() + 86000
-        got, _ = reg.get_lease(SN, None)
-        assert got == lease
+        got = reg.get_lease(SN, None)
+        assert got.lease == lease and got.exists and got.mod_revision > rev0
 
         reg.delete_lease(SN, None)
         assert etcd_server.etcdctl("get", "--prefix", f"{PREFIX}/subnets/") == ""
-        assert reg.get_lease(SN, None)[0] is None
+        gone = reg.get_lease(SN, None)
+        assert gone.lease is None and not gone.exists
 
         handle = reg.watch_leases(rev0 + 1)
         try:
@@ -96,7 +98,7 @@ def test_reservation_has_no_etcd_lease(etcd_server):
         assert got.expiration is None
         kv = json.loads(etcd_server.etcdctl("get", "-w", "json", f"{PREFIX}/subnets/10.1.5.0-24"))["kvs"][0]
         assert kv.get("lease", 0) == 0
-        leases, _ = reg.list_leases(ttl=True)
+        leases = reg.list_leases(ttl=True).leases
         assert leases[0].expiration is None
     finally:
         reg.close()
@@ -111,8 +113,9 @@ def test_stray_and_garbage_records_are_skipped_and_logged(etcd_server, caplog):
     etcd_server.etcdctl("put", f"{PREFIX}/subnetsX/10.1.10.0-24", '{"PublicIP":"1.1.1.10"}')
     reg = registry(etcd_server)
     try:
-        leases, _ = reg.list_leases()
-        assert [x.subnet for x in leases] == [IPv4Network("10.1.7.0/24")]
+        listing = reg.list_leases()
+        assert [x.subnet for x in listing.leases] == [IPv4Network("10.1.7.0/24")]
+        assert listing.occupied == ((IPv4Network("10.1.8.0/24"), None),)  # its key exists: not free
         text = caplog.text
         assert f"{PREFIX}/subnets/10.1.8.0-24" in text and "not JSON" in text
         assert f"{PREFIX}/subnets/junk" in text and f"{PREFIX}/subnets/10.1.9.0-24/deeper" in text
@@ -139,7 +142,7 @@ def test_username_password_auth(etcd_server, caplog):
     good = EtcdSubnetManager(AgentOptions(etcd_username="root", etcd_password="s3cret-pw", **base))
     try:
         assert str(good.get_network_config().network) == "10.1.0.0/16"
-        lease = good.acquire_lease(LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
+        lease = acquire(good, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
         assert lease.subnet is not None and lease.subnet.subnet_of(IPv4Network("10.1.0.0/16"))
         assert "s3cret-pw" not in good.name
     finally:
@@ -217,7 +220,7 @@ def test_tls_with_client_certificate(pki, tmp_path):
                             etcd_keyfile=tls["keyfile"], subnet_file=str(tmp_path / "subnet.env"))
         m = EtcdSubnetManager(opts)
         try:
-            lease = m.acquire_lease(LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
+            lease = acquire(m, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
             assert lease.subnet is not None and lease.subnet.subnet_of(IPv4Network("10.1.0.0/16"))
         finally:
             m.close()
@@ -252,7 +255,7 @@ def test_expired_auth_token_is_renewed(tmp_path, caplog):
         reg = registry(srv, username="root", password="s3cret-pw")
         try:
             assert reg.get_config() == CONFIG
-            _, rev = reg.list_leases()
+            rev = reg.list_leases().revision
             time.sleep(2.5)  # let the token expire (no condition to poll: expiry is server-internal)
             caplog.set_level(logging.INFO)
             assert reg.get_config() == CONFIG
