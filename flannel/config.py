@@ -255,6 +255,10 @@ def deferred_changes(running: NetworkConfig, stored: NetworkConfig) -> list[str]
              ("IPv6SubnetMax", running.ipv6_subnet_max, stored.ipv6_subnet_max),
              ("EnableNFTables", running.enable_nftables, stored.enable_nftables)]
     out = [f"{name} {old} → {new}" for name, old, new in pairs if old != new]
-    if _lower_keys(running.backend) != _lower_keys(stored.backend) and running.backend_type == stored.backend_type:
+    if _backend_options(running) != _backend_options(stored) and running.backend_type == stored.backend_type:
         out.append("Backend options")
     return out
+
+
+def _backend_options(config: NetworkConfig) -> dict[str, Any]:
+    return {k: v for k, v in _lower_keys(config.backend).items() if k != "type"}
