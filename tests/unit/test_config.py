@@ -134,7 +134,8 @@ def test_restart_changes_name_what_a_running_agent_cannot_apply():
     assert restart_changes(base, moved) == ["Network 10.5.0.0/16 → 10.6.0.0/16"]
     other = parse_network_config('{"Network":"10.5.0.0/16","SubnetLen":25,"Backend":{"Type":"host-gw"}}')
     assert restart_changes(base, other) == ["SubnetLen 24 → 25", "Backend.Type vxlan → host-gw"]
-    ranged = parse_network_config('{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","Backend":{"Type":"vxlan","VNI":2}}')
+    ranged = parse_network_config('{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0",'
+                                  '"Backend":{"Type":"vxlan","VNI":2}}')
     assert restart_changes(base, ranged) == []
     assert deferred_changes(base, ranged) == ["SubnetMin 10.5.1.0 → 10.5.10.0", "Backend options"]
     same_case = parse_network_config('{"network":"10.5.0.0/16","backend":{"type":"VXLAN"}}')

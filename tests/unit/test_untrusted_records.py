@@ -153,7 +153,7 @@ def test_the_size_limit_counts_utf8_bytes() -> None:
 def test_wrong_types_say_what_was_expected() -> None:
     with pytest.raises(errors.BadLeaseRecord, match="PublicIP must be an IPv4 address string, got a number"):
         wire.decode_attrs(GARBAGE_VALUES["PublicIP number"])
-    with pytest.raises(errors.BadLeaseRecord, match="BackendData must be a JSON object .*, got an array"):
+    with pytest.raises(errors.BadLeaseRecord, match=r"BackendData must be a JSON object .*, got an array"):
         wire.decode_attrs(GARBAGE_VALUES["BackendData array"])
     with pytest.raises(errors.BadLeaseRecord, match="lease value must be a JSON object, got an array"):
         wire.decode_attrs(GARBAGE_VALUES["top-level list"])
