@@ -478,3 +478,81 @@ def build_lab(backend: str, tmp: Path, *, hosts: int = 3, pods_per_host: int = 2
         cleanup_prefix(cfg.prefix)
         raise
     return lab
+
+
+# ---- a TCP proxy whose connections can be frozen (a peer that vanished without a reset)
+class FreezableProxy:
+    """Forwards 127.0.0.1:<port> to ``target``. ``freeze()`` stops forwarding on every connection
+    open at that moment, in both directions, without closing anything: to both ends it looks like
+    a host whose packets are dropped (no FIN, no RST). New connections are forwarded normally, so
+    a client that notices the dead one and reconnects gets through."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.connections: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            frozen = threading.Event()
+            with self._lock:
+                self.connections.append((client, upstream, frozen))
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, frozen), name="proxy-pump", daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, frozen: threading.Event) -> None:
+        try:
+            while not self._closed.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if frozen.is_set():
+                    continue  # dropped: nothing reaches the other side, nothing is closed
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not frozen.is_set():
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def freeze(self) -> int:
+        """Freeze every open connection; returns how many."""
+        with self._lock:
+            for _, _, frozen in self.connections:
+                frozen.set()
+            return len(self.connections)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.listener.close()
+        with self._lock:
+            for a, b, _ in self.connections:
+                a.close()
+                b.close()

@@ -60,10 +60,11 @@ CONFIG_NOT_FOUND_HINT = "Did you create your config using etcdv3 API?"
 #: a network config is a few hundred bytes; a larger value is refused before decoding.
 MAX_CONFIG_BYTES = 64 * 1024
 
-#: gRPC keepalive under long-running watches: a ping every KEEPALIVE_TIME seconds, and a
-#: connection whose ping is not answered within KEEPALIVE_TIMEOUT is closed, which fails the watch
-#: and makes us re-watch from the last revision. This is what notices an etcd host that vanished
-#: without a reset (crash, failover, dropped packets): within TIME + TIMEOUT (40 s by default).
+#: gRPC keepalive under long-running watches: a ping after KEEPALIVE_TIME seconds without traffic,
+#: and a connection whose ping is not answered within KEEPALIVE_TIMEOUT is closed, which fails the
+#: watch and makes us re-watch from the last revision. This is what notices an etcd host that
+#: vanished without a reset (crash, failover, dropped packets): within TIME + TIMEOUT (40 s by
+#: default; before the ping-timeout and pings-without-data options below it took 90 s or more).
 #: Overridable (seconds) with $FLANNEL_ETCD_KEEPALIVE_TIME / $FLANNEL_ETCD_KEEPALIVE_TIMEOUT, e.g.
 #: for fault tests. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time):
 #: a smaller TIME gets the connection closed with "too_many_pings".
@@ -98,7 +99,10 @@ def grpc_options() -> list[tuple[str, int]]:
         # notice a silently dead connection under a long-running watch
         ("grpc.keepalive_time_ms", int(time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
-        # an idle watch sends no data: without this, gRPC stops pinging after two pings
+        # grpcio ≥ 1.6x waits for a ping's answer this long (default 60 s), whatever keepalive_timeout says
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        # an idle watch sends no data: by default gRPC holds pings back after two without data
+        # (measured: the next one a minute later), so a dead connection went unnoticed that long
         ("grpc.http2.max_pings_without_data", 0),
     ]
 

@@ -170,18 +170,31 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """A CA, a server cert for 127.0.0.1 and a client cert, made by openssl."""
+    """Made by openssl: a CA with a server cert for 127.0.0.1 and a client cert; a server cert for
+    another name (etcd.example.com); another CA with its own client cert."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=flannel-test-ca", cwd=d)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
-                      ("client", "extendedKeyUsage=clientAuth")):
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 "-days", "2", "-subj", f"/CN=flannel-test-{ca}", cwd=d)
+    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                          ("client", "ca", "extendedKeyUsage=clientAuth"),
+                          ("wrong-name", "ca", "subjectAltName=DNS:etcd.example.com\nextendedKeyUsage=serverAuth"),
+                          ("other-client", "other-ca", "extendedKeyUsage=clientAuth")):
         (d / f"{name}.ext").write_text(ext + "\n")
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN=flannel-test-{name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
                  "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
     return d
+
+
+def tls_etcd(pki: Path, tmp_path: Path, server: str = "server") -> TLSEtcdServer:
+    """A real etcd that requires client certificates (--client-cert-auth) signed by pki's CA."""
+    srv = TLSEtcdServer(str(tmp_path / f"etcd-{server}"), extra_args=[
+        "--cert-file", str(pki / f"{server}.crt"), "--key-file", str(pki / f"{server}.key"),
+        "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"])
+    srv.pki = pki
+    return srv
 
 
 class TLSEtcdServer(EtcdServer):
@@ -203,10 +216,7 @@ class TLSEtcdServer(EtcdServer):
 
 
 def test_tls_with_client_certificate(pki, tmp_path):
-    srv = TLSEtcdServer(str(tmp_path / "etcd"), extra_args=[
-        "--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),
-        "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"])
-    srv.pki = pki
+    srv = tls_etcd(pki, tmp_path)
     srv.start()
     try:
         tls = {"cafile": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"), "keyfile": str(pki / "client.key")}
@@ -233,13 +243,79 @@ def test_tls_with_client_certificate(pki, tmp_path):
             assert both.get_config() == CONFIG
         finally:
             both.close()
-        # no client certificate: the server refuses the handshake
-        nocert = registry(srv, cafile=str(pki / "ca.crt"))
-        try:
-            with pytest.raises(errors.StoreError):
-                nocert.get_config()
-        finally:
-            nocert.close()
+    finally:
+        srv.close()
+
+
+TLS_FAILURES = [
+    # (what the client uses, the message that names the likely cause)
+    ({"cafile": "ca.crt"}, "etcd requires a client certificate and none was sent: set --etcd-certfile and "
+                           "--etcd-keyfile"),
+    ({"cafile": "ca.crt", "certfile": "other-client.crt", "keyfile": "other-client.key"},
+     "etcd rejected our client certificate"),
+    ({"cafile": "other-ca.crt", "certfile": "client.crt", "keyfile": "client.key"},
+     "etcd's server certificate is not signed by a CA in --etcd-cafile"),
+    ({"certfile": "client.crt", "keyfile": "client.key"},
+     "is not signed by a CA in the system CA bundle (no --etcd-cafile given)"),
+]
+
+
+def test_tls_failures_name_the_likely_cause(pki, tmp_path):
+    """Instead of retrying forever with "Unwrap failed (TSI_DATA_CORRUPTED)": a StoreTLSError (a
+    ConfigError, so fatal at startup) that says what to fix."""
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    try:
+        for files, message in TLS_FAILURES:
+            reg = registry(srv, **{k: str(pki / v) for k, v in files.items()})
+            try:
+                with pytest.raises(errors.StoreTLSError) as exc:
+                    reg.get_config()
+                assert message in str(exc.value), files
+                assert isinstance(exc.value, errors.ConfigError)
+            finally:
+                reg.close()
+    finally:
+        srv.close()
+
+
+def test_tls_wrong_server_name(pki, tmp_path):
+    srv = tls_etcd(pki, tmp_path, server="wrong-name")
+    srv.healthy = lambda: True  # type: ignore[method-assign]  # its certificate does not name 127.0.0.1
+    srv.start()
+    try:
+        from flannel.subnet_managers.etcd.registry import _split_endpoint
+        host, port, _ = _split_endpoint(srv.endpoint)
+        deadline = time.monotonic() + 20
+        while True:  # etcd is up once the TLS handshake gets as far as the name check
+            reg = registry(srv, cafile=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),
+                           keyfile=str(pki / "client.key"))
+            try:
+                reg.get_config()
+                raise AssertionError("connected although the certificate names another host")
+            except errors.StoreTLSError as e:
+                assert "wrong server name" in str(e) and host in str(e)
+                break
+            except errors.StoreUnavailable:
+                assert time.monotonic() < deadline, "etcd did not come up"
+                time.sleep(0.2)
+            finally:
+                reg.close()
+    finally:
+        srv.close()
+
+
+def test_agent_without_client_certificate_exits_with_the_cause(pki, tmp_path):
+    """The daemon does not retry a TLS failure at startup: it fails with the reason (exit 1)."""
+    from flannel import daemon
+    from tests.support import fake_iface
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    try:
+        opts = AgentOptions(etcd_endpoints=(srv.endpoint,), etcd_cafile=str(pki / "ca.crt"),
+                            subnet_file=str(tmp_path / "subnet.env"), iptables_forward_rules=False)
+        with pytest.raises(errors.StoreTLSError, match="requires a client certificate"):
+            daemon.run(opts, select_interface=fake_iface)
     finally:
         srv.close()
 
