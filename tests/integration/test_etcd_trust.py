@@ -303,3 +303,33 @@ def test_keepalive_knobs_are_validated(monkeypatch):
         registry_mod.grpc_options()
     monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "12")
     assert ("grpc.keepalive_time_ms", 12000) in registry_mod.grpc_options()
+
+
+def test_the_agent_exits_with_the_reason_when_the_network_changes(reg, etcd_server, tmp_path):
+    """The whole daemon (alloc backend: no kernel state, no rules) against real etcd: a changed
+    Network ends the run with ConfigChanged (the CLI's exit 1), naming what changed."""
+    import threading
+
+    from flannel import daemon
+    from tests.support import fake_iface
+    reg.put_config('{"Network": "10.8.0.0/16", "Backend": {"Type": "alloc"}}')
+    opts = AgentOptions(etcd_endpoints=(etcd_server.endpoint,), subnet_file=str(tmp_path / "subnet.env"),
+                        iptables_forward_rules=False, public_ip="198.18.0.1")
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            daemon.run(opts, select_interface=fake_iface)
+            outcome.append(None)
+        except BaseException as e:  # checked below
+            outcome.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        wait_for((tmp_path / "subnet.env").exists, "the agent is ready")
+        reg.put_config('{"Network": "10.9.0.0/16", "Backend": {"Type": "alloc"}}')
+        wait_for(lambda: outcome, "the agent to exit", timeout=30)
+    finally:
+        t.join(15)
+    assert isinstance(outcome[0], errors.ConfigChanged), outcome
+    assert "Network 10.8.0.0/16 → 10.9.0.0/16" in str(outcome[0])
