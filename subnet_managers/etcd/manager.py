@@ -161,6 +161,20 @@ class EtcdSubnetManager(SubnetManager):
             log.warning("the network config in %s changed (%s); this takes effect when flannel restarts",
                         self._config_source, "; ".join(later))
 
+    def _recheck_config(self, running: NetworkConfig, stop: threading.Event) -> None:
+        """Read the config key again (each time the watch is set up: a change made while the watch
+        was down has no event for us) and compare it with the running config."""
+        try:
+            text: str | None = _with_store_retry(stop, "reading the network config", self._reg().get_config)
+        except errors.ConfigNotFound:
+            text = None
+        except errors.ConfigChanged:
+            raise
+        except errors.ConfigError as e:  # not UTF-8, too large
+            log.error("%s; keeping the running config", e)
+            return
+        self._check_config(running, text)
+
     # -- acquire ---------------------------------------------------------------------------------
 
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
@@ -296,8 +310,7 @@ class EtcdSubnetManager(SubnetManager):
                     log.info("lease snapshot: %d leases at revision %d%s", len(listing.leases), rev,
                              f" ({len(listing.occupied)} unreadable keys skipped)" if listing.occupied else "")
                     yield WatchResult.of_snapshot(listing.leases)
-                self._check_config(config, _with_store_retry(stop, "reading the network config",
-                                                             functools.partial(_config_or_none, reg)))
+                self._recheck_config(config, stop)
                 start = rev + 1
                 handle = _with_store_retry(stop, f"watching leases from revision {start}",
                                            functools.partial(reg.watch_leases, start))
@@ -380,13 +393,6 @@ def usable_hint(config: NetworkConfig, leases: list[Lease], occupied: tuple[Subn
         return None
     log.info("Found previously leased subnet (%s), reusing", sn)
     return sn, sn6
-
-
-def _config_or_none(reg: Registry) -> str | None:
-    try:
-        return reg.get_config()
-    except errors.ConfigNotFound:
-        return None
 
 
 def _with_store_retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:

@@ -285,7 +285,7 @@ def test_tls_wrong_server_name(pki, tmp_path):
     srv.start()
     try:
         from flannel.subnet_managers.etcd.registry import _split_endpoint
-        host, port, _ = _split_endpoint(srv.endpoint)
+        host, _, _ = _split_endpoint(srv.endpoint)
         deadline = time.monotonic() + 20
         while True:  # etcd is up once the TLS handshake gets as far as the name check
             reg = registry(srv, cafile=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),

@@ -191,3 +191,23 @@ def test_watch_keeps_going_after_a_non_transient_error(tmp_path, caplog):
     stop.set()
     gen.close()
     assert "permission denied for user x" in caplog.text
+
+
+def test_an_unreadable_config_key_at_rewatch_is_logged_not_fatal(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    b = peer("10.5.2.0/24", "198.18.0.2")
+
+    class BadConfigLater(ScriptedRegistry):
+        def get_config(self) -> str:
+            if self.watch_starts:  # the first check passes; the one at re-watch finds garbage
+                raise errors.ConfigError("invalid network config in etcd key /coreos.com/network/config: not UTF-8")
+            return super().get_config()
+    reg = BadConfigLater(CONFIG, [], handles=[[errors.StoreUnavailable("connection reset")],
+                                              [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),))]])
+    stop = threading.Event()
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
+    assert next(gen).snapshot == ()
+    assert [e.lease for e in next(gen).events] == [b]
+    stop.set()
+    gen.close()
+    assert "not UTF-8; keeping the running config" in caplog.text
