@@ -142,8 +142,8 @@ class LeaseKeeper:
             log.info("watch on our lease %s interrupted (%s); re-reading it", self.lease.describe(), e)
             self._drop_watch()
             return
-        if chunk is not None and chunk.events:
-            self._drop_watch()  # something happened to our key: re-read it
+        if chunk is not None:  # something happened to our key (even a write we cannot decode): re-read it
+            self._drop_watch()
 
     def renew(self) -> None:
         """Conditional renewal; any doubt → re-read (``sync``), never a delete."""
