@@ -207,20 +207,8 @@ class EtcdSubnetManager(SubnetManager):
             mine = None
         if mine is not None:
             if config.is_compatible(mine.subnet, mine.ipv6_subnet):
-                log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing%s", mine.subnet,
-                         mine.ipv6_subnet, attrs.public_ip, " (a reservation)" if mine.expiration is None else "")
-                ttl = None if mine.expiration is None else self.ttl
-                assert mine.subnet is not None
-                return reg.update_lease(mine.subnet, mine.ipv6_subnet, attrs, ttl)
-            if mine.expiration is None:
-                log.error("reservation %s for this node (%s) does not fit the network config; not using it "
-                          "(remove it with: flannelctl reservations remove %s)", mine.describe(), attrs.public_ip,
-                          mine.subnet)
-            else:
-                log.warning("Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible with current "
-                            "config, deleting", mine.subnet, mine.ipv6_subnet, attrs.public_ip)
-                assert mine.subnet is not None
-                reg.delete_lease(mine.subnet, mine.ipv6_subnet)
+                return self._reuse(mine, attrs)
+            if self._drop_incompatible(mine, attrs):
                 leases = [lease for lease in leases if lease is not mine]
 
         chosen = None if hint[0] in tried else usable_hint(config, leases, listing.occupied, hint)
@@ -239,6 +227,28 @@ class EtcdSubnetManager(SubnetManager):
             raise
         log.info("Allocated lease (ip: %s ipv6: %s) to current node (%s)", sn, sn6, attrs.public_ip)
         return lease
+
+    def _reuse(self, mine: Lease, attrs: LeaseAttrs) -> Lease:
+        """Publish ``attrs`` on our existing lease (a reservation stays one)."""
+        log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing%s", mine.subnet,
+                 mine.ipv6_subnet, attrs.public_ip, " (a reservation)" if mine.expiration is None else "")
+        assert mine.subnet is not None
+        return self._reg().update_lease(mine.subnet, mine.ipv6_subnet, attrs,
+                                        None if mine.expiration is None else self.ttl)
+
+    def _drop_incompatible(self, mine: Lease, attrs: LeaseAttrs) -> bool:
+        """Our lease no longer fits the config: delete it as flannel does (True), except a
+        reservation, which is the operator's to remove (False)."""
+        if mine.expiration is None:
+            log.error("reservation %s for this node (%s) does not fit the network config; not using it "
+                      "(remove it with: flannelctl reservations remove %s)", mine.describe(), attrs.public_ip,
+                      mine.subnet)
+            return False
+        log.warning("Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible with current "
+                    "config, deleting", mine.subnet, mine.ipv6_subnet, attrs.public_ip)
+        assert mine.subnet is not None
+        self._reg().delete_lease(mine.subnet, mine.ipv6_subnet)
+        return True
 
     def _find_own(self, leases: list[Lease], attrs: LeaseAttrs, hint: IPv4Network | None) -> Lease | None:
         """The lease we hold among those published for our public IP; the others are logged as strays."""
