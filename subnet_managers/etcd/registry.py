@@ -5,8 +5,13 @@ What lives here: connecting (endpoints, TLS, username/password), flannel's key l
 reservations (puts without an etcd lease), deletes, and watches from a revision. Every pyetcd or
 gRPC error is converted at this boundary into ``flannel.errors`` (``StoreUnavailable``,
 ``PermissionDenied``, ``LeaseConflict``, ...) with ``raise ... from``; nothing above this module
-ever sees a library exception. Records that cannot be decoded are logged (which key, why) and
-skipped here, so a garbage value can never reach the lease pipeline.
+ever sees a library exception.
+
+Every record is untrusted: ``_record`` (through ``_untrusted``) is the one place where a key/value
+becomes a ``Lease``; any failure there skips that record only, counted per reason in ``skipped``
+and logged at a bounded rate (``flannel.records``), so a garbage value can never reach the lease
+pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
+a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
 Two pyetcd facts shape the code (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
