@@ -33,7 +33,7 @@ from flannel.backends.base import ExternalInterface
 from flannel.backends.routed.model import Context, desired_state
 from flannel.backends.vxlan import VXLANBackend
 from flannel.backends.vxlan.network import vxlan_entries
-from flannel.config import parse_network_config
+from flannel.config import NetworkConfig, parse_network_config
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run, run_prefix
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 
@@ -61,7 +61,7 @@ def fresh_ns(prefix: str, tag: str) -> NetNS:
 
 
 class OwnLease:
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         return Lease(IPv4Network("10.255.255.0/24"), attrs)
 
     def stored_backend_data(self) -> tuple[None, None]:

@@ -154,6 +154,8 @@ def parse_network_config(text: str | bytes, *, source: str = "network config") -
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.ConfigError(f"invalid network config in {source}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise errors.ConfigError(f"invalid network config in {source}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise errors.ConfigError(f"invalid network config in {source}: must be a JSON object")
     f = _lower_keys(obj)
@@ -168,8 +170,10 @@ def parse_network_config(text: str | bytes, *, source: str = "network config") -
         raise _fail("Backend", f"must be a JSON object like {{\"Type\": \"vxlan\"}}, got {json.dumps(backend)}")
     else:
         btype = _lower_keys(backend).get("type")
-        if not isinstance(btype, str) or not btype:
+        if btype is None or btype == "":
             raise _fail("Backend.Type", "is missing (set it to vxlan, host-gw, udp, ...)")
+        if not isinstance(btype, str):
+            raise _fail("Backend.Type", f"must be a string like \"vxlan\", got {json.dumps(btype)}")
         backend_type = btype.lower()
     if not enable_ipv4 and not enable_ipv6:
         raise _fail("EnableIPv4/EnableIPv6", "at least one address family must be enabled")
@@ -225,3 +229,36 @@ def _validate_family(f: Mapping[str, Any], version: int) -> tuple[Any, int, Any,
     if smin > smax:  # flannel does not check this and later reports "out of subnets"
         raise _fail(min_name, f"{min_name} {smin} is greater than {max_name} {smax}")
     return net, subnet_len, smin, smax
+
+
+def restart_changes(running: NetworkConfig, stored: NetworkConfig) -> list[str]:
+    """What changed between the config an agent runs with and the one now in the store that a
+    running agent cannot apply: the networks it allocates from and routes, the subnet sizes, the
+    address families and the backend type. Empty if none did. Each item reads ``Network
+    10.5.0.0/16 → 10.6.0.0/16`` (for the exit message).
+    """
+    pairs = [("Network", running.network, stored.network), ("SubnetLen", running.subnet_len, stored.subnet_len),
+             ("IPv6Network", running.ipv6_network, stored.ipv6_network),
+             ("IPv6SubnetLen", running.ipv6_subnet_len, stored.ipv6_subnet_len),
+             ("EnableIPv4", running.enable_ipv4, stored.enable_ipv4),
+             ("EnableIPv6", running.enable_ipv6, stored.enable_ipv6),
+             ("Backend.Type", running.backend_type, stored.backend_type)]
+    return [f"{name} {old} → {new}" for name, old, new in pairs if old != new]
+
+
+def deferred_changes(running: NetworkConfig, stored: NetworkConfig) -> list[str]:
+    """Changes a running agent leaves alone until its next start (the allocation range, the
+    backend's options, nftables): they apply to new allocations or need a restart, but they do
+    not make the running data path wrong."""
+    pairs = [("SubnetMin", running.subnet_min, stored.subnet_min), ("SubnetMax", running.subnet_max, stored.subnet_max),
+             ("IPv6SubnetMin", running.ipv6_subnet_min, stored.ipv6_subnet_min),
+             ("IPv6SubnetMax", running.ipv6_subnet_max, stored.ipv6_subnet_max),
+             ("EnableNFTables", running.enable_nftables, stored.enable_nftables)]
+    out = [f"{name} {old} → {new}" for name, old, new in pairs if old != new]
+    if _backend_options(running) != _backend_options(stored) and running.backend_type == stored.backend_type:
+        out.append("Backend options")
+    return out
+
+
+def _backend_options(config: NetworkConfig) -> dict[str, Any]:
+    return {k: v for k, v in _lower_keys(config.backend).items() if k != "type"}

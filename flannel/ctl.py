@@ -147,7 +147,8 @@ def leases() -> None:
 @click.pass_obj
 def leases_list(obj: _Ctx) -> None:
     """Table of every lease: subnet, public IP, backend, TTL left (reservations never expire)."""
-    items, _ = _run(lambda: obj.registry.list_leases(ttl=True))
+    listing = _run(lambda: obj.registry.list_leases(ttl=True))
+    items = listing.leases
     now = time.time()
     items.sort(key=lambda lease: (int(lease.subnet.network_address) if lease.subnet else 0))
     v6 = any(lease.ipv6_subnet is not None for lease in items)
@@ -162,6 +163,9 @@ def leases_list(obj: _Ctx) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if not items:
         click.echo("(no leases)")
+    skipped = obj.registry.skipped.total
+    if skipped:
+        click.echo(f"({skipped} unreadable keys skipped: see the warnings above)", err=True)
 
 
 # -- reservations ---------------------------------------------------------------------------------
@@ -199,13 +203,16 @@ def reservations_add(obj: _Ctx, subnet: str, public_ip: str, public_ipv6: str, i
     data = None
     if backend_data:
         try:
-            data = wire.compact_json(json.loads(backend_data))
-        except ValueError as e:
-            raise click.BadParameter(f"not valid JSON: {e}", param_hint="--backend-data") from None
+            data = wire.compact_json(wire.parse_json_value(backend_data, "--backend-data"))
+        except errors.BadLeaseRecord as e:
+            raise click.BadParameter(str(e), param_hint="--backend-data") from None
     attrs = LeaseAttrs(public_ip=pip, public_ipv6=pip6, backend_type=backend_type, backend_data=data)
     reg = obj.registry
-    existing, _ = _run(lambda: reg.list_leases())
-    for lease in existing:
+    listing = _run(lambda: reg.list_leases())
+    for nets in listing.occupied:
+        if nets[0].overlaps(sn):
+            raise click.ClickException(f"{sn} overlaps the unreadable key {reg.lease_key(*nets)}; remove it first")
+    for lease in listing.leases:
         if lease.subnet is not None and lease.subnet.overlaps(sn) and (lease.subnet, lease.ipv6_subnet) != (sn, sn6):
             raise click.ClickException(f"{sn} overlaps the existing lease {lease.describe()}; remove it first")
         if (lease.subnet, lease.ipv6_subnet) == (sn, sn6) and lease.attrs.public_ip != pip:
@@ -230,8 +237,7 @@ def reservations_remove(obj: _Ctx, subnet: str) -> None:
     """Remove the reservation of SUBNET (a lease with a TTL is left alone)."""
     sn = _subnet(subnet, "SUBNET")
     reg = obj.registry
-    existing, _ = _run(lambda: reg.list_leases())
-    matches = [lease for lease in existing if lease.subnet == sn]
+    matches = [lease for lease in _run(lambda: reg.list_leases()).leases if lease.subnet == sn]
     if not matches:
         raise click.ClickException(f"no reservation for {sn} under {reg.subnets_prefix}")
     for lease in matches:

@@ -44,7 +44,7 @@ from typing import Any
 from flannel import errors, health, iface, plugins, retry, subnet_file, supervise, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
-from flannel.lease import Batch, Lease
+from flannel.lease import Batch, Lease, StoredNodeAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.base import SubnetManager
 from flannel.watcher import LeaseWatcher
@@ -111,6 +111,7 @@ class Daemon:
         self.select_interface = select_interface
         self.network: Network | None = None
         self.lease: Lease | None = None
+        self.config: NetworkConfig | None = None
         self.watcher: LeaseWatcher | None = None
         self.batches: queue.Queue[Batch | None] = queue.Queue()
         self._health: health.HealthServer | None = None
@@ -180,7 +181,7 @@ class Daemon:
         manager = self.manager = self.manager or load_subnet_manager(self.opts)
         log.info("subnet manager: %s", manager.name)
         self._start_health()
-        config = self._wait_for_config(manager)
+        config = self.config = self._wait_for_config(manager)
         ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
                                     ipv6=config.enable_ipv6)
         backend = load_backend(config)(ext, self.opts)
@@ -219,6 +220,8 @@ class Daemon:
 
     def _with_stored_public_ips(self, manager: SubnetManager) -> AgentOptions:
         """Public IPs the store holds for this node (kube annotations) override the flags."""
+        if not isinstance(manager, StoredNodeAttrs):
+            return self.opts
         v4, v6 = manager.stored_public_ips()
         return dataclasses.replace(self.opts, public_ip=v4 or self.opts.public_ip,
                                    public_ipv6=v6 or self.opts.public_ipv6)
@@ -263,8 +266,8 @@ class Daemon:
         sd_notify("READY=1")
 
     def _watch(self) -> None:
-        assert self.manager is not None and self.watcher is not None
-        for result in self.manager.watch_leases(self.stop):
+        assert self.manager is not None and self.watcher is not None and self.config is not None
+        for result in self.manager.watch_leases(self.config, self.stop):
             with self._lock:
                 batches = self.watcher.apply(result)
             for batch in batches:
@@ -273,8 +276,8 @@ class Daemon:
                 return
 
     def _keep_lease(self) -> None:
-        assert self.manager is not None and self.lease is not None
-        self.manager.complete_lease(self.lease, self.stop, on_lease=self._on_lease)
+        assert self.manager is not None and self.lease is not None and self.config is not None
+        self.manager.complete_lease(self.config, self.lease, self.stop, on_lease=self._on_lease)
 
     def _on_lease(self, lease: Lease) -> None:
         """A renewal or re-acquisition of our lease.

@@ -3,7 +3,10 @@
 Classes are grouped by what the caller can do about them:
 
 * ``ConfigError`` – a user mistake (flag, network config, backend options). Fatal, exit 1
-  (or 2 for command-line usage errors). The message names the field and the rule.
+  (or 2 for command-line usage errors). The message names the field and the rule. Two
+  subclasses come from the store while the agent runs or connects: ``ConfigChanged`` (the
+  network config in the store changed under a running agent) and ``StoreTLSError`` (the TLS
+  handshake with the store failed for a reason no retry fixes: certificate, CA, server name).
 * ``StoreUnavailable`` – etcd / the API server cannot be reached right now. Retried.
 * ``LeaseConflict`` – someone else created the subnet key first. Try another subnet.
 * ``NetworkFull`` – no free subnet left. Fatal, with the network and its size in the message.
@@ -35,7 +38,8 @@ class InterfaceError(ConfigError):
 
 
 class ConfigChanged(ConfigError):
-    """The network config in the store (``Network``, the backend type) changed while the agent runs.
+    """The network config in the store changed incompatibly while the agent runs (``Network``,
+    subnet lengths, address families or the backend type).
 
     Raised by a subnet manager's ``watch_leases``. subnet.env, the traffic rules and the backend's
     devices all describe the old network, so rather than patch them in place the agent exits 1 with
@@ -72,8 +76,24 @@ class NetworkFull(StoreError):
     """No free subnet is left in the configured network."""
 
 
+class StoreTLSError(ConfigError):
+    """The TLS handshake with the store failed: client certificate missing or rejected, CA
+    mismatch, wrong server name. The message names the likely cause and the flag to fix.
+
+    Fatal at startup (retrying does not fix a certificate); loops that already run keep retrying
+    with this message (a certificate may be rotated while we wait)."""
+
+
 class BadLeaseRecord(FlannelError):
-    """A stored key or value could not be decoded; the record is skipped, never fatal."""
+    """A stored key or value could not be decoded; the record is skipped, never fatal.
+
+    ``reason`` is a short, stable label for counting skipped records (``key``, ``size``,
+    ``encoding``, ``json``, ``depth``, ``type``, ``address``, ...); the message says the rest.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class BackendError(FlannelError):

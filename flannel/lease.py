@@ -12,7 +12,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from flannel.config import NetworkConfig
 
 UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
 
@@ -122,12 +124,25 @@ class LeaseSource(Protocol):
     """What a backend needs from the subnet manager while registering its network.
 
     Backends must not import subnet managers (DESIGN §2); the daemon passes the manager in, and
-    this protocol is all the backend may use.
+    this protocol is all the backend may use. ``config`` is the validated network config the
+    backend was registered with (the daemon read it once; the manager does not read it again).
     """
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease: ...
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease: ...
+
+
+@runtime_checkable
+class StoredNodeAttrs(Protocol):
+    """An optional capability of a lease store that remembers what this node published before
+    (kube keeps it in node annotations; etcd does not). Check with ``isinstance``: a store
+    without it simply has nothing stored."""
+
+    def stored_public_ips(self) -> tuple[str | None, str | None]:
+        """Public IPv4/IPv6 the store assigns to this node, overriding the flags (kube
+        ``node-public-ip`` annotations)."""
+        ...
 
     def stored_backend_data(self) -> tuple[str | None, str | None]:
-        """Compact JSON of the BackendData / BackendV6Data this node published last time, if the
-        store remembers it (kube annotations do; etcd does not). Lets vxlan keep its MAC."""
+        """Compact JSON of the BackendData / BackendV6Data this node published last time. Lets
+        vxlan keep its MAC across restarts."""
         ...

@@ -8,6 +8,16 @@
                      timeout): FIREWALL_ATTEMPTS tries, 0.5 s·2ⁿ; then the error goes to the worker.
 * ``worker``       – a daemon worker thread failed on an operational error (``is_operational``):
                      restart it after 1 s·2ⁿ (n = failures in a row), at most 30 s, until stop.
+* ``watch``        – a long-running watch broke: re-establish it after 100 ms → 5 s, reset after
+                     progress. A ``Backoff`` object, because a watch is a generator and a tenacity
+                     attempt must not span a ``yield``.
+* ``keep_lease``   – the lease keeper's store calls (read our key, watch it): any FlannelError,
+                     100 ms → 5 s, until stop (the keeper never dies: etcd may come back, creds may
+                     be fixed, a certificate may be rotated).
+* ``renewal_backoff`` – when to try a failed renewal again: a quarter of the time the lease has
+                     left, between 0.5 s and 60 s (flannel: always 1 min, too late for short TTLs).
+* ``reacquire``    – acquiring a lost lease again failed for a non-transient reason (network full,
+                     a refused write): every 10 s until stop, logged as an error.
 """
 
 from __future__ import annotations
@@ -69,6 +79,72 @@ def store(stop: threading.Event | None, *, what: str, max_wait: float = 5.0) -> 
         before_sleep=_log_wait(what),
         reraise=True,
     )
+
+
+def keep_lease(stop: threading.Event, *, what: str) -> tenacity.Retrying:
+    """Retry any FlannelError of the lease keeper's store calls, 100 ms → 5 s, until ``stop``."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(errors.FlannelError),
+        wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=5.0),
+        stop=_StopOnEvent(stop),
+        sleep=_SleepOnEvent(stop),
+        before_sleep=_log_wait(what),
+        reraise=True,
+    )
+
+
+REACQUIRE_WAIT_SECONDS = 10.0
+
+
+def reacquire(stop: threading.Event) -> tenacity.Retrying:
+    """Acquire a lost lease again: any FlannelError is logged and retried every 10 s until ``stop``
+    (StoreUnavailable is already retried inside the acquisition, with the ``store`` policy)."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(errors.FlannelError),
+        wait=tenacity.wait_fixed(REACQUIRE_WAIT_SECONDS),
+        stop=_StopOnEvent(stop),
+        sleep=_SleepOnEvent(stop),
+        before_sleep=_log_wait("acquiring a lease again", logging.ERROR),
+        reraise=True,
+    )
+
+
+RENEW_RETRY_MAX_SECONDS = 60.0
+
+
+def renewal_backoff(seconds_left: float) -> float:
+    """Seconds to wait before retrying a failed renewal of a lease with ``seconds_left`` to live."""
+    return min(RENEW_RETRY_MAX_SECONDS, max(0.5, seconds_left / 4))
+
+
+class Backoff:
+    """A named exponential backoff for a loop that tenacity cannot wrap: a watch generator (an
+    attempt must not span a ``yield``: tenacity would swallow GeneratorExit). ``failed`` logs and
+    sleeps the next delay (waking up at once when ``stop`` is set); ``reset`` after progress."""
+
+    def __init__(self, stop: threading.Event, *, what: str, wait: tenacity.wait.wait_base) -> None:
+        self._stop, self._what, self._wait = stop, what, wait
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        self.attempt += 1
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = self.attempt
+        return float(self._wait(state))
+
+    def failed(self, error: BaseException, *, level: int = logging.WARNING, resume: str = "") -> None:
+        delay = self.next_delay()
+        log.log(level, "%s failed (attempt %d): %s; %sretrying in %.1fs", self._what, self.attempt, error,
+                f"{resume} " if resume else "", delay)
+        self._stop.wait(delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def watch(stop: threading.Event, *, what: str) -> Backoff:
+    """Re-establish a broken watch after 100 ms, doubling to 5 s; reset after a good response."""
+    return Backoff(stop, what=what, wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=5.0))
 
 
 def lease_race() -> tenacity.Retrying:

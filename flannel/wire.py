@@ -17,9 +17,21 @@ from flannel.lease import UNSPECIFIED_V4, Lease, LeaseAttrs
 
 # flannel's pattern, applied to the part of the key after "<prefix>/subnets/". flannel anchors it at
 # the end only; we require the whole name to match so that "junk10.1.2.0-24" is a stray key.
-_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+# re.ASCII: ``\d`` must not match other scripts' digits ("10.5.1.0-٢٤" is not 10.5.1.0-24).
+_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.ASCII)
 
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+#: A lease value longer than this is refused before it is parsed. flannel's values are ~100–300
+#: bytes (vxlan: public IPs, type, VNI and MAC); 64 KiB leaves room for any backend's data (an
+#: extension backend's command output, keys, certificates) while a 1 MB value costs nothing.
+MAX_VALUE_BYTES = 64 * 1024
+#: Nesting deeper than this is refused (a lease value is 2 deep: the object and BackendData).
+#: Checked after parsing, so a value nested deeper than Python's recursion limit is refused too
+#: (``json.loads`` raises RecursionError, reported as the same reason).
+MAX_DEPTH = 32
+#: A subnet key name longer than this is not one (the longest real one is ~60 characters).
+MAX_KEY_CHARS = 256
 
 
 def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None:
@@ -29,6 +41,8 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
     (so /128 is refused); the address must be the network address (we refuse host bits, which
     flannel would silently mask, because no flannel ever writes such a key).
     """
+    if len(name) > MAX_KEY_CHARS:
+        return None
     m = _KEY_RE.fullmatch(name)
     if m is None:
         return None
@@ -76,22 +90,85 @@ def encode_attrs(attrs: LeaseAttrs) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def _raw(value: Any) -> str | None:
-    """Embedded BackendData: ``null`` / absent → None, anything else re-emitted compacted."""
-    return None if value is None else compact_json(value)
+
+
+def _raw(value: Any, name: str) -> str | None:
+    """Embedded BackendData: ``null`` / absent → None; an object (vxlan, wireguard) or a string
+    (flannel's extension backend publishes its command output as a JSON string) → compact text.
+    Numbers, booleans and arrays are written by no flannel backend: the record is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, dict | str):
+        raise errors.BadLeaseRecord(f"{name} must be a JSON object (or a string), got {_type(value)}", "type")
+    return compact_json(value)
+
+
+def _type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (the value is untrusted)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_value(text: str | bytes, what: str = "lease value", *, limit: int = MAX_VALUE_BYTES) -> Any:
+    """Parse an untrusted JSON value: bounded size and depth, UTF-8 only, no NaN/Infinity.
+
+    :raises errors.BadLeaseRecord: with ``reason`` ``size``, ``encoding``, ``json`` or ``depth``.
+    """
+    size = len(text) if isinstance(text, bytes) or len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise errors.BadLeaseRecord(f"{what} is {size} bytes or more, more than the {limit} allowed", "size")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise errors.BadLeaseRecord(f"{what} is not UTF-8: {e}", "encoding") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise errors.BadLeaseRecord(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)", "depth") from None
+    except ValueError as e:  # JSONDecodeError, an integer of more than 4300 digits
+        raise errors.BadLeaseRecord(f"{what} is not JSON: {_short(str(e))}", "json") from None
+    if _depth(obj) > MAX_DEPTH:
+        raise errors.BadLeaseRecord(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)", "depth")
+    return obj
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def decode_attrs(text: str | bytes) -> LeaseAttrs:
     """Parse a lease value. Keys are case-insensitive (last duplicate wins), unknown keys ignored.
 
-    :raises errors.BadLeaseRecord: not JSON, not an object, or a bad address.
+    The value is untrusted: every way it can be wrong raises BadLeaseRecord (never another
+    exception), with a ``reason`` label for the skipped-record counters.
+
+    :raises errors.BadLeaseRecord: too large, not UTF-8, not JSON, too deep, not an object, a field
+        of the wrong JSON type, or a bad address.
     """
-    try:
-        obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise errors.BadLeaseRecord(f"lease value is not JSON: {e}") from e
+    obj = parse_json_value(text)
     if not isinstance(obj, dict):
-        raise errors.BadLeaseRecord(f"lease value is not a JSON object: {str(text)[:80]!r}")
+        raise errors.BadLeaseRecord(f"lease value must be a JSON object, got {_type(obj)}", "type")
     fields = {k.lower(): v for k, v in obj.items()}
     public_ip = UNSPECIFIED_V4
     if "publicip" in fields:
@@ -99,36 +176,45 @@ def decode_attrs(text: str | bytes) -> LeaseAttrs:
     public_ipv6 = None
     if fields.get("publicipv6") is not None:
         public_ipv6 = cast(IPv6Address, _ip(fields["publicipv6"], 6, "PublicIPv6"))
-    btype = fields.get("backendtype") or ""
+    btype = fields.get("backendtype")
+    if btype is None:
+        btype = ""
     if not isinstance(btype, str):
-        raise errors.BadLeaseRecord(f"BackendType must be a string, got {btype!r}")
-    return LeaseAttrs(
+        raise errors.BadLeaseRecord(f"BackendType must be a string, got {_type(btype)}", "type")
+    attrs = LeaseAttrs(
         public_ip=public_ip,
         public_ipv6=public_ipv6,
         backend_type=btype,
-        backend_data=_raw(fields.get("backenddata")),
-        backend_v6_data=_raw(fields.get("backendv6data")),
+        backend_data=_raw(fields.get("backenddata"), "BackendData"),
+        backend_v6_data=_raw(fields.get("backendv6data"), "BackendV6Data"),
     )
+    try:  # a lone surrogate ("\ud800") parses, but could not be logged or written back
+        encode_attrs(attrs).encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.BadLeaseRecord("lease value holds a string that is not valid Unicode (a lone surrogate)",
+                                    "encoding") from None
+    return attrs
 
 
 def _ip(value: Any, version: int, name: str) -> IPv4Address | IPv6Address:
     if not isinstance(value, str):
-        raise errors.BadLeaseRecord(f"{name} must be an IPv{version} address string, got {value!r}")
+        raise errors.BadLeaseRecord(f"{name} must be an IPv{version} address string, got {_type(value)}", "type")
     try:
         addr = ipaddress.ip_address(value)
-    except ValueError as e:
-        raise errors.BadLeaseRecord(f"{name} {value!r} is not an IP address") from e
+    except ValueError:
+        raise errors.BadLeaseRecord(f"{name} {_short(value)!r} is not an IP address", "address") from None
     if addr.version != version:
-        raise errors.BadLeaseRecord(f"{name} {value!r} is not an IPv{version} address")
+        raise errors.BadLeaseRecord(f"{name} {value!r} is not an IPv{version} address", "address")
     return addr
 
 
 def decode_lease(name: str, value: str | bytes, *, expiration: float | None = None) -> Lease:
     """A (key name after ``subnets/``, value) pair → Lease.
 
-    :raises errors.BadLeaseRecord: the key is not a subnet key or the value is invalid.
+    :raises errors.BadLeaseRecord: the key is not a subnet key or the value is invalid (and
+        nothing else, whatever the input).
     """
     nets = parse_subnet_key(name)
     if nets is None:
-        raise errors.BadLeaseRecord(f"{name!r} is not a subnet key (expected like 10.5.34.0-24)")
+        raise errors.BadLeaseRecord(f"{_short(name)!r} is not a subnet key (expected like 10.5.34.0-24)", "key")
     return Lease(subnet=nets[0], ipv6_subnet=nets[1], attrs=decode_attrs(value), expiration=expiration)

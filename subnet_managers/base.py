@@ -2,6 +2,11 @@
 
 Store-specific state (etcd revisions, kube resourceVersions, node objects) never leaves the
 implementation. Every method may block; the daemon calls them from its own threads.
+
+The daemon reads and validates the network config once (``get_network_config``) and passes it to
+the other methods. Optional capabilities are small protocols checked with ``isinstance``, not
+stubs on this class: ``flannel.lease.StoredNodeAttrs`` (a store that remembers this node's public
+IPs and backend data: kube).
 """
 
 from __future__ import annotations
@@ -35,36 +40,33 @@ class SubnetManager(abc.ABC):
         """
 
     @abc.abstractmethod
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
-        """Get this node's lease, publishing ``attrs``. Retries transient failures itself.
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
+        """Get this node's lease in ``config``'s network, publishing ``attrs``. Retries transient
+        failures itself. ``config`` is the validated config the daemon read with
+        ``get_network_config`` (managers do not read it again).
 
         :raises errors.NetworkFull: no free subnet (fatal).
         :raises errors.ConfigError: e.g. kube podCIDR outside the network.
         """
 
     @abc.abstractmethod
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         """Yield a snapshot of all leases, then events, forever (until ``stop`` is set).
 
         Reconnects and relists internally; never raises for transient store problems. A record
-        that cannot be decoded is logged and skipped; it never ends the watch.
+        that cannot be decoded is logged, counted and skipped; it never ends the watch.
+
+        :raises errors.ConfigChanged: the store's network config no longer matches ``config`` in a
+            way a running agent cannot apply (a store that follows its config; etcd does). Fatal:
+            the daemon exits 1 so that the supervisor restarts it with the new config.
         """
 
     @abc.abstractmethod
-    def complete_lease(self, lease: Lease, stop: threading.Event,
+    def complete_lease(self, config: NetworkConfig, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
         """Keep our own lease alive until ``stop`` is set (etcd: renew, re-acquire if lost;
         kube: mark the node network available). ``on_lease`` is called with each new version of
         our lease (renewal or re-acquisition)."""
-
-    def stored_public_ips(self) -> tuple[str | None, str | None]:
-        """Public IPv4/IPv6 the store assigns to this node, overriding the flags (kube
-        ``node-public-ip`` annotations). Default: none."""
-        return None, None
-
-    def stored_backend_data(self) -> tuple[str | None, str | None]:
-        """BackendData / BackendV6Data this node published before (kube only). Default: none."""
-        return None, None
 
     def close(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
         """Release connections. Idempotent."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import queue
 import socket
@@ -35,7 +36,9 @@ from flannel.lab.kubeapi.server import KubeAPIServer
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run_prefix
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent, WatchResult
 from flannel.options import AgentOptions
+from flannel.records import SkippedRecords
 from flannel.subnet_managers.base import SubnetManager
+from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP, KeyChanged, Listing, Stored
 from flannel.watcher import LeaseWatcher
 
 UNDERLAY_LOCAL = "198.18.0.1"
@@ -90,15 +93,15 @@ class FakeManager(SubnetManager):
     def get_network_config(self) -> NetworkConfig:
         return parse_network_config(self.config_text, source="fake store")
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         self.acquired.append(attrs)
         return Lease(subnet=IPv4Network("10.9.7.0/24"), attrs=attrs)
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         yield WatchResult.of_snapshot(self.remote)
         stop.wait()
 
-    def complete_lease(self, lease: Lease, stop: threading.Event,
+    def complete_lease(self, config: NetworkConfig, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
         stop.wait()
 
@@ -111,21 +114,34 @@ def fake_iface(opts: AgentOptions, *, ipv4: bool = True, ipv6: bool = False) -> 
     return ExternalInterface("eth0", 2, 1500, ip, ip)
 
 
+def acquire(manager: Any, attrs: LeaseAttrs) -> Lease:
+    """What the daemon does: read and validate the network config once, then acquire with it."""
+    return manager.acquire_lease(manager.get_network_config(), attrs)  # type: ignore[no-any-return]
+
+
 # ---- from tests/unit/test_etcd_allocation.py
 Key = tuple[IPv4Network, "IPv6Network | None"]
 
 
 class FakeRegistry:
-    """In-memory ``store.Registry``: keys are subnets, values leases (expiration None = reservation)."""
+    """In-memory ``store.Registry``: keys are subnets, values leases (expiration None = reservation).
+
+    ``unreadable`` holds keys that exist but whose value the real registry would skip as
+    undecodable: listings report them as ``occupied``, creates over them conflict.
+    """
 
     def __init__(self, config: str | None, leases: list[Lease] = ()) -> None:  # type: ignore[assignment]
         self.config = config
         self.kv: dict[Key, Lease] = {(lease.subnet, lease.ipv6_subnet): lease for lease in leases}  # type: ignore[misc]
+        self.mods: dict[Key, int] = dict.fromkeys(self.kv, 1)
+        self.unreadable: set[Key] = set()
         self.revision = 1
         self.before_create: Callable[[IPv4Network, IPv6Network | None], None] | None = None
         self.creates: list[Key] = []
         self.updates: list[tuple[Key, int | None]] = []
+        self.renewals: list[tuple[Key, int]] = []
         self.deletes: list[Key] = []
+        self.skipped = SkippedRecords("fake key", logging.getLogger("tests.fake_registry"))
 
     def get_config(self) -> str:
         if self.config is None:
@@ -135,17 +151,22 @@ class FakeRegistry:
     def put_config(self, text: str) -> None:
         self.config = text
 
-    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]:
-        return list(self.kv.values()), self.revision
+    def list_leases(self, *, ttl: bool = False) -> Listing:
+        """As etcd: without ``ttl`` a leased key's expiration is not looked up."""
+        leases = [lease if ttl or lease.expiration is None else replace(lease, expiration=TTL_NOT_LOOKED_UP)
+                  for lease in self.kv.values()]
+        return Listing(leases, self.revision, tuple(sorted(self.unreadable, key=str)))
 
     def get_lease(self, subnet, ipv6_subnet, *, ttl=True):  # type: ignore[no-untyped-def]
-        return self.kv.get((subnet, ipv6_subnet)), self.revision
+        key = (subnet, ipv6_subnet)
+        exists = key in self.kv or key in self.unreadable
+        return Stored(self.kv.get(key), exists, self.mods.get(key, 0), self.revision)
 
     def create_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
         if self.before_create is not None:
             self.before_create(subnet, ipv6_subnet)
         self.creates.append((subnet, ipv6_subnet))
-        if (subnet, ipv6_subnet) in self.kv:
+        if (subnet, ipv6_subnet) in self.kv or (subnet, ipv6_subnet) in self.unreadable:
             raise errors.LeaseConflict(f"subnet {subnet} is already taken")
         return self._put(subnet, ipv6_subnet, attrs, time.time() + ttl)
 
@@ -153,16 +174,25 @@ class FakeRegistry:
         self.updates.append(((subnet, ipv6_subnet), ttl))
         return self._put(subnet, ipv6_subnet, attrs, None if ttl is None else time.time() + ttl)
 
+    def renew_lease(self, subnet, ipv6_subnet, attrs, ttl, *, mod_revision):  # type: ignore[no-untyped-def]
+        key = (subnet, ipv6_subnet)
+        self.renewals.append((key, mod_revision))
+        if key not in self.kv or self.mods.get(key) != mod_revision:
+            raise KeyChanged(f"{subnet} changed since revision {mod_revision}")
+        return self._put(subnet, ipv6_subnet, attrs, time.time() + ttl)
+
     def _put(self, subnet, ipv6_subnet, attrs, expiration):  # type: ignore[no-untyped-def]
         self.revision += 1
         lease = Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=expiration)
         self.kv[(subnet, ipv6_subnet)] = lease
+        self.mods[(subnet, ipv6_subnet)] = self.revision
         return lease
 
     def delete_lease(self, subnet, ipv6_subnet):  # type: ignore[no-untyped-def]
         self.revision += 1
         self.deletes.append((subnet, ipv6_subnet))
         self.kv.pop((subnet, ipv6_subnet), None)
+        self.mods.pop((subnet, ipv6_subnet), None)
 
     def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
         raise NotImplementedError("not used by the allocation tests")
@@ -185,9 +215,12 @@ class FakeLeases:
         self.stored = stored
         self.attrs: LeaseAttrs | None = None
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         self.attrs = attrs
         return Lease(self.subnet, attrs)
+
+    def stored_public_ips(self) -> tuple[str | None, str | None]:
+        return (None, None)
 
     def stored_backend_data(self) -> tuple[str | None, str | None]:
         return (self.stored, None)
@@ -368,8 +401,9 @@ class Follower:
     """Runs ``manager.watch_leases`` on a thread and applies it to a LeaseWatcher, recording
     every batch. ``peers()`` is what a backend would currently have programmed."""
 
-    def __init__(self, manager: Any, own: Lease) -> None:
+    def __init__(self, manager: Any, own: Lease, config: NetworkConfig | None = None) -> None:
         self.manager = manager
+        self.config = config
         self.watcher = LeaseWatcher(own)
         self.batches: list[Batch] = []
         self.snapshots = 0
@@ -385,7 +419,8 @@ class Follower:
 
     def _run(self) -> None:
         try:
-            for result in self.manager.watch_leases(self.stop):
+            config = self.config or self.manager.get_network_config()
+            for result in self.manager.watch_leases(config, self.stop):
                 with self._lock:
                     if result.snapshot is not None:
                         self.snapshots += 1
@@ -601,3 +636,81 @@ class ScriptedClient:
 
     def close(self) -> None:
         pass
+
+
+# ---- a TCP proxy whose connections can be frozen (a peer that vanished without a reset)
+class FreezableProxy:
+    """Forwards 127.0.0.1:<port> to ``target``. ``freeze()`` stops forwarding on every connection
+    open at that moment, in both directions, without closing anything: to both ends it looks like
+    a host whose packets are dropped (no FIN, no RST). New connections are forwarded normally, so
+    a client that notices the dead one and reconnects gets through."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.connections: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            frozen = threading.Event()
+            with self._lock:
+                self.connections.append((client, upstream, frozen))
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, frozen), name="proxy-pump", daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, frozen: threading.Event) -> None:
+        try:
+            while not self._closed.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if frozen.is_set():
+                    continue  # dropped: nothing reaches the other side, nothing is closed
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not frozen.is_set():
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def freeze(self) -> int:
+        """Freeze every open connection; returns how many."""
+        with self._lock:
+            for _, _, frozen in self.connections:
+                frozen.set()
+            return len(self.connections)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.listener.close()
+        with self._lock:
+            for a, b, _ in self.connections:
+                a.close()
+                b.close()

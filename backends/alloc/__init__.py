@@ -45,5 +45,5 @@ class AllocBackend(Backend):
     def register_network(self, *, config: NetworkConfig, leases: LeaseSource) -> Network:
         attrs = LeaseAttrs(public_ip=self.ext_iface.ext_addr or LeaseAttrs().public_ip,
                            public_ipv6=self.ext_iface.ext_v6_addr if config.enable_ipv6 else None)
-        lease = leases.acquire_lease(attrs)
+        lease = leases.acquire_lease(config, attrs)
         return AllocNetwork(lease, self.ext_iface.mtu)

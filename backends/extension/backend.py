@@ -130,7 +130,7 @@ class ExtensionBackend(Backend):
         # the interface's own addresses, not --public-ip (flannel's extension backend)
         attrs = LeaseAttrs(public_ip=ext.iface_addr or UNSPECIFIED_V4, public_ipv6=ext.iface_v6_addr,
                            backend_type=TYPE, backend_data=data)
-        lease = leases.acquire_lease(attrs)
+        lease = leases.acquire_lease(config, attrs)
         if opts.post_startup:
             res = command.run(opts.post_startup, ext_net.post_startup_env(config, lease), "\n", self.timeout)
             if not res.ok:

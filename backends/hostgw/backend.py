@@ -42,7 +42,7 @@ class HostGWBackend(Backend):
                 "probably you're on a NAT, which is not supported by host-gw backend")
         nl = Netlink()
         try:
-            lease = leases.acquire_lease(LeaseAttrs(
+            lease = leases.acquire_lease(config, LeaseAttrs(
                 public_ip=ext.ext_addr if 4 in fams and ext.ext_addr else LeaseAttrs().public_ip,
                 public_ipv6=ext.ext_v6_addr if 6 in fams else None, backend_type=TYPE))
         except BaseException:

@@ -73,7 +73,7 @@ class UDPBackend(Backend):
                                           f"but not available: {reason}")
         offload = have_c and opts.offload is not False
 
-        lease = leases.acquire_lease(LeaseAttrs(public_ip=self.ext_iface.ext_addr))
+        lease = leases.acquire_lease(config, LeaseAttrs(public_ip=self.ext_iface.ext_addr))
         if lease.subnet is None:
             raise errors.BackendError("udp backend: the lease has no IPv4 subnet")
         tun_addr = lease.subnet.network_address

@@ -23,7 +23,7 @@ from flannel.backends.routed.reconcile import DEVICE_CHECK_INTERVAL, MAX_BACKOFF
 from flannel.backends.vxlan import network as vx
 from flannel.backends.vxlan.device import VXLANSpec, configure_device, setup_device
 from flannel.config import NetworkConfig
-from flannel.lease import LeaseAttrs, LeaseSource
+from flannel.lease import LeaseAttrs, LeaseSource, StoredNodeAttrs
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class VXLANBackend(Backend):
                 backend_type=self.type_name,
                 backend_data=vx.encode_backend_data(opts.vni, infos[4].mac) if 4 in infos else None,
                 backend_v6_data=vx.encode_backend_data(opts.vni, infos[6].mac) if 6 in infos else None)
-            lease = leases.acquire_lease(attrs)
+            lease = leases.acquire_lease(config, attrs)
             for version, info in infos.items():
                 configure_device(nl, info, lease, config, version)
         except BaseException:
@@ -132,10 +132,9 @@ class VXLANBackend(Backend):
 
 def _stored_macs(leases: LeaseSource) -> dict[int, str]:
     """The VtepMACs we published last time (kube keeps them in annotations; etcd does not)."""
-    try:
-        v4, v6 = leases.stored_backend_data()
-    except (AttributeError, NotImplementedError):
+    if not isinstance(leases, StoredNodeAttrs):
         return {}
+    v4, v6 = leases.stored_backend_data()
     out: dict[int, str] = {}
     for version, text in ((4, v4), (6, v6)):
         if not text:

@@ -377,7 +377,7 @@ class WireGuardBackend(Backend):
                 log.info("wireguard: %s is %s (listen port %d, mtu %d, mode %s, public key %s, key file %s)",
                          spec.name, "kernel WireGuard" if dev.implementation == device.KERNEL else "wireguard-go",
                          spec.listen_port, mtu, opts.mode.value, public_key, key_file)
-            lease = leases.acquire_lease(lease_attrs(ext, fams, opts, public_key))
+            lease = leases.acquire_lease(config, lease_attrs(ext, fams, opts, public_key))
             for spec in specs.values():
                 idx = nl.link_index(spec.name)
                 if idx is None:

@@ -29,6 +29,7 @@ from flannel import errors, retry, subnet_file
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.doctor.findings import MISSING, WRONG_SUBNET, Finding, LeaseRef
 from flannel.lease import Lease, LeaseAttrs
+from flannel.subnet_managers.etcd.store import Listing
 
 T = TypeVar("T")
 Net = IPv4Network | IPv6Network
@@ -44,7 +45,7 @@ class Registry(Protocol):
 
     def get_config(self) -> str: ...
 
-    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]: ...
+    def list_leases(self, *, ttl: bool = False) -> Listing: ...
 
 
 class NodeLister(Protocol):
@@ -142,7 +143,7 @@ def from_etcd(registry: Registry, subnet_path: str, *, store_timeout: float = ST
     text = _retrying("reading the network config", store_timeout, registry.get_config)
     config = parse_network_config(text, source=f"etcd {registry.config_key}")
     own_ident = subnets_from_env(subnet_file.read(subnet_path), config, subnet_path)
-    leases, _ = _retrying("listing leases", store_timeout, registry.list_leases)
+    leases = _retrying("listing leases", store_timeout, registry.list_leases).leases
     own = next((lease for lease in leases if lease.ident == own_ident), None)
     remote = tuple(lease for lease in leases if lease.ident != own_ident)
     findings: tuple[Finding, ...] = ()

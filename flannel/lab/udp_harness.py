@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from flannel.backends.base import ExternalInterface
 from flannel.backends.udp import UDPBackend
 from flannel.backends.udp.tun import iface_mtu_and_addr
-from flannel.config import parse_network_config
+from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.wire import encode_attrs
 
@@ -40,12 +40,9 @@ class FixedLeaseSource:
         self.subnet = subnet
         self.attrs: LeaseAttrs | None = None
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         self.attrs = attrs
         return Lease(subnet=self.subnet, attrs=attrs)
-
-    def stored_backend_data(self) -> tuple[str | None, str | None]:
-        return (None, None)
 
 
 def _lease(subnet: str, ip: str) -> Lease:

@@ -1,58 +1,65 @@
 """The etcd subnet manager: flannel's allocation and reuse policy (reference §4.6–4.8), minus its bugs.
 
 Storage is behind ``store.Registry`` (registry.py talks to etcd; the unit tests use an in-memory
-fake), so this module holds only decisions:
+fake), so this module holds only decisions. The config is the one the daemon validated and passes in;
+it is never re-read for an acquisition.
 
 * **acquire**: reuse the lease held for our public IP (if it still fits the config, else delete it,
   as flannel does), else the previous subnet from subnet.env, else a random subnet among the first
   100 free ones. A new lease is created with a create-if-absent transaction; losing that race is
   retried with a fresh listing (``retry.lease_race``), not fatal as in flannel (§14.1).
+* **our lease among several**: when more than one lease carries our public IP (a leftover, an
+  operator's mistake), we keep the one we hold — the subnet.env subnet (or, when re-acquiring, the
+  subnet we just held) — then a reservation, then the one renewed last; the others are logged as
+  strays and left alone (never deleted, never adopted over ours). See ``choose_own``.
+* **no crash loops**: a subnet whose create fails (its key exists: an undecodable record, a race)
+  is not tried again in that acquisition, and a failed subnet.env hint is dropped for good; keys we
+  cannot decode still occupy their subnets (``Listing.occupied``), so allocation picks another.
 * **reservations** (keys without an etcd lease) stay reservations when their owner takes them
   (§14.5): they are re-put without a lease and never renewed.
-* **complete_lease**: renew ``--subnet-lease-renew-margin`` minutes before expiry (half the remaining
-  time if the margin is longer, so short test TTLs work); watch our own key and, if it is deleted or
-  expires, re-acquire (same subnet if still free) and report the new lease instead of exiting (§14.8).
-* **watch_leases**: snapshot, then events from the snapshot's revision + 1. A compaction means
-  relist → a new snapshot, which the LeaseWatcher diffs (changed attributes included). An etcd outage
-  means back off (``retry.store``) and resume from the last revision seen, so nothing is lost.
-  Undecodable records never get this far (the registry logs and drops them), so one garbage value
-  cannot look like an empty snapshot and tear down every peer (§14.2).
+* **complete_lease**: the ``LeaseKeeper`` (keeper.py): conditional renewals, re-acquisition.
+* **watch_leases**: snapshot, then events from the snapshot's revision + 1; a broken watch resumes
+  from the last delivered event's revision + 1. A compaction means relist → a new snapshot, which
+  the LeaseWatcher diffs. The same watch follows the config key: an incompatible change raises
+  ``errors.ConfigChanged`` (the agent exits 1 and its supervisor restarts it; flannel ignores it).
+  Undecodable records never get this far (the registry counts, logs and drops them), so one garbage
+  value cannot look like an empty snapshot and tear down every peer (§14.2).
 
 Loops poll their ``stop`` event at least every ``POLL_SECONDS`` so SIGTERM is honoured promptly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from flannel import errors, retry, subnet_file
-from flannel.config import NetworkConfig, parse_network_config
-from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
+from flannel.config import NetworkConfig, deferred_changes, parse_network_config, restart_changes
+from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
+from flannel.records import SkippedRecords
 from flannel.subnet_managers.base import SubnetManager
-from flannel.subnet_managers.etcd.store import Compacted, Registry, WatchHandle
+from flannel.subnet_managers.etcd.keeper import LeaseKeeper
+from flannel.subnet_managers.etcd.store import (
+    TTL_NOT_LOOKED_UP,
+    Compacted,
+    Hints,
+    Listing,
+    Registry,
+    Subnets,
+    WatchHandle,
+)
 
 log = logging.getLogger(__name__)
 
 #: flannel collects at most this many free candidates and picks one at random.
 MAX_FREE_CANDIDATES = 100
 POLL_SECONDS = 0.5
-#: renewal retry delay after a failure (flannel: 1 min), capped by a quarter of the time left.
-RENEW_RETRY_SECONDS = 60.0
-#: wait between attempts when re-acquiring a lost lease fails for a non-transient reason.
-REACQUIRE_RETRY_SECONDS = 10.0
-#: a watch that breaks repeatedly right after being set up backs off up to this.
-WATCH_BACKOFF_MAX = 5.0
-
-Hints = tuple[IPv4Network | None, IPv6Network | None]
 
 
 class EtcdSubnetManager(SubnetManager):
@@ -87,7 +94,7 @@ class EtcdSubnetManager(SubnetManager):
             return self._registry
 
     def _previous(self) -> Hints:
-        """The previous-subnet hints from subnet.env (read once, on first use)."""
+        """The previous-subnet hints from subnet.env (read once, on first use; dropped after a failed create)."""
         if self._hints is None:
             v4, v6 = subnet_file.previous_subnets(self._opts.subnet_file)
             self._hints = (v4, v6)
@@ -97,6 +104,11 @@ class EtcdSubnetManager(SubnetManager):
     def name(self) -> str:
         hint = self._previous()[0]
         return f"Etcd Local Manager with Previous Subnet: {hint or 'None'} ({self._reg().describe()})"
+
+    @property
+    def skipped(self) -> SkippedRecords:
+        """Records the store boundary skipped, counted per reason (for the metrics endpoint)."""
+        return self._reg().skipped
 
     def close(self) -> None:
         self._closed.set()
@@ -109,97 +121,163 @@ class EtcdSubnetManager(SubnetManager):
     def ttl(self) -> int:
         return int(self._opts.subnet_lease_ttl)
 
+    @property
+    def _config_source(self) -> str:
+        return f"etcd key {self._opts.etcd_prefix.rstrip('/')}/config"
+
     # -- config ----------------------------------------------------------------------------------
 
     def get_network_config(self) -> NetworkConfig:
-        reg = self._reg()
-        text = reg.get_config()
-        config = parse_network_config(text, source=f"etcd key {self._opts.etcd_prefix.rstrip('/')}/config")
+        return self._parse_config(self._reg().get_config())
+
+    def _parse_config(self, text: str) -> NetworkConfig:
+        config = parse_network_config(text, source=self._config_source)
         if not config.enable_ipv4:
             raise errors.ConfigError("invalid network config: EnableIPv4: must be true with the etcd subnet "
                                      "manager (etcd subnet keys always carry an IPv4 subnet)")
         return config
 
+    def _check_config(self, running: NetworkConfig, text: str | None) -> None:
+        """Compare the config now in etcd with the one we run: raise ConfigChanged for a change we
+        cannot apply while running; log anything else (a deleted or invalid config keeps us going:
+        the data path is still right, and a restart would report it)."""
+        if text is None:
+            log.warning("the network config %s was deleted; keeping the running config (a restart would wait "
+                        "for it)", self._config_source)
+            return
+        try:
+            stored = self._parse_config(text)
+        except errors.ConfigError as e:
+            log.error("the network config in etcd is now invalid (%s); keeping the running config", e)
+            return
+        changed = restart_changes(running, stored)
+        if changed:
+            raise errors.ConfigChanged(
+                f"the network config in {self._config_source} changed while running ({'; '.join(changed)}); "
+                "exiting so that the supervisor restarts flannel with the new config (flannel would keep "
+                "the old one until a restart)")
+        later = deferred_changes(running, stored)
+        if later:
+            log.warning("the network config in %s changed (%s); this takes effect when flannel restarts",
+                        self._config_source, "; ".join(later))
+
+    def _recheck_config(self, running: NetworkConfig, stop: threading.Event) -> None:
+        """Read the config key again (each time the watch is set up: a change made while the watch
+        was down has no event for us) and compare it with the running config."""
+        try:
+            text: str | None = _with_store_retry(stop, "reading the network config", self._reg().get_config)
+        except errors.ConfigNotFound:
+            text = None
+        except errors.ConfigChanged:
+            raise
+        except errors.ConfigError as e:  # not UTF-8, too large
+            log.error("%s; keeping the running config", e)
+            return
+        self._check_config(running, text)
+
     # -- acquire ---------------------------------------------------------------------------------
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
-        return self._acquire(attrs, prefer=None, stop=self._closed)
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
+        return self._acquire(config, attrs, prefer=None, stop=self._closed)
 
-    def _acquire(self, attrs: LeaseAttrs, *, prefer: Hints | None, stop: threading.Event) -> Lease:
+    def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs, *, prefer: Hints | None,
+                 stop: threading.Event) -> Lease:
+        """``prefer``: the subnet to try first (None: the subnet.env hint). Subnets whose create
+        failed are remembered across attempts, so no attempt repeats them."""
+        tried: set[IPv4Network] = set()
         for attempt in retry.store(stop, what="acquiring a subnet lease from etcd"):
             with attempt:
-                config = self.get_network_config()
                 for race in retry.lease_race():
                     with race:
-                        return self._try_acquire(config, attrs, prefer)
+                        return self._try_acquire(config, attrs, prefer, tried)
         raise AssertionError("unreachable")
 
-    def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None) -> Lease:
-        """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create race is lost."""
+    def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None,
+                     tried: set[IPv4Network]) -> Lease:
+        """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
-        leases, _ = reg.list_leases()
-        mine = self._find_own(leases, attrs)
+        listing = reg.list_leases()
+        hint = prefer if prefer is not None else self._previous()
+        leases = listing.leases
+        mine = self._find_own(leases, attrs, hint[0])
+        if (mine is not None and prefer is not None and prefer[0] is not None and mine.subnet != prefer[0]
+                and prefer[0] not in tried and usable_hint(config, leases, listing.occupied, prefer) is not None):
+            log.warning("not adopting %s, which also carries our public IP: taking back the subnet we held, %s",
+                        mine.describe(), prefer[0])
+            mine = None
         if mine is not None:
             if config.is_compatible(mine.subnet, mine.ipv6_subnet):
-                log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing%s", mine.subnet,
-                         mine.ipv6_subnet, attrs.public_ip, " (a reservation)" if mine.expiration is None else "")
-                ttl = None if mine.expiration is None else self.ttl
-                assert mine.subnet is not None
-                return reg.update_lease(mine.subnet, mine.ipv6_subnet, attrs, ttl)
-            if mine.expiration is None:
-                log.error("reservation %s for this node (%s) does not fit the network config; not using it "
-                          "(remove it with: flannelctl reservations remove %s)", mine.describe(), attrs.public_ip,
-                          mine.subnet)
-            else:
-                log.warning("Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible with current "
-                            "config, deleting", mine.subnet, mine.ipv6_subnet, attrs.public_ip)
-                assert mine.subnet is not None
-                reg.delete_lease(mine.subnet, mine.ipv6_subnet)
+                return self._reuse(mine, attrs)
+            if self._drop_incompatible(mine, attrs):
                 leases = [lease for lease in leases if lease is not mine]
 
-        chosen = self._usable_hint(config, leases, prefer if prefer is not None else self._previous())
+        chosen = None if hint[0] in tried else usable_hint(config, leases, listing.occupied, hint)
         if chosen is None:
-            chosen = self._allocate(config, leases)
+            chosen = self._allocate(config, leases, listing, tried)
         sn, sn6 = chosen
         assert sn is not None
-        lease = reg.create_lease(sn, sn6, attrs, self.ttl)
+        try:
+            lease = reg.create_lease(sn, sn6, attrs, self.ttl)
+        except errors.LeaseConflict:
+            tried.add(sn)
+            if sn == hint[0]:
+                log.warning("previous subnet %s could not be taken (its key exists); not trying it again", sn)
+                if prefer is None:
+                    self._hints = (None, None)  # subnet.env's hint: dropped for good (no crash loop on it)
+            raise
         log.info("Allocated lease (ip: %s ipv6: %s) to current node (%s)", sn, sn6, attrs.public_ip)
         return lease
 
-    @staticmethod
-    def _find_own(leases: list[Lease], attrs: LeaseAttrs) -> Lease | None:
-        """The lease published for our public IP (IPv4; IPv6 for IPv6-only nodes, fixing §14.6 where
-        every IPv6-only node matched ``0.0.0.0``)."""
-        if int(attrs.public_ip) != 0:
-            return next((lease for lease in leases if lease.attrs.public_ip == attrs.public_ip), None)
-        if attrs.public_ipv6 is not None:
-            return next((lease for lease in leases if lease.attrs.public_ipv6 == attrs.public_ipv6), None)
-        return None
+    def _reuse(self, mine: Lease, attrs: LeaseAttrs) -> Lease:
+        """Publish ``attrs`` on our existing lease (a reservation stays one)."""
+        log.info("Found lease (ip: %s ipv6: %s) for current IP (%s), reusing%s", mine.subnet,
+                 mine.ipv6_subnet, attrs.public_ip, " (a reservation)" if mine.expiration is None else "")
+        assert mine.subnet is not None
+        return self._reg().update_lease(mine.subnet, mine.ipv6_subnet, attrs,
+                                        None if mine.expiration is None else self.ttl)
 
-    @staticmethod
-    def _usable_hint(config: NetworkConfig, leases: list[Lease], hint: Hints) -> Hints | None:
-        sn, sn6 = hint
-        if sn is None:
-            return None
-        sn6 = sn6 if config.enable_ipv6 else None
-        if any(lease.subnet is not None and lease.subnet.overlaps(sn) for lease in leases):
-            log.info("previous subnet %s is held by another node; allocating a new one", sn)
-            return None
-        if not config.is_compatible(sn, sn6):
-            log.error("previous subnet %s (ipv6 %s) does not fit the network config; ignoring it", sn, sn6)
-            return None
-        if sn6 is not None and any(lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(sn6)
-                                   for lease in leases):
-            log.info("previous IPv6 subnet %s is held by another node; allocating a new one", sn6)
-            return None
-        log.info("Found previously leased subnet (%s), reusing", sn)
-        return sn, sn6
+    def _drop_incompatible(self, mine: Lease, attrs: LeaseAttrs) -> bool:
+        """Our lease no longer fits the config: delete it as flannel does (True), except a
+        reservation, which is the operator's to remove (False)."""
+        if mine.expiration is None:
+            log.error("reservation %s for this node (%s) does not fit the network config; not using it "
+                      "(remove it with: flannelctl reservations remove %s)", mine.describe(), attrs.public_ip,
+                      mine.subnet)
+            return False
+        log.warning("Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible with current "
+                    "config, deleting", mine.subnet, mine.ipv6_subnet, attrs.public_ip)
+        assert mine.subnet is not None
+        self._reg().delete_lease(mine.subnet, mine.ipv6_subnet)
+        return True
 
-    def _allocate(self, config: NetworkConfig, leases: list[Lease]) -> Hints:
+    def _find_own(self, leases: list[Lease], attrs: LeaseAttrs, hint: IPv4Network | None) -> Lease | None:
+        """The lease we hold among those published for our public IP; the others are logged as strays."""
+        mine = [lease for lease in leases if carries_our_ip(lease, attrs)]
+        if len(mine) <= 1:
+            return mine[0] if mine else None
+        if hint is None or not any(lease.subnet == hint for lease in mine):
+            mine = [self._with_expiration(lease) for lease in mine]
+        chosen, strays = choose_own(mine, hint)
+        log.warning("%d leases carry our public IP %s: using %s (%s); leaving the others alone, they are not ours: "
+                    "%s (remove leftovers with: etcdctl del <key>)", len(mine), attrs.public_ip or attrs.public_ipv6,
+                    chosen.subnet, _why_chosen(chosen, hint),
+                    ", ".join(f"{s.subnet} ({'reservation' if s.expiration is None else 'lease'})" for s in strays))
+        return chosen
+
+    def _with_expiration(self, lease: Lease) -> Lease:
+        """``lease`` with its remaining TTL looked up (listings skip that RPC)."""
+        if lease.expiration != TTL_NOT_LOOKED_UP or lease.subnet is None:
+            return lease
+        stored = self._reg().get_lease(lease.subnet, lease.ipv6_subnet, ttl=True)
+        return stored.lease if stored.lease is not None else lease
+
+    def _allocate(self, config: NetworkConfig, leases: list[Lease], listing: Listing,
+                  tried: set[IPv4Network]) -> Hints:
         assert config.network is not None
         log.info("Picking subnet in range %s ... %s", config.subnet_min, config.subnet_max)
-        free4 = _free_candidates(config.subnet_candidates(), config.subnet_len, 4,
-                                 [lease.subnet for lease in leases if lease.subnet is not None])
+        taken4 = [lease.subnet for lease in leases if lease.subnet is not None]
+        taken4 += [nets[0] for nets in listing.occupied] + sorted(tried)
+        free4 = _free_candidates(config.subnet_candidates(), config.subnet_len, 4, taken4)
         if not free4:
             raise errors.NetworkFull(
                 f"network {config.network} is full: all {config.subnet_count} /{config.subnet_len} subnets "
@@ -207,8 +285,9 @@ class EtcdSubnetManager(SubnetManager):
         sn = IPv4Network((self._rng.choice(free4), config.subnet_len))
         sn6: IPv6Network | None = None
         if config.enable_ipv6:
-            free6 = _free_candidates(config.ipv6_subnet_candidates(), config.ipv6_subnet_len, 6,
-                                     [lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None])
+            taken6 = [lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None]
+            taken6 += [nets[1] for nets in listing.occupied if nets[1] is not None]
+            free6 = _free_candidates(config.ipv6_subnet_candidates(), config.ipv6_subnet_len, 6, taken6)
             if not free6:
                 count6 = len(config.ipv6_subnet_candidates())
                 raise errors.NetworkFull(
@@ -219,130 +298,29 @@ class EtcdSubnetManager(SubnetManager):
 
     # -- keep our lease --------------------------------------------------------------------------
 
-    def _renew_at(self, lease: Lease) -> float | None:
-        """When to renew: ``margin`` before expiry, or half-way if the margin is longer than that."""
-        if lease.expiration is None:
-            return None  # a reservation never expires
-        now = time.time()
-        remaining = lease.expiration - now
-        margin = self._opts.subnet_lease_renew_margin * 60.0
-        wait = remaining / 2 if margin >= remaining else remaining - margin
-        return now + max(0.0, wait)
-
-    def complete_lease(self, lease: Lease, stop: threading.Event,
+    def complete_lease(self, config: NetworkConfig, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
-        reg = self._reg()
-        current = lease
-        next_renew = self._renew_at(current)
-        handle: WatchHandle | None = None
-        backoff = 0.0
-
-        def lost(why: str, *, same: bool) -> Lease | None:
-            return self._lost(current, why, same=same, stop=stop, on_lease=on_lease)
-
-        try:
-            while not stop.is_set():
-                if handle is None:
-                    subnet = current.subnet
-                    assert subnet is not None
-                    try:
-                        stored, rev = reg.get_lease(subnet, current.ipv6_subnet)
-                        if stored is None or stored.attrs.public_ip != current.attrs.public_ip:
-                            new = lost("is gone from etcd" if stored is None else
-                                       f"is now held by {stored.attrs.public_ip}", same=stored is None)
-                            if new is None:
-                                return
-                            current, next_renew = new, self._renew_at(new)
-                            continue
-                        current = dataclasses.replace(current, expiration=stored.expiration)
-                        next_renew = self._renew_at(current)
-                        handle = reg.watch_lease(subnet, current.ipv6_subnet, rev + 1)
-                        backoff = 0.0
-                    except errors.FlannelError as e:  # never die: etcd may come back, creds may be fixed
-                        backoff = min(WATCH_BACKOFF_MAX, max(0.1, backoff * 2))
-                        log.warning("watching our lease %s: %s; retrying in %.1fs", current.describe(), e, backoff)
-                        stop.wait(backoff)
-                        continue
-                timeout = POLL_SECONDS if next_renew is None else min(POLL_SECONDS, max(0.0, next_renew - time.time()))
-                try:
-                    chunk = handle.get(timeout)
-                except errors.FlannelError as e:  # Compacted, StoreUnavailable, ...
-                    log.info("watch on our lease %s interrupted (%s); re-reading it", current.describe(), e)
-                    handle.cancel()
-                    handle = None
-                    continue
-                for ev in chunk.events if chunk is not None else ():
-                    if ev.type == EventType.REMOVED or ev.lease.attrs.public_ip != current.attrs.public_ip:
-                        handle.cancel()
-                        handle = None
-                        removed = ev.type == EventType.REMOVED
-                        new = lost("was removed (deleted or expired)" if removed else
-                                   f"was overwritten by {ev.lease.attrs.public_ip}", same=removed)
-                        if new is None:
-                            return
-                        current, next_renew = new, self._renew_at(new)
-                        break
-                    current = dataclasses.replace(current, expiration=ev.lease.expiration)
-                    next_renew = self._renew_at(current)
-                    if next_renew is not None:
-                        log.debug("Waiting for %.0fs to renew lease", next_renew - time.time())
-                if handle is None or next_renew is None or time.time() < next_renew:
-                    continue
-                assert current.subnet is not None
-                try:
-                    current = reg.update_lease(current.subnet, current.ipv6_subnet, current.attrs, self.ttl)
-                except errors.FlannelError as e:
-                    left = (current.expiration or 0) - time.time()
-                    delay = min(RENEW_RETRY_SECONDS, max(0.5, left / 4))
-                    log.warning("Error renewing lease %s (trying again in %.1fs): %s", current.describe(), delay, e)
-                    next_renew = time.time() + delay
-                    continue
-                log.info("Lease renewed, new expiration: %s", time.strftime(
-                    "%Y-%m-%d %H:%M:%S", time.localtime(current.expiration or 0)))
-                next_renew = self._renew_at(current)
-                _publish(on_lease, current)
-        finally:
-            if handle is not None:
-                handle.cancel()
-
-    def _lost(self, current: Lease, why: str, *, same: bool, stop: threading.Event,
-              on_lease: Callable[[Lease], None] | None) -> Lease | None:
-        """We no longer hold ``current`` (``why``): acquire a lease again (the same subnet if
-        ``same`` and it is still free) and publish it; None only when ``stop`` is set first."""
-        log.warning("Our lease %s %s; acquiring a lease again%s", current.describe(), why,
-                    " (same subnet if still free)" if same else "")
-        new = self._reacquire(current, stop, same=same)
-        if new is not None:
-            log.info("Re-acquired lease %s", new.describe())
-            _publish(on_lease, new)
-        return new
-
-    def _reacquire(self, old: Lease, stop: threading.Event, *, same: bool) -> Lease | None:
-        """Acquire again after losing ``old``; None only when ``stop`` is set first."""
-        prefer: Hints | None = (old.subnet, old.ipv6_subnet) if same else (None, None)
-        while not stop.is_set():
-            try:
-                return self._acquire(old.attrs, prefer=prefer, stop=stop)
-            except errors.StoreUnavailable:
-                return None  # only raised once stop is set (retry.store retries it until then)
-            except errors.FlannelError as e:
-                log.error("cannot re-acquire a lease: %s (trying again in %.0fs)", e, REACQUIRE_RETRY_SECONDS)
-                stop.wait(REACQUIRE_RETRY_SECONDS)
-        return None
+        def reacquire(prefer: Hints) -> Lease:
+            return self._acquire(config, lease.attrs, prefer=prefer, stop=stop)
+        LeaseKeeper(self._reg(), lease, stop=stop, ttl=self.ttl, margin=self._opts.subnet_lease_renew_margin * 60.0,
+                    reacquire=reacquire, on_lease=on_lease).run()
 
     # -- watch everyone --------------------------------------------------------------------------
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         reg = self._reg()
         rev: int | None = None
-        backoff = 0.0
+        backoff = retry.watch(stop, what="the lease watch")
         while not stop.is_set():
             handle: WatchHandle | None = None
             try:
                 if rev is None:
-                    leases, rev = _with_store_retry(stop, "listing leases", reg.list_leases)
-                    log.info("lease snapshot: %d leases at revision %d", len(leases), rev)
-                    yield WatchResult.of_snapshot(leases)
+                    listing: Listing = _with_store_retry(stop, "listing leases", reg.list_leases)
+                    rev = listing.revision
+                    log.info("lease snapshot: %d leases at revision %d%s", len(listing.leases), rev,
+                             f" ({len(listing.occupied)} unreadable keys skipped)" if listing.occupied else "")
+                    yield WatchResult.of_snapshot(listing.leases)
+                self._recheck_config(config, stop)
                 start = rev + 1
                 handle = _with_store_retry(stop, f"watching leases from revision {start}",
                                            functools.partial(reg.watch_leases, start))
@@ -350,35 +328,81 @@ class EtcdSubnetManager(SubnetManager):
                     chunk = handle.get(POLL_SECONDS)
                     if chunk is None:
                         continue
-                    backoff = 0.0
+                    backoff.reset()
+                    if chunk.config is not None:
+                        self._check_config(config, chunk.config.text)
                     rev = max(rev, chunk.revision)
                     if chunk.events:
                         yield WatchResult.of_events(chunk.events)
             except Compacted as e:
                 log.warning("lease watch fell behind etcd compaction (%s); listing all leases again", e)
                 rev = None
+            except errors.ConfigChanged:
+                raise
             except errors.StoreUnavailable as e:
                 if stop.is_set():
                     break
-                backoff = min(WATCH_BACKOFF_MAX, max(0.1, backoff * 2))
-                log.warning("lease watch interrupted: %s; resuming from revision %s in %.1fs",
-                            e, None if rev is None else rev + 1, backoff)
-                stop.wait(backoff)
-            except errors.FlannelError as e:  # e.g. PermissionDenied: log loudly, keep trying
-                log.error("lease watch failed: %s; retrying in %.0fs", e, WATCH_BACKOFF_MAX)
-                stop.wait(WATCH_BACKOFF_MAX)
+                backoff.failed(e, resume=f"resuming from revision {None if rev is None else rev + 1};")
+            except errors.FlannelError as e:  # e.g. PermissionDenied, a TLS failure: log loudly, keep trying
+                backoff.failed(e, level=logging.ERROR)
             finally:
                 if handle is not None:
                     handle.cancel()
 
 
-def _publish(on_lease: Callable[[Lease], None] | None, lease: Lease) -> None:
-    """Hand a new or renewed lease to the daemon's callback (which must not stop the renewals)."""
-    if on_lease is not None:
-        try:
-            on_lease(lease)
-        except Exception:  # a callback bug must not stop the renewals
-            log.exception("on_lease callback failed for %s", lease.describe())
+def carries_our_ip(lease: Lease, attrs: LeaseAttrs) -> bool:
+    """Whether ``lease`` was published for our public IP (IPv4; IPv6 for IPv6-only nodes, fixing
+    §14.6 where every IPv6-only node matched ``0.0.0.0``)."""
+    if int(attrs.public_ip) != 0:
+        return lease.attrs.public_ip == attrs.public_ip
+    return attrs.public_ipv6 is not None and lease.attrs.public_ipv6 == attrs.public_ipv6
+
+
+def choose_own(mine: list[Lease], hint: IPv4Network | None) -> tuple[Lease, list[Lease]]:
+    """Which of several leases carrying our public IP is ours, and the strays.
+
+    In order: the one on the subnet we held (subnet.env, or the subnet we just lost), a reservation
+    (an operator put it there for us), the one with the latest expiration (renewed last: a live
+    agent renews, a leftover does not); ties by subnet. ``mine`` must not be empty.
+    """
+    def rank(lease: Lease) -> tuple[bool, bool, float, int]:
+        not_held = not (hint is not None and lease.subnet == hint)
+        not_reserved = lease.expiration is not None
+        latest_first = -(lease.expiration or 0.0)
+        return not_held, not_reserved, latest_first, int(lease.subnet.network_address) if lease.subnet else 0
+
+    ordered = sorted(mine, key=rank)
+    return ordered[0], ordered[1:]
+
+
+def _why_chosen(lease: Lease, hint: IPv4Network | None) -> str:
+    if hint is not None and lease.subnet == hint:
+        return "the subnet we held"
+    if lease.expiration is None:
+        return "a reservation"
+    return "renewed last"
+
+
+def usable_hint(config: NetworkConfig, leases: list[Lease], occupied: tuple[Subnets, ...],
+                hint: Hints) -> Hints | None:
+    """The previous subnet(s), if still free (by decodable leases *and* unreadable keys) and compatible."""
+    sn, sn6 = hint
+    if sn is None:
+        return None
+    sn6 = sn6 if config.enable_ipv6 else None
+    held = [lease.subnet for lease in leases] + [nets[0] for nets in occupied]
+    if any(other is not None and other.overlaps(sn) for other in held):
+        log.info("previous subnet %s is held by another node (or by a key we cannot read); allocating a new one", sn)
+        return None
+    if not config.is_compatible(sn, sn6):
+        log.error("previous subnet %s (ipv6 %s) does not fit the network config; ignoring it", sn, sn6)
+        return None
+    held6 = [lease.ipv6_subnet for lease in leases] + [nets[1] for nets in occupied]
+    if sn6 is not None and any(other is not None and other.overlaps(sn6) for other in held6):
+        log.info("previous IPv6 subnet %s is held by another node; allocating a new one", sn6)
+        return None
+    log.info("Found previously leased subnet (%s), reusing", sn)
+    return sn, sn6
 
 
 def _with_store_retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:

@@ -201,9 +201,8 @@ class KubeSubnetManager(SubnetManager):
         """What we published last time (vxlan reads its VtepMAC from it to keep the MAC)."""
         return annots.stored_backend_data(self._names, nodes.annotations_of(self._own_node()))
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         """Our lease from our podCIDR(s); publish ``attrs`` as annotations if they differ (§5.5)."""
-        config = self.get_network_config()
         node = self._own_node(need_cidr=True)
         lease = nodes.own_lease(node, config, attrs)
         self._publish(node, attrs)
@@ -232,7 +231,7 @@ class KubeSubnetManager(SubnetManager):
         else:
             self._client.patch_node_status(name, body)
 
-    def complete_lease(self, lease: Lease, stop: threading.Event,
+    def complete_lease(self, config: NetworkConfig, lease: Lease, stop: threading.Event,
                        on_lease: Callable[[Lease], None] | None = None) -> None:
         """Set ``NetworkUnavailable=False`` (unless disabled), then look after our own node until
         stop (see the module docstring). A failure to patch is logged, never fatal: the data plane
@@ -318,13 +317,12 @@ class KubeSubnetManager(SubnetManager):
             self._mark_network_available(stop)
         return "handled"
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         """Snapshot, then events, forever; relist on 410, re-watch (with backoff) on a drop.
 
         Our own node never comes out of here: the tracker hands it to ``complete_lease``.
         """
-        tracker = NodeTracker(self._names, self.get_network_config(), own_name=self._node_name,
-                              on_own=self._own_box.put)
+        tracker = NodeTracker(self._names, config, own_name=self._node_name, on_own=self._own_box.put)
         rv: str | None = None
         failures = 0
         while not stop.is_set():

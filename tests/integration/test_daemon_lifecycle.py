@@ -159,7 +159,7 @@ def test_unwritable_subnet_file_stays_not_ready(opts: AgentOptions, tmp_path: Pa
 
 
 class CrashingWatch(FakeManager):
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
         yield WatchResult.of_snapshot(())
         raise RuntimeError("boom in the watch")
 
@@ -384,7 +384,7 @@ class MovingLease(FakeManager):
         super().__init__()
         self.renewed = threading.Event()
 
-    def complete_lease(self, lease: Lease, stop: threading.Event, on_lease: Any = None) -> None:
+    def complete_lease(self, config: Any, lease: Lease, stop: threading.Event, on_lease: Any = None) -> None:
         on_lease(Lease(subnet=lease.subnet, attrs=lease.attrs, expiration=time.time() + 60))
         self.renewed.set()
         stop.wait(0.2)
@@ -437,7 +437,7 @@ class EndingWatch(FakeManager):
         super().__init__()
         self.calls = 0
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
         self.calls += 1
         yield WatchResult.of_snapshot(())
 
@@ -466,8 +466,13 @@ def test_systemd_is_notified_when_ready(opts: AgentOptions, tmp_path: Path, monk
 
 
 class StoredIP(FakeManager):
+    """A store with the StoredNodeAttrs capability (as kube)."""
+
     def stored_public_ips(self) -> tuple[str | None, str | None]:
         return "198.18.0.77", None
+
+    def stored_backend_data(self) -> tuple[str | None, str | None]:
+        return None, None
 
 
 def test_public_ip_stored_in_the_store_overrides_the_flag(opts: AgentOptions) -> None:

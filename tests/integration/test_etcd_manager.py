@@ -20,16 +20,13 @@ from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.watcher import LeaseWatcher
-from tests.support import wait_for
+from tests.support import acquire, wait_for
 
 pytestmark = pytest.mark.etcd
 
 PREFIX = "/coreos.com/network"
 #: our managers allocate from 10.8.1-50.0/24; fake peers live at 10.8.99.0 and above (created directly)
 CONFIG_8 = '{"Network": "10.8.0.0/16", "SubnetMax": "10.8.50.0"}'
-
-
-
 
 
 def put_config(srv, cfg: str) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +91,7 @@ class WatchFeed:
         self.lock = threading.Lock()
 
         def run(stop: threading.Event) -> None:
-            for result in manager.watch_leases(stop):
+            for result in manager.watch_leases(manager.get_network_config(), stop):
                 with self.lock:
                     self.results.append(result)
                     self.watcher.apply(result)
@@ -114,11 +111,11 @@ def test_30_concurrent_managers_get_30_distinct_subnets(etcd_server, make_manage
     managers = [make_manager() for _ in range(30)]
     barrier = threading.Barrier(30)
 
-    def acquire(i: int) -> Lease:
+    def take(i: int) -> Lease:
         barrier.wait()
-        return managers[i].acquire_lease(attrs(f"192.0.2.{i + 1}"))
+        return acquire(managers[i], attrs(f"192.0.2.{i + 1}"))
     with concurrent.futures.ThreadPoolExecutor(30) as pool:
-        leases = list(pool.map(acquire, range(30)))
+        leases = list(pool.map(take, range(30)))
     subnets = {lease.subnet for lease in leases}
     assert len(subnets) == 30
     assert subnets == {IPv4Network(f"10.7.{i}.0/24") for i in range(1, 31)}
@@ -128,9 +125,9 @@ def test_30_concurrent_managers_get_30_distinct_subnets(etcd_server, make_manage
 
 def test_restart_gets_same_subnet(etcd_server, make_manager):
     put_config(etcd_server, CONFIG_8)
-    first = make_manager().acquire_lease(attrs("192.0.2.1"))
-    make_manager().acquire_lease(attrs("192.0.2.2"))
-    again = make_manager(subnet_file="/nonexistent/subnet.env").acquire_lease(attrs("192.0.2.1"))
+    first = acquire(make_manager(), attrs("192.0.2.1"))
+    acquire(make_manager(), attrs("192.0.2.2"))
+    again = acquire(make_manager(subnet_file="/nonexistent/subnet.env"), attrs("192.0.2.1"))
     assert again.subnet == first.subnet
 
 
@@ -138,10 +135,10 @@ def test_short_ttl_renewed_and_deleted_key_reacquired(etcd_server, make_manager)
     put_config(etcd_server, CONFIG_8)
     ttl = 4
     m = make_manager(subnet_lease_ttl=ttl)
-    lease = m.acquire_lease(attrs("192.0.2.1"))
+    lease = acquire(m, attrs("192.0.2.1"))
     key = key_of(str(lease.subnet))
     seen: list[Lease] = []
-    bg = Background(lambda stop: m.complete_lease(lease, stop, seen.append))
+    bg = Background(lambda stop: m.complete_lease(m.get_network_config(), lease, stop, seen.append))
     try:
         t_end = time.monotonic() + 2 * ttl + 1
         while time.monotonic() < t_end:  # the key must survive two TTLs (renewals)
@@ -163,13 +160,13 @@ def test_short_ttl_renewed_and_deleted_key_reacquired(etcd_server, make_manager)
 
 def test_compaction_relists_and_reemits_changed_attributes(etcd_server, make_manager):
     put_config(etcd_server, CONFIG_8)
-    own = make_manager().acquire_lease(attrs("192.0.2.1"))
+    own = acquire(make_manager(), attrs("192.0.2.1"))
     put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100", BackendType="vxlan",
               BackendData={"VtepMAC": "aa:00:00:00:00:01"})
     put_lease(etcd_server, "10.8.101.0/24", "198.18.0.101")
     m = make_manager()
     stop = threading.Event()
-    gen: Iterator[WatchResult] = m.watch_leases(stop)
+    gen: Iterator[WatchResult] = m.watch_leases(m.get_network_config(), stop)
     watcher = LeaseWatcher(own)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         def pull() -> WatchResult:
@@ -208,11 +205,11 @@ def test_compaction_relists_and_reemits_changed_attributes(etcd_server, make_man
 def test_compaction_diff_through_lease_watcher(etcd_server, make_manager):
     """The LeaseWatcher re-emits a peer whose attributes changed across the compaction gap."""
     put_config(etcd_server, CONFIG_8)
-    own = make_manager().acquire_lease(attrs("192.0.2.1"))
+    own = acquire(make_manager(), attrs("192.0.2.1"))
     put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100")
     m = make_manager()
     stop = threading.Event()
-    gen = m.watch_leases(stop)
+    gen = m.watch_leases(m.get_network_config(), stop)
     watcher = LeaseWatcher(own)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
@@ -234,7 +231,7 @@ def test_compaction_diff_through_lease_watcher(etcd_server, make_manager):
 def test_garbage_and_stray_keys_do_not_remove_peers(etcd_server, make_manager, caplog):
     caplog.set_level(logging.WARNING)
     put_config(etcd_server, CONFIG_8)
-    own = make_manager().acquire_lease(attrs("192.0.2.1"))
+    own = acquire(make_manager(), attrs("192.0.2.1"))
     put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100")
     put_lease(etcd_server, "10.8.101.0/24", "198.18.0.101")
     feed = WatchFeed(make_manager(), own)
@@ -261,10 +258,10 @@ def test_etcd_outage_watch_resumes_and_lease_survives(etcd_server, make_manager,
     caplog.set_level(logging.WARNING)
     put_config(etcd_server, CONFIG_8)
     m = make_manager()
-    own = m.acquire_lease(attrs("192.0.2.1"))
+    own = acquire(m, attrs("192.0.2.1"))
     put_lease(etcd_server, "10.8.100.0/24", "198.18.0.100")
     feed = WatchFeed(make_manager(), own)
-    keeper = Background(lambda stop: m.complete_lease(own, stop))
+    keeper = Background(lambda stop: m.complete_lease(m.get_network_config(), own, stop))
     try:
         wait_for(lambda: IPv4Network("10.8.100.0/24") in feed.tracked(), what="initial snapshot")
         put_lease(etcd_server, "10.8.99.0/24", "198.18.0.99")  # seen only through an established watch
@@ -280,7 +277,7 @@ def test_etcd_outage_watch_resumes_and_lease_survives(etcd_server, make_manager,
         wait_for(lambda: set(feed.tracked()) == {IPv4Network("10.8.101.0/24")}, timeout=30,
                  what="changes made after the restart")
         assert feed.snapshots() == 1  # resumed from the last revision, no relist needed
-        assert "lease watch interrupted" in caplog.text
+        assert "the lease watch failed" in caplog.text
         assert etcd_server.etcdctl("get", "--keys-only", key_of(str(own.subnet))).strip()
     finally:
         feed.bg.close()
@@ -291,10 +288,10 @@ def test_reservation_survives_owner_acquire(etcd_server, make_manager):
     put_config(etcd_server, CONFIG_8)
     put_lease(etcd_server, "10.8.27.0/24", "192.0.2.1")  # etcdctl put without --lease: a reservation
     m = make_manager(subnet_lease_ttl=2)  # a wrongly renewed lease would be renewed after ~1 s
-    lease = m.acquire_lease(attrs("192.0.2.1"))
+    lease = acquire(m, attrs("192.0.2.1"))
     assert lease.subnet == IPv4Network("10.8.27.0/24")
     assert lease.expiration is None
-    bg = Background(lambda stop: m.complete_lease(lease, stop))
+    bg = Background(lambda stop: m.complete_lease(m.get_network_config(), lease, stop))
     try:
         time.sleep(1.5)  # give a (wrong) renewal the chance to attach a lease
         kv = json.loads(etcd_server.etcdctl("get", "-w", "json", key_of("10.8.27.0/24")))["kvs"][0]

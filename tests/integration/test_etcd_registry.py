@@ -19,6 +19,7 @@ from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
+from tests.support import acquire
 
 pytestmark = pytest.mark.etcd
 
@@ -50,21 +51,22 @@ def test_round_trip_exact_bytes(etcd_server):
         assert reg.get_config() == CONFIG
         assert etcd_server.etcdctl("get", "--print-value-only", f"{PREFIX}/config") == CONFIG + "\n"
 
-        _, rev0 = reg.list_leases()
+        rev0 = reg.list_leases().revision
         lease = reg.create_lease(SN, None, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")), 86400)
         assert lease.expiration is not None and lease.expiration > time.time() + 86000
         out = etcd_server.etcdctl("get", "--prefix", f"{PREFIX}/subnets/")
         assert out == f"{PREFIX}/subnets/10.1.5.0-24\n" + '{"PublicIP":"1.2.3.4","PublicIPv6":null}\n'
 
-        leases, _ = reg.list_leases(ttl=True)
+        leases = reg.list_leases(ttl=True).leases
         assert [(x.subnet, x.attrs.public_ip) for x in leases] == [(SN, IPv4Address("1.2.3.4"))]
         assert leases[0].expiration is not None and leases[0].expiration > time.time() + 86000
-        got, _ = reg.get_lease(SN, None)
-        assert got == lease
+        got = reg.get_lease(SN, None)
+        assert got.lease == lease and got.exists and got.mod_revision > rev0
 
         reg.delete_lease(SN, None)
         assert etcd_server.etcdctl("get", "--prefix", f"{PREFIX}/subnets/") == ""
-        assert reg.get_lease(SN, None)[0] is None
+        gone = reg.get_lease(SN, None)
+        assert gone.lease is None and not gone.exists
 
         handle = reg.watch_leases(rev0 + 1)
         try:
@@ -96,7 +98,7 @@ def test_reservation_has_no_etcd_lease(etcd_server):
         assert got.expiration is None
         kv = json.loads(etcd_server.etcdctl("get", "-w", "json", f"{PREFIX}/subnets/10.1.5.0-24"))["kvs"][0]
         assert kv.get("lease", 0) == 0
-        leases, _ = reg.list_leases(ttl=True)
+        leases = reg.list_leases(ttl=True).leases
         assert leases[0].expiration is None
     finally:
         reg.close()
@@ -111,8 +113,9 @@ def test_stray_and_garbage_records_are_skipped_and_logged(etcd_server, caplog):
     etcd_server.etcdctl("put", f"{PREFIX}/subnetsX/10.1.10.0-24", '{"PublicIP":"1.1.1.10"}')
     reg = registry(etcd_server)
     try:
-        leases, _ = reg.list_leases()
-        assert [x.subnet for x in leases] == [IPv4Network("10.1.7.0/24")]
+        listing = reg.list_leases()
+        assert [x.subnet for x in listing.leases] == [IPv4Network("10.1.7.0/24")]
+        assert listing.occupied == ((IPv4Network("10.1.8.0/24"), None),)  # its key exists: not free
         text = caplog.text
         assert f"{PREFIX}/subnets/10.1.8.0-24" in text and "not JSON" in text
         assert f"{PREFIX}/subnets/junk" in text and f"{PREFIX}/subnets/10.1.9.0-24/deeper" in text
@@ -139,7 +142,7 @@ def test_username_password_auth(etcd_server, caplog):
     good = EtcdSubnetManager(AgentOptions(etcd_username="root", etcd_password="s3cret-pw", **base))
     try:
         assert str(good.get_network_config().network) == "10.1.0.0/16"
-        lease = good.acquire_lease(LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
+        lease = acquire(good, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
         assert lease.subnet is not None and lease.subnet.subnet_of(IPv4Network("10.1.0.0/16"))
         assert "s3cret-pw" not in good.name
     finally:
@@ -167,18 +170,31 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """A CA, a server cert for 127.0.0.1 and a client cert, made by openssl."""
+    """Made by openssl: a CA with a server cert for 127.0.0.1 and a client cert; a server cert for
+    another name (etcd.example.com); another CA with its own client cert."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=flannel-test-ca", cwd=d)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
-                      ("client", "extendedKeyUsage=clientAuth")):
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 "-days", "2", "-subj", f"/CN=flannel-test-{ca}", cwd=d)
+    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                          ("client", "ca", "extendedKeyUsage=clientAuth"),
+                          ("wrong-name", "ca", "subjectAltName=DNS:etcd.example.com\nextendedKeyUsage=serverAuth"),
+                          ("other-client", "other-ca", "extendedKeyUsage=clientAuth")):
         (d / f"{name}.ext").write_text(ext + "\n")
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN=flannel-test-{name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
                  "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
     return d
+
+
+def tls_etcd(pki: Path, tmp_path: Path, server: str = "server") -> TLSEtcdServer:
+    """A real etcd that requires client certificates (--client-cert-auth) signed by pki's CA."""
+    srv = TLSEtcdServer(str(tmp_path / f"etcd-{server}"), extra_args=[
+        "--cert-file", str(pki / f"{server}.crt"), "--key-file", str(pki / f"{server}.key"),
+        "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"])
+    srv.pki = pki
+    return srv
 
 
 class TLSEtcdServer(EtcdServer):
@@ -200,10 +216,7 @@ class TLSEtcdServer(EtcdServer):
 
 
 def test_tls_with_client_certificate(pki, tmp_path):
-    srv = TLSEtcdServer(str(tmp_path / "etcd"), extra_args=[
-        "--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),
-        "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"])
-    srv.pki = pki
+    srv = tls_etcd(pki, tmp_path)
     srv.start()
     try:
         tls = {"cafile": str(pki / "ca.crt"), "certfile": str(pki / "client.crt"), "keyfile": str(pki / "client.key")}
@@ -217,7 +230,7 @@ def test_tls_with_client_certificate(pki, tmp_path):
                             etcd_keyfile=tls["keyfile"], subnet_file=str(tmp_path / "subnet.env"))
         m = EtcdSubnetManager(opts)
         try:
-            lease = m.acquire_lease(LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
+            lease = acquire(m, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
             assert lease.subnet is not None and lease.subnet.subnet_of(IPv4Network("10.1.0.0/16"))
         finally:
             m.close()
@@ -230,13 +243,79 @@ def test_tls_with_client_certificate(pki, tmp_path):
             assert both.get_config() == CONFIG
         finally:
             both.close()
-        # no client certificate: the server refuses the handshake
-        nocert = registry(srv, cafile=str(pki / "ca.crt"))
-        try:
-            with pytest.raises(errors.StoreError):
-                nocert.get_config()
-        finally:
-            nocert.close()
+    finally:
+        srv.close()
+
+
+TLS_FAILURES = [
+    # (what the client uses, the message that names the likely cause)
+    ({"cafile": "ca.crt"}, "etcd requires a client certificate and none was sent: set --etcd-certfile and "
+                           "--etcd-keyfile"),
+    ({"cafile": "ca.crt", "certfile": "other-client.crt", "keyfile": "other-client.key"},
+     "etcd rejected our client certificate"),
+    ({"cafile": "other-ca.crt", "certfile": "client.crt", "keyfile": "client.key"},
+     "etcd's server certificate is not signed by a CA in --etcd-cafile"),
+    ({"certfile": "client.crt", "keyfile": "client.key"},
+     "is not signed by a CA in the system CA bundle (no --etcd-cafile given)"),
+]
+
+
+def test_tls_failures_name_the_likely_cause(pki, tmp_path):
+    """Instead of retrying forever with "Unwrap failed (TSI_DATA_CORRUPTED)": a StoreTLSError (a
+    ConfigError, so fatal at startup) that says what to fix."""
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    try:
+        for files, message in TLS_FAILURES:
+            reg = registry(srv, **{k: str(pki / v) for k, v in files.items()})
+            try:
+                with pytest.raises(errors.StoreTLSError) as exc:
+                    reg.get_config()
+                assert message in str(exc.value), files
+                assert isinstance(exc.value, errors.ConfigError)
+            finally:
+                reg.close()
+    finally:
+        srv.close()
+
+
+def test_tls_wrong_server_name(pki, tmp_path):
+    srv = tls_etcd(pki, tmp_path, server="wrong-name")
+    srv.healthy = lambda: True  # type: ignore[method-assign]  # its certificate does not name 127.0.0.1
+    srv.start()
+    try:
+        from flannel.subnet_managers.etcd.registry import _split_endpoint
+        host, _, _ = _split_endpoint(srv.endpoint)
+        deadline = time.monotonic() + 20
+        while True:  # etcd is up once the TLS handshake gets as far as the name check
+            reg = registry(srv, cafile=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),
+                           keyfile=str(pki / "client.key"))
+            try:
+                reg.get_config()
+                raise AssertionError("connected although the certificate names another host")
+            except errors.StoreTLSError as e:
+                assert "wrong server name" in str(e) and host in str(e)
+                break
+            except errors.StoreUnavailable:
+                assert time.monotonic() < deadline, "etcd did not come up"
+                time.sleep(0.2)
+            finally:
+                reg.close()
+    finally:
+        srv.close()
+
+
+def test_agent_without_client_certificate_exits_with_the_cause(pki, tmp_path):
+    """The daemon does not retry a TLS failure at startup: it fails with the reason (exit 1)."""
+    from flannel import daemon
+    from tests.support import fake_iface
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    try:
+        opts = AgentOptions(etcd_endpoints=(srv.endpoint,), etcd_cafile=str(pki / "ca.crt"),
+                            subnet_file=str(tmp_path / "subnet.env"), iptables_forward_rules=False)
+        with pytest.raises(errors.StoreTLSError, match="requires a client certificate"):
+            daemon.run(opts, select_interface=fake_iface)
     finally:
         srv.close()
 
@@ -252,7 +331,7 @@ def test_expired_auth_token_is_renewed(tmp_path, caplog):
         reg = registry(srv, username="root", password="s3cret-pw")
         try:
             assert reg.get_config() == CONFIG
-            _, rev = reg.list_leases()
+            rev = reg.list_leases().revision
             time.sleep(2.5)  # let the token expire (no condition to poll: expiry is server-internal)
             caplog.set_level(logging.INFO)
             assert reg.get_config() == CONFIG

@@ -100,3 +100,21 @@ def test_env_vars_select_the_endpoint(etcd_server):
     res = CliRunner().invoke(cli, ["config", "get"], env={"FLANNELD_ETCD_ENDPOINTS": etcd_server.endpoint,
                                                           "FLANNELD_ETCD_PREFIX": "/env/net"})
     assert res.exit_code == 0 and res.output == GOOD + "\n"
+
+
+def test_leases_list_and_reservations_survive_garbage(ctl, etcd_server):
+    """flannelctl decodes through the same boundary: garbage is skipped (and said so), a subnet held
+    by an unreadable key cannot be reserved, and a deeply nested --backend-data is refused."""
+    etcd_server.etcdctl("put", f"{PREFIX}/config", GOOD)
+    etcd_server.etcdctl("put", f"{PREFIX}/subnets/10.5.3.0-24", '{"PublicIP":"198.18.0.3","PublicIPv6":null}')
+    etcd_server.etcdctl("put", f"{PREFIX}/subnets/10.5.4.0-24", "[" * 5000 + "]" * 5000)
+    etcd_server.etcdctl("put", f"{PREFIX}/subnets/10.5.5.0-24", '{"PublicIP":7}')
+    res = ctl("leases", "list")
+    assert res.exit_code == 0, res.output
+    assert "10.5.3.0/24" in res.output and "10.5.4.0/24" not in res.output
+    assert "2 unreadable keys skipped" in res.output
+    res = ctl("reservations", "add", "10.5.4.0/24", "--public-ip", "198.18.0.4")
+    assert res.exit_code == 1 and "overlaps the unreadable key" in res.output
+    res = ctl("reservations", "add", "10.5.6.0/24", "--public-ip", "198.18.0.6", "--backend-data",
+              '{"a":' * 5000 + "1" + "}" * 5000)
+    assert res.exit_code == 2 and "nested too deeply" in res.output

@@ -126,7 +126,7 @@ def test_dual_stack_host_gw_routes(ns_prefix):
         cfg = '{"Network":"10.6.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:6::/48","Backend":{"Type":"host-gw"}}'
 
         class DS(FakeLeases):
-            def acquire_lease(self, attrs):
+            def acquire_lease(self, config, attrs):
                 self.attrs = attrs
                 return Lease(self.subnet, attrs, ipv6_subnet=IPv6Network("fd00:10:6:1::/64"))
 

@@ -19,7 +19,7 @@ from flannel import errors
 from flannel.lab.kubeapi import KubeAPIServer
 from flannel.lease import EventType, LeaseAttrs
 from flannel.subnet_managers.kube import KubeSubnetManager
-from tests.support import Follower, make_env, wait_for
+from tests.support import Follower, acquire, make_env, wait_for
 
 P = "flannel.alpha.coreos.com/"
 TOKEN = "s3cr3t-token"
@@ -56,7 +56,7 @@ class Completer:
 
     def _run(self, manager, own) -> None:
         try:
-            manager.complete_lease(own, self.stop, on_lease=self.moved.append)
+            manager.complete_lease(manager.get_network_config(), own, self.stop, on_lease=self.moved.append)
         except BaseException as e:
             self.error = e
 
@@ -114,7 +114,7 @@ def test_three_nodes_exchange_annotations_and_see_each_other(server, env, manage
     for i in (1, 2, 3):
         server.add_node(f"node{i}", [f"10.244.{i}.0/24"])
     ms = [managers(env, f"node{i}") for i in (1, 2, 3)]
-    leases = [m.acquire_lease(vxlan_attrs(i)) for i, m in zip((1, 2, 3), ms)]
+    leases = [acquire(m, vxlan_attrs(i)) for i, m in zip((1, 2, 3), ms)]
     assert [str(lease.subnet) for lease in leases] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
     # the annotations on the node objects are flannel's (reference §17)
     ann = server.get_node("node2")["metadata"]["annotations"]
@@ -132,12 +132,12 @@ def test_three_nodes_exchange_annotations_and_see_each_other(server, env, manage
 
 def test_acquire_again_does_not_patch_when_nothing_changed(server, env, managers):
     server.add_node("node1", ["10.244.1.0/24"])
-    managers(env, "node1").acquire_lease(vxlan_attrs(1))
+    acquire(managers(env, "node1"), vxlan_attrs(1))
     rv = server.get_node("node1")["metadata"]["resourceVersion"]
-    managers(env, "node1").acquire_lease(vxlan_attrs(1))
+    acquire(managers(env, "node1"), vxlan_attrs(1))
     assert server.get_node("node1")["metadata"]["resourceVersion"] == rv
     # a changed address patches exactly that key
-    managers(env, "node1").acquire_lease(dataclasses.replace(vxlan_attrs(1), public_ip=IPv4Address("198.18.0.77")))
+    acquire(managers(env, "node1"), dataclasses.replace(vxlan_attrs(1), public_ip=IPv4Address("198.18.0.77")))
     node = server.get_node("node1")
     assert node["metadata"]["resourceVersion"] != rv
     assert node["metadata"]["annotations"][P + "public-ip"] == "198.18.0.77"
@@ -148,7 +148,7 @@ def test_nodes_added_changed_in_either_family_and_deleted(server, tmp_path, mana
         "Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10::/48", "Backend": {"Type": "vxlan"}})
     server.add_node("me", ["10.244.1.0/24", "fd00:10:0:1::/64"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1, v6=True))
+    own = acquire(m, vxlan_attrs(1, v6=True))
     assert own.ipv6_subnet is not None and str(own.ipv6_subnet) == "fd00:10:0:1::/64"
     f = managers.follow(m, own)
     wait_for(lambda: f.batches, what="initial snapshot")
@@ -187,7 +187,7 @@ def test_nodes_added_changed_in_either_family_and_deleted(server, tmp_path, mana
 def test_watch_cut_and_410_gone_mid_run_miss_nothing(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     for i in (2, 3):
         server.add_node(f"n{i}", [f"10.244.{i}.0/24"], annotations=remote_annotations(i))
     f = managers.follow(m, own)
@@ -223,7 +223,7 @@ def test_api_server_down_for_10s_manager_survives_and_catches_up(server, env, ma
     server.add_node("me", ["10.244.1.0/24"])
     server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     f = managers.follow(m, own)
     f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "initial peer")
 
@@ -247,7 +247,7 @@ def test_acquire_waits_for_the_api_server(server, env, managers):
     m = managers(env, "me")
     server.stop()
     result: list = []
-    t = threading.Thread(target=lambda: result.append(m.acquire_lease(vxlan_attrs(1))), daemon=True)
+    t = threading.Thread(target=lambda: result.append(acquire(m, vxlan_attrs(1))), daemon=True)
     t.start()
     time.sleep(1.0)  # let it fail at least once against the closed port
     assert not result
@@ -261,7 +261,7 @@ def test_403_on_patch_names_the_missing_permission(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     server.deny("patch", "nodes/status")
     with pytest.raises(errors.PermissionDenied) as exc:
-        managers(env, "me").acquire_lease(vxlan_attrs(1))
+        acquire(managers(env, "me"), vxlan_attrs(1))
     msg = str(exc.value)
     assert 'verb "patch"' in msg and 'resource "nodes/status"' in msg and "ClusterRole" in msg
 
@@ -272,15 +272,15 @@ def test_wrong_token_is_a_clear_permission_error(server, env, managers, tmp_path
     server.add_node("me", ["10.244.1.0/24"])
     write_kubeconfig(env.kubeconfig, server.url, "wrong-token")
     with pytest.raises(errors.PermissionDenied, match="401"):
-        managers(env, "me").acquire_lease(vxlan_attrs(1))
+        acquire(managers(env, "me"), vxlan_attrs(1))
 
 
 def test_network_unavailable_condition_is_set_once(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     stop = threading.Event()
-    t = threading.Thread(target=m.complete_lease, args=(own, stop), daemon=True)
+    t = threading.Thread(target=m.complete_lease, args=(m.get_network_config(), own, stop), daemon=True)
     t.start()
 
     def condition():
@@ -299,17 +299,17 @@ def test_network_unavailable_condition_is_set_once(server, env, managers):
 def test_network_unavailable_not_touched_when_disabled(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me", set_node_network_unavailable=False)
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     stop = threading.Event()
     stop.set()
-    m.complete_lease(own, stop)
+    m.complete_lease(m.get_network_config(), own, stop)
     assert "NetworkUnavailable" not in {c["type"] for c in server.get_node("me")["status"]["conditions"]}
 
 
 def test_pod_cidr_outside_network_is_a_config_error(server, env, managers):
     server.add_node("me", ["10.99.0.0/24"])
     with pytest.raises(errors.ConfigError, match=r"""doesn't contain "10.99.0.0/24" PodCIDR of the "me" node"""):
-        managers(env, "me").acquire_lease(vxlan_attrs(1))
+        acquire(managers(env, "me"), vxlan_attrs(1))
 
 
 def test_node_name_from_the_pod_spec(server, env, monkeypatch):
@@ -320,7 +320,7 @@ def test_node_name_from_the_pod_spec(server, env, monkeypatch):
     monkeypatch.setenv("POD_NAMESPACE", "kube-flannel")
     m = KubeSubnetManager(env.options())
     try:
-        assert str(m.acquire_lease(vxlan_attrs(7)).subnet) == "10.244.7.0/24"
+        assert str(acquire(m, vxlan_attrs(7)).subnet) == "10.244.7.0/24"
         assert "worker-7" in m.name
     finally:
         m.close()
@@ -336,7 +336,7 @@ def test_public_ip_overwrite_and_node_public_ip(server, env, managers):
                                                           P + "node-public-ip": "198.18.0.50"})
     m = managers(env, "me")
     assert m.stored_public_ips() == ("198.18.0.50", None)
-    lease = m.acquire_lease(vxlan_attrs(1))
+    lease = acquire(m, vxlan_attrs(1))
     assert lease.attrs.public_ip == IPv4Address("198.18.0.1")  # the lease keeps the detected address
     assert server.get_node("me")["metadata"]["annotations"][P + "public-ip"] == "203.0.113.9"
 
@@ -346,7 +346,7 @@ def test_vxlan_mac_survives_a_restart_through_the_annotation(server, tmp_path, m
     server.add_node("me", ["10.244.1.0/24"])
     first = managers(env, "me", kube_annotation_prefix="example.com/pfx")  # a prefix with a slash (§14.10)
     assert first.stored_backend_data() == (None, None)
-    first.acquire_lease(vxlan_attrs(1))
+    acquire(first, vxlan_attrs(1))
     assert "example.com/pfx-backend-data" in server.get_node("me")["metadata"]["annotations"]
     again = managers(env, "me", kube_annotation_prefix="example.com/pfx")
     assert again.stored_backend_data() == ('{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:01"}', None)
@@ -355,7 +355,7 @@ def test_vxlan_mac_survives_a_restart_through_the_annotation(server, tmp_path, m
 def test_our_annotations_are_restored_if_someone_removes_them(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     f = managers.follow(m, own)
     managers.complete(m, own)
     wait_for(lambda: f.batches, what="initial snapshot")
@@ -375,7 +375,7 @@ def test_our_node_changing_its_pod_cidr_is_never_a_peer_and_the_new_lease_goes_t
     server.add_node("me", ["10.244.1.0/24"])
     server.add_node("n2", ["10.244.2.0/24"], annotations=remote_annotations(2))
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     f = managers.follow(m, own)
     c = managers.complete(m, own)
     f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "initial peer")
@@ -397,7 +397,7 @@ def test_our_node_changing_its_pod_cidr_is_never_a_peer_and_the_new_lease_goes_t
 def test_our_node_deleted_and_registered_again_with_the_same_cidr_is_released_in_place(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     f = managers.follow(m, own)
     c = managers.complete(m, own)
     wait_for(lambda: "NetworkUnavailable" in {x["type"] for x in server.get_node("me")["status"]["conditions"]},
@@ -425,7 +425,7 @@ def test_our_node_deleted_and_registered_again_with_the_same_cidr_is_released_in
 def test_our_node_registered_again_with_another_cidr_hands_on_the_new_lease(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     f = managers.follow(m, own)
     c = managers.complete(m, own)
     wait_for(lambda: f.batches, what="initial snapshot")
@@ -454,7 +454,7 @@ def test_acquire_waits_for_the_node_and_its_pod_cidr(server, env, managers, monk
     monkeypatch.setattr(manager_mod, "NODE_WAIT_SECONDS", 10.0)
     m = managers(env, "late")
     result: list = []
-    t = threading.Thread(target=lambda: result.append(m.acquire_lease(vxlan_attrs(1))), daemon=True)
+    t = threading.Thread(target=lambda: result.append(acquire(m, vxlan_attrs(1))), daemon=True)
     t.start()
     server.add_node("late")  # registered by the kubelet, no podCIDR yet
     server.modify_node("late", {"spec": {"podCIDR": "10.244.8.0/24", "podCIDRs": ["10.244.8.0/24"]}})
@@ -468,13 +468,13 @@ def test_acquire_gives_up_on_a_node_that_never_appears(server, env, managers, mo
     monkeypatch.setattr(manager_mod, "NODE_POLL_SECONDS", 0.1)
     monkeypatch.setattr(manager_mod, "NODE_WAIT_SECONDS", 0.5)
     with pytest.raises(errors.ConfigError, match="node 'ghost' not found"):
-        managers(env, "ghost").acquire_lease(vxlan_attrs(1))
+        acquire(managers(env, "ghost"), vxlan_attrs(1))
 
 
 def test_stop_is_honoured_while_a_watch_request_hangs(server, env, managers):
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = acquire(m, vxlan_attrs(1))
     f = Follower(m, own).start()
     wait_for(lambda: f.batches, what="initial snapshot")
     server.hang_watches.set()
@@ -496,7 +496,7 @@ def test_garbage_nodes_and_lines_appear_while_watching_and_good_nodes_still_arri
     server.add_node("bad-at-list", ["10.244.20.0/24"], annotations={
         **remote_annotations(20), P + "backend-data": "[" * 6000 + "]" * 6000})
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     before = skips.SKIPPED.snapshot()
     f = managers.follow(m, own)
     f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "the good node of the list")
@@ -536,7 +536,7 @@ def test_a_wedged_watch_is_reopened_after_the_read_timeout(server, env, managers
     server.add_node("me", ["10.244.1.0/24"])
     m = managers(env, "me")
     m.watch_read_timeout = 3.0  # production: 90 s (the real server bookmarks every ~60 s)
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     f = managers.follow(m, own)
     wait_for(lambda: f.batches and server.watch_requests >= 1, what="watching")
     server.freeze_watches()
@@ -556,7 +556,7 @@ def test_the_list_is_read_in_pages(server, env, managers, monkeypatch):
     server.add_node("me", ["10.1.0.0/24"])
     env.write_net_conf({"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}})
     m = managers(env, "me")
-    own = m.acquire_lease(vxlan_attrs(1))
+    own = m.acquire_lease(m.get_network_config(), vxlan_attrs(1))
     lists = server.list_requests
     f = managers.follow(m, own)
     peers = f.wait_peers(lambda p: len(p) == 230, "every generated node")

@@ -22,6 +22,7 @@ import pytest
 from flannel import errors
 from flannel.backends.base import ExternalInterface
 from flannel.backends.vxlan import VXLANBackend
+from flannel.config import NetworkConfig
 from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Lease, LeaseAttrs
 from tests.support import UNDERLAY_LOCAL as LOCAL
@@ -458,7 +459,7 @@ class FakeLeasesDS(FakeLeases):
         self.subnet6 = IPv6Network(subnet6)
         self.stored6 = stored6
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         self.attrs = attrs
         return Lease(self.subnet, attrs, ipv6_subnet=self.subnet6)
 
@@ -553,7 +554,7 @@ def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
                 ext = ExternalInterface("eth0", idx, 1500, h.ip, h.ip, v6, v6)
                 agents.append(Agent(h.ns, VXLANBackend(ext), CFG_DS,
                                     FakeLeasesDS(f"10.5.{i}.0/24", f"fd00:10:5:{i}::/64")).start())
-            own = [a.leases.acquire_lease(a.leases.attrs) for a in agents]  # type: ignore[arg-type]
+            own = [a.leases.acquire_lease(a.config, a.leases.attrs) for a in agents]  # type: ignore[arg-type]
             agents[0].send(*added(own[1]), synced=True)
             agents[1].send(*added(own[0]), synced=True)
             wait_for(lambda: ping(hosts[0].ns, "fd00:10:5:2::", src="fd00:10:5:1::"), "h1 → h2 over IPv6 vxlan",

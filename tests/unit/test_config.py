@@ -97,6 +97,12 @@ BAD_CONFIGS = [
     ('{"EnableIPv4":false,"EnableIPv6":false}', "at least one address family must be enabled"),
     ('{"Network":"10.0.0.0/16","Backend":"vxlan"}', "Backend: must be a JSON object"),
     ('{"Network":"10.0.0.0/16","Backend":{"VNI":1}}', "Backend.Type: is missing"),
+    ('{"Network":"10.0.0.0/16","Backend":{"Type":7}}', 'Backend.Type: must be a string like "vxlan", got 7'),
+    ('{"Network":"10.0.0.0/16","Backend":{"Type":["vxlan"]}}', 'Backend.Type: must be a string like "vxlan", got'),
+    ('{"Network":"10.0.0.0/16","EnableIPv4":"true"}', 'EnableIPv4: must be true or false, got "true"'),
+    ('{"Network":["10.0.0.0/16"]}', "Network: must be a CIDR string like 10.244.0.0/16"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ('{"Network":' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
 ]
 
 
@@ -118,3 +124,19 @@ def test_fuzz_parse_never_crashes():
             parse_network_config(text)
         except errors.ConfigError:
             pass
+
+
+def test_restart_changes_name_what_a_running_agent_cannot_apply():
+    from flannel.config import deferred_changes, restart_changes
+    base = parse_network_config('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
+    assert restart_changes(base, base) == [] and deferred_changes(base, base) == []
+    moved = parse_network_config('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}')
+    assert restart_changes(base, moved) == ["Network 10.5.0.0/16 → 10.6.0.0/16"]
+    other = parse_network_config('{"Network":"10.5.0.0/16","SubnetLen":25,"Backend":{"Type":"host-gw"}}')
+    assert restart_changes(base, other) == ["SubnetLen 24 → 25", "Backend.Type vxlan → host-gw"]
+    ranged = parse_network_config('{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0",'
+                                  '"Backend":{"Type":"vxlan","VNI":2}}')
+    assert restart_changes(base, ranged) == []
+    assert deferred_changes(base, ranged) == ["SubnetMin 10.5.1.0 → 10.5.10.0", "Backend options"]
+    same_case = parse_network_config('{"network":"10.5.0.0/16","backend":{"type":"VXLAN"}}')
+    assert restart_changes(base, same_case) == [] and deferred_changes(base, same_case) == []

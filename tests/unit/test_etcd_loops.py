@@ -1,20 +1,28 @@
-"""The etcd manager's long-running loops against a scripted registry (no etcd): watch_leases resumes
-from the last revision after an outage and relists after a compaction; complete_lease re-acquires a
-lost lease and retries a failed renewal; both stop promptly."""
+"""The etcd manager's watch loop against a scripted registry (no etcd): it resumes from the last
+delivered revision after an outage, relists after a compaction, follows the config key (an
+incompatible change ends it with ConfigChanged, anything else is logged) and stops promptly.
+The lease keeper's loops are in test_etcd_keeper.py."""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import pytest
+
 from flannel import errors
+from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd.store import Compacted, WatchChunk
+from flannel.subnet_managers.etcd.store import Compacted, ConfigUpdate, WatchChunk
 from tests.support import FakeRegistry
+
+CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}'
 
 
 def peer(net: str, ip: str) -> Lease:
@@ -47,43 +55,34 @@ class ScriptedRegistry(FakeRegistry):
         self.handles = [ScriptedHandle(h) for h in handles]
         self.watch_starts: list[int] = []
         self.lists = 0
-        self.fail_updates = 0
 
-    def list_leases(self, *, ttl: bool = False) -> tuple[list[Lease], int]:
+    def list_leases(self, *, ttl: bool = False) -> Any:
         self.lists += 1
         return super().list_leases(ttl=ttl)
 
-    def _next_handle(self, start: int) -> ScriptedHandle:
-        self.watch_starts.append(start)
+    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
+        self.watch_starts.append(start_revision)
         return self.handles.pop(0) if self.handles else ScriptedHandle([])
 
-    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
-        return self._next_handle(start_revision)
 
-    def watch_lease(self, subnet, ipv6_subnet, start_revision):  # type: ignore[no-untyped-def]
-        return self._next_handle(start_revision)
-
-    def update_lease(self, subnet, ipv6_subnet, attrs, ttl):  # type: ignore[no-untyped-def]
-        if self.fail_updates:
-            self.fail_updates -= 1
-            raise errors.StoreUnavailable("etcd down (scripted)")
-        return super().update_lease(subnet, ipv6_subnet, attrs, ttl)
+def make(reg: FakeRegistry, tmp_path: Any) -> EtcdSubnetManager:
+    return EtcdSubnetManager(AgentOptions(subnet_file=str(tmp_path / "subnet.env")), registry=reg)  # type: ignore[arg-type]
 
 
-def make(reg: FakeRegistry, tmp_path: Any, **kw: Any) -> EtcdSubnetManager:
-    return EtcdSubnetManager(AgentOptions(subnet_file=str(tmp_path / "subnet.env"), **kw), registry=reg)  # type: ignore[arg-type]
+def running() -> NetworkConfig:
+    return parse_network_config(CONFIG)
 
 
 def test_watch_resumes_after_outage_and_relists_after_compaction(tmp_path):
     a, b, c = peer("10.5.1.0/24", "198.18.0.1"), peer("10.5.2.0/24", "198.18.0.2"), peer("10.5.3.0/24", "198.18.0.3")
-    reg = ScriptedRegistry('{"Network": "10.5.0.0/16"}', [a], handles=[
+    reg = ScriptedRegistry(CONFIG, [a], handles=[
         [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),)), errors.StoreUnavailable("connection reset")],
         [WatchChunk(15, ()), WatchChunk(16, (LeaseEvent(EventType.REMOVED, a),)), Compacted(18)],
     ])
     reg.revision = 10
     stop = threading.Event()
     results = []
-    gen = make(reg, tmp_path).watch_leases(stop)
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
     results.append(next(gen))  # snapshot [a] at revision 10
     results.append(next(gen))  # +b
     results.append(next(gen))  # after the outage: -a (the empty chunk produced nothing)
@@ -99,11 +98,76 @@ def test_watch_resumes_after_outage_and_relists_after_compaction(tmp_path):
     assert reg.lists == 2
 
 
+def test_a_config_chunk_does_not_move_the_lease_cursor(tmp_path):
+    """Config changes arrive on the same watch with revision 0: resuming must use the last lease
+    event's revision, not the config's."""
+    b, c = peer("10.5.2.0/24", "198.18.0.2"), peer("10.5.3.0/24", "198.18.0.3")
+    reg = ScriptedRegistry(CONFIG, [], handles=[
+        [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),)), WatchChunk(0, (), ConfigUpdate(CONFIG)),
+         errors.StoreUnavailable("connection reset")],
+        [WatchChunk(13, (LeaseEvent(EventType.ADDED, c),))],
+    ])
+    reg.revision = 10
+    stop = threading.Event()
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
+    assert next(gen).snapshot == ()
+    assert [e.lease for e in next(gen).events] == [b]
+    assert [e.lease for e in next(gen).events] == [c]
+    stop.set()
+    gen.close()
+    assert reg.watch_starts == [11, 13]
+
+
+@pytest.mark.parametrize("new,why", [
+    ('{"Network": "10.6.0.0/16", "Backend": {"Type": "vxlan"}}', "Network 10.5.0.0/16 → 10.6.0.0/16"),
+    ('{"Network": "10.5.0.0/16", "SubnetLen": 26, "Backend": {"Type": "vxlan"}}', "SubnetLen 24 → 26"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}', "Backend.Type vxlan → host-gw"),
+])
+def test_an_incompatible_config_change_ends_the_watch_with_config_changed(tmp_path, new, why):
+    reg = ScriptedRegistry(CONFIG, [], handles=[[WatchChunk(0, (), ConfigUpdate(new))]])
+    gen = make(reg, tmp_path).watch_leases(running(), threading.Event())
+    assert next(gen).snapshot == ()
+    with pytest.raises(errors.ConfigChanged) as exc:
+        next(gen)
+    assert isinstance(exc.value, errors.ConfigError)  # fatal: the daemon exits 1
+    assert why in str(exc.value) and "etcd key /coreos.com/network/config" in str(exc.value)
+
+
+def test_a_config_changed_while_the_watch_was_down_is_noticed_when_it_resumes(tmp_path):
+    reg = ScriptedRegistry(CONFIG, [], handles=[[errors.StoreUnavailable("connection reset")]])
+    gen = make(reg, tmp_path).watch_leases(running(), threading.Event())
+    assert next(gen).snapshot == ()
+    reg.config = '{"Network": "10.9.0.0/16", "Backend": {"Type": "vxlan"}}'  # the config event itself was missed
+    with pytest.raises(errors.ConfigChanged, match=re.escape("Network 10.5.0.0/16 → 10.9.0.0/16")):
+        next(gen)
+
+
+@pytest.mark.parametrize("update,logged", [
+    (ConfigUpdate('{"Network": "10.5.0.0/16", "SubnetMax": "10.5.200.0", "Backend": {"Type": "vxlan"}}'),
+     "SubnetMax 10.5.255.0 → 10.5.200.0"),
+    (ConfigUpdate('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}}'), "Backend options"),
+    (ConfigUpdate("{not json"), "now invalid"),
+    (ConfigUpdate(None), "was deleted"),
+])
+def test_other_config_changes_are_logged_and_the_watch_goes_on(tmp_path, caplog, update, logged):
+    caplog.set_level(logging.WARNING)
+    b = peer("10.5.2.0/24", "198.18.0.2")
+    reg = ScriptedRegistry(CONFIG, [], handles=[[WatchChunk(0, (), update),
+                                                 WatchChunk(12, (LeaseEvent(EventType.ADDED, b),))]])
+    stop = threading.Event()
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
+    assert next(gen).snapshot == ()
+    assert [e.lease for e in next(gen).events] == [b]  # still watching
+    stop.set()
+    gen.close()
+    assert logged in caplog.text
+
+
 def test_watch_stops_promptly(tmp_path):
-    reg = ScriptedRegistry('{"Network": "10.5.0.0/16"}', [], handles=[])
+    reg = ScriptedRegistry(CONFIG, [], handles=[])
     stop = threading.Event()
     got: list[Any] = []
-    t = threading.Thread(target=lambda: got.extend(make(reg, tmp_path).watch_leases(stop)))
+    t = threading.Thread(target=lambda: got.extend(make(reg, tmp_path).watch_leases(running(), stop)))
     t.start()
     deadline = time.monotonic() + 5
     while not reg.watch_starts and time.monotonic() < deadline:
@@ -114,45 +178,36 @@ def test_watch_stops_promptly(tmp_path):
     assert len(got) == 1 and got[0].snapshot == ()
 
 
-def test_lost_lease_is_reacquired_with_the_same_subnet(tmp_path):
-    own_attrs = LeaseAttrs(public_ip=IPv4Address("192.0.2.1"))
-    reg = ScriptedRegistry('{"Network": "10.5.0.0/16"}', [], handles=[])
-    m = make(reg, tmp_path)
-    own = m.acquire_lease(own_attrs)
-    assert own.subnet is not None
-    removed = LeaseEvent(EventType.REMOVED, Lease(subnet=own.subnet, attrs=LeaseAttrs()))
-    reg.handles = [ScriptedHandle([WatchChunk(50, (removed,))])]
-    reg.kv.clear()  # the key is gone (deleted or expired)
+def test_watch_keeps_going_after_a_non_transient_error(tmp_path, caplog):
+    """PermissionDenied (or a TLS failure) while running: logged as an error and retried, never fatal."""
+    caplog.set_level(logging.ERROR)
+    b = peer("10.5.2.0/24", "198.18.0.2")
+    reg = ScriptedRegistry(CONFIG, [], handles=[[errors.PermissionDenied("permission denied for user x")],
+                                                [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),))]])
     stop = threading.Event()
-    seen: list[Lease] = []
-
-    def on_lease(lease: Lease) -> None:
-        seen.append(lease)
-        stop.set()
-    t = threading.Thread(target=m.complete_lease, args=(own, stop, on_lease))
-    t.start()
-    t.join(5)
-    assert not t.is_alive()
-    assert [x.subnet for x in seen] == [own.subnet]
-    assert reg.creates[-1] == (own.subnet, None)
-    assert reg.kv[(own.subnet, None)].attrs == own_attrs
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
+    assert next(gen).snapshot == ()
+    assert [e.lease for e in next(gen).events] == [b]
+    stop.set()
+    gen.close()
+    assert "permission denied for user x" in caplog.text
 
 
-def test_failed_renewal_is_retried(tmp_path):
-    reg = ScriptedRegistry('{"Network": "10.5.0.0/16"}', [], handles=[])
-    m = make(reg, tmp_path, subnet_lease_ttl=2)
-    own = m.acquire_lease(LeaseAttrs(public_ip=IPv4Address("192.0.2.1")))
-    reg.fail_updates = 1
+def test_an_unreadable_config_key_at_rewatch_is_logged_not_fatal(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    b = peer("10.5.2.0/24", "198.18.0.2")
+
+    class BadConfigLater(ScriptedRegistry):
+        def get_config(self) -> str:
+            if self.watch_starts:  # the first check passes; the one at re-watch finds garbage
+                raise errors.ConfigError("invalid network config in etcd key /coreos.com/network/config: not UTF-8")
+            return super().get_config()
+    reg = BadConfigLater(CONFIG, [], handles=[[errors.StoreUnavailable("connection reset")],
+                                              [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),))]])
     stop = threading.Event()
-    seen: list[Lease] = []
-
-    def on_lease(lease: Lease) -> None:
-        seen.append(lease)
-        stop.set()
-    t = threading.Thread(target=m.complete_lease, args=(own, stop, on_lease))
-    t.start()
-    t.join(10)
-    assert not t.is_alive()
-    assert reg.fail_updates == 0  # the failing renewal happened ...
-    assert len(seen) == 1 and seen[0].subnet == own.subnet  # ... and a later one succeeded
-    assert seen[0].expiration is not None and own.expiration is not None and seen[0].expiration > own.expiration
+    gen = make(reg, tmp_path).watch_leases(running(), stop)
+    assert next(gen).snapshot == ()
+    assert [e.lease for e in next(gen).events] == [b]
+    stop.set()
+    gen.close()
+    assert "not UTF-8; keeping the running config" in caplog.text

@@ -42,7 +42,7 @@ def test_hostgw_refused(the_lease, match):
 
 
 class NeverCalled:
-    def acquire_lease(self, attrs):  # pragma: no cover - must not be reached
+    def acquire_lease(self, config, attrs):  # pragma: no cover - must not be reached
         raise AssertionError("acquire_lease called although the config is refused")
 
     def stored_backend_data(self):

@@ -269,7 +269,7 @@ def run_loop(tmp_path, lists, watches) -> list:
     stop = threading.Event()
     m = KubeSubnetManager(AgentOptions(subnet_manager="kube", net_config_path=str(conf)),
                           client=ScriptedClient(lists, watches, stop), node_name="me")  # type: ignore[arg-type]
-    return list(m.watch_leases(stop))
+    return list(m.watch_leases(m.get_network_config(), stop))
 
 
 @FUZZ

@@ -27,7 +27,7 @@ def run(tmp_path, lists, watches):
     stop = threading.Event()
     client = ScriptedClient(lists, watches, stop)
     m = KubeSubnetManager(AgentOptions(subnet_manager="kube", net_config_path=str(conf)), client=client, node_name="me")
-    results = list(m.watch_leases(stop))
+    results = list(m.watch_leases(m.get_network_config(), stop))
     return client, results
 
 

@@ -272,7 +272,7 @@ class _NoLease:
 
     calls = 0
 
-    def acquire_lease(self, attrs: object) -> object:
+    def acquire_lease(self, config: object, attrs: object) -> object:
         _NoLease.calls += 1
         raise AssertionError("acquire_lease called")
 
