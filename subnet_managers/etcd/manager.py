@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel import errors, retry, subnet_file
+from flannel import errors, metrics, retry, subnet_file
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import EventType, Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -360,6 +360,7 @@ class EtcdSubnetManager(SubnetManager):
             except errors.StoreUnavailable as e:
                 if stop.is_set():
                     break
+                metrics.store_reconnected("etcd")  # metrics
                 backoff = min(WATCH_BACKOFF_MAX, max(0.1, backoff * 2))
                 log.warning("lease watch interrupted: %s; resuming from revision %s in %.1fs",
                             e, None if rev is None else rev + 1, backoff)

@@ -31,7 +31,7 @@ import pyetcd
 from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exc
 
-from flannel import errors, wire
+from flannel import errors, metrics, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP, Compacted, WatchChunk
 
@@ -265,6 +265,7 @@ class EtcdRegistry:
             text = value.decode("utf-8")
             return wire.decode_lease(name, text, expiration=self._expiration(client, lease_id, ttl))
         except (errors.BadLeaseRecord, UnicodeDecodeError) as e:
+            metrics.record_skipped("etcd", "not_utf8" if isinstance(e, UnicodeDecodeError) else "bad_value")  # metrics
             log.warning("skipping etcd key %s: %s", key.decode("utf-8", "replace"), e)
             return None
 
@@ -272,10 +273,12 @@ class EtcdRegistry:
         """The subnet-key part of ``<prefix>/subnets/<name>``; stray keys are logged, → None."""
         skey = key.decode("utf-8", "replace")
         if not skey.startswith(self.subnets_prefix):
+            metrics.record_skipped("etcd", "outside_prefix")  # metrics
             log.warning("skipping etcd key %s: not under %s", skey, self.subnets_prefix)
             return None
         name = skey[len(self.subnets_prefix):]
         if wire.parse_subnet_key(name) is None:
+            metrics.record_skipped("etcd", "bad_key")  # metrics
             log.warning("skipping etcd key %s: %r is not a subnet key (expected like 10.5.34.0-24)", skey, name)
             return None
         return name

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.config import NetworkConfig
 from flannel.lease import EventType, Lease, LeaseEvent
 from flannel.subnet_managers.kube import nodes
@@ -44,6 +44,7 @@ class NodeTracker:
         try:
             lease = nodes.node_to_lease(node, self._names, self._config)
         except errors.BadLeaseRecord as e:
+            metrics.record_skipped("kube", "bad_node")  # metrics
             if self._bad.get(name) != str(e):
                 self._bad[name] = str(e)
                 kept = self._leases.get(name)
