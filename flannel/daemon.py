@@ -120,7 +120,7 @@ class Daemon:
         self.batches: queue.Queue[Batch | None] = queue.Queue()
         self._health: health.HealthServer | None = None
         self.board = board or health.WorkerBoard()
-        self.metrics = metrics.Metrics()
+        self.metrics = metrics.Metrics(store=opts.subnet_manager)
         self.metrics.attach(metrics.Sources(
             remote_leases=self._tracked, own_lease=lambda: self.lease, network=lambda: self.network,
             worker_restarts=lambda: {n: s.restarts for n, s in self.board.snapshot().items()},
@@ -294,7 +294,7 @@ class Daemon:
             self.metrics.lease_events_received(result.events)
             return
         if self._snapshots:
-            self.metrics.store_relisted((self.manager.kind if self.manager else "") or self.opts.subnet_manager)
+            self.metrics.store_relisted(self.opts.subnet_manager)
         self._snapshots += 1
 
     def _tracked(self) -> list[Lease]:

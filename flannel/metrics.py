@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import flannel
@@ -103,8 +103,10 @@ def _slug(text: str, limit: int = 48) -> str:
 class Metrics:
     """One agent's metrics: its registry and the directly instrumented metrics in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, store: str | None = None) -> None:
+        """``store``: the subnet manager (``etcd``/``kube``), so its counters exist (at 0) from the start."""
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)   # process_cpu_seconds_total, process_resident_memory_bytes, open fds
         self.build_info = Gauge("flannel_build_info", "Always 1; the agent's version in a label.", ["version"],
                                 registry=r)
         self.build_info.labels(flannel.__version__).set(1)
@@ -138,6 +140,13 @@ class Metrics:
         self.records_skipped = Counter(
             "flannel_store_records_skipped", "Store records that could not be read as a lease and were skipped "
             "(logged), by reason.", ["store", "reason"], registry=r)
+        # series that exist from the start, so that rate() and increase() see the first event
+        for etype in EventType:
+            self.events_received.labels(etype.value)
+            self.events_applied.labels(etype.value)
+        if store:
+            self.store_reconnects.labels(_slug(store))
+            self.store_relists.labels(_slug(store))
 
     def attach(self, sources: Sources) -> StateCollector:
         """Register the scrape-time collector that reads ``sources`` (once per agent)."""

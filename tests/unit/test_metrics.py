@@ -381,11 +381,12 @@ def test_daemon_counts_received_events_and_every_snapshot_after_the_first_as_a_r
     d._count(WatchResult.of_snapshot([lease(2)]))
     d._count(WatchResult.of_events(added(lease(3)) + removed(lease(2))))
     d._count(WatchResult.of_events(added(lease(4))))
-    assert d.metrics.sample_value("flannel_store_relists_total", {"store": "etcd"}) is None
+    assert d.metrics.sample_value("flannel_store_relists_total", {"store": "etcd"}) == 0   # exists from the start
     d._count(WatchResult.of_snapshot([lease(3), lease(4)]))
     assert d.metrics.sample_value("flannel_store_relists_total", {"store": "etcd"}) == 1
     assert d.metrics.sample_value("flannel_lease_events_received_total", {"type": "added"}) == 2
     assert d.metrics.sample_value("flannel_lease_events_received_total", {"type": "removed"}) == 1
+    assert d.metrics.sample_value("flannel_store_reconnects_total", {"store": "etcd"}) == 0
 
 
 # ---- served by the health server ----------------------------------------------------------------------
