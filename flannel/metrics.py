@@ -116,7 +116,8 @@ class Metrics:
             registry=r)
         self.events_applied = Counter(
             "flannel_lease_events_applied", "Lease events the backend took into its desired state and "
-            "programmed (a failed kernel write is retried and counted in flannel_apply_failures_total).",
+            "programmed, including those a snapshot (start, relist) turned into (a failed kernel write is "
+            "retried and counted in flannel_apply_failures_total).",
             ["type"], registry=r)
         self.apply_seconds = Histogram(
             "flannel_apply_duration_seconds", "Time to apply one batch of lease events incrementally "

@@ -438,3 +438,46 @@ def test_without_a_registry_metrics_is_not_found() -> None:
         stop.set()
         t.join(5)
         server.close()
+
+
+# ---- the docs and the alert rules name metrics that exist -----------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "flannel-alerts.yml"
+DOC = ROOT / "docs" / "metrics.md"
+
+
+def exported_names() -> set[str]:
+    """Every metric and sample name an agent can export (udp and wireguard sections included)."""
+    import re
+    names: set[str] = set()
+    reports = [PeerReport("flannel-wg", "KEY2=", None, ("10.5.2.0/24",), 1.0, 0, 0)]
+    for net in (FakeUdpNetwork({"tx_packets": 1, "drop_spoofed": 0, "tun_rx_packets": 0, "tx_bytes": 0,
+                                "rx_packets": 0, "tun_tx_packets": 0, "tun_tx_bytes": 0, "icmp_unreachable": 0}),
+                FakeWireguardNetwork(reports)):
+        m, _ = attached(remote_leases=lambda: [lease(2)], own_lease=lambda: lease(1, expiration=1e9),
+                        network=lambda net=net: net, worker_restarts=lambda: {"watch": 0}, ready=lambda: True)
+        text = generate_latest(m.registry).decode()
+        names |= set(re.findall(r"^# TYPE (\S+)", text, re.M)) | Samples(text).names()
+    return names
+
+
+def test_the_alert_rules_and_the_docs_name_only_exported_metrics() -> None:
+    import re
+    import shutil
+    import subprocess
+
+    import yaml
+    exported = exported_names()
+    rules = yaml.safe_load(RULES.read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert len(exprs) == 3
+    for text, where in [(" ".join(exprs), RULES.name), (DOC.read_text(), DOC.name)]:
+        used = set(re.findall(r"\bflannel_[a-z0-9_]*[a-z0-9]", text))
+        assert used and used <= exported, f"{where} names metrics that do not exist: {sorted(used - exported)}"
+    # the docs show the rules file as it is
+    assert RULES.read_text().rstrip() in DOC.read_text()
+    promtool = shutil.which("promtool")
+    if promtool:   # not installed by scripts/setup; the checks above run regardless
+        res = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
