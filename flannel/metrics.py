@@ -29,14 +29,17 @@ the calling thread: the daemon binds its ``Metrics`` to every worker thread it s
 (``bound``), so a hook needs no reference passed down through constructors, and two daemons in
 one process count separately. On a thread that no daemon started (``flannelctl``, a unit test
 calling a backend directly) hooks count into a process default (``default()``), which nothing
-serves. A thread that a backend starts itself is not bound: a hook that must run there would
-need ``bound(current())`` around its target (none does today).
+serves. A thread that a backend starts itself is not bound: a hook that must run there needs the
+parent's ``m = current()`` captured and ``with bound(m):`` around the thread's target (no hook
+runs on such a thread today). Relists are counted by the daemon itself (every snapshot after the
+first one), so any subnet manager gets them; reconnects need the manager's own line.
 
 **Metrics never break the agent.** A hook that fails logs at debug level and returns (it sits on
 error paths: it must not replace the error being handled). A section of ``StateCollector`` that
 raises during a scrape (a wireguard device that cannot be read, say) is logged — at most once
 every ``LOG_EVERY_SECONDS`` per section — and counted in ``flannel_metrics_collect_errors_total``;
-the other sections are still served.
+the other sections are still served. The standard ``process_*`` metrics (CPU, memory, fds) come
+with every registry.
 """
 
 from __future__ import annotations
