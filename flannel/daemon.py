@@ -17,6 +17,11 @@ seconds even when a worker is stuck in a blocking store call. Threads:
 * ``network``   – ``Network.run(queue, stop)`` (the backend's event loop);
 * ``lease``     – ``subnet_manager.complete_lease`` (renewal, re-acquisition).
 
+Metrics (``flannel.metrics``): the daemon owns one ``Metrics`` (its own registry, served at
+``/metrics``), binds it to every worker thread so that hooks deep in backends and stores count into
+it, counts the lease events and relists its watch thread sees, and lets the scrape-time collector
+read its live state (tracked leases, our lease, the network, the workers' restarts).
+
 Failures (``flannel.supervise``): a failure during startup exits 1, as in flannel. After that, a
 worker that fails on an operational error (a store or backend error, a tool that timed out or
 printed garbage, an OSError) is restarted with backoff and reported by ``/healthz``; only a
@@ -41,10 +46,10 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from flannel import errors, health, iface, plugins, retry, subnet_file, supervise, traffic
+from flannel import errors, health, iface, metrics, plugins, retry, subnet_file, supervise, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
-from flannel.lease import Batch, Lease, StoredNodeAttrs
+from flannel.lease import Batch, Lease, StoredNodeAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.subnet_managers.base import SubnetManager
 from flannel.watcher import LeaseWatcher
@@ -116,6 +121,12 @@ class Daemon:
         self.batches: queue.Queue[Batch | None] = queue.Queue()
         self._health: health.HealthServer | None = None
         self.board = board or health.WorkerBoard()
+        self.metrics = metrics.Metrics(store=opts.subnet_manager)
+        self.metrics.attach(metrics.Sources(
+            remote_leases=self._tracked, own_lease=lambda: self.lease, network=lambda: self.network,
+            worker_restarts=lambda: {n: s.restarts for n, s in self.board.snapshot().items()},
+            ready=self.ready.is_set))
+        self._snapshots = 0   # lease snapshots seen; every one after the first is a relist
         self._threads: list[threading.Thread] = []
         self._failure: BaseException | None = None
         self._closing = False
@@ -147,6 +158,10 @@ class Daemon:
         return t
 
     def _guarded(self, name: str, target: Callable[[], None], until_stop: bool, restart: bool) -> None:
+        with metrics.bound(self.metrics):
+            self._run_guarded(name, target, until_stop, restart)
+
+    def _run_guarded(self, name: str, target: Callable[[], None], until_stop: bool, restart: bool) -> None:
         try:
             if restart:
                 supervise.run(name, target, stop=self.stop, board=self.board, until_stop=until_stop)
@@ -201,7 +216,8 @@ class Daemon:
         if not self.opts.healthz_port:
             return
         server = self._health = health.HealthServer(self.opts.healthz_ip, self.opts.healthz_port, ready=self.ready,
-                                                    debug=self.debug_leases, board=self.board)
+                                                    debug=self.debug_leases, board=self.board,
+                                                    metrics=self.metrics.registry)
         server.bind()
         self._spawn("health", lambda: server.serve(self.stop), until_stop=True)
 
@@ -268,12 +284,25 @@ class Daemon:
     def _watch(self) -> None:
         assert self.manager is not None and self.watcher is not None and self.config is not None
         for result in self.manager.watch_leases(self.config, self.stop):
+            self._count(result)
             with self._lock:
                 batches = self.watcher.apply(result)
             for batch in batches:
                 self.batches.put(batch)
             if self.stop.is_set():
                 return
+
+    def _count(self, result: WatchResult) -> None:
+        if result.snapshot is None:
+            self.metrics.lease_events_received(result.events)
+            return
+        if self._snapshots:
+            self.metrics.store_relisted(self.opts.subnet_manager)
+        self._snapshots += 1
+
+    def _tracked(self) -> list[Lease]:
+        with self._lock:
+            return self.watcher.tracked() if self.watcher else []
 
     def _keep_lease(self) -> None:
         assert self.manager is not None and self.lease is not None and self.config is not None
@@ -300,8 +329,7 @@ class Daemon:
 
     def debug_leases(self) -> dict[str, Any]:
         """State for /debug/leases: our lease and the remote leases we track."""
-        with self._lock:
-            remote = self.watcher.tracked() if self.watcher else []
+        remote = self._tracked()
         return {"own": _lease_json(self.lease) if self.lease else None,
                 "remote": sorted((_lease_json(le) for le in remote), key=lambda d: str(d["subnet"]))}
 

@@ -19,6 +19,11 @@ transient problem such as another program holding the xtables lock for a minute.
 * ``/healthz?verbose=1`` (or ``?verbose``): the same status code with a JSON body listing every
   worker's state (running / backoff / failed / stopped), restarts, failures in a row, how long it
   has been failing, its last error and when it retries.
+
+``/metrics``: the agent's Prometheus registry (``flannel.metrics``, docs/metrics.md), in the text
+format or OpenMetrics as the scraper's ``Accept`` header asks. It is on the health port because
+that is the port a DaemonSet already exposes and probes; a scrape that fails answers 500 and is
+logged, it never affects /healthz.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from flannel import errors
 
@@ -177,11 +185,12 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, addr: tuple[str, int], ready: threading.Event, debug: Callable[[], Any] | None,
-                 board: WorkerBoard | None) -> None:
+                 board: WorkerBoard | None, metrics: CollectorRegistry | None = None) -> None:
         self.address_family = socket.AF_INET6 if ipaddress.ip_address(addr[0]).version == 6 else socket.AF_INET
         self.ready = ready
         self.debug = debug
         self.board = board
+        self.metrics = metrics
         super().__init__(addr, _Handler)
         self.timeout = POLL_SECONDS   # handle_request() returns after this, so serve() sees stop
 
@@ -190,9 +199,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def _answer(self, *, head: bool = False) -> None:
-        status, body = self._route()
+        if urllib.parse.urlsplit(self.path).path == "/metrics" and self.server.metrics is not None:
+            status, body, ctype = self._metrics(self.server.metrics)
+        else:
+            status, body = self._route()
+            ctype = "application/json" if body.startswith((b"[", b"{")) else "text/plain"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if body.startswith((b"[", b"{")) else "text/plain")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
@@ -207,6 +220,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/debug/leases" and self.server.debug is not None:
             return 200, json.dumps(self.server.debug()).encode()
         return 404, b"404 page not found\n"
+
+    def _metrics(self, registry: CollectorRegistry) -> tuple[int, bytes, str]:
+        try:
+            encode, ctype = choose_encoder(self.headers.get("Accept", ""))
+            return 200, encode(registry), ctype
+        except Exception as e:  # a metrics bug must not take the health server down with it
+            log.warning("/metrics: %s: %s", type(e).__name__, e)
+            return 500, f"metrics unavailable: {type(e).__name__}: {e}\n".encode(), "text/plain"
 
     def _healthz(self, verbose: bool) -> tuple[int, bytes]:
         board = self.server.board
@@ -241,25 +262,28 @@ class HealthServer:
     """The server on ``ip:port``. ``ready`` is set by the daemon once subnet.env exists.
 
     ``bind()`` then ``serve(stop)`` on a worker thread (the daemon supervises it like its other
-    workers), ``close()`` at the end.
+    workers), ``close()`` at the end. ``metrics``: the registry served at ``/metrics`` (404 without).
     """
 
     def __init__(self, ip: str, port: int, *, ready: threading.Event,
-                 debug: Callable[[], Any] | None = None, board: WorkerBoard | None = None) -> None:
+                 debug: Callable[[], Any] | None = None, board: WorkerBoard | None = None,
+                 metrics: CollectorRegistry | None = None) -> None:
         self.ip, self.port = ip, port
         self.ready = ready
         self.debug = debug
         self.board = board
+        self.metrics = metrics
         self._server: _Server | None = None
 
     def bind(self) -> None:
         """Bind the socket. A failure is fatal (flannel panics; we exit 1 with the reason)."""
         try:
-            self._server = _Server((self.ip, self.port), self.ready, self.debug, self.board)
+            self._server = _Server((self.ip, self.port), self.ready, self.debug, self.board, self.metrics)
         except OSError as e:
             raise errors.FlannelError(f"cannot serve /healthz on {self.ip}:{self.port}: {e.strerror or e}") from e
         self.port = self._server.server_address[1]
-        log.info("health server listening on %s:%d (/healthz, /readyz)", self.ip, self.port)
+        log.info("health server listening on %s:%d (/healthz, /readyz%s)", self.ip, self.port,
+                 ", /metrics" if self.metrics is not None else "")
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests (each on its own thread) until ``stop`` is set."""

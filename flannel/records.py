@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from flannel import metrics
+
 #: per-key memory is bounded: beyond this many remembered keys the oldest are forgotten (they
 #: may then be logged once more, which is harmless).
 MAX_REMEMBERED_KEYS = 10_000
@@ -32,11 +34,13 @@ class SkippedRecords:
 
     :param store: what the records are (``"etcd key"``, ``"node"``), the start of each log line.
     :param logger: where the lines go (the boundary module's logger, so ``--vmodule`` works).
+    :param metric_store: the ``store`` label of ``flannel_records_skipped_total`` (``"etcd"``).
     """
 
-    def __init__(self, store: str, logger: logging.Logger, *, interval: float = 60.0, burst: int = 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: str, logger: logging.Logger, *, metric_store: str = "", interval: float = 60.0,
+                 burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.metric_store = metric_store or store
         self.counts: collections.Counter[str] = collections.Counter()
         self._log = logger
         self._interval = interval
@@ -56,6 +60,7 @@ class SkippedRecords:
     def skip(self, key: str, reason: str, message: str) -> None:
         """Record that ``key`` was skipped for ``reason`` (a label) because of ``message``."""
         now = self._clock()
+        metrics.record_skipped(self.metric_store, reason)
         with self._lock:
             self.counts[reason] += 1
             last = self._last.get((key, reason))

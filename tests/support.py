@@ -634,6 +634,118 @@ class ScriptedClient:
         self.watch_from.append(rv)
         return ScriptedWatch(self.watches.pop(0) if self.watches else [], self.stop)
 
+
+# ---- metrics (tests/unit/test_metrics.py, tests/integration/test_metrics.py, tests/e2e/test_lab_metrics.py)
+
+class Samples:
+    """A parsed Prometheus text exposition: ``value(name, **labels)`` for one sample (None if
+    absent), ``total(name, **labels)`` for the sum over samples matching the given labels.
+    Parsed with prometheus_client's own parser, so a malformed exposition fails the test."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+        self.text = text
+        self.samples: list[tuple[str, dict[str, str], float]] = [
+            (s.name, dict(s.labels), s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+    def matching(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        return [(lbl, v) for n, lbl, v in self.samples
+                if n == name and all(lbl.get(k) == want for k, want in labels.items())]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        exact = [v for lbl, v in self.matching(name, **labels) if lbl == labels]
+        return exact[0] if exact else None
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for _, v in self.matching(name, **labels))
+
+    def names(self) -> set[str]:
+        return {n for n, _, _ in self.samples}
+
+
+def scrape(port: int, *, netns: str | None = None, accept: str | None = None,
+           host: str = "127.0.0.1") -> tuple[int, str, str]:
+    """GET /metrics with urllib (inside ``netns`` if given): (status, Content-Type, body)."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"http://{host}:{port}/metrics", headers={"Accept": accept} if accept else {})
+
+    def get() -> tuple[int, str, str]:
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+    if netns is None:
+        return get()
+    with in_netns(netns):
+        return get()
+
+
+def metrics_of(port: int, *, netns: str | None = None) -> Samples:
+    status, _, body = scrape(port, netns=netns)
+    assert status == 200, f"/metrics answered {status}: {body[:500]}"
+    return Samples(body)
+
+
+class FakeUdpNetwork:
+    """What the metrics collector reads from the udp Network: ``counters()``."""
+
+    def __init__(self, counters: dict[str, int]) -> None:
+        self.values = dict(counters)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.values)
+
+
+class FakeWireguardNetwork:
+    """What the metrics collector reads from the wireguard Network: ``devices`` and ``peer_report()``
+    (``fail`` makes the report raise, as an unreadable device does)."""
+
+    def __init__(self, reports: list[Any], devices: tuple[str, ...] = ("flannel-wg",)) -> None:
+        self.reports = list(reports)
+        self.devices = dict.fromkeys(devices)
+        self.fail: Exception | None = None
+
+    def peer_report(self) -> list[Any]:
+        if self.fail is not None:
+            raise self.fail
+        return list(self.reports)
+
+
+class FakeRoutedPort:
+    """The smallest kernel port a ``RoutedNetwork`` runs against: applies plans to an in-memory
+    state; ``refuse`` is returned as failed entries of the next apply (as the netlink port does)."""
+
+    batch_threshold = 10 ** 9
+
+    def __init__(self) -> None:
+        from flannel.backends.routed import model as rm
+        self.state = rm.EMPTY
+        self.refuse = 0     # fail this many applies (every entry of the plan)
+        self.applies = 0
+
+    def link_index(self, name: str) -> int | None:
+        return 2 if name == "eth0" else None
+
+    def connected_nets(self, index: int, version: int = 4) -> tuple[IPv4Network, ...]:
+        return (N("198.18.0.0/24"),) if version == 4 else ()
+
+    def dump(self, scope: Any) -> Any:
+        return self.state
+
+    def apply(self, plan: Any) -> list[tuple[object, str]]:
+        from flannel.backends.routed import model as rm
+        self.applies += 1
+        if self.refuse:
+            self.refuse -= 1
+            return [(r, f"set {r}: (1, 'Operation not permitted')") for r in plan.set_routes]
+        routes = (set(self.state.routes) - set(plan.del_routes)) | set(plan.set_routes)
+        neighs = (set(self.state.neighs) - set(plan.del_neighs)) | set(plan.set_neighs)
+        fdbs = (set(self.state.fdbs) - set(plan.del_fdbs)) | set(plan.set_fdbs)
+        self.state = rm.KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
+        return []
+
     def close(self) -> None:
         pass
 
@@ -714,3 +826,33 @@ class FreezableProxy:
             for a, b, _ in self.connections:
                 a.close()
                 b.close()
+
+
+class ScriptedWatchRegistry(FakeRegistry):
+    """A FakeRegistry whose lease watches play ``scripts`` (one list per watch started): a
+    ``WatchChunk`` is returned, an exception raised; an exhausted script waits (up to the timeout)
+    and then sets ``idle``."""
+
+    def __init__(self, config: str, leases: list[Lease], scripts: list[list[Any]]) -> None:
+        super().__init__(config, leases)
+        self.scripts = [list(s) for s in scripts]
+        self.idle = threading.Event()
+
+    def watch_leases(self, start_revision):  # type: ignore[no-untyped-def]
+        script = self.scripts.pop(0) if self.scripts else []
+        registry = self
+
+        class Handle:
+            def get(self, timeout: float) -> Any:
+                if script:
+                    item = script.pop(0)
+                    if isinstance(item, BaseException):
+                        raise item
+                    return item
+                registry.idle.set()
+                time.sleep(timeout)
+                return None
+
+            def cancel(self) -> None:
+                pass
+        return Handle()

@@ -25,7 +25,7 @@ import queue
 import threading
 from typing import Any
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.backends.base import Backend, Network
 from flannel.backends.extension import command
 from flannel.backends.extension import network as ext_net
@@ -88,6 +88,7 @@ class ExtensionNetwork(Network):
                 log.info("extension: subnet removed: %s", lease.describe())
                 self.peers.pop(lease.ident, None)
                 self._subnet_command("SubnetRemoveCommand", self.opts.subnet_remove, old or lease)
+        metrics.lease_events_applied(batch.events)  # metrics
 
     def _subnet_command(self, what: str, cmd: str, lease: Lease) -> None:
         if not cmd:

@@ -34,7 +34,7 @@ from typing import Any, ParamSpec, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.backends.routed.model import ZERO_MAC, Addr, Fdb, KernelState, Neigh, Net, Plan, Route
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def _boundary(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         try:
             return fn(*args, **kwargs)
         except (NetlinkError, OSError) as e:
+            metrics.netlink_error(fn.__name__)  # metrics: errors by operation
             raise errors.BackendError(f"netlink {fn.__name__}: {e}") from e
     return wrapper
 
@@ -353,6 +354,7 @@ class Netlink:
             except (NetlinkError, OSError, errors.BackendError) as e:
                 if deleting and isinstance(e, NetlinkError) and e.code in _GONE:
                     return
+                metrics.netlink_error(f"{'delete' if deleting else 'set'}_{type(entry).__name__}")  # metrics
                 failed.append((entry, f"{'delete' if deleting else 'set'} {entry}: {e}"))
 
         def set_route(r: Route) -> None:

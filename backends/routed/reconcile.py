@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.backends.base import ExternalInterface, Network
 from flannel.backends.routed import model
 from flannel.backends.routed.netlink import BATCH_UNVERIFIED, Netlink, Scope
@@ -128,6 +128,7 @@ class RoutedNetwork(Network):
                 else:
                     self.peers.pop(ev.lease.ident, None)
                     self._skip_logged.pop(ev.lease.ident, None)
+            metrics.lease_events_applied(batch.events)  # metrics
             if batch.synced:
                 if not self._synced:
                     log.info("%s: first snapshot complete (%d leases); reconciling",
@@ -153,7 +154,8 @@ class RoutedNetwork(Network):
                 return
             full = True
         if batch is not None or full:
-            self.sync(full=full)
+            with metrics.timed_apply(full=full or self._cache is None):  # metrics: apply/full-reconcile time
+                self.sync(full=full)
 
     def sync(self, *, full: bool) -> None:
         """Make the kernel match the desired state: against a fresh dump if ``full``."""
@@ -204,6 +206,7 @@ class RoutedNetwork(Network):
         self._backoff = 1.0
 
     def _fail(self) -> None:
+        metrics.apply_failed()  # metrics
         self._cache = None
         self._dirty = True
         self._retry_at = time.monotonic() + self._backoff

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.backends.base import Backend, Network
 from flannel.backends.udp import accel
 from flannel.backends.udp.network import parse_options, peer_of
@@ -164,6 +164,7 @@ class UDPNetwork(Network):
                 log.info("udp: peer %s removed", subnet)
         if changed:
             self.proxy.set_table(self.table.publish())
+        metrics.lease_events_applied(batch.events)  # metrics
 
     def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         self.start()
@@ -176,8 +177,10 @@ class UDPNetwork(Network):
                 if batch is None:
                     return
                 try:
-                    self.apply(batch)
+                    with metrics.timed_apply(full=False):  # metrics
+                        self.apply(batch)
                 except Exception:
+                    metrics.apply_failed()  # metrics
                     log.exception("udp: could not apply a lease batch; continuing")
         finally:
             self.proxy.stop()

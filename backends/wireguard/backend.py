@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flannel import errors
+from flannel import errors, metrics
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.backends.routed.netlink import Netlink
 from flannel.backends.routed.reconcile import MAX_BACKOFF, families
@@ -177,6 +177,7 @@ class WireGuardNetwork(Network):
         if batch is not None:
             self._log_events(batch)
             touched = self.table.update(batch.events)
+            metrics.lease_events_applied(batch.events)  # metrics
             self._log_skips()
             if batch.synced:
                 if not self._synced:
@@ -203,9 +204,11 @@ class WireGuardNetwork(Network):
             full = True
         try:
             if full:
-                self.full_sync()
+                with metrics.timed_apply(full=True):  # metrics
+                    self.full_sync()
             elif touched:
-                self.incremental(touched)
+                with metrics.timed_apply(full=False):  # metrics
+                    self.incremental(touched)
         except errors.BackendError as e:
             log.warning("wireguard: applying peers failed: %s", e)
             self._fail()
@@ -296,6 +299,7 @@ class WireGuardNetwork(Network):
         configure_device(self.nl, idx, spec, self._lease, self.config)
 
     def _fail(self) -> None:
+        metrics.apply_failed()  # metrics
         self._dirty = True
         self._retry_at = time.monotonic() + self._backoff
         log.info("wireguard: will retry in %.0f s", self._backoff)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel import errors, retry, subnet_file
+from flannel import errors, metrics, retry, subnet_file
 from flannel.config import NetworkConfig, deferred_changes, parse_network_config, restart_changes
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -342,6 +342,7 @@ class EtcdSubnetManager(SubnetManager):
             except errors.StoreUnavailable as e:
                 if stop.is_set():
                     break
+                metrics.store_reconnected("etcd")  # metrics
                 backoff.failed(e, resume=f"resuming from revision {None if rev is None else rev + 1};")
             except errors.FlannelError as e:  # e.g. PermissionDenied, a TLS failure: log loudly, keep trying
                 backoff.failed(e, level=logging.ERROR)

@@ -172,7 +172,7 @@ class EtcdRegistry:
         self._closed = False
         self._warned_insecure = not warn_insecure
         #: records skipped at the trust boundary, per reason (exported as a metric)
-        self.skipped = SkippedRecords("etcd key", log)
+        self.skipped = SkippedRecords("etcd key", log, metric_store="etcd")
 
     # -- connection ------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from flannel import errors, retry
+from flannel import errors, metrics, retry
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -343,6 +343,7 @@ class KubeSubnetManager(SubnetManager):
             except errors.StoreUnavailable as e:
                 if stop.is_set():
                     break
+                metrics.store_reconnected("kube")  # metrics
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6))
                 log.warning("watching nodes failed (attempt %d): %s; retrying in %.1fs", failures, e, delay)

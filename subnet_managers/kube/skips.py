@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from flannel import errors
+from flannel import errors, metrics
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,13 @@ class Skips:
 
     def count(self, reason: str) -> None:
         """Count a skip without logging (the caller already logged this record's problem)."""
+        metrics.record_skipped("kube", reason)
         with self._lock:
             self.counts[reason] += 1
 
     def skip(self, what: str, reason: str, detail: str, *, suffix: str = "") -> None:
         """Count one skipped record and log it, unless the rate limit says to stay quiet."""
+        metrics.record_skipped("kube", reason)
         with self._lock:
             self.counts[reason] += 1
             now = self._clock()

@@ -196,7 +196,7 @@ class FlakyWatch(FakeManager):
         self.errs = list(errs)
         self.calls = 0
 
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
         self.calls += 1
         yield WatchResult.of_snapshot(self.remote)
         if self.errs:
@@ -231,7 +231,7 @@ class FlakyLease(FakeManager):
         super().__init__()
         self.calls = 0
 
-    def complete_lease(self, lease: Lease, stop: threading.Event, on_lease: Any = None) -> None:
+    def complete_lease(self, config: Any, lease: Lease, stop: threading.Event, on_lease: Any = None) -> None:
         self.calls += 1
         if self.calls == 1:
             raise errors.StoreError("renewal: etcd said no")
@@ -286,7 +286,7 @@ def http_or_none(port: int, path: str) -> tuple[int, str] | None:
 
 
 class BrokenWatch(FakeManager):
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
         raise errors.StoreError("watch: permission denied by the API server")
         yield  # a generator
 
@@ -358,7 +358,7 @@ def test_the_traffic_thread_survives_bad_ip_output_and_a_hung_tool(opts: AgentOp
 
 
 class ChangedConfig(FakeManager):
-    def watch_leases(self, stop: threading.Event) -> Iterator[WatchResult]:
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
         yield WatchResult.of_snapshot(())
         raise errors.ConfigChanged("the network config in the store changed: Network 10.9.0.0/16 → 10.10.0.0/16")
 

@@ -299,7 +299,7 @@ class DualLeases:
         self.i = i
         self.attrs: LeaseAttrs | None = None
 
-    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+    def acquire_lease(self, config: object, attrs: LeaseAttrs) -> Lease:
         self.attrs = attrs
         return self.lease()
 
