@@ -341,7 +341,7 @@ class RoutedNetwork(Network):
                 elif kind == rtnl.RTM_DELNEIGH:
                     self._neigh_note(data, off, end, cl, cache, touched)
                 elif kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
-                    self._link_note(kind, data, off, cl)
+                    self._link_note(kind, data, off, end, cl, index, touched)
         return touched
 
     def _route_note(self, kind: int, data: bytes, off: int, end: int, cl: rtnl.Classifier, cache: Programmed,
@@ -376,32 +376,47 @@ class RoutedNetwork(Network):
         dev = cl.overlay.get(m.ifindex)
         if dev is None:
             return
-        e = rtnl.neigh_entry(m, dev)
-        if isinstance(e, model.Neigh) and cache.neighs.get(neigh_key(e)) == e:
-            log.info("%s: %s was deleted by someone else; restoring it", self.ctx.backend_type, e)
-            self.counters["repairs"] += 1
-            cache.neighs.pop(neigh_key(e), None)
-            touched.neighs.add(neigh_key(e))
-        elif isinstance(e, model.Fdb) and cache.fdbs.get(fdb_key(e)) == e:
+        if m.family != rtnl.AF_BRIDGE:
+            # a deleted neighbour is reported without its link-layer address: match on the key
+            nk = (dev, m.ip)
+            if m.ip is not None and nk in cache.neighs:
+                log.info("%s: %s was deleted by someone else; restoring it", self.ctx.backend_type, cache.neighs[nk])
+                self.counters["repairs"] += 1
+                del cache.neighs[nk]
+                touched.neighs.add(nk)
+            return
+        e = rtnl.neigh_entry(m, dev, deleted=True)
+        if isinstance(e, model.Fdb) and cache.fdbs.get(fdb_key(e)) == e:
             log.info("%s: %s was deleted by someone else; restoring it", self.ctx.backend_type, e)
             self.counters["repairs"] += 1
             cache.fdbs.pop(fdb_key(e), None)
             touched.fdbs.add(fdb_key(e))
 
-    def _link_note(self, kind: int, data: bytes, off: int, cl: rtnl.Classifier) -> None:
-        index, flags = rtnl.link_event(data, off)
-        if index not in cl.names:
+    def _link_note(self, kind: int, data: bytes, off: int, end: int, cl: rtnl.Classifier, index: Index,
+                   touched: Touched) -> None:
+        ifindex, flags, name = rtnl.link_event(data, off, end)
+        gone = kind == rtnl.RTM_DELLINK or not flags & rtnl.IFF_UP
+        if gone and name is not None:
+            # the kernel drops the routes of a device that goes down or away without a route
+            # notification: foreign routes through it no longer hold their destination
+            for dst, frs in list(index.foreign.items()):
+                keep = tuple(f for f in frs if f.dev != name)
+                if keep != frs:
+                    touched.update(index.set_foreign(dst, keep))
+                    for ident in index.wanting(dst):
+                        self._note_skip(ident)
+        if ifindex not in cl.names:
             return
         if kind == rtnl.RTM_DELLINK:
-            log.info("%s: device %s was deleted", self.ctx.backend_type, cl.names[index])
+            log.info("%s: device %s was deleted", self.ctx.backend_type, cl.names[ifindex])
             self._device_event = True
             self._full_wanted = True
         elif not flags & rtnl.IFF_UP:
-            self._down.add(index)
-        elif index in self._down:
+            self._down.add(ifindex)
+        elif ifindex in self._down:
             # the kernel flushed our routes through it when it went down, without telling us
-            self._down.discard(index)
-            log.info("%s: device %s is up again; reconciling", self.ctx.backend_type, cl.names[index])
+            self._down.discard(ifindex)
+            log.info("%s: device %s is up again; reconciling", self.ctx.backend_type, cl.names[ifindex])
             self._full_wanted = True
 
     # ---- helpers ----------------------------------------------------------------------------

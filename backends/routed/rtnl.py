@@ -419,9 +419,10 @@ def ifname(index: int) -> str | None:
         return None
 
 
-def neigh_entry(m: NeighMsg, dev: str) -> Neigh | Fdb | None:
-    """A permanent neighbour / fdb entry of our device as a model value (others: None)."""
-    if not m.state & NUD_PERMANENT or m.ip is None or m.mac is None:
+def neigh_entry(m: NeighMsg, dev: str, *, deleted: bool = False) -> Neigh | Fdb | None:
+    """A permanent neighbour / fdb entry of our device as a model value (others: None). A deletion
+    notification reports the entry's state after removal (``NUD_FAILED``), so it is not checked."""
+    if (not deleted and not m.state & NUD_PERMANENT) or m.ip is None or m.mac is None:
         return None
     if m.family == AF_BRIDGE:
         return None if m.mac == ZERO_MAC else Fdb(m.mac, m.ip, dev)
@@ -483,8 +484,12 @@ class Monitor:
         self.sock.close()
 
 
-def link_event(data: bytes, off: int) -> tuple[int, int]:
-    """(ifindex, flags) of an RTM_NEWLINK/RTM_DELLINK message."""
+IFLA_IFNAME = 3
+
+
+def link_event(data: bytes, off: int, end: int) -> tuple[int, int, str | None]:
+    """(ifindex, flags, name) of an RTM_NEWLINK/RTM_DELLINK message."""
     _family, _kind, index, flags, _change = _IFINFO.unpack_from(data, off + 16)
-    return index, flags
+    name = _attrs(data, off + 32, end).get(IFLA_IFNAME)
+    return index, flags, None if name is None else name.rstrip(b"\0").decode(errors="replace")
 
