@@ -199,13 +199,16 @@ class Index:
     # ---- winners --------------------------------------------------------------------------
 
     def route(self, dst: Net) -> Route | None:
-        return _winner(self._routes.get(dst))
+        r: Route | None = _winner(self._routes.get(dst))
+        return r
 
     def neigh(self, key: NeighKey) -> Neigh | None:
-        return _winner(self._neighs.get(key))
+        n: Neigh | None = _winner(self._neighs.get(key))
+        return n
 
     def fdb(self, key: FdbKey) -> Fdb | None:
-        return _winner(self._fdbs.get(key))
+        f: Fdb | None = _winner(self._fdbs.get(key))
+        return f
 
     def state(self) -> KernelState:
         """Everything the leases want: the winner of every key (O(N): full reconciles only)."""
@@ -226,7 +229,7 @@ class Index:
     def _block_reason(self, lease: Lease, st: KernelState) -> str | None:
         for r in st.routes:
             for own in self.own:
-                if own.version == r.dst.version and r.dst.overlaps(own):  # type: ignore[arg-type]
+                if own.version == r.dst.version and r.dst.overlaps(own):  # type: ignore[arg-type,unused-ignore]
                     return (f"refusing lease {lease.describe()}: its subnet {r.dst} overlaps our own subnet {own}; "
                             "a remote lease must never replace the route to a local subnet")
             for f in self.foreign.get(r.dst, ()):
@@ -244,15 +247,16 @@ class Index:
             self._fdbs.setdefault(fdb_key(f), {})[ident] = f
 
     def _unclaim(self, ident: Ident, st: KernelState) -> None:
-        for table, keys in ((self._routes, [r.dst for r in st.routes]),
-                            (self._neighs, [neigh_key(n) for n in st.neighs]),
-                            (self._fdbs, [fdb_key(f) for f in st.fdbs])):
+        tables: tuple[tuple[dict[Any, dict[Ident, Any]], list[Any]], ...] = (
+            (self._routes, [r.dst for r in st.routes]), (self._neighs, [neigh_key(n) for n in st.neighs]),
+            (self._fdbs, [fdb_key(f) for f in st.fdbs]))
+        for table, keys in tables:
             for k in keys:
-                claims = table.get(k)   # type: ignore[attr-defined]
+                claims = table.get(k)
                 if claims is not None:
                     claims.pop(ident, None)
                     if not claims:
-                        del table[k]    # type: ignore[attr-defined]
+                        del table[k]
 
 
 def _winner(claims: dict[Ident, Any] | None) -> Any:

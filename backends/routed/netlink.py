@@ -217,10 +217,10 @@ class Netlink:
             i = self.link_index(name)
             if i is not None:
                 names[i] = name
-        for name in (scope.overlay_dev, scope.overlay_dev6):
-            i = self.link_index(name) if name else None
-            if i is not None and name is not None:
-                names[i] = overlay[i] = name
+        for ov in (scope.overlay_dev, scope.overlay_dev6):
+            i = self.link_index(ov) if ov else None
+            if i is not None and ov is not None:
+                names[i] = overlay[i] = ov
         exclude = tuple(n for n in (scope.exclude, scope.exclude6) if n is not None)
         return rtnl.Classifier(network=scope.network, network6=scope.network6, exclude=exclude, names=names,
                                overlay=overlay)
@@ -284,25 +284,24 @@ class Netlink:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
 
-        for entries, make, deleting in ((plan.del_routes, rtnl.route_del, True),
-                                        (plan.del_neighs, rtnl.neigh_del, True),
-                                        (plan.del_fdbs, rtnl.fdb_del, True),
-                                        (plan.set_fdbs, rtnl.fdb_set, False),
-                                        (plan.set_neighs, rtnl.neigh_set, False),
-                                        (plan.set_routes, rtnl.route_set, False)):
+        steps: tuple[tuple[tuple[Any, ...], Callable[[Any, int], tuple[int, int, bytes]], bool], ...] = (
+            (plan.del_routes, rtnl.route_del, True), (plan.del_neighs, rtnl.neigh_del, True),
+            (plan.del_fdbs, rtnl.fdb_del, True), (plan.set_fdbs, rtnl.fdb_set, False),
+            (plan.set_neighs, rtnl.neigh_set, False), (plan.set_routes, rtnl.route_set, False))
+        for entries, make, deleting in steps:
             for e in entries:
                 i = dev(e, deleting)
                 if i is not None:
-                    items.append(((e, deleting), make(e, i)))  # type: ignore[operator]
+                    items.append(((e, deleting), make(e, i)))
         try:
             refused = self._rt.send(items)
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
         for tagged, code, text in refused:
-            entry, deleting = tagged  # type: ignore[misc]
-            if deleting and code in _GONE:
+            entry, was_delete = tagged if isinstance(tagged, tuple) else (tagged, False)
+            if was_delete and code in _GONE:
                 continue
-            failed.append((entry, f"{'delete' if deleting else 'set'} {entry}: {text} (errno {code})"))
+            failed.append((entry, f"{'delete' if was_delete else 'set'} {entry}: {text} (errno {code})"))
         return failed
 
     def monitor(self) -> rtnl.Monitor:

@@ -276,19 +276,18 @@ class RoutedNetwork(Network):
             self._fail()
             return
         bad = {id(entry) for entry, _ in failed}
-        for entries, table, key, deleting in ((del_r, cache.routes, _route_key, True),
-                                              (del_n, cache.neighs, neigh_key, True),
-                                              (del_f, cache.fdbs, fdb_key, True),
-                                              (set_r, cache.routes, _route_key, False),
-                                              (set_n, cache.neighs, neigh_key, False),
-                                              (set_f, cache.fdbs, fdb_key, False)):
-            for e in entries:
-                if id(e) in bad:
+        steps: tuple[tuple[tuple[Any, ...], dict[Any, Any], Any, bool], ...] = (
+            (del_r, cache.routes, _route_key, True), (del_n, cache.neighs, neigh_key, True),
+            (del_f, cache.fdbs, fdb_key, True), (set_r, cache.routes, _route_key, False),
+            (set_n, cache.neighs, neigh_key, False), (set_f, cache.fdbs, fdb_key, False))
+        for entries, table, key, deleting in steps:
+            for item in entries:
+                if id(item) in bad:
                     continue
                 if deleting:
-                    table.pop(key(e), None)   # type: ignore[attr-defined]
+                    table.pop(key(item), None)
                 else:
-                    table[key(e)] = e         # type: ignore[index]
+                    table[key(item)] = item
         self._record(failed, cache, p, None)
 
     # ---- notifications ------------------------------------------------------------------------
@@ -480,12 +479,16 @@ class RoutedNetwork(Network):
             self._backoff = 1.0
             return
         deletes = {id(e) for part in (plan.del_routes, plan.del_neighs, plan.del_fdbs) for e in part}
-        old_r = {r.dst: r for r in actual.routes} if actual is not None else {}
-        old_n = {neigh_key(n): n for n in actual.neighs} if actual is not None else {}
-        old_f = {fdb_key(f): f for f in actual.fdbs} if actual is not None else {}
+        old_r: dict[Any, Any] = {r.dst: r for r in actual.routes} if actual is not None else {}
+        old_n: dict[Any, Any] = {neigh_key(n): n for n in actual.neighs} if actual is not None else {}
+        old_f: dict[Any, Any] = {fdb_key(f): f for f in actual.fdbs} if actual is not None else {}
         for entry, msg in failed:
             log.warning("%s: %s", self.ctx.backend_type, msg)
+            key: Any
             table: dict[Any, Any]
+            old: dict[Any, Any]
+            keys: set[Any]
+            entry_: Any = entry
             if isinstance(entry, model.Route):
                 key, table, old, keys = entry.dst, cache.routes, old_r, self._retry.routes
             elif isinstance(entry, model.Neigh):
@@ -498,7 +501,7 @@ class RoutedNetwork(Network):
             if actual is None:
                 continue
             if id(entry) in deletes:
-                table[key] = entry            # still in the kernel
+                table[key] = entry_           # still in the kernel
             elif key in old:
                 table[key] = old[key]         # a failed replace leaves the old entry
             else:

@@ -615,7 +615,8 @@ def test_restart_over_go_flannel_state_adopts_it_without_flapping(ns):
         g = str(lz.subnet.network_address)  # type: ignore[union-attr]
         mac = json.loads(lz.attrs.backend_data or "{}")["VtepMAC"]
         ns.ip("neigh", "replace", g, "lladdr", mac, "dev", "flannel.1", "nud", "permanent")
-        ns.exec("bridge", "fdb", "replace", mac, "dev", "flannel.1", "dst", str(lz.attrs.public_ip), "self", "permanent")
+        ns.exec("bridge", "fdb", "replace", mac, "dev", "flannel.1", "dst", str(lz.attrs.public_ip), "self",
+                "permanent")
         ns.ip("route", "replace", str(lz.subnet), "via", g, "dev", "flannel.1", "onlink")   # proto boot
     assert "proto boot" in ns.ip("-d", "route", "show", "10.5.2.0/24")
     mon = Monitor(ns)

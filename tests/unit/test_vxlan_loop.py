@@ -132,7 +132,8 @@ def test_incremental_batches_touch_only_their_leases(monkeypatch):
     net.step(added(vxlan_lease(3, net="10.99", mac="02:00:00:00:aa:03")))   # a changed MAC
     assert k.dumps == dumps
     assert len(calls) == 4
-    assert [len(p) for p in k.applied[-3:]] == [9, 3, 3]   # 3 added; 1 removed; neigh replaced, fdb moved to the new MAC
+    # 3 added; 1 removed; neigh replaced and the fdb entry moved to the new MAC
+    assert [len(p) for p in k.applied[-3:]] == [9, 3, 3]
     assert len(ours(k).routes) == 1002
 
 
