@@ -659,3 +659,99 @@ def test_recreated_device_uses_the_interface_address_of_now(ns, caplog):
         assert "no longer has 198.18.0.1" in caplog.text and "still advertises PublicIP 198.18.0.1" in caplog.text
     finally:
         agent.stop()
+
+
+# ---- incremental == full on a real kernel (issue 9 item 1) -----------------------------------------
+
+class NsWorker:
+    """A thread living in a namespace that runs what it is given (netlink calls must come from a
+    thread in the namespace: interface lookups are per thread)."""
+
+    def __init__(self, ns: NetNS) -> None:
+        import queue as q
+        self.jobs: q.Queue[Any] = q.Queue()
+        self.thread = threading.Thread(target=self._main, args=(ns.name,), daemon=True)
+        self.thread.start()
+
+    def _main(self, name: str) -> None:
+        with in_netns(name):
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                fn, box, done = job
+                try:
+                    box.append(fn())
+                except BaseException as e:   # handed to the caller
+                    box.append(e)
+                done.set()
+
+    def call(self, fn: Any) -> Any:
+        box: list[Any] = []
+        done = threading.Event()
+        self.jobs.put((fn, box, done))
+        assert done.wait(60), "namespace worker stuck"
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(10)
+
+
+def seed_ns(ns: NetNS) -> None:
+    """Foreign, stale and Go flannel entries, as in the unit property test."""
+    ns.ip("link", "add", "docker0", "type", "bridge")
+    ns.ip("link", "set", "docker0", "up")
+    ns.ip("addr", "add", "10.5.6.1/24", "dev", "docker0")                          # foreign: blocks lease 6
+    ns.ip("route", "add", "10.5.9.0/24", "via", "198.18.0.9", "dev", "eth0")       # operator's: kept
+    ns.ip("route", "add", "10.5.7.0/24", "via", "198.18.0.7", "dev", "eth0")       # Go host-gw style: adoptable
+
+
+def kernel_view(ns: NetNS) -> tuple[Any, ...]:
+    """Routes with their protocol, neighbours and fdb entries, read with iproute2."""
+    r = set()
+    for x in json.loads(ns.ip("-d", "-j", "route", "show", "table", "main") or "[]"):
+        r.add((x["dst"], x.get("gateway"), x.get("dev"), "onlink" in x.get("flags", []), x.get("protocol")))
+    return frozenset(r), frozenset(neighs(ns)), frozenset(fdbs(ns))
+
+
+@pytest.mark.timeout(600)
+def test_incremental_apply_equals_full_reconcile_in_a_real_kernel(ns_prefix):
+    from hypothesis import HealthCheck, given, settings
+
+    from flannel.lease import Batch
+    from tests.support import lease_ops
+
+    counter = iter(range(10 ** 6))
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(batches=lease_ops())
+    def check(batches: list[list[Any]]) -> None:
+        n = next(counter)
+        spaces = [make_ns(f"{ns_prefix}{n}{side}") for side in "ab"]
+        workers = [NsWorker(s) for s in spaces]
+        nets: list[Any] = []
+        try:
+            for s, w in zip(spaces, workers):
+                seed_ns(s)
+                nets.append(w.call(lambda s=s: VXLANBackend(ext_of(s)).register_network(
+                    config=__import__("flannel.config").config.parse_network_config(CFG),
+                    leases=FakeLeases("10.5.1.0/24"))))
+            for i, b in enumerate(batches):
+                batch = Batch(tuple(b), synced=i == 0)
+                workers[0].call(lambda: nets[0].step(batch))
+                workers[1].call(lambda: (nets[1].step(batch), nets[1].sync_full()))
+                assert kernel_view(spaces[0]) == kernel_view(spaces[1]), f"after batch {i}"
+            assert "10.5.9.0/24 via 198.18.0.9 dev eth0" in routes(spaces[0])
+            assert "10.5.6.0/24 dev docker0" in spaces[0].ip("route", "show", "table", "main")
+        finally:
+            for w, net in zip(workers, nets):
+                w.call(net.close)
+            for w in workers:
+                w.stop()
+            for s in spaces:
+                s.delete()
+
+    check()
