@@ -48,10 +48,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from flannel.backends.routed import rtnl  # noqa: E402
-from flannel.lab.etcd import EtcdServer  # noqa: E402
-from flannel.lab.netns import NetNS, cleanup_prefix, run, run_prefix  # noqa: E402
-from flannel.lease import LeaseAttrs  # noqa: E402
+from flannel.backends.routed import rtnl
+from flannel.lab.etcd import EtcdServer
+from flannel.lab.netns import NetNS, cleanup_prefix, run, run_prefix
+from flannel.lease import LeaseAttrs
 
 LOCAL = "198.18.0.1"
 PREFIX = "/coreos.com/network"

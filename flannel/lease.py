@@ -17,7 +17,7 @@ from typing import Any, Protocol
 UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     """What a node advertises about itself with its lease.
 
@@ -40,7 +40,7 @@ class LeaseAttrs:
         return None if self.backend_v6_data is None else json.loads(self.backend_v6_data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A node's pod subnet(s) and attributes.
 
@@ -79,7 +79,7 @@ class EventType(enum.Enum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseEvent:
     type: EventType
     lease: Lease

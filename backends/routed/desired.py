@@ -83,24 +83,34 @@ class Touched:
         return len(self.routes) + len(self.neighs) + len(self.fdbs)
 
 
+class _Many(dict):  # type: ignore[type-arg]
+    """Several leases claim one key (rare): ident -> None, in a dict to keep insertion cheap."""
+
+
 class Index:
-    """The desired kernel state, per lease and per key (see the module docstring)."""
+    """The desired kernel state, per lease and per key (see the module docstring).
+
+    Memory matters at 10 000 peers, so per lease it keeps one flat tuple of the lease's entries,
+    and per key the claiming lease's identity (a ``_Many`` only when several leases claim it);
+    the winner's entry is found in the winner's tuple.
+    """
 
     def __init__(self, ctx: Context, translate: Translate, *, own: Iterable[Net] = (),
-                 devs: Iterable[str] = ()) -> None:
+                 devs: Iterable[str] = (), leases: dict[Ident, Lease] | None = None) -> None:
+        """``leases``: the caller's table of current leases, shared (not copied): ``put``/``drop``
+        keep it up to date, and ``rebuild`` translates what it holds."""
         self.ctx = ctx
         self.translate = translate
         self.own = tuple(own)
+        self._own_ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in self.own)
         self.devs = tuple(devs)             # devices our routes use: a proto-boot route there is adoptable
-        self.leases: dict[Ident, Lease] = {}
-        self.entries: dict[Ident, KernelState] = {}     # every lease that translated (blocked or not)
+        self.leases: dict[Ident, Lease] = {} if leases is None else leases
+        self.entries: dict[Ident, tuple[Any, ...]] = {}  # every lease that translated (blocked or not)
         self.skipped: dict[Ident, str] = {}             # why a lease yields nothing (bad record or blocked)
         self.blocked: set[Ident] = set()
         self.foreign: dict[Net, tuple[ForeignRoute, ...]] = {}
-        self._wants: dict[Net, set[Ident]] = {}         # route dst -> translated leases that route there
-        self._routes: dict[Net, dict[Ident, Route]] = {}
-        self._neighs: dict[NeighKey, dict[Ident, Neigh]] = {}
-        self._fdbs: dict[FdbKey, dict[Ident, Fdb]] = {}
+        self._blocked_wants: dict[Net, set[Ident]] = {}  # route dst -> blocked leases that route there
+        self._claims: tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]] = ({}, {}, {})   # route, neigh, fdb
 
     # ---- leases ---------------------------------------------------------------------------
 
@@ -114,16 +124,17 @@ class Index:
         except (Skip, errors.BadLeaseRecord) as e:
             self.skipped[ident] = str(e)
             return touched
-        self.entries[ident] = st
-        for r in st.routes:
-            self._wants.setdefault(r.dst, set()).add(ident)
-        reason = self._block_reason(lease, st)
+        flat = (*st.routes, *st.neighs, *st.fdbs)
+        self.entries[ident] = flat
+        reason = self._block_reason(lease, st.routes)
         if reason is not None:
             self.blocked.add(ident)
             self.skipped[ident] = reason
+            for r in st.routes:
+                self._blocked_wants.setdefault(r.dst, set()).add(ident)
             return touched
-        self._claim(ident, st)
-        touched.add(st)
+        self._claim(ident, flat)
+        _touch(touched, flat)
         return touched
 
     def drop(self, ident: Ident) -> Touched:
@@ -132,20 +143,15 @@ class Index:
         if self.leases.pop(ident, None) is None:
             return touched
         self.skipped.pop(ident, None)
-        st = self.entries.pop(ident, None)
-        if st is None:
+        flat = self.entries.pop(ident, None)
+        if flat is None:
             return touched
-        for r in st.routes:
-            wants = self._wants.get(r.dst)
-            if wants is not None:
-                wants.discard(ident)
-                if not wants:
-                    del self._wants[r.dst]
         if ident in self.blocked:
             self.blocked.discard(ident)
+            self._unwant(ident, flat)
             return touched
-        self._unclaim(ident, st)
-        touched.add(st)
+        self._unclaim(ident, flat)
+        _touch(touched, flat)
         return touched
 
     def rebuild(self, ctx: Context | None = None, foreign: Iterable[ForeignRoute] | None = None) -> None:
@@ -162,10 +168,9 @@ class Index:
         self.entries.clear()
         self.skipped.clear()
         self.blocked.clear()
-        self._wants.clear()
-        self._routes.clear()
-        self._neighs.clear()
-        self._fdbs.clear()
+        self._blocked_wants.clear()
+        for c in self._claims:
+            c.clear()
         for lease in leases:
             self.put(lease)
 
@@ -178,20 +183,24 @@ class Index:
         else:
             self.foreign.pop(dst, None)
         touched = Touched()
-        for ident in sorted(self._wants.get(dst, ()), key=ident_key):
+        for ident in sorted(self.wanting(dst), key=ident_key):
             lease = self.leases[ident]
-            st = self.entries[ident]
-            reason = self._block_reason(lease, st)
+            flat = self.entries[ident]
+            reason = self._block_reason(lease, [e for e in flat if type(e) is Route])
             if reason is None and ident in self.blocked:
                 self.blocked.discard(ident)
                 self.skipped.pop(ident, None)
-                self._claim(ident, st)
-                touched.add(st)
+                self._unwant(ident, flat)
+                self._claim(ident, flat)
+                _touch(touched, flat)
             elif reason is not None and ident not in self.blocked:
                 self.blocked.add(ident)
                 self.skipped[ident] = reason
-                self._unclaim(ident, st)
-                touched.add(st)
+                self._unclaim(ident, flat)
+                for e in flat:
+                    if type(e) is Route:
+                        self._blocked_wants.setdefault(e.dst, set()).add(ident)
+                _touch(touched, flat)
             elif reason is not None:
                 self.skipped[ident] = reason
         return touched
@@ -199,26 +208,28 @@ class Index:
     # ---- winners --------------------------------------------------------------------------
 
     def route(self, dst: Net) -> Route | None:
-        r: Route | None = _winner(self._routes.get(dst))
+        r: Route | None = self._winner(0, dst)
         return r
 
     def neigh(self, key: NeighKey) -> Neigh | None:
-        n: Neigh | None = _winner(self._neighs.get(key))
+        n: Neigh | None = self._winner(1, key)
         return n
 
     def fdb(self, key: FdbKey) -> Fdb | None:
-        f: Fdb | None = _winner(self._fdbs.get(key))
+        f: Fdb | None = self._winner(2, key)
         return f
 
     def state(self) -> KernelState:
         """Everything the leases want: the winner of every key (O(N): full reconciles only)."""
-        return KernelState(frozenset(_winner(c) for c in self._routes.values()),
-                           frozenset(_winner(c) for c in self._neighs.values()),
-                           frozenset(_winner(c) for c in self._fdbs.values()))
+        r, n, f = (frozenset(self._winner(kind, k) for k in self._claims[kind]) for kind in range(3))
+        return KernelState(r, n, f)
 
     def wanting(self, dst: Net) -> tuple[Ident, ...]:
         """The leases (blocked or not) whose route goes to ``dst``."""
-        return tuple(self._wants.get(dst, ()))
+        c = self._claims[0].get(dst)
+        out = [] if c is None else list(c) if type(c) is _Many else [c]
+        out.extend(self._blocked_wants.get(dst, ()))
+        return tuple(out)
 
     def skip_reasons(self) -> Iterator[tuple[Lease, str]]:
         for ident, reason in self.skipped.items():
@@ -226,10 +237,12 @@ class Index:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _block_reason(self, lease: Lease, st: KernelState) -> str | None:
-        for r in st.routes:
-            for own in self.own:
-                if own.version == r.dst.version and r.dst.overlaps(own):  # type: ignore[arg-type,unused-ignore]
+    def _block_reason(self, lease: Lease, routes: Iterable[Route]) -> str | None:
+        for r in routes:
+            lo = int(r.dst.network_address)
+            hi = lo | ((1 << (r.dst.max_prefixlen - r.dst.prefixlen)) - 1)
+            for (version, olo, ohi), own in zip(self._own_ranges, self.own):
+                if version == r.dst.version and lo <= ohi and olo <= hi:
                     return (f"refusing lease {lease.describe()}: its subnet {r.dst} overlaps our own subnet {own}; "
                             "a remote lease must never replace the route to a local subnet")
             for f in self.foreign.get(r.dst, ()):
@@ -238,30 +251,67 @@ class Index:
                             "a route flannel did not install")
         return None
 
-    def _claim(self, ident: Ident, st: KernelState) -> None:
-        for r in st.routes:
-            self._routes.setdefault(r.dst, {})[ident] = r
-        for n in st.neighs:
-            self._neighs.setdefault(neigh_key(n), {})[ident] = n
-        for f in st.fdbs:
-            self._fdbs.setdefault(fdb_key(f), {})[ident] = f
-
-    def _unclaim(self, ident: Ident, st: KernelState) -> None:
-        tables: tuple[tuple[dict[Any, dict[Ident, Any]], list[Any]], ...] = (
-            (self._routes, [r.dst for r in st.routes]), (self._neighs, [neigh_key(n) for n in st.neighs]),
-            (self._fdbs, [fdb_key(f) for f in st.fdbs]))
-        for table, keys in tables:
-            for k in keys:
-                claims = table.get(k)
-                if claims is not None:
-                    claims.pop(ident, None)
-                    if not claims:
-                        del table[k]
-
-
-def _winner(claims: dict[Ident, Any] | None) -> Any:
-    if not claims:
+    def _winner(self, kind: int, key: Any) -> Any:
+        c = self._claims[kind].get(key)
+        if c is None:
+            return None
+        ident = min(c, key=ident_key) if type(c) is _Many else c
+        keyf = _KEYS[kind]
+        cls = _KINDS[kind]
+        for e in self.entries[ident]:
+            if type(e) is cls and keyf(e) == key:
+                return e
         return None
-    if len(claims) == 1:
-        return next(iter(claims.values()))
-    return claims[min(claims, key=ident_key)]
+
+    def _claim(self, ident: Ident, flat: tuple[Any, ...]) -> None:
+        for e in flat:
+            kind = _KIND_OF[type(e)]
+            table, key = self._claims[kind], _KEYS[kind](e)
+            c = table.get(key)
+            if c is None:
+                table[key] = ident
+            elif type(c) is _Many:
+                c[ident] = None
+            elif c != ident:
+                table[key] = _Many({c: None, ident: None})
+
+    def _unclaim(self, ident: Ident, flat: tuple[Any, ...]) -> None:
+        for e in flat:
+            kind = _KIND_OF[type(e)]
+            table, key = self._claims[kind], _KEYS[kind](e)
+            c = table.get(key)
+            if c is None:
+                continue
+            if type(c) is _Many:
+                c.pop(ident, None)
+                if len(c) == 1:
+                    table[key] = next(iter(c))
+                elif not c:
+                    del table[key]
+            elif c == ident:
+                del table[key]
+
+    def _unwant(self, ident: Ident, flat: tuple[Any, ...]) -> None:
+        for e in flat:
+            if type(e) is Route:
+                w = self._blocked_wants.get(e.dst)
+                if w is not None:
+                    w.discard(ident)
+                    if not w:
+                        del self._blocked_wants[e.dst]
+
+
+_KINDS = (Route, Neigh, Fdb)
+_KIND_OF = {Route: 0, Neigh: 1, Fdb: 2}
+_KEYS = (route_key, neigh_key, fdb_key)
+
+
+def _touch(touched: Touched, flat: tuple[Any, ...]) -> None:
+    for e in flat:
+        t = type(e)
+        if t is Route:
+            touched.routes.add(e.dst)
+        elif t is Neigh:
+            touched.neighs.add(neigh_key(e))
+        else:
+            touched.fdbs.add(fdb_key(e))

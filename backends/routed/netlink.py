@@ -32,7 +32,7 @@ import errno
 import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface
 from socket import AF_INET, AF_INET6
@@ -274,7 +274,6 @@ class Netlink:
         not a failure. A failing socket raises ``errors.BackendError``."""
         index: dict[str, int | None] = {}
         failed: list[tuple[object, str]] = []
-        items: list[tuple[object, tuple[int, int, bytes]]] = []
 
         def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
             if entry.dev not in index:
@@ -288,13 +287,17 @@ class Netlink:
             (plan.del_routes, rtnl.route_del, True), (plan.del_neighs, rtnl.neigh_del, True),
             (plan.del_fdbs, rtnl.fdb_del, True), (plan.set_fdbs, rtnl.fdb_set, False),
             (plan.set_neighs, rtnl.neigh_set, False), (plan.set_routes, rtnl.route_set, False))
-        for entries, make, deleting in steps:
-            for e in entries:
-                i = dev(e, deleting)
-                if i is not None:
-                    items.append(((e, deleting), make(e, i)))
+
+        def items() -> Iterator[tuple[object, tuple[int, int, bytes]]]:
+            # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
+            for entries, make, deleting in steps:
+                for e in entries:
+                    i = dev(e, deleting)
+                    if i is not None:
+                        yield (e, deleting), make(e, i)
+
         try:
-            refused = self._rt.send(items)
+            refused = self._rt.send(items())
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
         for tagged, code, text in refused:

@@ -206,14 +206,16 @@ class RoutedNetwork(Network):
         for ev in batch.events:
             ident = ev.lease.ident
             if ev.type is EventType.ADDED:
-                self.peers[ident] = ev.lease
                 if self.index is not None:
-                    touched.update(self.index.put(ev.lease))
+                    touched.update(self.index.put(ev.lease))     # also updates self.peers (shared)
                     self._note_skip(ident)
+                else:
+                    self.peers[ident] = ev.lease
             else:
-                self.peers.pop(ident, None)
                 if self.index is not None:
                     touched.update(self.index.drop(ident))
+                else:
+                    self.peers.pop(ident, None)
                 self._skip_logged.pop(ident, None)
         if not batch.synced:
             return touched, False
@@ -430,10 +432,8 @@ class RoutedNetwork(Network):
         for f in foreign:
             fr.setdefault(f.dst, []).append(f)
         if index is None or index.ctx != self.ctx or index.own != own or index.devs != devs:
-            index = Index(self.ctx, self.translate, own=own, devs=devs)
-            index.foreign = {k: tuple(v) for k, v in fr.items()}
-            for lease in self.peers.values():
-                index.put(lease)
+            index = Index(self.ctx, self.translate, own=own, devs=devs, leases=self.peers)
+            index.rebuild(foreign=[f for v in fr.values() for f in v])
             self.index = index
             self._skip_logged = {k: v for k, v in self._skip_logged.items() if k in index.skipped}
             for ident in index.skipped:

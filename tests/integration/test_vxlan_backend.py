@@ -741,8 +741,8 @@ def test_incremental_apply_equals_full_reconcile_in_a_real_kernel(ns_prefix):
                     leases=FakeLeases("10.5.1.0/24"))))
             for i, b in enumerate(batches):
                 batch = Batch(tuple(b), synced=i == 0)
-                workers[0].call(lambda: nets[0].step(batch))
-                workers[1].call(lambda: (nets[1].step(batch), nets[1].sync_full()))
+                workers[0].call(lambda batch=batch: nets[0].step(batch))
+                workers[1].call(lambda batch=batch: (nets[1].step(batch), nets[1].sync_full()))
                 assert kernel_view(spaces[0]) == kernel_view(spaces[1]), f"after batch {i}"
             assert "10.5.9.0/24 via 198.18.0.9 dev eth0" in routes(spaces[0])
             assert "10.5.6.0/24 dev docker0" in spaces[0].ip("route", "show", "table", "main")

