@@ -114,10 +114,10 @@ class Index:
 
     # ---- leases ---------------------------------------------------------------------------
 
-    def put(self, lease: Lease) -> Touched:
-        """A lease was added or changed."""
+    def put(self, lease: Lease, *, touch: bool = True) -> Touched:
+        """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild)."""
         ident = lease.ident
-        touched = self.drop(ident)
+        touched = self.drop(ident) if ident in self.leases else Touched()
         self.leases[ident] = lease
         try:
             st = self.translate(lease, self.ctx)
@@ -134,7 +134,8 @@ class Index:
                 self._blocked_wants.setdefault(r.dst, set()).add(ident)
             return touched
         self._claim(ident, flat)
-        _touch(touched, flat)
+        if touch:
+            _touch(touched, flat)
         return touched
 
     def drop(self, ident: Ident) -> Touched:
@@ -172,7 +173,7 @@ class Index:
         for c in self._claims:
             c.clear()
         for lease in leases:
-            self.put(lease)
+            self.put(lease, touch=False)
 
     # ---- foreign routes (from a dump, or a kernel notification) ----------------------------
 
