@@ -34,14 +34,11 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
 from typing import Any, ParamSpec, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from flannel import errors
+from flannel import errors, nl
 from flannel.backends.routed import rtnl
 from flannel.backends.routed.model import Addr, Fdb, ForeignRoute, KernelState, Neigh, Net, Plan, Route
 
@@ -87,30 +84,44 @@ _R = TypeVar("_R")
 
 
 def _boundary(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Convert pyroute2's errors into ``errors.BackendError`` at the module boundary."""
+    """Convert netlink errors into ``errors.BackendError`` at the module boundary."""
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except (NetlinkError, OSError) as e:
+        except OSError as e:   # nl.NetlinkError included
             raise errors.BackendError(f"netlink {fn.__name__}: {e}") from e
     return wrapper
 
 
 class Netlink:
-    """Typed port over pyroute2 (and iproute2's batch mode for big plans)."""
+    """Typed port over the kernel's rtnetlink (``flannel.nl`` for links and addresses, ``rtnl``
+    for the per-peer entries)."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        self._nl = nl.Client()
         try:
             self._rt = rtnl.Rtnl()
         except BaseException:
-            self._ipr.close()
+            self._nl.close()
             raise
+        self._pyroute2: Any = None
+
+    @property
+    def _ipr(self) -> Any:
+        """A pyroute2 ``IPRoute``, opened on first use (in the calling thread's namespace). Nothing
+        here uses it -- importing pyroute2 costs ~22 MB of memory -- but a backend built on this port
+        may, for a message shape ``flannel.nl`` does not have."""
+        if self._pyroute2 is None:
+            from pyroute2 import IPRoute
+            self._pyroute2 = IPRoute()
+        return self._pyroute2
 
     def close(self) -> None:
-        self._ipr.close()
+        self._nl.close()
         self._rt.close()
+        if self._pyroute2 is not None:
+            self._pyroute2.close()
 
     # ---- links ------------------------------------------------------------------------------
 
@@ -126,25 +137,17 @@ class Netlink:
         idx = self.link_index(name)
         if idx is None:
             return None
-        try:
-            msg = self._ipr.get_links(idx)[0]
-        except NetlinkError as e:
-            if e.code in _GONE:
-                return None
-            raise
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-        vx: dict[str, Any] = {}
-        if data is not None:
-            vx = {k: v for k, v in data.get("attrs", []) if k.startswith("IFLA_VXLAN_")}
-        return LinkInfo(index=idx, name=name, mac=str(msg.get("IFLA_ADDRESS")), mtu=int(msg.get("IFLA_MTU")),
-                        kind=str(msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""), vxlan=vx)
+        msg = self._nl.link(idx)
+        if msg is None:
+            return None
+        return LinkInfo(index=idx, name=name, mac=msg.mac, mtu=msg.mtu, kind=msg.kind, vxlan=msg.data)
 
     @_boundary
     def connected_nets(self, index: int, version: int = 4) -> tuple[Any, ...]:
         """The subnets directly connected on a link (its addresses' networks; no link-local)."""
         nets = []
-        for a in self._ipr.get_addr(family=AF_INET if version == 4 else AF_INET6, index=index):
-            iface = ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+        for a in self._nl.addrs(AF_INET if version == 4 else AF_INET6, index):
+            iface = ip_interface(f"{a.address}/{a.prefixlen}")
             if not iface.ip.is_link_local:
                 nets.append(iface.network)
         return tuple(nets)
@@ -152,40 +155,32 @@ class Netlink:
     @_boundary
     def addresses(self, index: int, version: int = 4) -> tuple[Any, ...]:
         """The link's global addresses of one family, in the kernel's order (primary first)."""
-        out = []
-        for a in self._ipr.get_addr(family=AF_INET if version == 4 else AF_INET6, index=index):
-            ip = ip_address(a.get("IFA_ADDRESS"))
-            if not ip.is_link_local and not ip.is_loopback:
-                out.append(ip)
-        return tuple(out)
+        return tuple(a.address for a in self._nl.addrs(AF_INET if version == 4 else AF_INET6, index)
+                     if not a.address.is_link_local and not a.address.is_loopback)
 
     @_boundary
     def delete_link(self, index: int) -> None:
-        self._ipr.link("del", index=index)
+        self._nl.delete_link(index)
 
     @_boundary
     def add_vxlan(self, *, name: str, vni: int, local: Addr, link_index: int, port: int, gbp: bool,
                   learning: bool, mtu: int, mac: str) -> None:
         """``ip link add <name> type vxlan id <vni> local <local> dev <link> [dstport <port>] [gbp]
         [no]learning ttl 0 tos 0 mtu <mtu> address <mac>``; port 0 = the kernel default (8472)."""
-        local_key = "vxlan_local6" if local.version == 6 else "vxlan_local"
-        kw: dict[str, Any] = dict(ifname=name, kind="vxlan", vxlan_id=vni, **{local_key: str(local)},
-                                  vxlan_link=link_index, vxlan_learning=int(learning),
-                                  vxlan_ttl=0, vxlan_tos=0, mtu=mtu, address=mac)
-        if port:
-            kw["vxlan_port"] = port
-        if gbp:
-            kw["vxlan_gbp"] = True
-        self._ipr.link("add", **kw)
+        self._nl.add_link(name, "vxlan", nl.vxlan_data(vni=vni, local=local, link=link_index, learning=learning,
+                                                        port=port, gbp=gbp), mtu=mtu, mac=mac)
         _write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
 
     @_boundary
     def set_mtu(self, index: int, mtu: int) -> None:
-        self._ipr.link("set", index=index, mtu=mtu)
+        self._nl.set_link(index, mtu=mtu)
 
     @_boundary
     def set_vxlan_learning(self, index: int, learning: bool) -> None:
-        self._ipr.link("set", index=index, kind="vxlan", vxlan_learning=int(learning))
+        info = nl.nested(nl.IFLA_LINKINFO, nl.attr(nl.IFLA_INFO_KIND, b"vxlan"),
+                         nl.nested(nl.IFLA_INFO_DATA, nl.attr(nl.VXLAN_NUM["IFLA_VXLAN_LEARNING"],
+                                                              bytes([int(learning)]))))
+        self._nl.set_link(index, linkinfo=info)
 
     @_boundary
     def ensure_address(self, index: int, addr: Addr, network: Net | None) -> None:
@@ -194,19 +189,19 @@ class Netlink:
         v6 = addr.version == 6
         full = 128 if v6 else 32
         have = False
-        for a in self._ipr.get_addr(family=AF_INET6 if v6 else AF_INET, index=index):
-            ip, plen = ip_address(a.get("IFA_ADDRESS")), a["prefixlen"]
+        for a in self._nl.addrs(AF_INET6 if v6 else AF_INET, index):
+            ip, plen = a.address, a.prefixlen
             if ip == addr and plen == full:
                 have = True
             elif (v6 and not ip.is_link_local) or (not v6 and network is not None and ip in network):
                 log.info("removing stale address %s/%d from link %d", ip, plen, index)
-                self._ipr.addr("del", index=index, address=str(ip), prefixlen=plen)
+                self._nl.del_addr(index, ip, plen)
         if not have:
-            self._ipr.addr("add", index=index, address=str(addr), prefixlen=full)
+            self._nl.add_addr(index, addr, full)
 
     @_boundary
     def set_up(self, index: int) -> None:
-        self._ipr.link("set", index=index, state="up")
+        self._nl.set_link(index, up=True)
 
     # ---- entries ----------------------------------------------------------------------------
 

@@ -39,6 +39,11 @@ from flannel.backends.routed.model import (
     Net,
     Route,
 )
+from flannel.nl import attr as _attr
+from flannel.nl import attrs as _attrs
+from flannel.nl import error_text as _error_text
+from flannel.nl import messages
+from flannel.nl import open_socket as _open
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -99,11 +104,6 @@ class NetlinkFailure(OSError):
     """The socket itself failed (not one entry): the caller reconciles against a fresh dump."""
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return _RTA.pack(n, kind) + data + b"\0" * (-n & 3)
-
-
 def _family(a: Addr | Net) -> int:
     return socket.AF_INET6 if a.version == 6 else socket.AF_INET
 
@@ -152,17 +152,6 @@ def fdb_del(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
 
 
 # ---- parsing --------------------------------------------------------------------------------
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + 4 <= end:
-        n, kind = _RTA.unpack_from(data, off)
-        if n < 4:
-            break
-        out[kind & 0x3FFF] = data[off + 4:off + n]
-        off += (n + 3) & ~3
-    return out
-
 
 def _ip(raw: bytes) -> Addr:
     return IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
@@ -222,47 +211,7 @@ def parse_neigh(data: bytes, off: int, end: int) -> NeighMsg:
                     None if ll is None or len(ll) != 6 else ll.hex(":"))
 
 
-def messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, seq, offset, end) of every netlink message in one datagram."""
-    off = 0
-    size = len(data)
-    while off + 16 <= size:
-        n, kind, flags, seq, _pid = _HDR.unpack_from(data, off)
-        if n < 16:
-            break
-        yield kind, flags, seq, off, off + n
-        off += (n + 3) & ~3
-
-
-def _error_text(data: bytes, off: int, end: int, flags: int, capped: bool) -> str:
-    """The kernel's extended-ack message (``NLMSGERR_ATTR_MSG``), if it sent one. The TLVs follow
-    the echoed request: its header only with ``NETLINK_CAP_ACK``, the whole request without."""
-    if not flags & NLM_F_ACK_TLVS or off + 36 > end:
-        return ""
-    inner = 16 if capped else (_HDR.unpack_from(data, off + 20)[0] + 3) & ~3
-    msg = _attrs(data, off + 20 + inner, end).get(NLMSGERR_ATTR_MSG)
-    return msg.rstrip(b"\0").decode(errors="replace") if msg else ""
-
-
 # ---- sockets --------------------------------------------------------------------------------
-
-def _open(groups: int = 0, rcvbuf: int = 1 << 20) -> tuple[socket.socket, bool]:
-    """A bound NETLINK_ROUTE socket, and whether its acks are capped (``NETLINK_CAP_ACK``)."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    capped = False
-    for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
-        try:
-            s.setsockopt(SOL_NETLINK, opt, 1)
-            capped = capped or opt == NETLINK_CAP_ACK
-        except OSError:
-            pass   # older kernels: no capped/extended acks or strict dump filters (we filter anyway)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-    except OSError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.bind((0, groups))
-    return s, capped
-
 
 class Rtnl:
     """A request socket: batched writes with per-entry errors, and dumps."""
