@@ -28,6 +28,7 @@ Kernel state is left in place on ``close`` so that a restart does not interrupt 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import queue
 import random
@@ -51,6 +52,7 @@ RESYNC_INTERVAL = 600.0         # full reconcile while notifications work: a saf
 POLL_INTERVAL = 10.0            # without notifications (host-gw: flannel's route check period)
 DEVICE_CHECK_INTERVAL = 1.0     # without notifications
 MAX_BACKOFF = 30.0
+TRIM_AFTER = 2000               # entries dumped + written by a full reconcile before the heap is trimmed
 SKIP_LOG_BURST = 20             # skipped-lease log lines per SKIP_LOG_WINDOW, then a summary
 SKIP_LOG_WINDOW = 60.0
 
@@ -258,6 +260,9 @@ class RoutedNetwork(Network):
         self._retry = Touched()
         self._dirty = False
         self._record(failed, self._cache, p, actual)
+        if len(actual) + len(p) > TRIM_AFTER:
+            del desired, actual, p
+            _trim_heap()
 
     def sync_keys(self, touched: Touched) -> None:
         """Write only what changed for ``touched`` keys, against the cache (no dump)."""
@@ -543,6 +548,16 @@ class RoutedNetwork(Network):
         else:
             self._skip_suppressed += 1
         self._skip_window = (start, n)
+
+
+def _trim_heap() -> None:
+    """Give the memory a big full reconcile used (dump, desired state, plan) back to the system:
+    glibc keeps freed heap pages otherwise, and RSS at 5000 peers would carry the cold start's peak."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass   # not glibc: nothing to do
 
 
 def _route_key(r: model.Route) -> model.Net:
