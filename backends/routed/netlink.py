@@ -305,7 +305,7 @@ class Netlink:
     def monitor(self) -> rtnl.Monitor:
         """A notification socket in this namespace (routes, neighbours, links)."""
         try:
-            return rtnl.Monitor()
+            return rtnl.Monitor(self._rt.portid)
         except OSError as e:
             raise errors.BackendError(f"netlink monitor: {e}") from e
 

@@ -224,6 +224,10 @@ class Rtnl:
     def close(self) -> None:
         self.sock.close()
 
+    @property
+    def portid(self) -> int:
+        return int(self.sock.getsockname()[0])
+
     def _next(self) -> int:
         self._seq = (self._seq + 1) & 0x7FFFFFFF
         return self._seq
@@ -380,18 +384,23 @@ def neigh_entry(m: NeighMsg, dev: str, *, deleted: bool = False) -> Neigh | Fdb 
 
 # ---- change notifications ------------------------------------------------------------------------
 
-def _bpf_drop_own_echoes() -> bytes:
-    """Classic BPF: drop RTM_NEWNEIGH and RTM_NEWROUTE carrying our protocol; accept the rest."""
+def _bpf_drop_own_echoes(own_portid: int = 0) -> bytes:
+    """Classic BPF: drop the notifications our own writes cause -- every message carrying our
+    request socket's port id (routes, neighbours), RTM_NEWNEIGH (vxlan reports its fdb changes
+    with port id 0) and RTM_NEWROUTE carrying our protocol -- and accept the rest."""
     type_lo = 4 if sys.byteorder == "little" else 5    # low byte of nlmsg_type (values < 256)
-    ld_b, jeq, ret = 0x30, 0x15, 0x06
+    pid_be = int.from_bytes(own_portid.to_bytes(4, sys.byteorder), "big")   # BPF loads words big-endian
+    ld_w, ld_b, jeq, ret = 0x20, 0x30, 0x15, 0x06
     prog = [
-        (ld_b, 0, 0, type_lo),              # 0: A = low byte of nlmsg_type
-        (jeq, 4, 0, RTM_NEWNEIGH),          # 1: -> 6 drop
-        (jeq, 0, 2, RTM_NEWROUTE),          # 2: -> 3, else -> 5 accept
-        (ld_b, 0, 0, 16 + 5),               # 3: A = rtm_protocol
-        (jeq, 1, 0, FLANNEL_PROTO),         # 4: -> 6 drop, else -> 5
-        (ret, 0, 0, 0xFFFFFFFF),            # 5: accept
-        (ret, 0, 0, 0),                     # 6: drop
+        (ld_w, 0, 0, 12),                   # 0: A = nlmsg_pid
+        (jeq, 6, 0, pid_be if own_portid else 0xFFFFFFFF),   # 1: ours -> 8 drop
+        (ld_b, 0, 0, type_lo),              # 2: A = low byte of nlmsg_type
+        (jeq, 4, 0, RTM_NEWNEIGH),          # 3: -> 8 drop
+        (jeq, 0, 2, RTM_NEWROUTE),          # 4: -> 5, else -> 7 accept
+        (ld_b, 0, 0, 16 + 5),               # 5: A = rtm_protocol
+        (jeq, 1, 0, FLANNEL_PROTO),         # 6: -> 8 drop, else -> 7
+        (ret, 0, 0, 0xFFFFFFFF),            # 7: accept
+        (ret, 0, 0, 0),                     # 8: drop
     ]
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
@@ -401,10 +410,11 @@ class Monitor:
     reconcile loop, which owns the state they are compared with). ``None`` = notifications were
     lost (``ENOBUFS``): the caller must reconcile against a dump."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_portid: int = 0) -> None:
+        """``own_portid``: the port id of the socket our writes go through (their echoes are dropped)."""
         self.sock, _ = _open(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, rcvbuf=4 << 20)
         self.filtered = False
-        prog = _bpf_drop_own_echoes()
+        prog = _bpf_drop_own_echoes(own_portid)
         code = ctypes.create_string_buffer(prog)
         fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(code))
         try:

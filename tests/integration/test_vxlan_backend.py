@@ -189,7 +189,7 @@ class Monitor:
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
             return (any("203.0.113.0/24" in ln for ln in self.lines)
                     and any("02:99:00:00:00:01" in ln for ln in self.lines))
-        wait_for(poke, "ip/bridge monitor ready", timeout=10)
+        wait_for(poke, "ip/bridge monitor ready", timeout=30)
 
     def _read(self, p: subprocess.Popen[str]) -> None:
         assert p.stdout is not None
