@@ -26,17 +26,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from agent_scale import cpu_ns  # noqa: E402
+from agent_scale import cpu_ns
 
-from flannel.backends.routed import rtnl  # noqa: E402
-from flannel.lab.cluster import ETCD_PREFIX, Lab, LabConfig  # noqa: E402
-from flannel.lab.netns import cleanup_prefix, in_netns, run, run_prefix  # noqa: E402
+from flannel.backends.routed import rtnl
+from flannel.lab.cluster import ETCD_PREFIX, Lab, LabConfig
+from flannel.lab.netns import cleanup_prefix, in_netns, run, run_prefix
 
 WRITER = r"""
 import json, sys, time
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                "cpu_per_event_all_agents_ms": cpu_total_ms, "cores": cores,
                "cpu_bound_ms": cpu_total_ms / cores}
         print(json.dumps(res, indent=1))
-        print(f"\nnew lease → all {args.hosts} kernels: p50 {res['all_p50_ms']:.0f} ms, p99 {res['all_p99_ms']:.0f} ms; "
+        print(f"\nnew lease → all {args.hosts} kernels: p50 {res['all_p50_ms']:.0f} ms, "
+              f"p99 {res['all_p99_ms']:.0f} ms; "
               f"agents' CPU per event (sum over {args.hosts}) {cpu_total_ms:.1f} ms ÷ {cores} cores = "
               f"{res['cpu_bound_ms']:.1f} ms")
         if args.json:
