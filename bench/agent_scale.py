@@ -33,6 +33,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -69,13 +70,24 @@ def peer(i: int) -> tuple[IPv4Network, LeaseAttrs]:
                        backend_data=f'{{"VNI":1,"VtepMAC":"{mac}"}}'))
 
 
-def enter_netns(name: str) -> None:
+def enter_netns(name: str) -> int:
     """Move this (still single-threaded) process into the namespace: every thread and child
-    started afterwards lives there too (grpc's threads included)."""
+    started afterwards lives there too (grpc's threads included). Returns an fd of the namespace
+    we came from (``leave_netns``): the cleanup must not run from inside the namespace it deletes,
+    or it would kill this very process as one of the namespace's."""
     libc = ctypes.CDLL(None, use_errno=True)
+    orig = os.open("/proc/self/ns/net", os.O_RDONLY)
     with open(f"/run/netns/{name}") as f:
         if libc.setns(f.fileno(), 0x40000000) != 0:
             raise OSError(ctypes.get_errno(), f"setns({name})")
+    return orig
+
+
+def leave_netns(orig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(orig, 0x40000000) != 0:
+        raise OSError(ctypes.get_errno(), "setns(back)")
+    os.close(orig)
 
 
 # ---- observation ----------------------------------------------------------------------------------
@@ -368,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ns.ip("addr", "add", f"{LOCAL}/15", "dev", "eth0")
     ns.ip("link", "set", "eth0", "up")
     ns.ip("link", "set", "eth1", "up")
-    enter_netns(ns.name)
+    orig_ns = enter_netns(ns.name)
     workdir = Path(tempfile.mkdtemp(prefix="flannel-agent-bench-"))
     etcd = EtcdServer(data_dir=str(workdir / "etcd"), extra_args=("--quota-backend-bytes", str(1 << 30)))
     results: list[dict[str, Any]] = []
@@ -401,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         reg.close()
     finally:
         etcd.close()
+        leave_netns(orig_ns)   # the calling thread only; the threads left behind are ours and end with us
         cleanup_prefix(prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
     base = next((r for r in results if r["n"] == 0), None)
     print(f"\nload: {uptime[0]}  …  {uptime[-1]}")
     print("| N | ready s | cold s | ip-batch s | (cold − ready₀) ÷ ip-batch, wall / CPU | RSS MB | CPU/event ms "
