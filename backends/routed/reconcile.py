@@ -15,8 +15,10 @@
   by a small thread) reports deletions of our entries (restored at once), foreign routes appearing
   or vanishing inside the network (a lease that would replace one is skipped, and programmed
   when it goes away), and our devices being deleted or taken down. So the periodic full resync is
-  only a safety net: every ``resync_interval`` (10 min, ±20 % jitter so that a fleet of agents
-  started together does not resync together). Without the socket the loop falls back to
+  only a safety net -- for what no notification reports (someone rewriting one of our
+  neighbours in place) -- every ``resync_interval``: 30 min, ±20 % jitter so that a fleet of
+  agents started together does not resync together. At 10 000 peers one costs ~1 s of CPU
+  (docs/benchmarks.md), ~0.5 ms/s amortised; lost notifications (``ENOBUFS``) trigger one at once. Without the socket the loop falls back to
   polling: full resync every ``poll_interval`` (host-gw 10 s like flannel's route check, vxlan
   60 s) and a device check every ``DEVICE_CHECK_INTERVAL``.
 * A failing entry is logged and retried on its own with backoff (1 s doubling to 30 s); it never
@@ -48,7 +50,7 @@ from flannel.lease import Batch, EventType, Lease
 
 log = logging.getLogger(__name__)
 
-RESYNC_INTERVAL = 600.0         # full reconcile while notifications work: a safety net only
+RESYNC_INTERVAL = 1800.0        # full reconcile while notifications work: a safety net only
 POLL_INTERVAL = 10.0            # without notifications (host-gw: flannel's route check period)
 DEVICE_CHECK_INTERVAL = 1.0     # without notifications
 MAX_BACKOFF = 30.0

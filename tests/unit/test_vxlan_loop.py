@@ -179,7 +179,7 @@ def test_full_reconciles_remove_only_what_the_agent_or_go_flannel_installed(monk
     net = make(k)
     net.step(added(lease(2), synced=True))
     for _ in range(5):
-        clock.now += 700                 # past the periodic resync
+        clock.now += 2200                 # past the periodic resync
         net.step(None)
     left = {str(d) for d in k.routes}
     assert left == {"10.5.2.0/24", "10.5.9.0/24", "10.5.10.0/24", "10.5.11.0/24", "10.5.12.0/24"}
@@ -249,7 +249,7 @@ def test_lease_is_refused_while_a_foreign_route_holds_its_subnet(monkeypatch, ca
     net.step(added(vxlan_lease(4, mac="02:00:00:00:00:44")))         # an update of a refused lease: still refused
     assert k.routes[N("10.5.4.0/24")][2] == "eth1"
     del k.routes[N("10.5.3.0/24")]                                   # the bridge goes away
-    clock.now += 700
+    clock.now += 2200
     net.step(None)                                                    # the next full reconcile programs it
     assert ours(k) == entries(lease(2), lease(3))
 
