@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from flannel.backends.routed import rtnl
+from flannel.backends.routed.reconcile import RESYNC_INTERVAL
 from flannel.lab.etcd import EtcdServer
 from flannel.lab.netns import NetNS, cleanup_prefix, run, run_prefix
 from flannel.lease import LeaseAttrs
