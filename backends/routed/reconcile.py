@@ -19,8 +19,9 @@
   neighbours in place) -- every ``resync_interval``: 30 min, ±20 % jitter so that a fleet of
   agents started together does not resync together. At 10 000 peers one costs ~1 s of CPU
   (docs/benchmarks.md), ~0.5 ms/s amortised; lost notifications (``ENOBUFS``) trigger one at
-  once. Without the socket the loop falls back to polling: full resync every ``poll_interval`` (host-gw 10 s like flannel's route check, vxlan
-  60 s) and a device check every ``DEVICE_CHECK_INTERVAL``.
+  once. Without the socket the loop falls back to polling: full resync every ``poll_interval``
+  (host-gw 10 s like flannel's route check, vxlan 60 s) and a device check every
+  ``DEVICE_CHECK_INTERVAL``.
 * A failing entry is logged and retried on its own with backoff (1 s doubling to 30 s); it never
   ends the loop and never removes other peers.
 
