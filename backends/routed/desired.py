@@ -21,7 +21,7 @@ reconcile loop turns exactly those into a plan against its cache of what it prog
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,9 +302,9 @@ class Index:
                         del self._blocked_wants[e.dst]
 
 
-_KINDS = (Route, Neigh, Fdb)
-_KIND_OF = {Route: 0, Neigh: 1, Fdb: 2}
-_KEYS = (route_key, neigh_key, fdb_key)
+_KINDS: tuple[type, ...] = (Route, Neigh, Fdb)
+_KIND_OF: dict[type, int] = {Route: 0, Neigh: 1, Fdb: 2}
+_KEYS: tuple[Callable[[Any], Any], ...] = (route_key, neigh_key, fdb_key)
 
 
 def _touch(touched: Touched, flat: tuple[Any, ...]) -> None:

@@ -42,7 +42,7 @@ from flannel.backends.routed.model import (
 from flannel.nl import attr as _attr
 from flannel.nl import attrs as _attrs
 from flannel.nl import error_text as _error_text
-from flannel.nl import messages
+from flannel.nl import messages as messages
 from flannel.nl import open_socket as _open
 
 NETLINK_ROUTE = 0
