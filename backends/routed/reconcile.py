@@ -229,12 +229,6 @@ class RoutedNetwork(Network):
         self._synced = True
         return touched, True
 
-    def sync(self, *, full: bool) -> None:
-        """Make the kernel match the leases: everything against a dump, or (``full=False``) only
-        what changed since the last apply (kept for callers that drive the loop by hand)."""
-        if full or self._cache is None or self.index is None:
-            self.sync_full()
-
     def sync_full(self) -> None:
         """Dump, compare everything, apply the difference, rebuild the cache."""
         self.counters["full_reconciles"] += 1
