@@ -6,9 +6,8 @@ route, nothing leaves it); the fake peers' public IPs are in 198.19.0.0/16 and t
 10.0.0.0/8. Per peer: route ``S via G dev flannel.1 onlink``, permanent neighbour, fdb entry.
 
 Variants (same entries, measured in one run, repeated ``--rounds`` times, median reported):
-* ``backend``          – VXLANBackend's reconcile of one synced snapshot (dump, diff, apply, verify):
-                         what the agent does at a cold start (it pipes big plans into ip/bridge -batch);
-* ``backend-pyroute2`` – the same reconcile with the batch path disabled (one pyroute2 message per entry);
+* ``backend``          – VXLANBackend's reconcile of one synced snapshot (dump, diff, apply): what the
+                         backend does at a cold start (raw rtnetlink, many messages per send);
 * ``backend-restart``  – a second backend instance reconciling the same snapshot against the
                          programmed kernel: one dump per table, no writes (asserted);
 * ``ip-batch``         – ``ip -batch`` (neigh + route) + ``bridge -batch`` (fdb) of the same entries,
@@ -92,10 +91,10 @@ def count(ns: NetNS) -> tuple[int, int, int]:
     return r, n, f
 
 
-def bench_backend(prefix: str, leases: list[Lease], *, use_batch: bool) -> tuple[float, float]:
+def bench_backend(prefix: str, leases: list[Lease]) -> tuple[float, float]:
     """(cold start, restart): the restart is a second backend instance reconciling the same
     snapshot against the programmed kernel (one dump per table, no writes)."""
-    ns = fresh_ns(prefix, "b" if use_batch else "p")
+    ns = fresh_ns(prefix, "b")
     try:
         idx = int(json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["ifindex"])
         ext = ExternalInterface("eth0", idx, 1500, IPv4Address(LOCAL), IPv4Address(LOCAL))
@@ -105,8 +104,6 @@ def bench_backend(prefix: str, leases: list[Lease], *, use_batch: bool) -> tuple
             times = []
             for _ in range(2):
                 net = VXLANBackend(ext).register_network(config=parse_network_config(CFG), leases=OwnLease())
-                if not use_batch:
-                    net.nl.batch_threshold = 10 ** 9
                 writes: list[int] = []
                 orig = net.nl.apply
                 net.nl.apply = lambda p, writes=writes, orig=orig: (writes.append(len(p)), orig(p))[1]
@@ -153,14 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     prefix = run_prefix()
     leases = peers(args.n)
-    results: dict[str, list[float]] = {"backend": [], "backend-pyroute2": [], "ip-batch": [], "backend-restart": []}
+    results: dict[str, list[float]] = {"backend": [], "ip-batch": [], "backend-restart": []}
     try:
         for _ in range(args.rounds):
             results["ip-batch"].append(bench_ip_batch(prefix, leases))
-            cold, restart = bench_backend(prefix, leases, use_batch=True)
+            cold, restart = bench_backend(prefix, leases)
             results["backend"].append(cold)
             results["backend-restart"].append(restart)
-            results["backend-pyroute2"].append(bench_backend(prefix, leases, use_batch=False)[0])
     finally:
         cleanup_prefix(prefix)
     med = {k: statistics.median(v) for k, v in results.items()}

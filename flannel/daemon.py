@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
 SHUTDOWN_GRACE_SECONDS = 5.0
-POLL_SECONDS = 0.2
+POLL_SECONDS = 2.0     # signals interrupt the wait, and a failing thread sets stop: polling is only a safety net
 
 
 class _Stopped(Exception):

@@ -19,7 +19,7 @@ from flannel.config import NetworkConfig
 UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     """What a node advertises about itself with its lease.
 
@@ -42,7 +42,7 @@ class LeaseAttrs:
         return None if self.backend_v6_data is None else json.loads(self.backend_v6_data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A node's pod subnet(s) and attributes.
 
@@ -81,7 +81,7 @@ class EventType(enum.Enum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseEvent:
     type: EventType
     lease: Lease

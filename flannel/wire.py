@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, cast
 
@@ -50,14 +51,16 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
         v4len = int(m.group(2))
         if v4len > 31:
             return None
-        v4 = IPv4Network(f"{IPv4Address(m.group(1))}/{v4len}", strict=True)
+        # inet_pton: the same dotted-quad rules as IPv4Address (no leading zeros, octets <= 255),
+        # a few times faster -- a cold start parses thousands of keys
+        v4 = IPv4Network((int.from_bytes(socket.inet_pton(socket.AF_INET, m.group(1)), "big"), v4len), strict=True)
         v6: IPv6Network | None = None
         if m.group(3) is not None:
             v6len = int(m.group(4))
             if v6len > 127:
                 return None
             v6 = IPv6Network(f"{IPv6Address(m.group(3))}/{v6len}", strict=True)
-    except ValueError:
+    except (ValueError, OSError):
         return None
     return v4, v6
 
@@ -71,10 +74,14 @@ def format_subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = Non
 
 def compact_json(obj: Any) -> str:
     """Go's ``json.Marshal`` text for ``obj``: compact, UTF-8, with ``<>&`` escaped."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = _COMPACT.encode(obj)
     for ch, esc in _GO_ESCAPES.items():
-        text = text.replace(ch, esc)
+        if ch in text:
+            text = text.replace(ch, esc)
     return text
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_attrs(attrs: LeaseAttrs) -> str:
@@ -199,6 +206,11 @@ def decode_attrs(text: str | bytes) -> LeaseAttrs:
 def _ip(value: Any, version: int, name: str) -> IPv4Address | IPv6Address:
     if not isinstance(value, str):
         raise errors.BadLeaseRecord(f"{name} must be an IPv{version} address string, got {_type(value)}", "type")
+    if version == 4:
+        try:   # the common case, a few times faster than ip_address(); same rules (see parse_subnet_key)
+            return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, value), "big"))
+        except (OSError, ValueError):
+            pass   # ip_address() below says what is wrong (or that it is an IPv6 address)
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:

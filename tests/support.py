@@ -713,38 +713,118 @@ class FakeWireguardNetwork:
         return list(self.reports)
 
 
-class FakeRoutedPort:
-    """The smallest kernel port a ``RoutedNetwork`` runs against: applies plans to an in-memory
-    state; ``refuse`` is returned as failed entries of the next apply (as the netlink port does)."""
+# ---- the routed backends (vxlan, host-gw): a fake kernel port and lease generators ------------------
 
-    batch_threshold = 10 ** 9
+class FakeKernel:
+    """The netlink port of ``RoutedNetwork`` over an in-memory kernel with the kernel's semantics:
+    one main-table route per destination (``replace`` overwrites whatever is there, ``del``
+    matches gateway, device and protocol), neighbours keyed by (device, IP), vxlan fdb entries as
+    (MAC, remote) pairs where ``replace`` rewrites the MAC's first remote. Routes carry their
+    protocol; ``dump`` classifies them with the same rule as the real port (``rtnl.Classifier``).
 
-    def __init__(self) -> None:
+    ``bad`` entries fail to be set while ``failing`` is True. No notification socket: the loop
+    polls, as it does when the real socket cannot be opened.
+    """
+
+    def __init__(self, devs: tuple[str, ...] = ("eth0", "flannel.1", "flannel-v6.1", "eth1", "cni0", "docker0"),
+                 local_nets: tuple[Any, ...] = (IPv4Network("198.18.0.0/24"),)) -> None:
         from flannel.backends.routed import model as rm
-        self.state = rm.EMPTY
-        self.refuse = 0     # fail this many applies (every entry of the plan)
-        self.applies = 0
+        self.rm = rm
+        self.devs = {name: i for i, name in enumerate(devs, start=2)}
+        self.local_nets = local_nets
+        # dst -> (dst, gateway, dev, onlink, proto, kind)
+        self.routes: dict[Any, tuple[Any, Any, str | None, bool, int, str]] = {}
+        self.neighs: dict[tuple[str, Any], Any] = {}
+        self.fdbs: list[Any] = []
+        self.failing = True
+        self.bad: set[object] = set()
+        self.applied: list[Any] = []
+        self.dumps = 0
 
+    # -- helpers for tests
+    def add_route(self, dst: str, gw: str | None, dev: str | None, *, onlink: bool = False, proto: int = 4,
+                  kind: str = "unicast") -> None:
+        from ipaddress import ip_address, ip_network
+        net = ip_network(dst)
+        self.routes[net] = (net, ip_address(gw) if gw else None, dev, onlink, proto, kind)
+
+    def state(self) -> Any:
+        """Everything in the fake kernel as plain comparable values."""
+        return (frozenset(self.routes.values()), frozenset(self.neighs.values()), frozenset(self.fdbs))
+
+    # -- the port
     def link_index(self, name: str) -> int | None:
-        return 2 if name == "eth0" else None
+        return self.devs.get(name)
 
-    def connected_nets(self, index: int, version: int = 4) -> tuple[IPv4Network, ...]:
-        return (N("198.18.0.0/24"),) if version == 4 else ()
+    def connected_nets(self, index: int, version: int = 4) -> tuple[Any, ...]:
+        return tuple(n for n in self.local_nets if n.version == version)
+
+    def classifier(self, scope: Any) -> Any:
+        from flannel.backends.routed import rtnl
+        names = {self.devs[d]: d for d in scope.devs if d in self.devs}
+        overlay = {self.devs[d]: d for d in (scope.overlay_dev, scope.overlay_dev6) if d in self.devs}
+        names.update(overlay)
+        exclude = tuple(n for n in (scope.exclude, scope.exclude6) if n is not None)
+        return rtnl.Classifier(network=scope.network, network6=scope.network6, exclude=exclude, names=names,
+                               overlay=overlay)
 
     def dump(self, scope: Any) -> Any:
-        return self.state
+        from flannel.backends.routed import rtnl
+        rm = self.rm
+        self.dumps += 1
+        cl = self.classifier(scope)
+        routes, foreign = set(), set()
+        for dst, gw, dev, onlink, proto, kind in self.routes.values():
+            if not cl.within(dst.version, int(dst.network_address), dst.prefixlen):
+                continue
+            oif = self.devs.get(dev) if dev else None
+            msg = rtnl.RouteMsg(dst, oif, gw, proto, 1 if kind == "unicast" else 6, onlink)
+            e = cl.classify(msg, lambda i: next((n for n, x in self.devs.items() if x == i), None))
+            if isinstance(e, rm.Route):
+                routes.add(e)
+            elif e is not None:
+                foreign.add(e)
+        ov = {d for d in (scope.overlay_dev, scope.overlay_dev6) if d}
+        neighs = {n for n in self.neighs.values() if n.dev in ov}
+        fdbs = {f for f in self.fdbs if f.dev in ov}
+        return rm.KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs), frozenset(foreign))
 
     def apply(self, plan: Any) -> list[tuple[object, str]]:
-        from flannel.backends.routed import model as rm
-        self.applies += 1
-        if self.refuse:
-            self.refuse -= 1
-            return [(r, f"set {r}: (1, 'Operation not permitted')") for r in plan.set_routes]
-        routes = (set(self.state.routes) - set(plan.del_routes)) | set(plan.set_routes)
-        neighs = (set(self.state.neighs) - set(plan.del_neighs)) | set(plan.set_neighs)
-        fdbs = (set(self.state.fdbs) - set(plan.del_fdbs)) | set(plan.set_fdbs)
-        self.state = rm.KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
-        return []
+        rm = self.rm
+        self.applied.append(plan)
+        failed: list[tuple[object, str]] = []
+        for r in plan.del_routes:
+            cur = self.routes.get(r.dst)
+            if cur is not None and cur[1] == r.gateway and cur[2] == r.dev and cur[4] == r.proto:
+                del self.routes[r.dst]
+        for n in plan.del_neighs:
+            self.neighs.pop((n.dev, n.ip), None)
+        for f in plan.del_fdbs:
+            if f in self.fdbs:
+                self.fdbs.remove(f)
+        for items in (plan.set_fdbs, plan.set_neighs, plan.set_routes):
+            for e in items:
+                if self.failing and e in self.bad:
+                    failed.append((e, f"set {e}: (22, 'Invalid argument')"))
+                    continue
+                if e.dev not in self.devs:
+                    failed.append((e, f"set {e}: no device {e.dev}"))
+                elif isinstance(e, rm.Route):
+                    self.routes[e.dst] = (e.dst, e.gateway, e.dev, e.onlink, rm.FLANNEL_PROTO, "unicast")
+                elif isinstance(e, rm.Neigh):
+                    self.neighs[(e.dev, e.ip)] = e
+                elif e not in self.fdbs:
+                    same = sorted((f for f in self.fdbs if (f.dev, f.mac) == (e.dev, e.mac)), key=str)
+                    if same:
+                        self.fdbs.remove(same[0])
+                    self.fdbs.append(e)
+        return failed
+
+    def addresses(self, index: int, version: int = 4) -> tuple[Any, ...]:
+        return ()
+
+    def monitor(self) -> Any:
+        raise errors.BackendError("fake kernel: no notifications")
 
     def close(self) -> None:
         pass
@@ -856,3 +936,49 @@ class ScriptedWatchRegistry(FakeRegistry):
             def cancel(self) -> None:
                 pass
         return Handle()
+
+
+class FakeClock:
+    """Stands in for the ``time`` module of ``reconcile`` (monkeypatched): time moves on request."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def vxlan_lease(i: int, *, mac: str | None = None, ip: str | None = None, typ: str = "vxlan",
+                data: str | None = None, net: str = "10.5", v6: int | None = None) -> Lease:
+    """Peer ``i``: ``<net>.<i>.0/24`` via 198.18.0.<i>, VtepMAC 02:00:00:00:00:<i>; ``v6`` adds an
+    IPv6 subnet (another identity for the same IPv4 subnet)."""
+    from ipaddress import IPv6Network
+    if data is None and typ == "vxlan":
+        data = json.dumps({"VNI": 1, "VtepMAC": mac or f"02:00:00:00:00:{i:02x}"}, separators=(",", ":"))
+    return Lease(N(f"{net}.{i}.0/24"), LeaseAttrs(public_ip=A(ip or f"198.18.0.{i}"), backend_type=typ,
+                                                   backend_data=data),
+                 ipv6_subnet=None if v6 is None else IPv6Network(f"fd00:5:{v6:x}::/64"))
+
+
+def lease_ops() -> Any:
+    """A hypothesis strategy: a list of batches, each a list of (ADDED|REMOVED, lease) over a small
+    pool of subnets, so that adds, changes of MAC / public IP, removals, duplicates (the same IPv4
+    subnet under two identities, two peers with one MAC), leases moving to another backend type
+    and bad BackendData all occur."""
+    from hypothesis import strategies as st
+
+    macs = st.sampled_from(["02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"])
+    datas = st.one_of(st.none(), st.sampled_from(['{"VNI":1,"VtepMAC":"nope"}', "[1,2]", "{", '{"VNI":1}']))
+
+    @st.composite
+    def one(draw: Any) -> LeaseEvent:
+        i = draw(st.integers(1, 7))
+        v6 = draw(st.sampled_from([None, None, None, 1, 2]))
+        typ = draw(st.sampled_from(["vxlan", "vxlan", "vxlan", "vxlan", "host-gw"]))
+        bad = draw(datas) if typ == "vxlan" and draw(st.integers(0, 9)) == 0 else None
+        lz = vxlan_lease(i, mac=draw(macs), ip=f"198.18.{draw(st.integers(0, 1))}.{draw(st.integers(2, 4))}",
+                         typ=typ, data=bad, v6=v6)
+        kind = draw(st.sampled_from([EventType.ADDED, EventType.ADDED, EventType.REMOVED]))
+        return LeaseEvent(kind, lz)
+
+    return st.lists(st.lists(one(), min_size=1, max_size=6), min_size=1, max_size=8)

@@ -1,8 +1,9 @@
 """The host-gw backend (reference §9.1, §9.2): one plain route per peer via its public IP.
 
-It runs the same reconcile loop as vxlan (``RoutedNetwork``): the managed set is every main-table
-route on the external interface with a gateway whose destination lies inside the flannel network;
-a full reconcile every 10 s also restores routes someone deleted (flannel's route check loop).
+It runs the same reconcile loop as vxlan (``RoutedNetwork``): routes carry the agent's protocol
+number (152) and only those (or Go flannel's, adopted for a live peer) are ever removed -- an
+operator's route is never touched (docs/ownership.md). A route someone deletes is restored as soon
+as the kernel reports it (flannel polled every 10 s; without notifications we poll every 10 s too).
 Dual stack: IPv6 routes ``IPv6Subnet via PublicIPv6 dev <ext>`` when EnableIPv6 is set.
 """
 

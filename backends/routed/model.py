@@ -21,21 +21,37 @@ Net = IPv4Network | IPv6Network
 Addr = IPv4Address | IPv6Address
 ZERO_MAC = "00:00:00:00:00:00"
 
+#: The routing protocol number on every route the agent installs (``ip route ... proto 152``).
+#: Not assigned in iproute2's rt_protos, nor used by bird (12), Calico/felix (80), FRR (186-199),
+#: babel (42), keepalived (18), openr (99). It is how a reconcile knows a route is ours: see
+#: docs/ownership.md ("what the agent owns in the kernel").
+FLANNEL_PROTO = 152
+#: What Go flannel (vishvananda/netlink's default) and ``ip route add`` without ``proto`` write.
+PROTO_BOOT = 3
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """``dst via gateway dev <dev> [onlink]`` in the main table (IPv4 or IPv6)."""
+    """``dst via gateway dev <dev> [onlink]`` in the main table (IPv4 or IPv6).
+
+    ``proto`` is the routing protocol the kernel holds for it: ``FLANNEL_PROTO`` for every route
+    the agent writes, ``PROTO_BOOT`` for a Go flannel route adopted as ours (see ``Scope``). It
+    takes no part in equality: a Go flannel route that already says what a lease wants is left
+    alone (no write, no flap); it only makes deletions precise (the kernel deletes a route only
+    if its protocol matches).
+    """
 
     dst: Net
     gateway: Addr
     dev: str
     onlink: bool = False
+    proto: int = field(default=FLANNEL_PROTO, compare=False)
 
     def __str__(self) -> str:
         return f"{self.dst} via {self.gateway} dev {self.dev}{' onlink' if self.onlink else ''}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Neigh:
     """A permanent neighbour ``ip lladdr mac dev <dev>``."""
 
@@ -47,7 +63,7 @@ class Neigh:
         return f"neigh {self.ip} lladdr {self.mac} dev {self.dev}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fdb:
     """A permanent vxlan fdb entry ``mac dst <ip> dev <dev> self``."""
 
@@ -59,13 +75,43 @@ class Fdb:
         return f"fdb {self.mac} dst {self.dst} dev {self.dev}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class ForeignRoute:
+    """A main-table route inside the flannel network that the agent did not install.
+
+    It is never deleted or replaced, and a lease whose route would replace it is skipped
+    (``blocks``) -- except a ``proto boot`` unicast route via a gateway on one of our own devices
+    (``adoptable``): that is what Go flannel leaves behind for a live peer (host-gw, DirectRouting),
+    and the lease's route replaces it, after which it is ours.
+    """
+
+    dst: Net
+    dev: str | None
+    gateway: Addr | None = None
+    proto: int = PROTO_BOOT
+    kind: str = "unicast"
+
+    def adoptable(self, devs: Iterable[str]) -> bool:
+        return (self.proto == PROTO_BOOT and self.kind == "unicast" and self.gateway is not None
+                and self.dev in tuple(devs))
+
+    def __str__(self) -> str:
+        via = f" via {self.gateway}" if self.gateway is not None else ""
+        kind = "" if self.kind == "unicast" else f"{self.kind} "
+        return f"{kind}{self.dst}{via} dev {self.dev or '-'} proto {self.proto}"
+
+
+@dataclass(frozen=True, slots=True)
 class KernelState:
-    """A set of managed entries: either desired (from leases) or actual (a kernel dump)."""
+    """A set of managed entries: either desired (from leases) or actual (a kernel dump).
+
+    A dump also reports ``foreign``: the routes inside the network that are not ours.
+    """
 
     routes: frozenset[Route] = frozenset()
     neighs: frozenset[Neigh] = frozenset()
     fdbs: frozenset[Fdb] = frozenset()
+    foreign: frozenset[ForeignRoute] = frozenset()
 
     def __len__(self) -> int:
         return len(self.routes) + len(self.neighs) + len(self.fdbs)
@@ -80,7 +126,7 @@ class KernelState:
 EMPTY = KernelState()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """What to change, in the order it is applied (deletes first, then fdb → neigh → route, so
     the kernel never ARPs for a gateway whose neighbour is not there yet)."""
@@ -106,7 +152,8 @@ def plan(desired: KernelState, actual: KernelState) -> Plan:
 
     Routes are keyed by destination and neighbours by (device, IP): a changed gateway or MAC is a
     single *replace*, not a delete + add. fdb entries are plain pairs (a MAC may have several
-    destinations in the kernel; every pair no lease justifies is deleted).
+    destinations in the kernel; every pair no lease justifies is deleted). The order inside each
+    part does not matter (no sorting: at 10 000 peers it cost more than the kernel writes).
     """
     want_route_dsts = {r.dst for r in desired.routes}
     want_neigh_keys = {(n.dev, n.ip) for n in desired.neighs}
@@ -121,16 +168,7 @@ def plan(desired: KernelState, actual: KernelState) -> Plan:
 
 
 def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
-    """Deterministic order (IPv4 and IPv6 values do not compare with each other)."""
-    return tuple(sorted(items, key=_sort_key))
-
-
-def _sort_key(e: Any) -> tuple[Any, ...]:
-    if isinstance(e, Route):
-        return (e.dst.version, int(e.dst.network_address), e.dst.prefixlen, e.dev)
-    if isinstance(e, Neigh):
-        return (e.ip.version, int(e.ip), e.dev)
-    return (e.dst.version, e.mac, int(e.dst), e.dev)
+    return tuple(items)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,55 +1,51 @@
 """The kernel side of vxlan and host-gw: the only module of these backends that talks netlink.
 
-``Netlink`` wraps one pyroute2 ``IPRoute`` opened in the calling thread's network namespace (so a
-thread switched into a namespace with ``flannel.lab.netns.in_netns`` programs that namespace).
-It speaks the value types of ``network.py``: ``dump`` reads the entries this backend manages, one
-dump per table, and ``apply`` carries out a ``Plan``.
+``Netlink`` owns two sockets opened in the calling thread's network namespace (so a thread switched
+into a namespace with ``flannel.lab.netns.in_netns`` programs that namespace): a pyroute2
+``IPRoute`` for links and addresses (rare, nested attributes), and ``rtnl.Rtnl`` for the per-peer
+entries -- routes, neighbours, fdb -- which are written and dumped with hand-packed messages,
+many per system call, each failure still attributed to its entry (see ``rtnl.py`` for why:
+pyroute2 costs ~0.2 ms of Python per message). ``dump`` reads what this backend manages and
+which foreign routes lie inside the network; ``apply`` carries out a ``Plan``; ``monitor`` opens a
+notification socket so that the reconcile loop hears of deletions without polling.
 
-Speed: pyroute2 spends ~0.2 ms of Python per message; ``ip -batch`` / ``bridge -batch`` encode in C
-and are 5-25x faster (reference dependency-facts §3, bench/netlink_scale.py). So ``apply`` sends
-large plans (>= ``BATCH_THRESHOLD`` entries) through ``ip -force -batch -`` and ``bridge -force
--batch -`` and small ones (the steady state: one peer joins) through pyroute2. When a batch reports
-an error, the caller dumps again and retries whatever is still wrong entry by entry, so one bad
-entry in a batch can never hide behind the others. Dumps read ``ip -j`` / ``bridge -j`` output for the same
-reason (pyroute2 remains the fallback). The iproute2 children are only used when the calling
-thread is in the namespace the pyroute2 socket was opened in (children inherit the *thread's*
-namespace), so both paths always see the same kernel.
+What the agent owns in the kernel (docs/ownership.md has the operator's version):
+
+* a main-table route inside ``Network``/``IPv6Network`` (other than our own subnet) is ours when
+  it carries our protocol number ``FLANNEL_PROTO`` (152) -- every route we write does -- or when
+  it has Go flannel's exact vxlan shape on our overlay device: ``S via S.0 dev flannel.N onlink
+  proto boot``. Only those are ever deleted;
+* every other route inside the network is *foreign*: never deleted, never replaced. A lease whose
+  route would replace one is skipped (logged, counted) -- except a ``proto boot`` unicast route via
+  a gateway on one of our devices (the external interface or the overlay device), which is what
+  Go flannel's host-gw and DirectRouting leave for a live peer: the lease's route replaces it
+  (atomically; the same next hop), and from then on it carries our protocol. A ``proto boot``
+  route on the external interface that no lease claims is indistinguishable from an operator's
+  ``ip route add`` and is left alone;
+* permanent neighbours and fdb entries on our overlay devices are ours (the device is ours; nobody
+  else programs it).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
-import os
-import shutil
-import subprocess
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
 from typing import Any, ParamSpec, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from flannel import errors, metrics
-from flannel.backends.routed.model import ZERO_MAC, Addr, Fdb, KernelState, Neigh, Net, Plan, Route
+from flannel import errors, metrics, nl
+from flannel.backends.routed import rtnl
+from flannel.backends.routed.model import FLANNEL_PROTO, Addr, Fdb, ForeignRoute, KernelState, Neigh, Net, Plan, Route
 
 log = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-PROTO_BOOT = 3
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
-RTN_UNICAST = 1
-RT_SCOPE_LINK = 253   # wireguard backend addition
-BATCH_THRESHOLD = 64
-BATCH_UNVERIFIED = "batch"   # marker in apply()'s result: re-dump and redo the rest entry by entry
-
 _GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+RT_SCOPE_LINK = 253   # wireguard's route
 
 
 @dataclass(frozen=True)
@@ -64,10 +60,11 @@ class LinkInfo:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which kernel entries belong to us: main-table routes whose destination lies inside
-    ``network`` (IPv4) / ``network6`` (IPv6), other than our own subnet, and that go out via
-    ``devs`` with a gateway; permanent neighbours and fdb entries on ``overlay_dev`` /
-    ``overlay_dev6`` (vxlan only). A family whose network is ``None`` is not looked at."""
+    """Where our entries live: main-table routes inside ``network`` (IPv4) / ``network6`` (IPv6),
+    other than our own subnet, via ``devs`` (the devices our routes use); permanent neighbours and
+    fdb entries on ``overlay_dev`` / ``overlay_dev6`` (vxlan only). A family whose network is
+    ``None`` is not looked at. Which of those routes are *ours* is the rule in the module
+    docstring (``rtnl.Classifier``)."""
 
     network: IPv4Network | None
     devs: tuple[str, ...]
@@ -83,103 +80,109 @@ class Scope:
         return within is not None and net.version == within.version and net.subnet_of(within) and net != own  # type: ignore[arg-type]
 
 
-def _netns_id() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
-
-
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_E = TypeVar("_E")
 
 
 def _boundary(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Convert pyroute2's errors into ``errors.BackendError`` at the module boundary."""
+    """Convert netlink errors into ``errors.BackendError`` at the module boundary."""
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except (NetlinkError, OSError) as e:
+        except OSError as e:   # nl.NetlinkError included
             metrics.netlink_error(fn.__name__)  # metrics: errors by operation
             raise errors.BackendError(f"netlink {fn.__name__}: {e}") from e
     return wrapper
 
 
 class Netlink:
-    """Typed port over pyroute2 (and iproute2's batch mode for big plans)."""
+    """Typed port over the kernel's rtnetlink (``flannel.nl`` for links and addresses, ``rtnl``
+    for the per-peer entries)."""
 
-    def __init__(self, *, batch_threshold: int = BATCH_THRESHOLD) -> None:
-        self._ipr = IPRoute()
-        self.batch_threshold = batch_threshold
-        self._has_ip = shutil.which("ip") is not None and shutil.which("bridge") is not None
-        # the namespace the socket lives in: a batch subprocess must run in the same one, and a
-        # child process inherits the *calling thread's* namespace (see flannel.lab.netns.in_netns)
-        self._netns = _netns_id()
+    def __init__(self) -> None:
+        self._nl = nl.Client()
+        try:
+            self._rt = rtnl.Rtnl()
+        except BaseException:
+            self._nl.close()
+            raise
+        self._pyroute2: Any = None
+
+    @property
+    def _ipr(self) -> Any:
+        """A pyroute2 ``IPRoute``, opened on first use (in the calling thread's namespace). Nothing
+        here uses it -- importing pyroute2 costs ~22 MB of memory -- but a backend built on this port
+        may, for a message shape ``flannel.nl`` does not have."""
+        if self._pyroute2 is None:
+            from pyroute2 import IPRoute
+            self._pyroute2 = IPRoute()
+        return self._pyroute2
 
     def close(self) -> None:
-        self._ipr.close()
+        self._nl.close()
+        self._rt.close()
+        if self._pyroute2 is not None:
+            self._pyroute2.close()
 
     # ---- links ------------------------------------------------------------------------------
 
-    @_boundary
     def link_index(self, name: str) -> int | None:
-        idx = self._ipr.link_lookup(ifname=name)
-        return idx[0] if idx else None
+        """The interface index of ``name`` in this thread's namespace (an ioctl: microseconds)."""
+        try:
+            return socket.if_nametoindex(name)
+        except OSError:
+            return None
 
     @_boundary
     def link(self, name: str) -> LinkInfo | None:
         idx = self.link_index(name)
         if idx is None:
             return None
-        try:
-            msg = self._ipr.get_links(idx)[0]
-        except NetlinkError as e:
-            if e.code in _GONE:
-                return None
-            raise
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-        vx: dict[str, Any] = {}
-        if data is not None:
-            vx = {k: v for k, v in data.get("attrs", []) if k.startswith("IFLA_VXLAN_")}
-        return LinkInfo(index=idx, name=name, mac=str(msg.get("IFLA_ADDRESS")), mtu=int(msg.get("IFLA_MTU")),
-                        kind=str(msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""), vxlan=vx)
+        msg = self._nl.link(idx)
+        if msg is None:
+            return None
+        return LinkInfo(index=idx, name=name, mac=msg.mac, mtu=msg.mtu, kind=msg.kind, vxlan=msg.data)
 
     @_boundary
     def connected_nets(self, index: int, version: int = 4) -> tuple[Any, ...]:
         """The subnets directly connected on a link (its addresses' networks; no link-local)."""
         nets = []
-        for a in self._ipr.get_addr(family=AF_INET if version == 4 else AF_INET6, index=index):
-            iface = ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+        for a in self._nl.addrs(AF_INET if version == 4 else AF_INET6, index):
+            iface = ip_interface(f"{a.address}/{a.prefixlen}")
             if not iface.ip.is_link_local:
                 nets.append(iface.network)
         return tuple(nets)
 
     @_boundary
+    def addresses(self, index: int, version: int = 4) -> tuple[Any, ...]:
+        """The link's global addresses of one family, in the kernel's order (primary first)."""
+        return tuple(a.address for a in self._nl.addrs(AF_INET if version == 4 else AF_INET6, index)
+                     if not a.address.is_link_local and not a.address.is_loopback)
+
+    @_boundary
     def delete_link(self, index: int) -> None:
-        self._ipr.link("del", index=index)
+        self._nl.delete_link(index)
 
     @_boundary
     def add_vxlan(self, *, name: str, vni: int, local: Addr, link_index: int, port: int, gbp: bool,
                   learning: bool, mtu: int, mac: str) -> None:
         """``ip link add <name> type vxlan id <vni> local <local> dev <link> [dstport <port>] [gbp]
         [no]learning ttl 0 tos 0 mtu <mtu> address <mac>``; port 0 = the kernel default (8472)."""
-        local_key = "vxlan_local6" if local.version == 6 else "vxlan_local"
-        kw: dict[str, Any] = dict(ifname=name, kind="vxlan", vxlan_id=vni, **{local_key: str(local)},
-                                  vxlan_link=link_index, vxlan_learning=int(learning),
-                                  vxlan_ttl=0, vxlan_tos=0, mtu=mtu, address=mac)
-        if port:
-            kw["vxlan_port"] = port
-        if gbp:
-            kw["vxlan_gbp"] = True
-        self._ipr.link("add", **kw)
+        self._nl.add_link(name, "vxlan", nl.vxlan_data(vni=vni, local=local, link=link_index, learning=learning,
+                                                        port=port, gbp=gbp), mtu=mtu, mac=mac)
         _write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
 
     @_boundary
     def set_mtu(self, index: int, mtu: int) -> None:
-        self._ipr.link("set", index=index, mtu=mtu)
+        self._nl.set_link(index, mtu=mtu)
 
     @_boundary
     def set_vxlan_learning(self, index: int, learning: bool) -> None:
-        self._ipr.link("set", index=index, kind="vxlan", vxlan_learning=int(learning))
+        info = nl.nested(nl.IFLA_LINKINFO, nl.attr(nl.IFLA_INFO_KIND, b"vxlan"),
+                         nl.nested(nl.IFLA_INFO_DATA, nl.attr(nl.VXLAN_NUM["IFLA_VXLAN_LEARNING"],
+                                                              bytes([int(learning)]))))
+        self._nl.set_link(index, linkinfo=info)
 
     @_boundary
     def ensure_address(self, index: int, addr: Addr, network: Net | None) -> None:
@@ -188,19 +191,19 @@ class Netlink:
         v6 = addr.version == 6
         full = 128 if v6 else 32
         have = False
-        for a in self._ipr.get_addr(family=AF_INET6 if v6 else AF_INET, index=index):
-            ip, plen = ip_address(a.get("IFA_ADDRESS")), a["prefixlen"]
+        for a in self._nl.addrs(AF_INET6 if v6 else AF_INET, index):
+            ip, plen = a.address, a.prefixlen
             if ip == addr and plen == full:
                 have = True
             elif (v6 and not ip.is_link_local) or (not v6 and network is not None and ip in network):
                 log.info("removing stale address %s/%d from link %d", ip, plen, index)
-                self._ipr.addr("del", index=index, address=str(ip), prefixlen=plen)
+                self._nl.del_addr(index, ip, plen)
         if not have:
-            self._ipr.addr("add", index=index, address=str(addr), prefixlen=full)
+            self._nl.add_addr(index, addr, full)
 
     @_boundary
     def set_up(self, index: int) -> None:
-        self._ipr.link("set", index=index, state="up")
+        self._nl.set_link(index, up=True)
 
     # ---- wireguard backend additions (flannel.backends.wireguard; owner: the wireguard backend) --
 
@@ -209,217 +212,129 @@ class Netlink:
         """``ip link add <name> mtu <mtu> type wireguard``. Returns False when the kernel has no
         WireGuard link type (EOPNOTSUPP), so the caller can fall back to wireguard-go."""
         try:
-            self._ipr.link("add", ifname=name, kind="wireguard", mtu=mtu)
-        except NetlinkError as e:
-            if e.code == errno.EOPNOTSUPP:
+            self._nl.add_link(name, "wireguard", b"", mtu=mtu)
+        except nl.NetlinkError as e:
+            if e.errno == errno.EOPNOTSUPP:
                 return False
             raise
         return True
 
-    @_boundary
     def replace_link_route(self, dst: Net, index: int) -> None:
-        """``ip route replace <dst> dev <link> scope link`` in the main table (wireguard's one
-        route per family, reference §9.4). Same protocol as the routes ``apply`` installs."""
-        self._ipr.route("replace", dst=str(dst), oif=index, scope=RT_SCOPE_LINK, table=MAIN_TABLE,
-                        proto=PROTO_BOOT, family=AF_INET6 if dst.version == 6 else AF_INET)
+        """``ip route replace <dst> dev <link> scope link proto 152`` in the main table (wireguard's
+        one route per family, reference §9.4), with our protocol like every route we write. Rare
+        (once per device), so it goes through pyroute2 rather than a hand-packed message."""
+        try:
+            self._ipr.route("replace", dst=str(dst), oif=index, scope=RT_SCOPE_LINK, table=rtnl.RT_TABLE_MAIN,
+                            proto=FLANNEL_PROTO, family=AF_INET6 if dst.version == 6 else AF_INET)
+        except Exception as e:  # pyroute2's NetlinkError is not an OSError: convert it at this boundary
+            raise errors.BackendError(f"netlink replace_link_route {dst}: {e}") from e
 
     # ---- entries ----------------------------------------------------------------------------
 
-    def dump(self, scope: Scope) -> KernelState:
-        """The entries in ``scope``: one route dump, one neighbour dump, one fdb dump.
-
-        Read through iproute2's JSON output when it runs in our namespace (C does the netlink
-        decoding: ~5x faster than pyroute2 for thousands of entries, bench/netlink_scale.py);
-        pyroute2 otherwise, or if iproute2 fails. Both give the same result (tested).
-        """
-        if self._has_ip and _netns_id() == self._netns:
-            try:
-                return self.dump_iproute2(scope)
-            except (OSError, ValueError, KeyError, TypeError, subprocess.SubprocessError) as e:
-                log.debug("iproute2 dump failed (%s); using pyroute2", e)
-        return self.dump_pyroute2(scope)
-
-    def dump_iproute2(self, scope: Scope) -> KernelState:
-        devs = set(scope.devs) | {d for d in (scope.overlay_dev, scope.overlay_dev6) if d}
-        routes = set()
-        for fam, net_scope in (("-4", scope.network), ("-6", scope.network6)):
-            if net_scope is None:
-                continue
-            for r in _ip_json("ip", fam, "route", "show", "table", "main"):
-                dev, gw, dst = r.get("dev"), r.get("gateway"), r.get("dst")
-                if dev not in devs or gw is None or dst in (None, "default") or r.get("type", "unicast") != "unicast":
-                    continue
-                net = ip_network(dst if "/" in dst else f"{dst}/{32 if fam == '-4' else 128}")
-                if scope.wants_route(net):
-                    routes.add(Route(net, ip_address(gw), dev, "onlink" in r.get("flags", [])))
-        neighs: set[Neigh] = set()
-        fdbs: set[Fdb] = set()
-        for fam, ov in (("-4", scope.overlay_dev), ("-6", scope.overlay_dev6)):
-            if ov is None or self.link_index(ov) is None:
-                continue
-            version = 4 if fam == "-4" else 6
-            for n in _ip_json("ip", fam, "neigh", "show", "dev", ov):
-                ip, mac = n.get("dst"), n.get("lladdr")
-                if ip and mac and "PERMANENT" in n.get("state", []):
-                    neighs.add(Neigh(ip_address(ip), mac.lower(), ov))
-            for f in _ip_json("bridge", "fdb", "show", "dev", ov):
-                mac, dst = f.get("mac"), f.get("dst")
-                if mac and dst and f.get("state") == "permanent" and mac != ZERO_MAC:
-                    addr = ip_address(dst)
-                    if addr.version == version:
-                        fdbs.add(Fdb(mac.lower(), addr, ov))
-        return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
+    def classifier(self, scope: Scope) -> rtnl.Classifier:
+        names: dict[int, str] = {}
+        overlay: dict[int, str] = {}
+        for name in scope.devs:
+            i = self.link_index(name)
+            if i is not None:
+                names[i] = name
+        for ov in (scope.overlay_dev, scope.overlay_dev6):
+            i = self.link_index(ov) if ov else None
+            if i is not None and ov is not None:
+                names[i] = overlay[i] = ov
+        exclude = tuple(n for n in (scope.exclude, scope.exclude6) if n is not None)
+        return rtnl.Classifier(network=scope.network, network6=scope.network6, exclude=exclude, names=names,
+                               overlay=overlay)
 
     @_boundary
-    def dump_pyroute2(self, scope: Scope) -> KernelState:
-        neighs, fdbs = self._pyroute2_overlay_entries(scope)
-        return KernelState(frozenset(self._pyroute2_routes(scope)), frozenset(neighs), frozenset(fdbs))
+    def dump(self, scope: Scope) -> KernelState:
+        """Our entries in ``scope`` and the foreign routes inside the network: one route dump per
+        family, one neighbour and one fdb dump per overlay device."""
+        cl = self.classifier(scope)
+        routes: set[Route] = set()
+        foreign: set[ForeignRoute] = set()
+        names: dict[int, str | None] = {}
 
-    def _pyroute2_routes(self, scope: Scope) -> set[Route]:
-        """Our main-table unicast routes with a gateway, via one of the scope's devices."""
-        names: dict[int, str] = {}
-        for name in (*scope.devs, *(d for d in (scope.overlay_dev, scope.overlay_dev6) if d)):
-            idx = self.link_index(name)
-            if idx is not None:
-                names[idx] = name
-        routes = set()
-        for family, net_scope in ((AF_INET, scope.network), (AF_INET6, scope.network6)):
-            if net_scope is None:
+        def name_of(index: int) -> str | None:
+            if index not in names:
+                names[index] = rtnl.ifname(index)
+            return names[index]
+
+        for family, within in ((AF_INET, scope.network), (AF_INET6, scope.network6)):
+            if within is None:
                 continue
-            for r in self._ipr.route("dump", family=family):
-                if r.get("RTA_TABLE", r["table"]) != MAIN_TABLE or r["type"] != RTN_UNICAST:
+            for data, off, end in self._rt.dump_routes(family):
+                msg = rtnl.parse_route(data, off, end, cl.within)
+                if msg is None:
                     continue
-                dev = names.get(r.get("RTA_OIF"))
-                gw = r.get("RTA_GATEWAY")
-                dst = r.get("RTA_DST")
-                if dev is None or gw is None or dst is None:
-                    continue
-                net = ip_network(f"{dst}/{r['dst_len']}")
-                if scope.wants_route(net):
-                    routes.add(Route(net, ip_address(gw), dev, bool(r["flags"] & RTNH_F_ONLINK)))
-        return routes
-
-    def _pyroute2_overlay_entries(self, scope: Scope) -> tuple[set[Neigh], set[Fdb]]:
-        """The permanent neighbour and fdb entries on the scope's overlay devices (vxlan)."""
+                entry = cl.classify(msg, name_of)
+                if isinstance(entry, Route):
+                    routes.add(entry)
+                elif entry is not None:
+                    foreign.add(entry)
         neighs: set[Neigh] = set()
         fdbs: set[Fdb] = set()
         for family, ov in ((AF_INET, scope.overlay_dev), (AF_INET6, scope.overlay_dev6)):
-            ov_idx = self.link_index(ov) if ov else None
-            if ov is None or ov_idx is None:
+            idx = self.link_index(ov) if ov else None
+            if ov is None or idx is None:
                 continue
             version = 4 if family == AF_INET else 6
-            for n in self._ipr.neigh("dump", family=family, ifindex=ov_idx):
-                if n["ifindex"] != ov_idx or not n["state"] & NUD_PERMANENT:
-                    continue
-                ip, mac = n.get("NDA_DST"), n.get("NDA_LLADDR")
-                if ip and mac:
-                    neighs.add(Neigh(ip_address(ip), mac.lower(), ov))
-            for n in self._ipr.fdb("dump", ifindex=ov_idx):
-                if n["ifindex"] != ov_idx or not n["state"] & NUD_PERMANENT:
-                    continue
-                mac, dst = n.get("NDA_LLADDR"), n.get("NDA_DST")
-                if mac and dst and mac != ZERO_MAC:
-                    addr = ip_address(dst)
-                    if addr.version == version:
-                        fdbs.add(Fdb(mac.lower(), addr, ov))
-        return neighs, fdbs
+            for m in self._rt.dump_neighs(family, idx):
+                n = rtnl.neigh_entry(m, ov)
+                if isinstance(n, Neigh) and n.ip.version == version:
+                    neighs.add(n)
+            for m in self._rt.dump_neighs(rtnl.AF_BRIDGE, idx):
+                f = rtnl.neigh_entry(m, ov)
+                if isinstance(f, Fdb) and f.dst.version == version:
+                    fdbs.add(f)
+        return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs), frozenset(foreign))
 
     def apply(self, plan: Plan) -> list[tuple[object, str]]:
-        """Carry out ``plan``. Returns the failed entries with the error (empty = all done).
-
-        Large plans go through iproute2's batch mode. When every line succeeded (exit status 0)
-        we are done; otherwise its errors are not attributed to entries, so this returns
-        ``[(BATCH_UNVERIFIED, stderr)]`` and the caller re-dumps and redoes the rest one by one.
-        """
-        if len(plan) >= self.batch_threshold and self._has_ip and _netns_id() == self._netns:
-            errs = self._apply_batch(plan)
-            return [(BATCH_UNVERIFIED, errs)] if errs else []
-        return self.apply_each(plan)
-
-    def apply_each(self, plan: Plan) -> list[tuple[object, str]]:
+        """Carry out ``plan`` (deletions first, then fdb → neighbour → route). Returns the entries
+        the kernel refused, with the reason (empty = all done); deleting what is already gone is
+        not a failure. A failing socket raises ``errors.BackendError``."""
+        index: dict[str, int | None] = {}
         failed: list[tuple[object, str]] = []
-        idx_cache: dict[str, int | None] = {}
 
-        def idx(dev: str) -> int:
-            if dev not in idx_cache:
-                idx_cache[dev] = self.link_index(dev)
-            i = idx_cache[dev]
-            if i is None:
-                raise NetlinkError(errno.ENODEV, f"no device {dev}")
+        def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
+            if entry.dev not in index:
+                index[entry.dev] = self.link_index(entry.dev)
+            i = index[entry.dev]
+            if i is None and not deleting:
+                failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
 
-        def do(entry: _E, fn: Callable[[_E], object], deleting: bool) -> None:
-            try:
-                fn(entry)
-            except (NetlinkError, OSError, errors.BackendError) as e:
-                if deleting and isinstance(e, NetlinkError) and e.code in _GONE:
-                    return
-                metrics.netlink_error(f"{'delete' if deleting else 'set'}_{type(entry).__name__}")  # metrics
-                failed.append((entry, f"{'delete' if deleting else 'set'} {entry}: {e}"))
+        steps: tuple[tuple[tuple[Any, ...], Callable[[Any, int], tuple[int, int, bytes]], bool], ...] = (
+            (plan.del_routes, rtnl.route_del, True), (plan.del_neighs, rtnl.neigh_del, True),
+            (plan.del_fdbs, rtnl.fdb_del, True), (plan.set_fdbs, rtnl.fdb_set, False),
+            (plan.set_neighs, rtnl.neigh_set, False), (plan.set_routes, rtnl.route_set, False))
 
-        def set_route(r: Route) -> None:
-            kw: dict[str, Any] = {"dst": str(r.dst), "gateway": str(r.gateway), "oif": idx(r.dev),
-                                  "table": MAIN_TABLE, "proto": PROTO_BOOT, "family": _family(r.gateway)}
-            if r.onlink:
-                kw["flags"] = RTNH_F_ONLINK
-            self._ipr.route("replace", **kw)
+        def items() -> Iterator[tuple[object, tuple[int, int, bytes]]]:
+            # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
+            for entries, make, deleting in steps:
+                for e in entries:
+                    i = dev(e, deleting)
+                    if i is not None:
+                        yield (e, deleting), make(e, i)
 
-        for r in plan.del_routes:
-            do(r, lambda r: self._ipr.route("del", dst=str(r.dst), gateway=str(r.gateway), oif=idx(r.dev),
-                                            table=MAIN_TABLE, family=_family(r.gateway)), True)
-        for n in plan.del_neighs:
-            do(n, lambda n: self._ipr.neigh("del", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
-                                            family=_family(n.ip)), True)
-        for f in plan.del_fdbs:
-            do(f, lambda f: self._ipr.fdb("del", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst)), True)
-        for f in plan.set_fdbs:
-            do(f, lambda f: self._ipr.fdb("replace", ifindex=idx(f.dev), lladdr=f.mac, dst=str(f.dst),
-                                          state=NUD_PERMANENT, flags=NTF_SELF), False)
-        for n in plan.set_neighs:
-            do(n, lambda n: self._ipr.neigh("replace", dst=str(n.ip), lladdr=n.mac, ifindex=idx(n.dev),
-                                            state=NUD_PERMANENT, family=_family(n.ip)), False)
-        for r in plan.set_routes:
-            do(r, set_route, False)
+        try:
+            refused = self._rt.send(items())
+        except rtnl.NetlinkFailure as err:
+            raise errors.BackendError(f"netlink apply: {err}") from err
+        for tagged, code, text in refused:
+            entry, was_delete = tagged if isinstance(tagged, tuple) else (tagged, False)
+            if was_delete and code in _GONE:
+                continue
+            metrics.netlink_error(f"{'delete' if was_delete else 'set'}_{type(entry).__name__}")  # metrics
+            failed.append((entry, f"{'delete' if was_delete else 'set'} {entry}: {text} (errno {code})"))
         return failed
 
-    def _apply_batch(self, plan: Plan) -> str:
-        first = [f"route del {r.dst} via {r.gateway} dev {r.dev}" for r in plan.del_routes]
-        first += [f"neigh del {n.ip} lladdr {n.mac} dev {n.dev}" for n in plan.del_neighs]
-        fdb = [f"fdb del {f.mac} dev {f.dev} dst {f.dst} self" for f in plan.del_fdbs]
-        fdb += [f"fdb replace {f.mac} dev {f.dev} dst {f.dst} self permanent" for f in plan.set_fdbs]
-        last = [f"neigh replace {n.ip} lladdr {n.mac} dev {n.dev} nud permanent" for n in plan.set_neighs]
-        last += [f"route replace {r.dst} via {r.gateway} dev {r.dev}{' onlink' if r.onlink else ''} proto boot"
-                 for r in plan.set_routes]
-        errs = []
-        for tool, lines in (("ip", first), ("bridge", fdb), ("ip", last)):
-            if lines:
-                errs.append(_run_batch(tool, lines))
-        return "; ".join(e for e in errs if e)
-
-
-def _family(addr: Addr) -> int:
-    return AF_INET6 if addr.version == 6 else AF_INET
-
-
-def _ip_json(tool: str, *args: str) -> list[dict[str, Any]]:
-    res = subprocess.run([tool, "-j", *args], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise OSError(f"{tool} {' '.join(args)}: {res.stderr.strip()}")
-    out = json.loads(res.stdout or "[]")
-    if not isinstance(out, list):
-        raise ValueError(f"{tool} -j {' '.join(args)}: not a JSON list")
-    return out
-
-
-def _run_batch(tool: str, lines: list[str]) -> str:
-    """Run ``tool -force -batch -``; returns its error text ("" when every line succeeded)."""
-    res = subprocess.run([tool, "-force", "-batch", "-"], input="\n".join(lines) + "\n",
-                         capture_output=True, text=True, timeout=120)
-    if res.returncode == 0:
-        return ""
-    # per-line errors (e.g. deleting what is already gone) are possible; the caller re-dumps
-    log.debug("%s -batch: %d lines, exit %d: %s", tool, len(lines), res.returncode, res.stderr.strip()[:500])
-    return f"{tool} -batch exit {res.returncode}: {res.stderr.strip()[:300]}"
+    def monitor(self) -> rtnl.Monitor:
+        """A notification socket in this namespace (routes, neighbours, links)."""
+        try:
+            return rtnl.Monitor(self._rt.portid)
+        except OSError as e:
+            raise errors.BackendError(f"netlink monitor: {e}") from e
 
 
 def _write_sysctl(path: str, value: str) -> None:

@@ -2,9 +2,12 @@
 
 ``VXLANNetwork`` is a ``RoutedNetwork`` (``flannel.backends.routed.reconcile``) whose entries are a
 route, a permanent neighbour and an fdb entry per peer (``network.vxlan_entries``) and which also
-owns its device: it is checked every ``DEVICE_CHECK_INTERVAL`` s and, if someone deleted it,
-re-created with the same MAC and address, and every peer is programmed again (flannel 0.27 did not
-replay peers, reference §14.15). Kernel state is left in place on ``close`` so that a restart does
+owns its device: when it is deleted (a netlink notification; without notifications a check every
+``DEVICE_CHECK_INTERVAL`` s) it is re-created with the same MAC and address, and every peer is
+programmed again (flannel 0.27 did not replay peers, reference §14.15). The re-created device's
+tunnel source (``local``) is the external interface's address *now*: if the address changed while
+the device was gone, the stale one would make the kernel send from an address it no longer has
+(reference §7.8 does the same). Kernel state is left in place on ``close`` so that a restart does
 not interrupt traffic (§12.4).
 """
 
@@ -19,7 +22,7 @@ from flannel import errors
 from flannel.backends.base import Backend, Network
 from flannel.backends.routed.model import Context
 from flannel.backends.routed.netlink import Netlink
-from flannel.backends.routed.reconcile import DEVICE_CHECK_INTERVAL, MAX_BACKOFF, RoutedNetwork, families
+from flannel.backends.routed.reconcile import MAX_BACKOFF, RoutedNetwork, families
 from flannel.backends.vxlan import network as vx
 from flannel.backends.vxlan.device import VXLANSpec, configure_device, setup_device
 from flannel.config import NetworkConfig
@@ -27,7 +30,7 @@ from flannel.lease import LeaseAttrs, LeaseSource, StoredNodeAttrs
 
 log = logging.getLogger(__name__)
 
-VXLAN_RESYNC_INTERVAL = 60.0    # a full dump costs ~0.25 ms/entry in Python; flannel had none
+VXLAN_POLL_INTERVAL = 60.0      # full resync without netlink notifications (flannel had none)
 
 
 class VXLANNetwork(RoutedNetwork):
@@ -61,20 +64,17 @@ class VXLANNetwork(RoutedNetwork):
         return self.specs[6].name if 6 in self.specs else None
 
     def check_device(self) -> bool:
+        """Re-create a deleted device (backoff 1 s doubling to 30 s while that fails)."""
         now = time.monotonic()
         if now < self._next_check:
             return False
-        self._next_check = now + DEVICE_CHECK_INTERVAL
         recreated = False
         for version, spec in list(self.specs.items()):
             if self.nl.link_index(spec.name) is not None:
                 continue
             log.warning("Interface %s deleted; re-creating it", spec.name)
             try:
-                ext_idx = self.nl.link_index(self.ext_iface.name)
-                if ext_idx is None:
-                    raise errors.BackendError(f"external interface {self.ext_iface.name} is gone")
-                spec = replace(spec, link_index=ext_idx)
+                spec = self._current_spec(spec, version)
                 info = setup_device(self.nl, spec, self.macs[version], self._lease, self.config, version)
             except errors.BackendError as e:
                 self._next_check = now + self._dev_backoff
@@ -85,8 +85,29 @@ class VXLANNetwork(RoutedNetwork):
             self._dev_backoff = 1.0
             self._cache = None
             recreated = True
-            log.info("%s re-created (mac %s); re-programming %d peers", info.name, info.mac, len(self.peers))
+            log.info("%s re-created (mac %s, local %s); re-programming %d peers", info.name, info.mac, spec.local,
+                     len(self.peers))
         return recreated
+
+    def _current_spec(self, spec: VXLANSpec, version: int) -> VXLANSpec:
+        """The spec with the external interface as it is now: its index and, if the address the
+        device used is gone from it, its current primary address as the tunnel source."""
+        ext_idx = self.nl.link_index(self.ext_iface.name)
+        if ext_idx is None:
+            raise errors.BackendError(f"external interface {self.ext_iface.name} is gone")
+        addrs = self.nl.addresses(ext_idx, version)
+        local = spec.local
+        if local not in addrs:
+            if not addrs:
+                raise errors.BackendError(f"external interface {self.ext_iface.name} has no IPv{version} address "
+                                          f"(the vxlan device used {spec.local})")
+            local = addrs[0]
+            published = self._lease.attrs.public_ip if version == 4 else self._lease.attrs.public_ipv6
+            log.warning("%s: %s no longer has %s; the re-created %s uses %s as its tunnel source. Our lease "
+                        "still advertises PublicIP %s: peers keep sending there until the agent re-publishes it "
+                        "(restart it, or use --public-ip, if the address change is permanent)",
+                        self.ctx.backend_type, self.ext_iface.name, spec.local, spec.name, local, published)
+        return replace(spec, link_index=ext_idx, local=local)
 
 
 class VXLANBackend(Backend):
@@ -127,7 +148,7 @@ class VXLANBackend(Backend):
                          direct_routing=opts.direct_routing, dev6=specs[6].name if 6 in specs else None)
         return VXLANNetwork(specs=specs, macs={v: i.mac for v, i in infos.items()}, lease=lease,
                             mtu=min(i.mtu for i in infos.values()), nl=nl, ctx=ctx, config=config,
-                            translate=vx.vxlan_entries, ext_iface=ext, resync_interval=VXLAN_RESYNC_INTERVAL)
+                            translate=vx.vxlan_entries, ext_iface=ext, poll_interval=VXLAN_POLL_INTERVAL)
 
 
 def _stored_macs(leases: LeaseSource) -> dict[int, str]:

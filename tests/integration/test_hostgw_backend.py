@@ -60,16 +60,57 @@ def test_routes_added_removed_and_off_link_peer_refused(ns, caplog):
         agent.stop()
 
 
-def test_reconcile_removes_stale_and_restores_deleted_routes(ns):
-    ns.ip("route", "add", "10.6.9.0/24", "via", "198.18.0.9", "dev", "eth0")      # stale: a peer that left
-    ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0")     # not ours: outside Network
+def test_reconcile_removes_only_its_own_stale_routes_and_restores_deleted_ones(ns):
+    """Ownership (issue 8): a stale route of ours (proto 152) goes; an operator's route inside the
+    Network on the external interface (proto boot or static) or on another device survives any
+    number of full reconciles; a deleted route of ours comes back."""
+    ns.ip("route", "add", "10.6.9.0/24", "via", "198.18.0.9", "dev", "eth0", "proto", "152")   # ours: a peer that left
+    ns.ip("route", "add", "10.6.10.0/24", "via", "198.18.0.10", "dev", "eth0")                  # operator: proto boot
+    ns.ip("route", "add", "10.6.11.0/24", "via", "198.18.0.11", "dev", "eth0", "proto", "static")
+    ns.ip("link", "add", "dummy-op", "type", "veth", "peer", "name", "dummy-op2")
+    ns.ip("link", "set", "dummy-op", "up")
+    ns.ip("addr", "add", "192.0.2.1/24", "dev", "dummy-op")
+    ns.ip("route", "add", "10.6.12.0/24", "via", "192.0.2.12", "dev", "dummy-op")               # another device
+    ns.ip("route", "add", "192.0.2.128/25", "via", "198.18.0.9", "dev", "eth0")                 # outside Network
     agent = Agent(ns, HostGWBackend(ext_of(ns)), CFG, FakeLeases("10.6.1.0/24"), tweak=fast_resync).start()
+    operator = {"10.6.10.0/24 via 198.18.0.10 dev eth0", "10.6.11.0/24 via 198.18.0.11 dev eth0",
+                "10.6.12.0/24 via 192.0.2.12 dev dummy-op", "192.0.2.128/25 via 198.18.0.9 dev eth0"}
     try:
         agent.send(*added(hg(2)), synced=True)
-        want = {"10.6.2.0/24 via 198.18.0.2 dev eth0", "192.0.2.0/24 via 198.18.0.9 dev eth0"}
-        wait_for(lambda: routes(ns) == want, what="stale route removed, foreign kept")
+        want = {"10.6.2.0/24 via 198.18.0.2 dev eth0"} | operator
+        wait_for(lambda: routes(ns) == want, what="our stale route removed, the operator's kept")
+        fulls = agent.net.counters["full_reconciles"]
+        wait_for(lambda: agent.net.counters["full_reconciles"] >= fulls + 10, what="ten more full reconciles")
+        assert routes(ns) == want
         ns.ip("route", "del", "10.6.2.0/24")
-        wait_for(lambda: routes(ns) == want, what="deleted route recovered by the periodic check")
+        wait_for(lambda: routes(ns) == want, what="deleted route recovered")
+    finally:
+        agent.stop()
+
+
+def test_a_lease_never_replaces_a_local_or_operator_route(ns, caplog):
+    """Issue 8 item 5: a lease for our own subnet, or for a subnet routed via another device,
+    is refused (logged, counted); the local routes stay as they are."""
+    caplog.set_level(logging.INFO)
+    ns.ip("link", "add", "cni0", "type", "bridge")
+    ns.ip("link", "set", "cni0", "up")
+    ns.ip("addr", "add", "10.6.1.1/24", "dev", "cni0")            # our pod subnet's connected route
+    ns.ip("link", "add", "br-op", "type", "bridge")
+    ns.ip("link", "set", "br-op", "up")
+    ns.ip("addr", "add", "10.6.3.1/24", "dev", "br-op")           # someone's local subnet inside Network
+    agent = Agent(ns, HostGWBackend(ext_of(ns)), CFG, FakeLeases("10.6.1.0/24")).start()
+    try:
+        stray = hg(1, ip="198.18.0.77")                           # a stray lease with our subnet
+        agent.send(*added(stray, hg(2), hg(3)), synced=True)
+        wait_for(lambda: routes(ns) == {"10.6.2.0/24 via 198.18.0.2 dev eth0"}, what="only peer 2 routed")
+        table = ns.ip("route", "show", "table", "main")
+        assert "10.6.1.0/24 dev cni0 proto kernel" in table and "10.6.3.0/24 dev br-op proto kernel" in table
+        assert "overlaps our own subnet 10.6.1.0/24" in caplog.text
+        assert "would replace '10.6.3.0/24 dev br-op proto 2" in caplog.text
+        assert agent.net.counters["leases_refused_conflict"] == 2
+        ns.ip("link", "del", "br-op")                             # the bridge goes: the lease is programmed
+        wait_for(lambda: "10.6.3.0/24 via 198.18.0.3 dev eth0" in routes(ns), what="peer 3 routed once free")
+        assert "10.6.1.0/24 dev cni0 proto kernel" in ns.ip("route", "show", "table", "main")
     finally:
         agent.stop()
 

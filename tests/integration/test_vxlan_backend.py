@@ -190,7 +190,7 @@ class Monitor:
             ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
             return (any("203.0.113.0/24" in ln for ln in self.lines)
                     and any("02:99:00:00:00:01" in ln for ln in self.lines))
-        wait_for(poke, "ip/bridge monitor ready", timeout=10)
+        wait_for(poke, "ip/bridge monitor ready", timeout=30)
 
     def _read(self, p: subprocess.Popen[str]) -> None:
         assert p.stdout is not None
@@ -357,10 +357,29 @@ def test_two_hosts_reach_each_other_through_the_overlay(ns_prefix):
                 a.stop()
 
 
-def test_entries_deleted_by_someone_else_are_repaired_by_the_resync(ns):
-    def fast(net: Any) -> None:
-        net.resync_interval = 0.2
-    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=fast).start()
+def test_entries_deleted_by_someone_else_are_restored_from_notifications(ns):
+    """No polling: the deletion notifications alone bring the entries back (no full reconcile)."""
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        p2 = vx_lease(2)
+        agent.send(*added(p2), synced=True)
+        want = expected_for(p2)
+        wait_for(lambda: state(ns) == want, what="peer programmed")
+        fulls = agent.net.counters["full_reconciles"]
+        ns.ip("route", "del", "10.5.2.0/24")
+        ns.exec("bridge", "fdb", "del", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self")
+        ns.ip("neigh", "del", "10.5.2.0", "dev", "flannel.1")
+        wait_for(lambda: agent.net.counters["repairs"] >= 3 and state(ns) == want, what="route, neigh and fdb restored")
+        assert agent.net.counters["full_reconciles"] == fulls
+    finally:
+        agent.stop()
+
+
+def test_entries_deleted_by_someone_else_are_repaired_by_the_resync_without_notifications(ns):
+    def polling(net: Any) -> None:
+        net.nl.monitor = lambda: (_ for _ in ()).throw(errors.BackendError("no notifications in this test"))
+        net.poll_interval = 0.2
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=polling).start()
     try:
         p2 = vx_lease(2)
         agent.send(*added(p2), synced=True)
@@ -368,25 +387,29 @@ def test_entries_deleted_by_someone_else_are_repaired_by_the_resync(ns):
         wait_for(lambda: state(ns) == want, what="peer programmed")
         ns.ip("route", "del", "10.5.2.0/24")
         ns.exec("bridge", "fdb", "del", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self")
-        assert state(ns) != want
         wait_for(lambda: state(ns) == want, what="route and fdb repaired")
+        assert agent.net.counters["repairs"] == 0 and agent.net.counters["full_reconciles"] >= 2
     finally:
         agent.stop()
 
 
-def test_dump_iproute2_and_pyroute2_agree(ns):
-    """The two dump implementations read the same managed entries (and skip the same others)."""
-    from flannel.backends.routed import model as vxn
+def test_dump_reads_ours_and_foreign_routes_as_iproute2_wrote_them(ns):
+    """The raw-netlink dump classifies what iproute2 wrote: ours (proto 152, or Go flannel's vxlan
+    shape with proto boot), foreign (everything else inside the network), nothing outside it."""
+    from flannel.backends.routed import model as rm
     from flannel.backends.routed.netlink import Netlink, Scope
 
     ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", LOCAL, "dev", "eth0", "nolearning")
     ns.ip("link", "set", "flannel.1", "up")
-    ns.ip("route", "add", "10.5.2.0/24", "via", "10.5.2.0", "dev", "flannel.1", "onlink")
-    ns.ip("route", "add", "10.5.3.3/32", "via", "10.5.3.3", "dev", "flannel.1", "onlink")
-    ns.ip("route", "add", "10.5.4.0/24", "via", "198.18.0.4", "dev", "eth0")          # direct route: ours
-    ns.ip("route", "add", "10.5.1.0/24", "via", "198.18.0.9", "dev", "eth0")          # own subnet: excluded
-    ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0")         # outside Network
-    ns.ip("route", "add", "blackhole", "10.5.5.0/24")                                 # not unicast
+    ns.ip("route", "add", "10.5.2.0/24", "via", "10.5.2.0", "dev", "flannel.1", "onlink", "proto", "152")
+    ns.ip("route", "add", "10.5.3.0/24", "via", "10.5.3.0", "dev", "flannel.1", "onlink")   # Go flannel: proto boot
+    ns.ip("route", "add", "10.5.3.3/32", "via", "10.5.3.3", "dev", "flannel.1", "onlink", "proto", "static")
+    ns.ip("route", "add", "10.5.4.0/24", "via", "198.18.0.4", "dev", "eth0", "proto", "152")  # direct route: ours
+    ns.ip("route", "add", "10.5.7.0/24", "via", "198.18.0.7", "dev", "eth0")                   # operator or Go host-gw
+    ns.ip("route", "add", "10.5.1.0/24", "via", "198.18.0.9", "dev", "eth0")          # own subnet: not looked at
+    ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0", "proto", "152")  # outside Network
+    ns.ip("route", "add", "blackhole", "10.5.5.0/24")
+    ns.ip("-6", "route", "add", "fd00::/64", "dev", "eth0")                            # IPv6 off in this scope
     ns.ip("neigh", "add", "10.5.2.0", "lladdr", "02:00:00:00:00:02", "dev", "flannel.1", "nud", "permanent")
     ns.ip("neigh", "add", "10.5.6.0", "lladdr", "02:00:00:00:00:06", "dev", "flannel.1",
           "nud", "stale")  # not permanent
@@ -401,36 +424,49 @@ def test_dump_iproute2_and_pyroute2_agree(ns):
     def main() -> None:
         with in_netns(ns.name):
             nl = Netlink()
-            out["ip"], out["pr"] = nl.dump_iproute2(scope), nl.dump_pyroute2(scope)
+            out["dump"] = nl.dump(scope)
             nl.close()
     t = threading.Thread(target=main)
     t.start()
     t.join(30)
-    expected = vxn.KernelState(
-        routes=frozenset({vxn.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", True),
-                          vxn.Route(N("10.5.3.3/32"), A("10.5.3.3"), "flannel.1", True),
-                          vxn.Route(N("10.5.4.0/24"), A("198.18.0.4"), "eth0", False)}),
-        neighs=frozenset({vxn.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")}),
-        fdbs=frozenset({vxn.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")}))
-    assert out["ip"] == expected
-    assert out["pr"] == expected
+    got = out["dump"]
+    assert got.routes == {rm.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", True),
+                          rm.Route(N("10.5.3.0/24"), A("10.5.3.0"), "flannel.1", True),
+                          rm.Route(N("10.5.4.0/24"), A("198.18.0.4"), "eth0", False)}
+    assert {r.dst: r.proto for r in got.routes} == {N("10.5.2.0/24"): 152, N("10.5.3.0/24"): 3, N("10.5.4.0/24"): 152}
+    assert got.foreign == {rm.ForeignRoute(N("10.5.3.3/32"), "flannel.1", A("10.5.3.3"), 4),
+                           rm.ForeignRoute(N("10.5.7.0/24"), "eth0", A("198.18.0.7"), 3),
+                           rm.ForeignRoute(N("10.5.5.0/24"), None, None, 3, "blackhole")}
+    assert got.neighs == {rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")}
+    assert got.fdbs == {rm.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")}
 
 
-def test_batch_with_a_failing_line_is_verified_and_completed(ns, caplog):
-    caplog.set_level(logging.INFO)
-    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
-    try:
-        peers = [vx_lease(i, ip=f"198.19.0.{i}") for i in range(2, 102)]
-        agent.send(*added(*peers), synced=True)
-        want = expected_for(*peers)
-        wait_for(lambda: state(ns) == want, "100 peers programmed", timeout=30)
-        ns.ip("route", "del", "10.5.50.0/24")             # behind the agent's back: its delete will fail
-        agent.send(*removed(*peers[:80]))
-        want = expected_for(*peers[80:])
-        wait_for(lambda: state(ns) == want, "80 peers removed", timeout=30)
-        assert "-batch exit" in caplog.text and "verifying" in caplog.text
-    finally:
-        agent.stop()
+def test_apply_attributes_each_refused_entry_and_applies_the_others(ns):
+    """600 routes in several chunks, two of them refused by the kernel (gateway not on-link): exactly
+    those two come back, with the kernel's reason; the other 598 are in the kernel."""
+    from flannel.backends.routed import model as rm
+    from flannel.backends.routed.netlink import Netlink
+
+    good = [rm.Route(N(f"10.{7 + i // 250}.{i % 250}.0/24"), A(f"198.18.0.{2 + i % 200}"), "eth0") for i in range(600)]
+    bad = {7: rm.Route(N("10.5.7.0/24"), A("203.0.113.7"), "eth0"),
+           450: rm.Route(N("10.5.45.0/24"), A("203.0.113.45"), "eth0")}
+    routes_ = [bad.get(i, r) for i, r in enumerate(good)]
+    out: dict[str, Any] = {}
+
+    def main() -> None:
+        with in_netns(ns.name):
+            nl = Netlink()
+            out["failed"] = nl.apply(rm.Plan(set_routes=tuple(routes_)))
+            out["again"] = nl.apply(rm.Plan(del_routes=tuple(routes_)))
+            nl.close()
+    t = threading.Thread(target=main)
+    t.start()
+    t.join(60)
+    failed = out["failed"]
+    assert [e for e, _ in failed] == [bad[7], bad[450]]
+    assert all("gateway" in msg.lower() or "unreachable" in msg.lower() for _, msg in failed), failed
+    assert out["again"] == []                       # deleting what is not there is not a failure
+    assert routes(ns) == set()
 
 
 # ---- dual stack (IPv6 underlay in 2001:2::/48, the IPv6 benchmarking range; pods in ULA) -------
@@ -564,3 +600,159 @@ def test_two_dual_stack_hosts_ping_over_both_overlays(ns_prefix):
         finally:
             for a in agents:
                 a.stop()
+
+
+# ---- ownership over Go flannel's state, device re-creation (issue 8) ------------------------------
+
+def test_restart_over_go_flannel_state_adopts_it_without_flapping(ns):
+    """What Go flannel leaves (its device, routes with proto boot, neighbours, fdb) is taken over
+    with no write and no deletion; the route of a peer that then leaves is removed."""
+    ns.ip("link", "add", "flannel.1", "address", "02:aa:00:00:00:01", "mtu", "1450", "type", "vxlan", "id", "1",
+          "local", LOCAL, "dev", "eth0", "nolearning")
+    ns.ip("addr", "add", "10.5.1.0/32", "dev", "flannel.1")
+    ns.ip("link", "set", "flannel.1", "up")
+    p2, p3 = vx_lease(2), vx_lease(3)
+    for lz in (p2, p3):
+        g = str(lz.subnet.network_address)  # type: ignore[union-attr]
+        mac = json.loads(lz.attrs.backend_data or "{}")["VtepMAC"]
+        ns.ip("neigh", "replace", g, "lladdr", mac, "dev", "flannel.1", "nud", "permanent")
+        ns.exec("bridge", "fdb", "replace", mac, "dev", "flannel.1", "dst", str(lz.attrs.public_ip), "self",
+                "permanent")
+        ns.ip("route", "replace", str(lz.subnet), "via", g, "dev", "flannel.1", "onlink")   # proto boot
+    assert "proto boot" in ns.ip("-d", "route", "show", "10.5.2.0/24")
+    mon = Monitor(ns)
+    plans: list[Any] = []
+
+    def record(net: Any) -> None:
+        orig = net.nl.apply
+        net.nl.apply = lambda p: (plans.append(p), orig(p))[1]
+
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=record).start()
+    try:
+        agent.send(*added(p2, p3), synced=True)
+        wait_for(lambda: agent.net.counters["full_reconciles"] >= 1, what="first reconcile")
+        assert state(ns) == expected_for(p2, p3) and plans == []
+        agent.send(*removed(p3))
+        wait_for(lambda: state(ns) == expected_for(p2), what="departed peer's Go flannel entries removed")
+    finally:
+        agent.stop()
+        events = mon.stop()
+    assert not [ev for ev in events if "10.5.2.0" in ev or "02:00:00:00:00:02" in ev], events
+    assert link(ns)["address"] == "02:aa:00:00:00:01"        # Go flannel's device and MAC reused
+
+
+def test_recreated_device_uses_the_interface_address_of_now(ns, caplog):
+    """Issue 8 item 5: eth0's address changes while flannel.1 is gone; the new device's tunnel
+    source is the new address (and the stale lease PublicIP is logged)."""
+    caplog.set_level(logging.INFO)
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        p2 = vx_lease(2)
+        agent.send(*added(p2), synced=True)
+        wait_for(lambda: state(ns) == expected_for(p2), what="peer programmed")
+        assert link(ns)["linkinfo"]["info_data"]["local"] == LOCAL
+        ns.ip("addr", "add", "198.18.1.51/24", "dev", "eth0")   # another subnet: deleting the old primary keeps it
+        ns.ip("addr", "del", f"{LOCAL}/24", "dev", "eth0")
+        ns.ip("link", "del", "flannel.1")
+        wait_for(lambda: "flannel.1" in ns.ip("link", "show") and state(ns) == expected_for(p2),
+                 what="device re-created with its peers")
+        assert link(ns)["linkinfo"]["info_data"]["local"] == "198.18.1.51"
+        assert "no longer has 198.18.0.1" in caplog.text and "still advertises PublicIP 198.18.0.1" in caplog.text
+    finally:
+        agent.stop()
+
+
+# ---- incremental == full on a real kernel (issue 9 item 1) -----------------------------------------
+
+class NsWorker:
+    """A thread living in a namespace that runs what it is given (netlink calls must come from a
+    thread in the namespace: interface lookups are per thread)."""
+
+    def __init__(self, ns: NetNS) -> None:
+        import queue as q
+        self.jobs: q.Queue[Any] = q.Queue()
+        self.thread = threading.Thread(target=self._main, args=(ns.name,), daemon=True)
+        self.thread.start()
+
+    def _main(self, name: str) -> None:
+        with in_netns(name):
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                fn, box, done = job
+                try:
+                    box.append(fn())
+                except BaseException as e:   # handed to the caller
+                    box.append(e)
+                done.set()
+
+    def call(self, fn: Any) -> Any:
+        box: list[Any] = []
+        done = threading.Event()
+        self.jobs.put((fn, box, done))
+        assert done.wait(60), "namespace worker stuck"
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(10)
+
+
+def seed_ns(ns: NetNS) -> None:
+    """Foreign, stale and Go flannel entries, as in the unit property test."""
+    ns.ip("link", "add", "docker0", "type", "bridge")
+    ns.ip("link", "set", "docker0", "up")
+    ns.ip("addr", "add", "10.5.6.1/24", "dev", "docker0")                          # foreign: blocks lease 6
+    ns.ip("route", "add", "10.5.9.0/24", "via", "198.18.0.9", "dev", "eth0")       # operator's: kept
+    ns.ip("route", "add", "10.5.7.0/24", "via", "198.18.0.7", "dev", "eth0")       # Go host-gw style: adoptable
+
+
+def kernel_view(ns: NetNS) -> tuple[Any, ...]:
+    """Routes with their protocol, neighbours and fdb entries, read with iproute2."""
+    r = set()
+    for x in json.loads(ns.ip("-d", "-j", "route", "show", "table", "main") or "[]"):
+        r.add((x["dst"], x.get("gateway"), x.get("dev"), "onlink" in x.get("flags", []), x.get("protocol")))
+    return frozenset(r), frozenset(neighs(ns)), frozenset(fdbs(ns))
+
+
+@pytest.mark.timeout(600)
+def test_incremental_apply_equals_full_reconcile_in_a_real_kernel(ns_prefix):
+    from hypothesis import HealthCheck, given, settings
+
+    from flannel.lease import Batch
+    from tests.support import lease_ops
+
+    counter = iter(range(10 ** 6))
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(batches=lease_ops())
+    def check(batches: list[list[Any]]) -> None:
+        n = next(counter)
+        spaces = [make_ns(f"{ns_prefix}{n}{side}") for side in "ab"]
+        workers = [NsWorker(s) for s in spaces]
+        nets: list[Any] = []
+        try:
+            for s, w in zip(spaces, workers):
+                seed_ns(s)
+                nets.append(w.call(lambda s=s: VXLANBackend(ext_of(s)).register_network(
+                    config=__import__("flannel.config").config.parse_network_config(CFG),
+                    leases=FakeLeases("10.5.1.0/24"))))
+            for i, b in enumerate(batches):
+                batch = Batch(tuple(b), synced=i == 0)
+                workers[0].call(lambda batch=batch: nets[0].step(batch))
+                workers[1].call(lambda batch=batch: (nets[1].step(batch), nets[1].sync_full()))
+                assert kernel_view(spaces[0]) == kernel_view(spaces[1]), f"after batch {i}"
+            assert "10.5.9.0/24 via 198.18.0.9 dev eth0" in routes(spaces[0])
+            assert "10.5.6.0/24 dev docker0" in spaces[0].ip("route", "show", "table", "main")
+        finally:
+            for w, net in zip(workers, nets):
+                w.call(net.close)
+            for w in workers:
+                w.stop()
+            for s in spaces:
+                s.delete()
+
+    check()

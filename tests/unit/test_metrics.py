@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel import daemon, errors, health, metrics
 from flannel.backends.base import ExternalInterface
@@ -35,7 +34,7 @@ from flannel.subnet_managers.kube import KubeSubnetManager
 from flannel.subnet_managers.kube.annotations import AnnotationNames
 from flannel.subnet_managers.kube.tracker import NodeTracker
 from tests.support import (
-    FakeRoutedPort,
+    FakeKernel,
     FakeUdpNetwork,
     FakeWireguardNetwork,
     Samples,
@@ -245,34 +244,43 @@ def test_timed_apply_observes_also_when_the_block_raises_and_keeps_the_exception
 
 # ---- the hooks at their call sites -------------------------------------------------------------------
 
-def make_routed(port: FakeRoutedPort) -> routed.RoutedNetwork:
+def make_routed(kernel: FakeKernel) -> routed.RoutedNetwork:
     ctx = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0")
-    return routed.RoutedNetwork(lease=Lease(N("10.5.1.0/24"), LeaseAttrs()), mtu=1450, nl=port, ctx=ctx,  # type: ignore[arg-type]
-                                config=VX_CFG, translate=vx.vxlan_entries, ext_iface=EXT)
+
+    class Net(routed.RoutedNetwork):
+        def overlay_dev(self) -> str | None:
+            return "flannel.1"
+
+        def route_devs(self) -> tuple[str, ...]:
+            return ("flannel.1", "eth0")
+
+    return Net(lease=Lease(N("10.5.1.0/24"), LeaseAttrs()), mtu=1450, nl=kernel, ctx=ctx,  # type: ignore[arg-type]
+               config=VX_CFG, translate=vx.vxlan_entries, ext_iface=EXT)
 
 
 def test_routed_network_counts_applied_events_apply_and_full_reconcile_times_and_failures(monkeypatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(routed.time, "monotonic", lambda: now[0])
     m = metrics.Metrics()
-    port = FakeRoutedPort()
-    net = make_routed(port)
+    kernel = FakeKernel()
+    net = make_routed(kernel)
     with metrics.bound(m):
         net.step(Batch(added(lease(2), lease(3)), synced=True))          # first snapshot: a full reconcile
         assert m.sample_value("flannel_full_reconcile_duration_seconds_count") == 1
         assert m.sample_value("flannel_apply_duration_seconds_count") == 0
         net.step(Batch(removed(lease(3))))                                  # an increment
         assert m.sample_value("flannel_apply_duration_seconds_count") == 1
-        port.refuse = 1
-        net.step(Batch(added(lease(4))))                                    # the kernel refuses: retried
+        kernel.bad = set(make_state(lease(4)).routes)                       # the kernel refuses the route
+        net.step(Batch(added(lease(4))))
         assert m.sample_value("flannel_apply_failures_total") == 1
+        kernel.bad = set()
         now[0] += 2
-        net.step(None)                                                      # the retry is a full reconcile
+        net.step(None)                                                      # the refused route, retried alone
     assert m.sample_value("flannel_lease_events_applied_total", {"type": "added"}) == 3
     assert m.sample_value("flannel_lease_events_applied_total", {"type": "removed"}) == 1
-    assert m.sample_value("flannel_full_reconcile_duration_seconds_count") == 2
-    assert m.sample_value("flannel_apply_duration_seconds_count") == 2
-    assert port.state == make_state(lease(2), lease(4))
+    assert m.sample_value("flannel_full_reconcile_duration_seconds_count") == 1
+    assert m.sample_value("flannel_apply_duration_seconds_count") == 3
+    assert make_state(lease(4)).routes <= set(net.nl.dump(net.scope()).routes)
 
 
 def make_state(*leases: Lease) -> rm.KernelState:
@@ -285,24 +293,22 @@ def test_netlink_errors_are_counted_by_operation() -> None:
 
     @netlink._boundary
     def set_mtu() -> None:
-        raise NetlinkError(errno.EPERM, "Operation not permitted")
+        raise OSError(errno.EPERM, "Operation not permitted")
 
     class Refusing:
-        def route(self, *a: Any, **kw: Any) -> None:
-            raise NetlinkError(errno.EINVAL, "Invalid argument")
+        """The entry socket: the kernel refuses every route; deleting a gone neighbour is ENOENT."""
 
-        def neigh(self, op: str, **kw: Any) -> None:
-            raise NetlinkError(errno.ENOENT, "No such file or directory")   # deleting what is gone: no error
+        def send(self, items: Any) -> list[tuple[object, int, str]]:
+            return [(tagged, errno.ENOENT if tagged[1] else errno.EINVAL, "refused") for tagged, _msg in items]
 
-        def link_lookup(self, **kw: Any) -> list[int]:
-            return [7]
-    nl = netlink.Netlink.__new__(netlink.Netlink)
-    nl._ipr = Refusing()
+    port = netlink.Netlink.__new__(netlink.Netlink)
+    port._rt = Refusing()  # type: ignore[assignment]
+    port.link_index = lambda name: 7  # type: ignore[method-assign]
     plan = rm.plan(make_state(lease(2)), rm.KernelState(frozenset(), make_state(lease(3)).neighs, frozenset()))
     with metrics.bound(m):
         with pytest.raises(errors.BackendError, match="netlink set_mtu"):
             set_mtu()
-        failed = nl.apply_each(rm.Plan(del_neighs=plan.del_neighs, set_routes=plan.set_routes))
+        failed = port.apply(rm.Plan(del_neighs=plan.del_neighs, set_routes=plan.set_routes))
     assert len(failed) == 1
     assert m.sample_value("flannel_netlink_errors_total", {"operation": "set_mtu"}) == 1
     assert m.sample_value("flannel_netlink_errors_total", {"operation": "set_route"}) == 1

@@ -211,7 +211,34 @@ def test_ipv4_lease_at_ipv6_only_node_is_skipped():
         vx.vxlan_entries(lease("10.5.2.0/24", "198.18.0.2"), CTX_V6)
 
 
-def test_plan_orders_mixed_families_deterministically():
+def test_plan_handles_mixed_families():
+    """IPv4 and IPv6 entries in one plan (they do not compare with each other: no sorting)."""
     desired = rm.KernelState(frozenset({ROUTE, ROUTE6}), frozenset({NEIGH, NEIGH6}), frozenset({FDB, FDB6}))
     p = rm.plan(desired, rm.EMPTY)
-    assert p.set_routes == (ROUTE, ROUTE6) and p.set_fdbs == (FDB, FDB6)
+    assert set(p.set_routes) == {ROUTE, ROUTE6} and set(p.set_fdbs) == {FDB, FDB6}
+    assert set(p.set_neighs) == {NEIGH, NEIGH6} and len(p) == 6
+
+
+def test_backend_data_nested_too_deep_or_huge_is_a_bad_record_not_a_crash():
+    for text in ("[" * 5000 + "]" * 5000, '{"VtepMAC":' * 3000 + "1" + "}" * 3000,
+                 '{"VNI":1,"VtepMAC":"02:aa:00:00:00:01","x":"' + "y" * 1_000_000 + '"}'):
+        try:
+            vx.parse_backend_data(text)
+        except errors.BadLeaseRecord:
+            continue
+        # the 1 MB one is valid JSON with a good MAC: accepted, and that is fine
+        assert text.startswith('{"VNI":1,')
+
+
+@pytest.mark.parametrize("mac", ["02:aa:00:00:00:01", "0a:ff:10:20:30:40", "01:00:00:00:00:00", "00:00:00:00:00:00"])
+@pytest.mark.parametrize("vni", [0, 1, 4096])
+def test_backend_data_fast_path_agrees_with_the_json_path(mac, vni):
+    text = vx.encode_backend_data(vni, mac)
+    spaced = text.replace(",", ", ")              # not canonical: takes the JSON path
+    results = []
+    for t in (text, spaced):
+        try:
+            results.append(vx.parse_backend_data(t))
+        except errors.BadLeaseRecord as e:
+            results.append(type(e))
+    assert results[0] == results[1]
