@@ -87,6 +87,11 @@ def stop_error(name: str, exc: BaseException) -> errors.FlannelError:
         log.error("internal error in the %s thread", name, exc_info=exc)
         msg = (f"internal error (a bug) in the {name} thread: {describe_error(exc)}; stopping flannel "
                "(the traceback is in the log above; please report it)")
-    err = errors.FlannelError(msg)
+    err: errors.FlannelError = errors.FlannelError(msg)
+    if isinstance(exc, errors.ConfigError):
+        try:   # keep the class (ConfigChanged, StoreTLSError, ...): callers and tests tell them apart
+            err = type(exc)(msg)
+        except TypeError:
+            pass
     err.__cause__ = exc
     return err

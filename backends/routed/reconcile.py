@@ -85,7 +85,7 @@ class RoutedNetwork(Network):
         self.poll_interval = poll_interval
         self.peers: dict[Ident, Lease] = {}
         self.index: Index | None = None
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
         self._cache: Programmed | None = None
         self._classifier: rtnl.Classifier | None = None
         self._synced = False
@@ -235,7 +235,7 @@ class RoutedNetwork(Network):
 
     def sync_full(self) -> None:
         """Dump, compare everything, apply the difference, rebuild the cache."""
-        self.counters["full_reconciles"] += 1
+        self.stats["full_reconciles"] += 1
         self._full_wanted = False
         try:
             self.refresh_context()
@@ -268,7 +268,7 @@ class RoutedNetwork(Network):
     def sync_keys(self, touched: Touched) -> None:
         """Write only what changed for ``touched`` keys, against the cache (no dump)."""
         assert self.index is not None and self._cache is not None
-        self.counters["incremental_applies"] += 1
+        self.stats["incremental_applies"] += 1
         index, cache = self.index, self._cache
         set_r, del_r = _diff(touched.routes, index.route, cache.routes)
         set_n, del_n = _diff(touched.neighs, index.neigh, cache.neighs)
@@ -337,7 +337,7 @@ class RoutedNetwork(Network):
             data = self._notes.popleft()
             if data is None:
                 log.warning("%s: netlink notifications were lost; reconciling against a dump", self.ctx.backend_type)
-                self.counters["notifications_lost"] += 1
+                self.stats["notifications_lost"] += 1
                 self._full_wanted = True
                 continue
             if cl is None or cache is None or index is None:
@@ -362,7 +362,7 @@ class RoutedNetwork(Network):
         if isinstance(entry, model.Route):
             if kind == rtnl.RTM_DELROUTE and cache.routes.get(entry.dst) == entry:
                 log.info("%s: route %s was deleted by someone else; restoring it", self.ctx.backend_type, entry)
-                self.counters["repairs"] += 1
+                self.stats["repairs"] += 1
                 cache.routes.pop(entry.dst, None)
                 touched.routes.add(entry.dst)
             return
@@ -388,14 +388,14 @@ class RoutedNetwork(Network):
             nk = (dev, m.ip)
             if m.ip is not None and nk in cache.neighs:
                 log.info("%s: %s was deleted by someone else; restoring it", self.ctx.backend_type, cache.neighs[nk])
-                self.counters["repairs"] += 1
+                self.stats["repairs"] += 1
                 del cache.neighs[nk]
                 touched.neighs.add(nk)
             return
         e = rtnl.neigh_entry(m, dev, deleted=True)
         if isinstance(e, model.Fdb) and cache.fdbs.get(fdb_key(e)) == e:
             log.info("%s: %s was deleted by someone else; restoring it", self.ctx.backend_type, e)
-            self.counters["repairs"] += 1
+            self.stats["repairs"] += 1
             cache.fdbs.pop(fdb_key(e), None)
             touched.fdbs.add(fdb_key(e))
 
@@ -537,7 +537,7 @@ class RoutedNetwork(Network):
             return
         self._skip_logged[ident] = reason
         ignored = reason.startswith("ignoring non-")
-        self.counters["leases_ignored" if ignored else
+        self.stats["leases_ignored" if ignored else
                       "leases_refused_conflict" if reason.startswith("refusing lease") else "leases_skipped"] += 1
         now = time.monotonic()
         start, n = self._skip_window

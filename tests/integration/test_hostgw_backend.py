@@ -79,8 +79,8 @@ def test_reconcile_removes_only_its_own_stale_routes_and_restores_deleted_ones(n
         agent.send(*added(hg(2)), synced=True)
         want = {"10.6.2.0/24 via 198.18.0.2 dev eth0"} | operator
         wait_for(lambda: routes(ns) == want, what="our stale route removed, the operator's kept")
-        fulls = agent.net.counters["full_reconciles"]
-        wait_for(lambda: agent.net.counters["full_reconciles"] >= fulls + 10, what="ten more full reconciles")
+        fulls = agent.net.stats["full_reconciles"]
+        wait_for(lambda: agent.net.stats["full_reconciles"] >= fulls + 10, what="ten more full reconciles")
         assert routes(ns) == want
         ns.ip("route", "del", "10.6.2.0/24")
         wait_for(lambda: routes(ns) == want, what="deleted route recovered")
@@ -107,7 +107,7 @@ def test_a_lease_never_replaces_a_local_or_operator_route(ns, caplog):
         assert "10.6.1.0/24 dev cni0 proto kernel" in table and "10.6.3.0/24 dev br-op proto kernel" in table
         assert "overlaps our own subnet 10.6.1.0/24" in caplog.text
         assert "would replace '10.6.3.0/24 dev br-op proto 2" in caplog.text
-        assert agent.net.counters["leases_refused_conflict"] == 2
+        assert agent.net.stats["leases_refused_conflict"] == 2
         ns.ip("link", "del", "br-op")                             # the bridge goes: the lease is programmed
         wait_for(lambda: "10.6.3.0/24 via 198.18.0.3 dev eth0" in routes(ns), what="peer 3 routed once free")
         assert "10.6.1.0/24 dev cni0 proto kernel" in ns.ip("route", "show", "table", "main")

@@ -128,7 +128,7 @@ def test_a_peer_lease_added_and_removed_moves_events_leases_and_applies(node: tu
                 and s.total("flannel_lease_events_applied_total", type="added") >= applied0 + 1)
     assert s1.total("flannel_lease_events_received_total", type="added") >= received0 + 1
     assert applies(s1) >= applies(s0) + 1
-    assert "10.9.200.0/24 via 10.9.200.0 dev flannel.1 onlink" in n.routes()    # applied means in the kernel
+    assert "10.9.200.0/24 via 10.9.200.0 dev flannel.1 proto 152 onlink" in n.routes()    # applied means in the kernel
     assert not s1.matching("flannel_netlink_errors_total")
 
     etcd.etcdctl("del", f"{prefix}/subnets/{PEER_KEY}")
@@ -150,8 +150,8 @@ def test_records_that_are_not_leases_are_skipped_by_reason(node: tuple[Node, Etc
     etcd.etcdctl("put", f"{prefix}/subnets/10.9.201.0-24", "not json")
     etcd.etcdctl("put", f"{prefix}/subnets/{PEER_KEY}", PEER_VALUE)       # a good one after them
     s = n.wait("the skipped records counted", lambda s: s.value(
-        "flannel_store_records_skipped_total", store="etcd", reason="bad_key") and s.value(
-        "flannel_store_records_skipped_total", store="etcd", reason="bad_value"))
+        "flannel_store_records_skipped_total", store="etcd", reason="key") and s.value(
+        "flannel_store_records_skipped_total", store="etcd", reason="json"))
     assert n.wait("the good lease", lambda s: s.value("flannel_remote_leases", backend_type="vxlan") == 1)
     assert s.total("flannel_remote_leases") <= 1           # the bad records never became leases
     assert n.agent.running

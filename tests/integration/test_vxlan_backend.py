@@ -365,12 +365,12 @@ def test_entries_deleted_by_someone_else_are_restored_from_notifications(ns):
         agent.send(*added(p2), synced=True)
         want = expected_for(p2)
         wait_for(lambda: state(ns) == want, what="peer programmed")
-        fulls = agent.net.counters["full_reconciles"]
+        fulls = agent.net.stats["full_reconciles"]
         ns.ip("route", "del", "10.5.2.0/24")
         ns.exec("bridge", "fdb", "del", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self")
         ns.ip("neigh", "del", "10.5.2.0", "dev", "flannel.1")
-        wait_for(lambda: agent.net.counters["repairs"] >= 3 and state(ns) == want, what="route, neigh and fdb restored")
-        assert agent.net.counters["full_reconciles"] == fulls
+        wait_for(lambda: agent.net.stats["repairs"] >= 3 and state(ns) == want, what="route, neigh and fdb restored")
+        assert agent.net.stats["full_reconciles"] == fulls
     finally:
         agent.stop()
 
@@ -388,7 +388,7 @@ def test_entries_deleted_by_someone_else_are_repaired_by_the_resync_without_noti
         ns.ip("route", "del", "10.5.2.0/24")
         ns.exec("bridge", "fdb", "del", "02:00:00:00:00:02", "dev", "flannel.1", "dst", "198.18.0.2", "self")
         wait_for(lambda: state(ns) == want, what="route and fdb repaired")
-        assert agent.net.counters["repairs"] == 0 and agent.net.counters["full_reconciles"] >= 2
+        assert agent.net.stats["repairs"] == 0 and agent.net.stats["full_reconciles"] >= 2
     finally:
         agent.stop()
 
@@ -630,7 +630,7 @@ def test_restart_over_go_flannel_state_adopts_it_without_flapping(ns):
     agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24"), tweak=record).start()
     try:
         agent.send(*added(p2, p3), synced=True)
-        wait_for(lambda: agent.net.counters["full_reconciles"] >= 1, what="first reconcile")
+        wait_for(lambda: agent.net.stats["full_reconciles"] >= 1, what="first reconcile")
         assert state(ns) == expected_for(p2, p3) and plans == []
         agent.send(*removed(p3))
         wait_for(lambda: state(ns) == expected_for(p2), what="departed peer's Go flannel entries removed")

@@ -129,7 +129,7 @@ def test_two_hosts_talk_through_wireguard_go_and_peers_follow_the_store(hosts, c
     link = json.loads(h1.ns.ip("-j", "-d", "link", "show", "flannel-wg"))[0]
     assert link["mtu"] == 1420
     assert "10.7.1.0/32" in h1.ns.ip("-4", "addr", "show", "dev", "flannel-wg")
-    assert "10.7.0.0/16 dev flannel-wg scope link" in h1.ns.ip("route", "show", "10.7.0.0/16")
+    assert "10.7.0.0/16 dev flannel-wg proto 152 scope link" in h1.ns.ip("route", "show", "10.7.0.0/16")
     assert "flannel-wg is wireguard-go" in caplog.text
     assert a1.net.implementation == "wireguard-go"
 

@@ -183,7 +183,7 @@ def test_full_reconciles_remove_only_what_the_agent_or_go_flannel_installed(monk
         net.step(None)
     left = {str(d) for d in k.routes}
     assert left == {"10.5.2.0/24", "10.5.9.0/24", "10.5.10.0/24", "10.5.11.0/24", "10.5.12.0/24"}
-    assert net.counters["full_reconciles"] >= 6
+    assert net.stats["full_reconciles"] >= 6
 
 
 def test_restart_over_go_flannel_routes_writes_nothing_and_later_removes_them():
@@ -228,9 +228,9 @@ def test_remote_lease_for_our_own_subnet_is_refused(caplog):
     assert k.routes[OWN] == (OWN, None, "cni0", False, 2, "unicast")
     assert entries(stray).neighs.isdisjoint(ours(k).neighs)
     assert "overlaps our own subnet 10.5.1.0/24" in caplog.text
-    assert net.counters["leases_refused_conflict"] == 1
+    assert net.stats["leases_refused_conflict"] == 1
     net.step(added(vxlan_lease(1, ip="198.18.0.78")))   # changed again: still refused, counted again
-    assert k.routes[OWN][2] == "cni0" and net.counters["leases_refused_conflict"] == 2
+    assert k.routes[OWN][2] == "cni0" and net.stats["leases_refused_conflict"] == 2
 
 
 def test_lease_is_refused_while_a_foreign_route_holds_its_subnet(monkeypatch, caplog):
@@ -245,7 +245,7 @@ def test_lease_is_refused_while_a_foreign_route_holds_its_subnet(monkeypatch, ca
     assert k.routes[N("10.5.3.0/24")][2] == "docker0" and k.routes[N("10.5.4.0/24")][2] == "eth1"
     assert ours(k) == entries(lease(2))
     assert "would replace '10.5.3.0/24 dev docker0 proto 2'" in caplog.text
-    assert net.counters["leases_refused_conflict"] == 2
+    assert net.stats["leases_refused_conflict"] == 2
     net.step(added(vxlan_lease(4, mac="02:00:00:00:00:44")))         # an update of a refused lease: still refused
     assert k.routes[N("10.5.4.0/24")][2] == "eth1"
     del k.routes[N("10.5.3.0/24")]                                   # the bridge goes away
