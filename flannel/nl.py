@@ -1,5 +1,8 @@
-"""A minimal rtnetlink client (links, addresses, route lookups) on a raw socket, and the message
-helpers the routed backends' hot path builds on (``flannel.backends.routed.rtnl``).
+"""Raw rtnetlink on a socket: the message vocabulary (constants, structs, attributes), the socket
+core every netlink client of the agent builds on (``Socket``: open, sequence numbers, one
+send-and-collect loop for requests, batches and dumps), and a minimal client for links, addresses
+and route lookups (``Client``). The routed backends' hot path (``flannel.backends.routed.rtnl``:
+routes, neighbours, fdb in batches, and notifications) is built on the same ``Socket``.
 
 Why not pyroute2: importing it costs ~22 MB of resident memory (half of an idle agent) and
 ~0.2 ms of Python per message. The agent needs a dozen fixed message shapes, which ``struct``
@@ -25,15 +28,17 @@ NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
 SO_RCVBUFFORCE = 33
 
-NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_DUMP = 0x200, 0x400, 0x100, 0x300
 NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
 IFF_UP = 0x1
+RT_TABLE_MAIN = 254
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 1, 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
@@ -55,6 +60,7 @@ HDR = struct.Struct("=IHHII")
 IFINFO = struct.Struct("=BxHiII")
 IFADDR = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BBHiHBB")
 RTA = struct.Struct("=HH")
 U32 = struct.Struct("=I")
 I32 = struct.Struct("=i")
@@ -62,6 +68,16 @@ I32 = struct.Struct("=i")
 
 class NetlinkError(OSError):
     """The kernel refused a request (``errno`` set) or the socket failed."""
+
+
+def header(kind: int, flags: int, seq: int, body: bytes) -> bytes:
+    """One netlink message: the 16-byte header, then ``body``."""
+    return HDR.pack(16 + len(body), kind, flags, seq, 0) + body
+
+
+def error_code(data: bytes, off: int) -> int:
+    """The (positive) errno an ``NLMSG_ERROR`` message at ``off`` carries; 0 = an ACK."""
+    return -int(I32.unpack_from(data, off + 16)[0])
 
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -149,8 +165,15 @@ class AddrMsg:
     flags: int
 
 
-class Client:
-    """One request socket: simple requests (each acknowledged) and dumps."""
+class Socket:
+    """A NETLINK_ROUTE request socket: sequence numbers and one send-and-collect loop
+    (``exchange``) under requests (``Client.request``), dumps (``dump``) and batches of many
+    messages per send (``flannel.backends.routed.rtnl.Rtnl.send``).
+
+    ``failure`` is the exception a failing socket or a refused dump raises; a subclass picks its
+    own (the routed port distinguishes a failed socket from a refused entry)."""
+
+    failure: type[NetlinkError] = NetlinkError
 
     def __init__(self) -> None:
         self.sock, self.capped = open_socket()
@@ -160,62 +183,82 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
+    @property
+    def portid(self) -> int:
+        return int(self.sock.getsockname()[0])
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        return self._seq
+
+    def error_text(self, data: bytes, off: int, end: int, flags: int) -> str:
+        """The kernel's message for the ``NLMSG_ERROR`` at ``off``, else the errno's text."""
+        return error_text(data, off, end, flags, self.capped) or os.strerror(error_code(data, off))
+
+    def exchange(self, payload: bytes, last: int,
+                 bufsize: int = 1 << 16) -> Iterator[tuple[bytes, int, int, int, int, int]]:
+        """Send ``payload`` (one or more messages); yield ``(data, type, flags, seq, offset, end)``
+        of every message received until the one that ends sequence number ``last`` (its ACK or
+        error, or ``NLMSG_DONE`` of a dump), which is yielded too. Replies to other sequence
+        numbers are yielded as well: the caller picks what is its own.
+
+        :raises NetlinkError: (``failure``) the socket failed.
+        """
+        try:
+            self.sock.send(payload)
+        except OSError as e:
+            raise self.failure(e.errno or errno.EIO, f"netlink: {e}") from e
+        while True:
+            try:
+                data = self.sock.recv(bufsize)
+            except OSError as e:
+                raise self.failure(e.errno or errno.EIO, f"netlink: {e}") from e
+            for kind, flags, seq, off, end in messages(data):
+                yield data, kind, flags, seq, off, end
+                if seq == last and kind in (NLMSG_ERROR, NLMSG_DONE):
+                    return
+
+    def dump(self, kind: int, body: bytes) -> Iterator[tuple[bytes, int, int, int]]:
+        """Every message of one dump: ``(data, type, offset, end)``.
+
+        :raises NetlinkError: (``failure``) the socket failed or the kernel refused the dump.
+        """
+        seq = self.next_seq()
+        for data, mkind, _flags, mseq, off, end in self.exchange(header(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body),
+                                                                 seq, 1 << 20):
+            if mseq != seq or mkind == NLMSG_DONE:
+                continue
+            if mkind == NLMSG_ERROR:
+                code = error_code(data, off)
+                raise self.failure(code, f"netlink dump: {os.strerror(code)}")
+            yield data, mkind, off, end
+
+
+class Client(Socket):
+    """Simple requests (each acknowledged) and dumps: links, addresses, route lookups."""
+
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF
-        return self._seq
-
     def request(self, kind: int, flags: int, body: bytes) -> list[tuple[bytes, int, int, int]]:
         """Send one request; return its reply messages ``(data, type, off, end)`` (none for a
         plain change). :raises NetlinkError: with the kernel's errno and message."""
         seq = self.next_seq()
         out: list[tuple[bytes, int, int, int]] = []
-        try:
-            self.sock.send(HDR.pack(16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
-            while True:
-                data = self.sock.recv(1 << 16)
-                for mkind, mflags, mseq, off, end in messages(data):
-                    if mseq != seq:
-                        continue
-                    if mkind == NLMSG_ERROR:
-                        code = -I32.unpack_from(data, off + 16)[0]
-                        if code:
-                            text = error_text(data, off, end, mflags, self.capped) or os.strerror(code)
-                            raise NetlinkError(code, text)
-                        return out
-                    out.append((data, mkind, off, end))
-                    if not flags & NLM_F_DUMP and not mflags & NLM_F_MULTI:
-                        # a get's single reply; its ACK follows
-                        continue
-        except NetlinkError:
-            raise
-        except OSError as e:
-            raise NetlinkError(e.errno or errno.EIO, f"netlink: {e}") from e
-
-    def dump(self, kind: int, body: bytes) -> Iterator[tuple[bytes, int, int, int]]:
-        seq = self.next_seq()
-        try:
-            self.sock.send(HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-            while True:
-                data = self.sock.recv(1 << 20)
-                for mkind, _flags, mseq, off, end in messages(data):
-                    if mseq != seq:
-                        continue
-                    if mkind == NLMSG_DONE:
-                        return
-                    if mkind == NLMSG_ERROR:
-                        code = -I32.unpack_from(data, off + 16)[0]
-                        raise NetlinkError(code, f"netlink dump: {os.strerror(code)}")
-                    yield data, mkind, off, end
-        except NetlinkError:
-            raise
-        except OSError as e:
-            raise NetlinkError(e.errno or errno.EIO, f"netlink dump: {e}") from e
+        for data, mkind, mflags, mseq, off, end in self.exchange(
+                header(kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, body), seq):
+            if mseq != seq:
+                continue
+            if mkind == NLMSG_ERROR:
+                code = error_code(data, off)
+                if code:
+                    raise NetlinkError(code, self.error_text(data, off, end, mflags))
+            elif mkind != NLMSG_DONE:
+                out.append((data, mkind, off, end))
+        return out
 
     # ---- links ----------------------------------------------------------------------------------
 
@@ -286,13 +329,13 @@ class Client:
     # ---- routes (lookups only; the backends write routes through their own batches) ---------
 
     def default_route_oif(self, family: int) -> int | None:
-        for d, k, o, e in self.dump(RTM_GETROUTE, RTMSG.pack(family, 0, 0, 0, 254, 0, 0, 0, 0)):
+        for d, k, o, e in self.dump(RTM_GETROUTE, RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)):
             if k != RTM_NEWROUTE:
                 continue
             _f, dst_len, _s, _t, table, _p, _sc, rtype, _fl = RTMSG.unpack_from(d, o + 16)
             at = attrs(d, o + 28, e)
             tid = at.get(RTA_TABLE)
-            if (U32.unpack(tid)[0] if tid else table) == 254 and dst_len == 0 and rtype == 1:
+            if (U32.unpack(tid)[0] if tid else table) == RT_TABLE_MAIN and dst_len == 0 and rtype == 1:
                 oif = at.get(RTA_OIF)
                 return U32.unpack(oif)[0] if oif else 0
         return None

@@ -7,8 +7,10 @@ decoding one (reference dependency-facts §3), so a peer's three entries cost ~1
 module packs them with ``struct`` (a few µs each), sends up to ``CHUNK`` bytes of them per
 ``send`` and asks for an ACK only on the last message of each chunk: the kernel reports every
 *failing* message anyway (an ``NLMSG_ERROR`` carrying its sequence number), so each failure is
-still attributed to its entry, while successes cost no reply. Links and addresses (rare, nested
-attributes) stay with pyroute2 in ``netlink.py``, which is the only caller of this module.
+still attributed to its entry, while successes cost no reply. The socket core (sequence numbers,
+the send-and-collect loop, dumps) and the message vocabulary are ``flannel.nl``'s, which also
+serves links and addresses (rare, nested attributes); ``netlink.py`` is the only caller of this
+module in the agent.
 
 ``Monitor`` is a second socket subscribed to route, neighbour and link notifications. A classic
 BPF filter attached to it drops, in the kernel, the echoes of our own writes (new routes with our
@@ -20,14 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 
+from flannel import nl
 from flannel.backends.routed.model import (
     FLANNEL_PROTO,
     PROTO_BOOT,
@@ -41,33 +43,15 @@ from flannel.backends.routed.model import (
 )
 from flannel.nl import attr as _attr
 from flannel.nl import attrs as _attrs
-from flannel.nl import error_text as _error_text
-from flannel.nl import messages as messages
-from flannel.nl import open_socket as _open
 
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
+# the notification vocabulary the reconcile loop and bench/ read as ``rtnl.*`` (defined in flannel.nl)
+messages = nl.messages
+IFF_UP, RT_TABLE_MAIN = nl.IFF_UP, nl.RT_TABLE_MAIN
+RTM_NEWLINK, RTM_DELLINK = nl.RTM_NEWLINK, nl.RTM_DELLINK
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = nl.RTM_NEWROUTE, nl.RTM_DELROUTE, nl.RTM_GETROUTE
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH, nl.RTM_GETNEIGH
+
 SO_ATTACH_FILTER = 26
-SO_RCVBUFFORCE = 33
-
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLM_F_REPLACE = 0x100
-NLM_F_CREATE = 0x400
-NLM_F_ACK_TLVS = 0x200
-NLMSGERR_ATTR_MSG = 1
 
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
@@ -75,32 +59,29 @@ RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
 
 AF_BRIDGE = 7
-RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 0x4
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 9, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = nl.RTA_DST, nl.RTA_OIF, nl.RTA_GATEWAY, nl.RTA_TABLE
+RTA_MULTIPATH = 9
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
-IFF_UP = 0x1
+IFLA_IFNAME = nl.IFLA_IFNAME
 
 CHUNK = 32 * 1024
 RTN_KINDS = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
 
-_HDR = struct.Struct("=IHHII")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_NDMSG = struct.Struct("=BBHiHBB")
-_IFINFO = struct.Struct("=BxHiII")
-_RTA = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-_I32 = struct.Struct("=i")
-_SET = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE
+_RTMSG = nl.RTMSG
+_NDMSG = nl.NDMSG
+_IFINFO = nl.IFINFO
+_U32 = nl.U32
+_SET = nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_REPLACE
 
 
-class NetlinkFailure(OSError):
+class NetlinkFailure(nl.NetlinkError):
     """The socket itself failed (not one entry): the caller reconciles against a fresh dump."""
 
 
@@ -128,7 +109,7 @@ def route_del(r: Route, oif: int) -> tuple[int, int, bytes]:
     body = _RTMSG.pack(_family(r.dst), r.dst.prefixlen, 0, 0, RT_TABLE_MAIN, r.proto, RT_SCOPE_NOWHERE, 0, 0)
     body += (_attr(RTA_DST, r.dst.network_address.packed) + _attr(RTA_GATEWAY, r.gateway.packed)
              + _attr(RTA_OIF, _U32.pack(oif)))
-    return RTM_DELROUTE, NLM_F_REQUEST, body
+    return RTM_DELROUTE, nl.NLM_F_REQUEST, body
 
 
 def neigh_set(n: Neigh, ifindex: int) -> tuple[int, int, bytes]:
@@ -138,7 +119,7 @@ def neigh_set(n: Neigh, ifindex: int) -> tuple[int, int, bytes]:
 
 def neigh_del(n: Neigh, ifindex: int) -> tuple[int, int, bytes]:
     body = _NDMSG.pack(_family(n.ip), 0, 0, ifindex, 0, 0, 0)
-    return RTM_DELNEIGH, NLM_F_REQUEST, body + _attr(NDA_DST, n.ip.packed)
+    return RTM_DELNEIGH, nl.NLM_F_REQUEST, body + _attr(NDA_DST, n.ip.packed)
 
 
 def fdb_set(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
@@ -148,14 +129,10 @@ def fdb_set(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
 
 def fdb_del(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
     body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, NUD_PERMANENT, NTF_SELF, 0)
-    return RTM_DELNEIGH, NLM_F_REQUEST, body + _attr(NDA_LLADDR, _mac(f.mac)) + _attr(NDA_DST, f.dst.packed)
+    return RTM_DELNEIGH, nl.NLM_F_REQUEST, body + _attr(NDA_LLADDR, _mac(f.mac)) + _attr(NDA_DST, f.dst.packed)
 
 
 # ---- parsing --------------------------------------------------------------------------------
-
-def _ip(raw: bytes) -> Addr:
-    return IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
-
 
 @dataclass(frozen=True)
 class RouteMsg:
@@ -189,7 +166,7 @@ def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int
     gw = at.get(RTA_GATEWAY)
     multipath = RTA_MULTIPATH in at
     return RouteMsg(dst, None if oif is None or multipath else _U32.unpack(oif)[0],
-                    None if gw is None else _ip(gw), proto, kind, bool(flags & RTNH_F_ONLINK))
+                    None if gw is None else nl.ip_of(gw), proto, kind, bool(flags & RTNH_F_ONLINK))
 
 
 @dataclass(frozen=True)
@@ -207,30 +184,17 @@ def parse_neigh(data: bytes, off: int, end: int) -> NeighMsg:
     at = _attrs(data, off + 28, end)
     dst = at.get(NDA_DST)
     ll = at.get(NDA_LLADDR)
-    return NeighMsg(family, ifindex, state, flags, None if not dst else _ip(dst),
+    return NeighMsg(family, ifindex, state, flags, None if not dst else nl.ip_of(dst),
                     None if ll is None or len(ll) != 6 else ll.hex(":"))
 
 
 # ---- sockets --------------------------------------------------------------------------------
 
-class Rtnl:
-    """A request socket: batched writes with per-entry errors, and dumps."""
+class Rtnl(nl.Socket):
+    """The request socket of the per-peer entries: batched writes with per-entry errors, and dumps
+    (``nl.Socket``'s, raising ``NetlinkFailure``)."""
 
-    def __init__(self) -> None:
-        self.sock, self.capped = _open()
-        self.sock.settimeout(30.0)
-        self._seq = int.from_bytes(os.urandom(3), "big")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    @property
-    def portid(self) -> int:
-        return int(self.sock.getsockname()[0])
-
-    def _next(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF
-        return self._seq
+    failure = NetlinkFailure
 
     def send(self, items: Iterable[tuple[object, tuple[int, int, bytes]]]) -> list[tuple[object, int, str]]:
         """Send every message; returns ``(entry, errno, text)`` for each one the kernel refused.
@@ -245,7 +209,7 @@ class Rtnl:
         chunk: list[tuple[int, int, int, bytes, object]] = []
         size = 0
         for entry, (kind, flags, body) in items:
-            chunk.append((kind, flags, self._next(), body, entry))
+            chunk.append((kind, flags, self.next_seq(), body, entry))
             size += 16 + len(body)
             if size >= CHUNK:
                 self._send_chunk(chunk, failed)
@@ -260,51 +224,12 @@ class Rtnl:
         parts = []
         last = len(chunk) - 1
         for i, (kind, flags, seq, body, entry) in enumerate(chunk):
-            parts.append(_HDR.pack(16 + len(body), kind, flags | (NLM_F_ACK if i == last else 0), seq, 0) + body)
+            parts.append(nl.header(kind, flags | (nl.NLM_F_ACK if i == last else 0), seq, body))
             pending[seq] = entry
-        self._exchange(b"".join(parts), pending, chunk[-1][2], failed)
-
-    def _exchange(self, payload: bytes, pending: dict[int, object], ack_seq: int,
-                  failed: list[tuple[object, int, str]]) -> None:
-        try:
-            self.sock.send(payload)
-            while True:
-                data = self.sock.recv(65536)
-                for kind, flags, seq, off, end in messages(data):
-                    if kind != NLMSG_ERROR:
-                        continue
-                    code = -_I32.unpack_from(data, off + 16)[0]
-                    if code and seq in pending:
-                        failed.append((pending[seq], code, _error_text(data, off, end, flags, self.capped)
-                                       or os.strerror(code)))
-                    if seq == ack_seq:
-                        return
-        except OSError as e:
-            raise NetlinkFailure(e.errno or errno.EIO, f"netlink: {e}") from e
-
-    def dump(self, kind: int, body: bytes) -> Iterator[tuple[bytes, int, int, int]]:
-        """Every message of one dump: ``(data, type, offset, end)``.
-
-        :raises NetlinkFailure: the socket failed or the kernel refused the request.
-        """
-        seq = self._next()
-        try:
-            self.sock.send(_HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-            while True:
-                data = self.sock.recv(1 << 20)
-                for mkind, _flags, mseq, off, end in messages(data):
-                    if mseq != seq:
-                        continue
-                    if mkind == NLMSG_DONE:
-                        return
-                    if mkind == NLMSG_ERROR:
-                        code = -_I32.unpack_from(data, off + 16)[0]
-                        raise NetlinkFailure(code, f"netlink dump: {os.strerror(code)}")
-                    yield data, mkind, off, end
-        except NetlinkFailure:
-            raise
-        except OSError as e:
-            raise NetlinkFailure(e.errno or errno.EIO, f"netlink dump: {e}") from e
+        for data, kind, flags, seq, off, end in self.exchange(b"".join(parts), chunk[-1][2]):
+            code = nl.error_code(data, off) if kind == nl.NLMSG_ERROR and seq in pending else 0
+            if code:   # a refused entry (an ACK carries 0)
+                failed.append((pending[seq], code, self.error_text(data, off, end, flags)))
 
     def dump_routes(self, family: int) -> Iterator[tuple[bytes, int, int]]:
         body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
@@ -412,7 +337,8 @@ class Monitor:
 
     def __init__(self, own_portid: int = 0) -> None:
         """``own_portid``: the port id of the socket our writes go through (their echoes are dropped)."""
-        self.sock, _ = _open(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, rcvbuf=4 << 20)
+        groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+        self.sock, _ = nl.open_socket(groups, rcvbuf=4 << 20)
         self.filtered = False
         prog = _bpf_drop_own_echoes(own_portid)
         code = ctypes.create_string_buffer(prog)
@@ -442,8 +368,6 @@ class Monitor:
             pass
         self.sock.close()
 
-
-IFLA_IFNAME = 3
 
 
 def link_event(data: bytes, off: int, end: int) -> tuple[int, int, str | None]:
