@@ -1,12 +1,16 @@
 """Skipped store records: counted per reason, logged at a bounded rate.
 
-Every record a store hands us (an etcd key/value, a node annotation) is untrusted: the store
-boundary turns it into a ``Lease`` or skips it. Skipping must be visible (an operator needs the
+Every record a store hands us (an etcd key/value, a node object, a line of a watch stream) is
+untrusted: the store boundary turns it into a ``Lease`` or skips it. One ``SkippedRecords`` per
+store (the etcd registry's, the kube subnet manager's ``skips.SKIPPED``) does the counting and
+logging for all of them. Skipping must be visible (an operator needs the
 key and the reason) but must not flood the log: the same bad key is re-read on every listing and
 relist, and someone may write thousands of them. So:
 
-* each skip is counted under a short reason label (``counts``, a ``collections.Counter``: the
-  metrics endpoint exports it);
+* each skip is counted under a short reason label (``counts``, a ``collections.Counter``) and fed
+  to ``flannel_store_records_skipped_total`` (``metrics.record_skipped``);
+* ``count`` counts a skip without a line, for a caller that already logged that record's problem
+  (the kube tracker: the same broken node heartbeating);
 * one WARNING line per (key, reason) at most every ``interval`` seconds;
 * at most ``burst`` lines per ``interval`` in total; what that cap suppresses is summarised in
   one line (how many, which reasons) when the next line may be written.
@@ -32,9 +36,10 @@ MAX_REMEMBERED_KEYS = 10_000
 class SkippedRecords:
     """Counts and logs the records one store boundary skipped.
 
-    :param store: what the records are (``"etcd key"``, ``"node"``), the start of each log line.
+    :param store: what the records are (``"etcd key"``, ``"node"``), the start of each log line
+        (a ``skip`` may name another kind of record of the same store).
     :param logger: where the lines go (the boundary module's logger, so ``--vmodule`` works).
-    :param metric_store: the ``store`` label of ``flannel_records_skipped_total`` (``"etcd"``).
+    :param metric_store: the ``store`` label of ``flannel_store_records_skipped_total`` (``"etcd"``).
     """
 
     def __init__(self, store: str, logger: logging.Logger, *, metric_store: str = "", interval: float = 60.0,
@@ -57,8 +62,20 @@ class SkippedRecords:
         with self._lock:
             return sum(self.counts.values())
 
-    def skip(self, key: str, reason: str, message: str) -> None:
-        """Record that ``key`` was skipped for ``reason`` (a label) because of ``message``."""
+    def snapshot(self) -> dict[str, int]:
+        """The counts per reason, copied under the lock."""
+        with self._lock:
+            return dict(self.counts)
+
+    def count(self, reason: str) -> None:
+        """Count a skip without a log line (the caller already logged this record's problem)."""
+        metrics.record_skipped(self.metric_store, reason)
+        with self._lock:
+            self.counts[reason] += 1
+
+    def skip(self, key: str, reason: str, message: str, *, kind: str = "") -> None:
+        """Record that ``key`` was skipped for ``reason`` (a label) because of ``message``;
+        ``kind`` names the record in the log line when it is not the store's usual one."""
         now = self._clock()
         metrics.record_skipped(self.metric_store, reason)
         with self._lock:
@@ -81,7 +98,7 @@ class SkippedRecords:
                 self._last.popitem(last=False)
         if summary:
             self._log.warning("%s", summary)
-        self._log.warning("skipping %s %s (%s): %s", self.store, _printable(key), reason, message)
+        self._log.warning("skipping %s %s (%s): %s", kind or self.store, _printable(key), reason, message)
 
     def _summary(self) -> str | None:
         if not self._suppressed:

@@ -49,6 +49,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from flannel import errors
+from flannel.records import SkippedRecords
 from flannel.subnet_managers.kube import skips
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,11 @@ def _status_message(e: ApiException) -> str:
     return text[:_BODY_LIMIT]
 
 
+def _line_key(line: bytes) -> str:
+    """A bad watch line in the log: its first 80 bytes as text (the line itself can be megabytes)."""
+    return line[:80].decode(errors="replace")
+
+
 def _reason(e: BaseException) -> str:
     """The useful part of a urllib3 error (``Connection refused``, not the whole retry story)."""
     reason = getattr(e, "reason", None)
@@ -190,7 +196,7 @@ class NodeWatch:
     ``StoreUnavailable`` when the request failed or the connection broke.
     """
 
-    def __init__(self, opener: Callable[[], Any], *, skipped: skips.Skips = skips.SKIPPED) -> None:
+    def __init__(self, opener: Callable[[], Any], *, skipped: SkippedRecords = skips.SKIPPED) -> None:
         self._opener = opener
         self._skips = skipped
         self._resp: Any = None
@@ -263,7 +269,8 @@ class NodeWatch:
                 yield line
             if len(buf) > MAX_EVENT_BYTES:
                 if not discarding:
-                    self._skips.skip("a watch line", skips.TOO_LARGE, f"longer than {MAX_EVENT_BYTES} bytes")
+                    self._skips.skip(_line_key(buf), skips.TOO_LARGE, f"longer than {MAX_EVENT_BYTES} bytes",
+                                     kind="watch line")
                 discarding, buf = True, b""
         if buf and not discarding:
             yield buf
@@ -276,12 +283,12 @@ class NodeWatch:
             item = json.loads(line)
         except Exception as e:  # the trust boundary for the stream: skip this line only
             reason = skips.reason_of(e)
-            self._skips.skip("a watch line", skips.UNDECODABLE_LINE if reason == skips.UNEXPECTED else reason,
-                             f"{skips.describe(e)}: {line[:80]!r}")
+            self._skips.skip(_line_key(line), skips.UNDECODABLE_LINE if reason == skips.UNEXPECTED else reason,
+                             skips.describe(e), kind="watch line")
             return
         if not (isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("object"), dict)):
-            self._skips.skip("a watch line", skips.MALFORMED_EVENT,
-                             f"not a watch event object (a JSON {type(item).__name__}): {line[:80]!r}")
+            self._skips.skip(_line_key(line), skips.MALFORMED_EVENT,
+                             f"not a watch event object (a JSON {type(item).__name__})", kind="watch line")
             return
         self._put(item)
 

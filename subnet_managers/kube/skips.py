@@ -1,25 +1,26 @@
-"""Counting and logging node records the kube subnet manager refuses to read.
+"""The reasons the kube subnet manager refuses to read a node record, and its counter.
 
-Why one place: every node object (a list item, a watch event, a line of the watch stream) is
-untrusted input, and each one that is skipped must be visible without flooding the log. This module
-owns the per-reason counters (``SKIPPED.counts``; a metrics exporter reads them, labels are the
-stable reason strings below) and the rate limit on the log lines.
+Every node object (a list item, a watch event, a line of the watch stream) is untrusted input,
+and each one that is skipped must be visible without flooding the log. The counting and the rate
+limit are ``flannel.records.SkippedRecords`` (the etcd registry uses the same class); this module
+owns the kube side: the stable reason labels below (the ``reason`` label of
+``flannel_store_records_skipped_total{store="kube"}``), how an exception maps to one, and the
+process-wide counter ``SKIPPED``.
 
 Why rate-limited: a cluster can hold thousands of nodes that all carry the same broken annotation
 (a bad rollout of some other tool), and each of them is seen again on every relist. The tracker
-already logs a node's problem only when it changes; on top of that at most ``burst`` lines per
-``per_seconds`` are written, and the next line written says how many were left out.
+already logs a node's problem only when it changes (``SkippedRecords.count`` for the repeats); on
+top of that ``SkippedRecords`` writes one line per node and reason a minute at most, and at most
+``burst`` lines a minute, summarising what it left out.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
-import time
-from collections.abc import Callable
+from typing import Any
 
-from flannel import errors, metrics
+from flannel import errors
+from flannel.records import SkippedRecords
 
 log = logging.getLogger(__name__)
 
@@ -80,50 +81,11 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= DETAIL_LIMIT else text[:DETAIL_LIMIT] + "..."
 
 
-class Skips:
-    """Thread-safe counters per reason plus a token-bucket limit on the log lines."""
-
-    def __init__(self, *, burst: int = 20, per_seconds: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._burst = burst
-        self._rate = burst / per_seconds
-        self._tokens = float(burst)
-        self._clock = clock
-        self._last = clock()
-        self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
-
-    def count(self, reason: str) -> None:
-        """Count a skip without logging (the caller already logged this record's problem)."""
-        metrics.record_skipped("kube", reason)
-        with self._lock:
-            self.counts[reason] += 1
-
-    def skip(self, what: str, reason: str, detail: str, *, suffix: str = "") -> None:
-        """Count one skipped record and log it, unless the rate limit says to stay quiet."""
-        metrics.record_skipped("kube", reason)
-        with self._lock:
-            self.counts[reason] += 1
-            now = self._clock()
-            self._tokens = min(float(self._burst), self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens < 1.0:
-                self._suppressed += 1
-                return
-            self._tokens -= 1.0
-            suppressed, self._suppressed = self._suppressed, 0
-        more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
-        log.warning("skipping %s [%s]: %s%s%s", what, reason, detail, suffix, more)
+def counter(**kw: Any) -> SkippedRecords:
+    """A counter of skipped node records: this module's logger, metric label ``store="kube"``;
+    ``kw`` are ``SkippedRecords``' rate-limit knobs (tests count in a counter of their own)."""
+    return SkippedRecords("node", log, metric_store="kube", **kw)
 
 
-#: The process-wide counters (what a metrics exporter reads).
-SKIPPED = Skips()
+#: The process-wide counter (the kube manager's tracker and watch reader use it by default).
+SKIPPED = counter()

@@ -29,6 +29,7 @@ from typing import Any
 
 from flannel.config import NetworkConfig
 from flannel.lease import EventType, Lease, LeaseEvent
+from flannel.records import SkippedRecords
 from flannel.subnet_managers.kube import nodes, skips
 from flannel.subnet_managers.kube.annotations import AnnotationNames
 
@@ -54,7 +55,7 @@ class NodeTracker:
     """Not thread-safe: used by the one watch loop."""
 
     def __init__(self, names: AnnotationNames, config: NetworkConfig, *, own_name: str | None = None,
-                 on_own: OwnCallback | None = None, skipped: skips.Skips = skips.SKIPPED) -> None:
+                 on_own: OwnCallback | None = None, skipped: SkippedRecords = skips.SKIPPED) -> None:
         self._names = names
         self._config = config
         self._own_name = own_name
@@ -77,7 +78,7 @@ class NodeTracker:
         try:
             return nodes.node_name(node)
         except Exception as e:  # the trust boundary: any failure skips this one record
-            self._skips.skip(f"node {nodes.display_name(node)}", skips.reason_of(e), skips.describe(e))
+            self._skips.skip(nodes.display_name(node), skips.reason_of(e), skips.describe(e))
             return None
 
     def _read(self, name: str, node: Any,
@@ -103,8 +104,8 @@ class NodeTracker:
                 self._skips.count(reason)  # same problem as last time: counted, not logged again
             else:
                 kept = self._leases.get(name)
-                self._skips.skip(f"node {name!r}", reason, detail,
-                                 suffix=f" (keeping its last good lease {kept.describe()})" if kept else "")
+                self._skips.skip(name, reason, detail + (f" (keeping its last good lease {kept.describe()})"
+                                                         if kept else ""))
             bad[name] = _Bad(reason, detail, new)
             return "bad", None
         inputs[name] = new
@@ -170,8 +171,8 @@ class NodeTracker:
             del self._leases[name]
             return [LeaseEvent(EventType.REMOVED, old)]
         if etype not in ("ADDED", "MODIFIED"):
-            self._skips.skip(f"watch event for node {name!r}", skips.MALFORMED_EVENT,
-                             f"unknown event type {str(etype)[:40]!r}")
+            self._skips.skip(name, skips.MALFORMED_EVENT, f"unknown event type {str(etype)[:40]!r}",
+                             kind="watch event for node")
             return []
         status, lease = self._read(name, node, self._inputs, self._bad)
         if status != "ok":

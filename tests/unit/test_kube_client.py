@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 from flannel import errors
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.subnet_managers.kube import client as kc
+from flannel.records import SkippedRecords
 from flannel.subnet_managers.kube import skips
 
 
@@ -110,7 +111,7 @@ class FakeStream:
         pass
 
 
-def read_all(chunks: list[bytes], counter: skips.Skips) -> list:
+def read_all(chunks: list[bytes], counter: SkippedRecords) -> list:
     watch = kc.NodeWatch(lambda: FakeStream(chunks), skipped=counter)
     out = []
     while True:
@@ -141,7 +142,7 @@ def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(mon
     body = b"\n".join([event("a", 1), *garbage, event("b", 2)]) + b"\n"
     # deliver in awkward pieces: lines split across chunks
     chunks = [body[i:i + 777] for i in range(0, len(body), 777)]
-    counter = skips.Skips()
+    counter = skips.counter()
     got = read_all(chunks, counter)
     assert [(t, o["metadata"]["name"]) for t, o in got] == [("MODIFIED", "a"), ("MODIFIED", "b")]
     counts = counter.snapshot()
@@ -149,14 +150,14 @@ def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(mon
     assert counts.get(skips.TOO_LARGE) == 1
     assert counts.get(skips.MALFORMED_EVENT) == 3
     assert counts.get(skips.BAD_ENCODING) == 1
-    assert counter.total() == len(garbage)  # every garbage line counted once
+    assert counter.total == len(garbage)  # every garbage line counted once
 
 
 def test_a_trailing_line_without_newline_is_still_delivered():
-    counter = skips.Skips()
+    counter = skips.counter()
     got = read_all([event("a", 1) + b"\n" + event("b", 2)[:10], event("b", 2)[10:]], counter)
     assert [o["metadata"]["name"] for _, o in got] == ["a", "b"]
-    assert counter.total() == 0
+    assert counter.total == 0
 
 
 def test_api_connections_use_tcp_keepalive():

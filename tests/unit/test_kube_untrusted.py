@@ -152,7 +152,7 @@ event_type = st.sampled_from(["ADDED", "MODIFIED", "MODIFIED", "DELETED", "BOGUS
 @given(versions=st.lists(corrupted_good(), min_size=1, max_size=6),
        noise=st.lists(st.tuples(event_type, st.one_of(nameless, other_node())), max_size=8))
 def test_no_node_record_can_raise_or_take_a_good_lease_away(versions, noise):
-    counter = skips.Skips()
+    counter = skips.counter()
     t = NodeTracker(N, V4, own_name="me", skipped=counter)
     first = t.apply("ADDED", good_node())
     assert [e.type for e in first] == [EventType.ADDED]
@@ -164,7 +164,7 @@ def test_no_node_record_can_raise_or_take_a_good_lease_away(versions, noise):
         unreadable += not readable
         t.apply(etype, other)
     assert t.lease_of("good") == original, "an unreadable node keeps its last good lease"
-    assert counter.total() >= unreadable
+    assert counter.total >= unreadable
     # a relist that holds only broken versions (and noise) keeps it too
     snapshot = t.reset([v for v, _ in versions] + [o for _, o in noise])
     assert original in snapshot
@@ -178,7 +178,7 @@ def test_no_node_record_can_raise_or_take_a_good_lease_away(versions, noise):
 @given(noise=st.lists(st.tuples(event_type, st.one_of(nameless, other_node())), max_size=12),
        config=st.sampled_from([V4, DUAL]))
 def test_any_event_stream_is_absorbed_and_good_nodes_still_arrive(noise, config):
-    t = NodeTracker(N, config, own_name="me", skipped=skips.Skips())
+    t = NodeTracker(N, config, own_name="me", skipped=skips.counter())
     for etype, obj in noise:
         t.apply(etype, obj)
     if config is V4:
@@ -191,7 +191,7 @@ def test_any_event_stream_is_absorbed_and_good_nodes_still_arrive(noise, config)
 @given(value=annotation_value, key=st.sampled_from(ALL_KEYS))
 def test_every_flannel_annotation_with_any_value(value, key):
     """Each annotation, alone, with any value: reading never raises; our stored data reads safely."""
-    counter = skips.Skips()
+    counter = skips.counter()
     for config in (V4, DUAL):
         t = NodeTracker(N, config, skipped=counter)
         t.apply("ADDED", good_node(**{key: value}))
@@ -204,7 +204,7 @@ def test_every_flannel_annotation_with_any_value(value, key):
 
 
 def test_deep_and_huge_backend_data_are_counted_by_reason():
-    counter = skips.Skips()
+    counter = skips.counter()
     t = NodeTracker(N, V4, skipped=counter)
     assert t.apply("ADDED", good_node("a", 3, **{N.backend_data: DEEP_BD})) == []
     assert t.apply("ADDED", good_node("b", 4, **{N.backend_data: HUGE_BD})) == []
@@ -217,18 +217,18 @@ def test_deep_and_huge_backend_data_are_counted_by_reason():
 
 
 def test_one_log_line_per_problem_naming_the_node_and_reason(caplog):
-    t = NodeTracker(N, V4, skipped=skips.Skips())
+    t = NodeTracker(N, V4, skipped=skips.counter())
     caplog.set_level("WARNING")
     for _ in range(3):
         t.apply("MODIFIED", good_node("n7", 7, **{N.backend_data: DEEP_BD}))
     lines = [r.getMessage() for r in caplog.records if "n7" in r.getMessage()]
-    assert len(lines) == 1 and "[too-deep]" in lines[0] and "backend-data" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("skipping node n7 (too-deep): ") and "backend-data" in lines[0]
     assert len(lines[0]) < 500, "the bad value itself never reaches the log"
 
 
 def test_log_lines_are_rate_limited_but_every_skip_is_counted(caplog):
     now = [0.0]
-    counter = skips.Skips(burst=5, per_seconds=60.0, clock=lambda: now[0])
+    counter = skips.counter(burst=5, interval=60.0, clock=lambda: now[0])
     t = NodeTracker(N, V4, skipped=counter)
     caplog.set_level("WARNING")
     for i in range(50):
@@ -237,7 +237,9 @@ def test_log_lines_are_rate_limited_but_every_skip_is_counted(caplog):
     assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 5
     now[0] += 60.0
     t.apply("ADDED", good_node("bad-last", 7, **{N.public_ip: "nope"}))
-    assert "45 similar lines suppressed" in caplog.records[-1].getMessage()
+    summary, line = caplog.records[-2].getMessage(), caplog.records[-1].getMessage()
+    assert "skipped 45 more bad node records without logging each (bad-public-ip: 45)" in summary
+    assert line.startswith("skipping node bad-last (bad-public-ip): ")
 
 
 # -- our own node -----------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ own_versions = st.builds(lambda i, cidrs: {**good_node("me", i), "spec": {"podCI
 @given(versions=st.lists(st.tuples(event_type, st.one_of(other_node(), own_versions)), max_size=10))
 def test_our_own_node_is_never_a_peer(versions):
     seen: list[str] = []
-    t = NodeTracker(N, V4, own_name="me", on_own=lambda kind, node: seen.append(kind), skipped=skips.Skips())
+    t = NodeTracker(N, V4, own_name="me", on_own=lambda kind, node: seen.append(kind), skipped=skips.counter())
     for etype, obj in versions:
         if obj["metadata"].get("name") in ("x1", "x2", "x3"):
             obj = {**obj, "metadata": {**obj["metadata"], "name": "me"}}
@@ -302,7 +304,7 @@ def test_heartbeat_update_is_no_lease_event_and_is_not_parsed_again(etype, monke
     """The cheap path: a status-only update (kubelet heartbeat) does no parsing at all."""
     from flannel.subnet_managers.kube import nodes
 
-    t = NodeTracker(N, V4, skipped=skips.Skips())
+    t = NodeTracker(N, V4, skipped=skips.counter())
     assert t.apply("ADDED", good_node()) != []
     calls = []
     real = nodes.lease_from_inputs
@@ -320,7 +322,7 @@ def test_heartbeat_update_is_no_lease_event_and_is_not_parsed_again(etype, monke
 @given(changes=st.lists(st.sampled_from(["status", "labels", "other-annotation", "images", "addresses", "rv"]),
                         max_size=8))
 def test_any_update_that_does_not_touch_flannel_fields_is_silent(changes):
-    t = NodeTracker(N, V4, skipped=skips.Skips())
+    t = NodeTracker(N, V4, skipped=skips.counter())
     base = good_node()
     assert [e.type for e in t.apply("ADDED", base)] == [EventType.ADDED]
     for i, what in enumerate(changes):
@@ -341,7 +343,7 @@ def test_any_update_that_does_not_touch_flannel_fields_is_silent(changes):
 
 
 def test_lease_event_type_is_what_changed():
-    t = NodeTracker(N, V4, skipped=skips.Skips())
+    t = NodeTracker(N, V4, skipped=skips.counter())
     t.apply("ADDED", good_node())
     ev: list[LeaseEvent] = t.apply("MODIFIED", good_node(**{N.backend_data: '{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:aa"}'}))
     assert [e.type for e in ev] == [EventType.ADDED]
