@@ -10,8 +10,8 @@ from kubernetes.client.exceptions import ApiException
 
 from flannel import errors
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
-from flannel.subnet_managers.kube import client as kc
 from flannel.records import SkippedRecords
+from flannel.subnet_managers.kube import client as kc
 from flannel.subnet_managers.kube import skips
 
 
