@@ -126,7 +126,7 @@ def event(name: str, rv: int) -> bytes:
     return json.dumps({"type": "MODIFIED", "object": {"metadata": {"name": name, "resourceVersion": str(rv)}}}).encode()
 
 
-def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(monkeypatch):
+def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(monkeypatch, caplog):
     monkeypatch.setattr(kc, "MAX_EVENT_BYTES", 16384)
     deep = b'{"type":"ADDED","object":' + b"[" * 6000 + b"]" * 6000 + b"}"
     garbage = [
@@ -151,6 +151,9 @@ def test_garbage_lines_are_skipped_and_counted_and_later_events_still_arrive(mon
     assert counts.get(skips.MALFORMED_EVENT) == 3
     assert counts.get(skips.BAD_ENCODING) == 1
     assert counter.total == len(garbage)  # every garbage line counted once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping watch line ")]
+    assert "skipping watch line this is not json (undecodable-line): " in lines[0]
+    assert all(len(line) < 500 for line in lines), "a bad line itself never reaches the log whole"
 
 
 def test_a_trailing_line_without_newline_is_still_delivered():
