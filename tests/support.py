@@ -29,6 +29,7 @@ from flannel.backends.base import Backend, ExternalInterface
 from flannel.backends.udp.packet import Peer, PeerTable
 from flannel.backends.udp.proxy import Proxy, open_socket
 from flannel.config import NetworkConfig, parse_network_config
+from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab, LabConfig
 from flannel.lab.etcd import b64
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
@@ -482,6 +483,15 @@ def build_lab(backend: str, tmp: Path, *, hosts: int = 3, pods_per_host: int = 2
     return lab
 
 
+def running_lab(backend: str, tmp: Path, **kw: Any) -> Iterator[Lab]:
+    """``build_lab`` for a fixture (``yield from running_lab(...)``): torn down after the last use."""
+    lab = build_lab(backend, tmp, **kw)
+    try:
+        yield lab
+    finally:
+        lab.teardown(keep_dir=True)
+
+
 # ---- the chaos suite (tests/faults): observing a lab while faults are injected -----------------
 
 LAB_VXLAN_DEV = "flannel.1"
@@ -504,6 +514,78 @@ def lab_logs(lab: Lab, lines: int = 12) -> str:
 
 def dead_agents(lab: Lab) -> list[str]:
     return [name for name in lab.hosts if not lab.agent_alive(name)]
+
+
+def agents_alive(lab: Lab) -> bool:
+    """True while every agent runs; fails the scenario at once (with the logs) when one exited.
+    For ``wait_for`` conditions: ``lambda: agents_alive(lab) and ...``."""
+    dead = dead_agents(lab)
+    assert not dead, f"agents exited: {dead}" + lab_logs(lab, 25)
+    return True
+
+
+def fake_routes(lab: Lab, fake: IPv4Network) -> dict[str, list[str]]:
+    """Routes into ``fake`` (where a scenario's store-only peers live) per host that has any."""
+    out = {h: [d for d in kernel_routes(lab, h) if IPv4Network(d).subnet_of(fake)] for h in lab.hosts}
+    return {h: r for h, r in out.items() if r}
+
+
+def ensure_healthy(lab: Lab, fake: IPv4Network | None = None) -> None:
+    """Start of every chaos scenario: an agent an earlier scenario killed is started again (that
+    scenario has already failed for it), every pod reaches every other pod, and (with ``fake``) no
+    earlier scenario's store-only peer is still routed."""
+    for host in dead_agents(lab):
+        lab.start_agent(host)
+        lab.wait_subnet(host)
+    m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 60)
+    assert all(m.values()), "the lab does not work before the scenario:\n" + pt.format_matrix(lab.pods(), m)
+    if fake is not None:
+        wait_for(lambda: not fake_routes(lab, fake), "earlier scenarios' fake peers to be removed", timeout=60,
+                 on_timeout=lambda: f"{fake_routes(lab, fake)}" + lab_logs(lab))
+
+
+def wait_routed(lab: Lab, subnet: str, what: str, *, hosts: list[str] | None = None, timeout: float = 60.0,
+                present: bool = True) -> float:
+    """Seconds until every host (or ``hosts``) routes ``subnet`` (``present=False``: no longer routes
+    it); fails at once when an agent exited."""
+    t0 = time.monotonic()
+    wait_for(lambda: agents_alive(lab) and all((subnet in kernel_routes(lab, h)) == present
+                                               for h in (hosts or list(lab.hosts))),
+             what, timeout=timeout, interval=0.2, on_timeout=lambda: lab_logs(lab))
+    return time.monotonic() - t0
+
+
+def etcd_key(subnet: str) -> str:
+    """The lab store's key of a lease: ``<prefix>/subnets/10.244.5.0-24``."""
+    net = IPv4Network(subnet)
+    return f"{ETCD_PREFIX}/subnets/{net.network_address}-{net.prefixlen}"
+
+
+def ring_pingers(lab: Lab, interval: float = 0.05) -> list[pt.ContinuousPing]:
+    """Pod of h1 → pod of h2 → ... → pod of h1, continuously (one pod per host)."""
+    pods = [lab.pods([h])[0] for h in lab.hosts]
+    return [pt.ContinuousPing(a, b.ip, interval=interval) for a, b in zip(pods, pods[1:] + pods[:1])]
+
+
+def stop_pingers(ps: list[pt.ContinuousPing]) -> list[tuple[str, pt.PingResult]]:
+    """Stop every pinger (killing the rest if one fails); ``(src→dst, result)`` each."""
+    out = []
+    for i, p in enumerate(ps):
+        try:
+            out.append((f"{p.src.name}→{p.dst}", p.stop()))
+        except Exception:
+            for rest in ps[i:]:
+                rest.kill()
+            raise
+    return out
+
+
+def report_echoes(figure: Figure, results: list[tuple[str, pt.PingResult]]) -> int:
+    """Report echoes sent and lost as figures; returns how many were lost."""
+    lost = sum(len(r.lost) for _, r in results)
+    figure("pod echoes sent", sum(r.sent for _, r in results))
+    figure("pod echoes lost", lost)
+    return lost
 
 
 def kernel_routes(lab: Lab, host: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
 from flannel.lab.etcd import EtcdServer
 from flannel.lab.netns import tcp_connections
-from tests.support import Figure, build_lab, dead_agents, lab_logs, wait_for
+from tests.support import Figure, dead_agents, lab_logs, running_lab, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
 
@@ -32,10 +32,8 @@ SUBNET_MIN, SUBNET_MAX = "10.244.1.0", "10.244.30.0"  # exactly 30 /24s
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab("vxlan", tmp_path_factory.mktemp("faults-race"), hosts=0, pods_per_host=0, network=NETWORK,
-                    subnet_min=SUBNET_MIN, subnet_max=SUBNET_MAX, agent_timeout=300.0)
-    yield lab
-    lab.teardown(keep_dir=True)
+    yield from running_lab("vxlan", tmp_path_factory.mktemp("faults-race"), hosts=0, pods_per_host=0, network=NETWORK,
+                           subnet_min=SUBNET_MIN, subnet_max=SUBNET_MAX, agent_timeout=300.0)
 
 
 def test_thirty_agents_race_for_thirty_subnets(lab: Lab, figure: Figure) -> None:

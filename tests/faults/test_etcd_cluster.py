@@ -11,22 +11,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Network
 
 import pytest
 
-from flannel.lab import podtraffic as pt
-from flannel.lab.cluster import ETCD_PREFIX, Lab
+from flannel.lab.cluster import Lab
 from flannel.lab.etcd import EtcdCluster, EtcdServer
 from tests.support import (
     Figure,
-    build_lab,
-    dead_agents,
+    agents_alive,
+    etcd_key,
     etcd_leases,
     fake_vxlan_lease,
     kernel_routes,
     lab_logs,
     lab_ns,
+    report_echoes,
+    ring_pingers,
+    running_lab,
+    stop_pingers,
     wait_for,
 )
 
@@ -38,10 +40,8 @@ REACH_WITHIN = 15.0  # the issue's bound for a new lease to reach every agent af
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab("vxlan", tmp_path_factory.mktemp("faults-etcd-cluster"), hosts=3, pods_per_host=1,
-                    etcd_members=3, lease_ttl=TTL)
-    yield lab
-    lab.teardown(keep_dir=True)
+    yield from running_lab("vxlan", tmp_path_factory.mktemp("faults-etcd-cluster"), hosts=3, pods_per_host=1,
+                           etcd_members=3, lease_ttl=TTL)
 
 
 def cluster(lab: Lab) -> EtcdCluster:
@@ -60,23 +60,12 @@ def member_used_by(lab: Lab, host: str) -> EtcdServer | None:
     return None
 
 
-def key(subnet: str) -> str:
-    net = IPv4Network(subnet)
-    return f"{ETCD_PREFIX}/subnets/{net.network_address}-{net.prefixlen}"
-
-
-def alive(lab: Lab) -> bool:
-    dead = dead_agents(lab)
-    assert not dead, f"agents exited: {dead}" + lab_logs(lab, 25)
-    return True
-
-
 def keys_stay(lab: Lab, seconds: float) -> None:
     """Every agent's key exists at every look for ``seconds`` (without renewals it expires in TTL)."""
     own = {h.subnet for h in lab.hosts.values()}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        alive(lab)
+        agents_alive(lab)
         missing = own - set(etcd_leases(lab))
         assert not missing, f"leases expired: {missing} (renewals stopped)" + lab_logs(lab, 25)
         time.sleep(0.5)
@@ -100,10 +89,10 @@ def after_kill(lab: Lab, figure: Figure, label: str, victim: EtcdServer, subnet:
     victim.kill()
     t_kill = time.monotonic()
     value = json.dumps(fake_vxlan_lease(f"198.18.0.{n}", f"0e:00:00:00:01:{n:02x}"))
-    wait_for(lambda: put(lab, key(subnet), value), "the cluster to accept a write again", timeout=60, interval=0.5)
+    wait_for(lambda: put(lab, etcd_key(subnet), value), "the cluster to accept a write again", timeout=60, interval=0.5)
     t0 = time.monotonic()
     figure(f"cluster accepted writes again after killing {label}", t0 - t_kill, "s")
-    wait_for(lambda: alive(lab) and all(subnet in kernel_routes(lab, h) for h in lab.hosts),
+    wait_for(lambda: agents_alive(lab) and all(subnet in kernel_routes(lab, h) for h in lab.hosts),
              f"a lease written after killing {label} to reach every agent within {REACH_WITHIN:.0f}s",
              timeout=REACH_WITHIN, interval=0.2, on_timeout=lambda: lab_logs(lab, 25))
     figure(f"new lease reached every agent after killing {label}", time.monotonic() - t0, "s")
@@ -116,9 +105,7 @@ def test_killing_the_used_member_then_the_leader_keeps_renewals_and_watches(lab:
     h1 = next(iter(lab.hosts))
     used = wait_for(lambda: member_used_by(lab, h1), f"{h1}'s agent to hold a connection to a member", timeout=30)
     figure("members", len(c.members))
-    pods = [lab.pods([h])[0] for h in lab.hosts]
-    ps = [pt.ContinuousPing(a, b.ip) for a, b in zip(pods, pods[1:] + pods[:1])]
-    results = []
+    ps = ring_pingers(lab)
     try:
         after_kill(lab, figure, f"the member {h1} used ({used.name})", used, "10.244.150.0/24", 150)
         used.start(timeout=60)
@@ -129,17 +116,10 @@ def test_killing_the_used_member_then_the_leader_keeps_renewals_and_watches(lab:
         leader.start(timeout=60)
         wait_for(lambda: len(c.status()) == len(c.members), "the killed leader to rejoin", timeout=60)
     finally:
-        for p in ps:
-            try:
-                results.append((f"{p.src.name}→{p.dst}", p.stop()))
-            except Exception:
-                p.kill()
-                raise
+        results = stop_pingers(ps)
         for m in c.members:
             if not m.running:
                 m.start(timeout=60)
         for s in ("10.244.150.0/24", "10.244.151.0/24"):
-            lab.etcdctl("del", key(s))
-    figure("pod echoes sent", sum(r.sent for _, r in results))
-    figure("pod echoes lost", sum(len(r.lost) for _, r in results))
-    assert all(r.lost == () for _, r in results), f"pods lost echoes: {results}"
+            lab.etcdctl("del", etcd_key(s))
+    assert report_echoes(figure, results) == 0, f"pods lost echoes: {results}"

@@ -27,15 +27,21 @@ from flannel.lab.etcd import b64
 from flannel.lab.netns import Blackhole
 from tests.support import (
     Figure,
-    build_lab,
     dead_agents,
+    ensure_healthy,
+    etcd_key,
     etcd_leases,
     expected_vxlan_state,
     fake_vxlan_lease,
     kernel_routes,
     lab_logs,
+    report_echoes,
+    ring_pingers,
+    running_lab,
+    stop_pingers,
     vxlan_state,
     wait_for,
+    wait_routed,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
@@ -43,31 +49,20 @@ pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
 SUBNETS = f"{ETCD_PREFIX}/subnets/"
 
 
+FAKE_RANGE = IPv4Network("10.244.128.0/17")
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab("vxlan", tmp_path_factory.mktemp("faults-etcd"), hosts=3, pods_per_host=1)
-    yield lab
-    lab.teardown(keep_dir=True)
+    yield from running_lab("vxlan", tmp_path_factory.mktemp("faults-etcd"), hosts=3, pods_per_host=1)
 
 
 @pytest.fixture(autouse=True)
-def healthy(lab: Lab) -> Iterator[None]:
-    for host in dead_agents(lab):
-        lab.start_agent(host)
-        lab.wait_subnet(host)
-    m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 60)
-    assert all(m.values()), "the lab does not work before the scenario:\n" + pt.format_matrix(lab.pods(), m)
-    wait_for(lambda: not fake_routes(lab), "earlier scenarios' fake peers to be removed", timeout=60,
-             on_timeout=lambda: f"{fake_routes(lab)}" + lab_logs(lab))
-    yield
+def healthy(lab: Lab) -> None:
+    ensure_healthy(lab, FAKE_RANGE)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def key(subnet: str) -> str:
-    net = IPv4Network(subnet)
-    return f"{SUBNETS}{net.network_address}-{net.prefixlen}"
-
 
 def put(lab: Lab, k: str | bytes, value: str | bytes | dict[str, Any]) -> int:
     """Write any bytes under any key (etcd's JSON gateway); returns the new revision."""
@@ -86,70 +81,18 @@ def fake_mac(i: int, gen: int = 0) -> str:
     return f"0e:{gen:02x}:00:00:{i // 256:02x}:{i % 256:02x}"
 
 
-def routed_everywhere(lab: Lab, subnet: str, hosts: list[str] | None = None) -> bool:
-    return all(subnet in kernel_routes(lab, h) for h in (hosts or list(lab.hosts)))
-
-
-def wait_routed(lab: Lab, subnet: str, what: str, timeout: float = 60.0, hosts: list[str] | None = None) -> float:
-    """Seconds until every host (or ``hosts``) routes ``subnet``."""
-    t0 = time.monotonic()
-    wait_for(lambda: alive(lab) and routed_everywhere(lab, subnet, hosts), what, timeout=timeout, interval=0.2,
-             on_timeout=lambda: lab_logs(lab))
-    return time.monotonic() - t0
-
-
-def alive(lab: Lab) -> bool:
-    """True while every agent runs; fails the scenario at once (with the logs) when one exited."""
-    dead = dead_agents(lab)
-    assert not dead, f"agents exited: {dead}" + lab_logs(lab, 25)
-    return True
-
-
-def pingers(lab: Lab, interval: float = 0.05) -> list[pt.ContinuousPing]:
-    """Pod h1 → pod h2 → pod h3 → pod h1, continuously."""
-    pods = [lab.pods([h])[0] for h in lab.hosts]
-    return [pt.ContinuousPing(a, b.ip, interval=interval) for a, b in zip(pods, pods[1:] + pods[:1])]
-
-
-def stop_pingers(ps: list[pt.ContinuousPing]) -> list[tuple[str, pt.PingResult]]:
-    out = []
-    for p in ps:
-        try:
-            out.append((f"{p.src.name}→{p.dst}", p.stop()))
-        except Exception:
-            p.kill()
-            raise
-    return out
-
-
-def report_loss(figure: Figure, results: list[tuple[str, pt.PingResult]]) -> int:
-    lost = sum(len(r.lost) for _, r in results)
-    figure("pod echoes sent", sum(r.sent for _, r in results))
-    figure("pod echoes lost", lost)
-    return lost
-
-
 def cleanup_keys(lab: Lab, subnets: list[str]) -> None:
     """Delete the keys a scenario wrote (the next scenario's ``healthy`` waits for their routes to go:
     waiting here could hide the scenario's own failure behind a cleanup timeout)."""
     for s in subnets:
-        delete(lab, key(s))
-
-
-FAKE_RANGE = IPv4Network("10.244.128.0/17")
-
-
-def fake_routes(lab: Lab) -> dict[str, list[str]]:
-    """Routes to fake peers (a scenario's leftovers) per host."""
-    out = {h: [d for d in kernel_routes(lab, h) if IPv4Network(d).subnet_of(FAKE_RANGE)] for h in lab.hosts}
-    return {h: r for h, r in out.items() if r}
+        delete(lab, etcd_key(s))
 
 
 # ---- scenarios -----------------------------------------------------------------------------------
 
 def test_etcd_stopped_10s_loses_no_packets_and_a_later_lease_arrives(lab: Lab, figure: Figure) -> None:
     assert lab.etcd is not None
-    ps = pingers(lab)
+    ps = ring_pingers(lab)
     late = "10.244.131.0/24"
     try:
         lab.etcd.stop()
@@ -161,13 +104,13 @@ def test_etcd_stopped_10s_loses_no_packets_and_a_later_lease_arrives(lab: Lab, f
         finally:
             lab.etcd.start()
         figure("etcd down", time.monotonic() - t0, "s")
-        put(lab, key(late), fake_vxlan_lease("198.18.0.131", fake_mac(131)))
+        put(lab, etcd_key(late), fake_vxlan_lease("198.18.0.131", fake_mac(131)))
         figure("lease written after the restart reached every agent", wait_routed(lab, late, "the late lease"), "s")
     finally:
         results = stop_pingers(ps)
     try:
         assert not dead_agents(lab), f"agents died: {dead_agents(lab)}" + lab_logs(lab)
-        lost = report_loss(figure, results)
+        lost = report_echoes(figure, results)
         assert lost == 0, f"pods lost echoes during the etcd outage: {[(n, r.lost) for n, r in results]}"
     finally:
         cleanup_keys(lab, [late])
@@ -178,9 +121,9 @@ def test_operator_deletes_our_lease_key_and_it_is_reacquired_with_the_same_subne
     others = [h for h in lab.hosts if h != host]
     subnet, ip = lab.hosts[host].subnet, lab.hosts[host].ip
     pid = lab.agent(host).pid
-    delete(lab, key(subnet))
+    delete(lab, etcd_key(subnet))
     t0 = time.monotonic()
-    value = wait_for(lambda: etcd_leases(lab).get(subnet), f"{host}'s key {key(subnet)} to be written again",
+    value = wait_for(lambda: etcd_leases(lab).get(subnet), f"{host}'s key {etcd_key(subnet)} to be written again",
                      timeout=60, interval=0.1, on_timeout=lambda: lab_logs(lab))
     figure("deleted key re-acquired after", time.monotonic() - t0, "s")
     assert value["PublicIP"] == ip, f"the key came back for someone else: {value}"
@@ -240,14 +183,14 @@ def test_garbage_records_crash_no_agent_and_good_leases_still_arrive(lab: Lab, f
     records = garbage()
     h2 = list(lab.hosts)[1]
     good1, good2 = "10.244.180.0/24", "10.244.181.0/24"
-    ps = pingers(lab)
+    ps = ring_pingers(lab)
     results: list[tuple[str, pt.PingResult]] = []
     try:
         for k, v, _why in records:
             put(lab, k, v)
         figure("garbage records written", len(records))
         figure("largest garbage value", max(len(v) for _, v, _ in records), "bytes")
-        put(lab, key(good1), fake_vxlan_lease("198.18.0.180", fake_mac(180)))
+        put(lab, etcd_key(good1), fake_vxlan_lease("198.18.0.180", fake_mac(180)))
         figure("good lease written after the garbage reached every agent",
                wait_routed(lab, good1, "a good lease written after the garbage"), "s")
         assert not dead_agents(lab), f"agents exited on garbage records: {dead_agents(lab)}" + lab_logs(lab, 25)
@@ -255,7 +198,7 @@ def test_garbage_records_crash_no_agent_and_good_leases_still_arrive(lab: Lab, f
         t0 = time.monotonic()
         lab.restart_agent(h2)
         figure("restart with the garbage present, to ready", time.monotonic() - t0, "s")
-        put(lab, key(good2), fake_vxlan_lease("198.18.0.181", fake_mac(181)))
+        put(lab, etcd_key(good2), fake_vxlan_lease("198.18.0.181", fake_mac(181)))
         figure("good lease written after the restart reached every agent",
                wait_routed(lab, good2, "a good lease written after the restart"), "s")
         assert good1 in kernel_routes(lab, h2), "the restarted agent lost a good lease"
@@ -270,7 +213,7 @@ def test_garbage_records_crash_no_agent_and_good_leases_still_arrive(lab: Lab, f
         for k, _v, _why in records:
             delete(lab, k)
         cleanup_keys(lab, [good1, good2])
-    assert report_loss(figure, results) == 0, f"pods lost echoes: {[(n, r.lost) for n, r in results]}"
+    assert report_echoes(figure, results) == 0, f"pods lost echoes: {[(n, r.lost) for n, r in results]}"
 
 
 def test_compaction_while_an_agent_is_paused_leaves_kernel_equal_to_the_store(lab: Lab, figure: Figure) -> None:
@@ -292,7 +235,7 @@ def test_compaction_while_an_agent_is_paused_leaves_kernel_equal_to_the_store(la
     try:
         for i, s in enumerate(pool[:60]):
             state[s] = fake_vxlan_lease(f"198.18.1.{i + 1}", fake_mac(i))
-            put(lab, key(s), state[s])
+            put(lab, etcd_key(s), state[s])
         wait_for(lambda: not expect_all(), "60 fake peers programmed everywhere", timeout=90, interval=0.5,
                  on_timeout=lambda: str(expect_all()) + lab_logs(lab))
         log_before = len(agent.log_text())
@@ -307,16 +250,16 @@ def test_compaction_while_an_agent_is_paused_leaves_kernel_equal_to_the_store(la
                 if s not in state:
                     state[s] = fake_vxlan_lease(f"198.18.1.{i + 1}", fake_mac(i, n % 250 + 1), Padding=pad)
                     counts["add"] += 1
-                    rev = put(lab, key(s), state[s])
+                    rev = put(lab, etcd_key(s), state[s])
                 elif rng.random() < 0.6:
                     ip = f"198.18.{rng.choice((1, 2))}.{i + 1}"
                     state[s] = fake_vxlan_lease(ip, fake_mac(i, n % 250 + 1), Padding=pad)
                     counts["change"] += 1
-                    rev = put(lab, key(s), state[s])
+                    rev = put(lab, etcd_key(s), state[s])
                 else:
                     del state[s]
                     counts["delete"] += 1
-                    rev = delete(lab, key(s))
+                    rev = delete(lab, etcd_key(s))
             assert lab.etcd is not None
             lab.etcd.v3("/v3/kv/compaction", {"revision": rev, "physical": True})
         finally:
@@ -393,7 +336,7 @@ def test_etcd_host_vanishing_without_a_reset_is_noticed_after_healing(lab: Lab, 
         t_cut = time.monotonic()
         figure("agent connections to etcd blackholed", len(conns))
         assert conns, "the agent had no connection to etcd to cut (the scenario needs one)"
-        put(lab, key(meanwhile), fake_vxlan_lease("198.18.0.140", fake_mac(140)))
+        put(lab, etcd_key(meanwhile), fake_vxlan_lease("198.18.0.140", fake_mac(140)))
         wait_routed(lab, meanwhile, "the other agents to get the lease", hosts=others)
         while time.monotonic() - t_cut < 20:
             assert lab.agent_alive(h1), "the agent exited while etcd was unreachable" + lab_logs(lab)

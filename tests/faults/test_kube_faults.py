@@ -25,40 +25,37 @@ import pytest
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import Lab
 from flannel.lab.netns import Blackhole, in_netns
-from tests.support import Figure, build_lab, dead_agents, kernel_routes, lab_logs, wait_for
+from tests.support import (
+    Figure,
+    agents_alive,
+    ensure_healthy,
+    kernel_routes,
+    lab_logs,
+    report_echoes,
+    ring_pingers,
+    running_lab,
+    stop_pingers,
+    wait_for,
+    wait_routed,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.root]
 
 P = "flannel.alpha.coreos.com/"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab("vxlan", tmp_path_factory.mktemp("faults-kube"), hosts=3, pods_per_host=1,
-                    subnet_manager="kube")
-    yield lab
-    lab.teardown(keep_dir=True)
-
-
-@pytest.fixture(autouse=True)
-def healthy(lab: Lab) -> Iterator[None]:
-    for host in dead_agents(lab):
-        lab.start_agent(host)
-        lab.wait_subnet(host)
-    m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 60)
-    assert all(m.values()), "the lab does not work before the scenario:\n" + pt.format_matrix(lab.pods(), m)
-    wait_for(lambda: not fake_routes(lab), "earlier scenarios' fake nodes to be removed", timeout=60,
-             on_timeout=lambda: f"{fake_routes(lab)}" + lab_logs(lab))
-    yield
-
-
 FAKE_RANGE = IPv4Network("10.244.192.0/18")
 
 
-def fake_routes(lab: Lab) -> dict[str, list[str]]:
-    """Routes to fake nodes (a scenario's leftovers) per host."""
-    out = {h: [d for d in kernel_routes(lab, h) if IPv4Network(d).subnet_of(FAKE_RANGE)] for h in lab.hosts}
-    return {h: r for h, r in out.items() if r}
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from running_lab("vxlan", tmp_path_factory.mktemp("faults-kube"), hosts=3, pods_per_host=1,
+                           subnet_manager="kube")
+
+
+@pytest.fixture(autouse=True)
+def healthy(lab: Lab) -> None:
+    ensure_healthy(lab, FAKE_RANGE)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -111,49 +108,17 @@ def delete_fakes(lab: Lab) -> None:
             api(lab, "DELETE", f"/api/v1/nodes/{name}")
 
 
-def alive(lab: Lab) -> bool:
-    dead = dead_agents(lab)
-    assert not dead, f"agents exited: {dead}" + lab_logs(lab, 25)
-    return True
-
-
-def wait_routed(lab: Lab, cidr: str, what: str, *, hosts: list[str] | None = None, timeout: float = 60.0,
-                present: bool = True) -> float:
-    t0 = time.monotonic()
-    wait_for(lambda: alive(lab) and all((cidr in kernel_routes(lab, h)) == present for h in (hosts or list(lab.hosts))),
-             what, timeout=timeout, interval=0.2, on_timeout=lambda: lab_logs(lab))
-    return time.monotonic() - t0
-
-
-def pingers(lab: Lab) -> list[pt.ContinuousPing]:
-    pods = [lab.pods([h])[0] for h in lab.hosts]
-    return [pt.ContinuousPing(a, b.ip) for a, b in zip(pods, pods[1:] + pods[:1])]
-
-
-def stop_pingers(figure: Figure, ps: list[pt.ContinuousPing]) -> list[tuple[str, pt.PingResult]]:
-    out = []
-    for p in ps:
-        try:
-            out.append((f"{p.src.name}→{p.dst}", p.stop()))
-        except Exception:
-            p.kill()
-            raise
-    figure("pod echoes sent", sum(r.sent for _, r in out))
-    figure("pod echoes lost", sum(len(r.lost) for _, r in out))
-    return out
-
-
 # ---- scenarios -----------------------------------------------------------------------------------
 
 def test_api_server_down_10s_loses_no_packets_and_a_later_node_arrives(lab: Lab, figure: Figure) -> None:
-    ps = pingers(lab)
+    ps = ring_pingers(lab)
     results: list[tuple[str, pt.PingResult]] = []
     try:
         api(lab, "POST", "/_test/outage?seconds=10")
         t0 = time.monotonic()
         wait_for(lambda: not api_up(lab), "the API server to go down", timeout=10)
         while time.monotonic() - t0 < 10:
-            alive(lab)
+            agents_alive(lab)
             time.sleep(0.5)
         wait_for(lambda: api_up(lab), "the API server to come back", timeout=30)
         figure("API server down", time.monotonic() - t0, "s")
@@ -161,10 +126,10 @@ def test_api_server_down_10s_loses_no_packets_and_a_later_node_arrives(lab: Lab,
         figure("node added after the outage reached every agent",
                wait_routed(lab, cidr, "the node added after the outage"), "s")
     finally:
-        results = stop_pingers(figure, ps)
+        results = stop_pingers(ps)
         delete_fakes(lab)
-    alive(lab)
-    assert all(r.lost == () for _, r in results), f"pods lost echoes during the outage: {results}"
+    agents_alive(lab)
+    assert report_echoes(figure, results) == 0, f"pods lost echoes during the outage: {results}"
 
 
 def test_410_during_the_watch_relists_and_misses_nothing(lab: Lab, figure: Figure) -> None:
@@ -180,7 +145,7 @@ def test_410_during_the_watch_relists_and_misses_nothing(lab: Lab, figure: Figur
         figure("node deleted after the 410 gone from every agent",
                wait_routed(lab, before, "the node deleted after the 410 to be removed", present=False), "s")
         figure("total after the 410", time.monotonic() - t0, "s")
-        alive(lab)
+        agents_alive(lab)
     finally:
         delete_fakes(lab)
 
@@ -203,7 +168,7 @@ def test_api_host_vanishing_without_a_reset_is_noticed_after_healing(lab: Lab, f
         cidr = add_fake(lab, 204)
         wait_routed(lab, cidr, "the other agents to get the node", hosts=others)
         while time.monotonic() - t_cut < 20:
-            alive(lab)
+            agents_alive(lab)
             time.sleep(0.5)
         bh.heal()
         t_heal = time.monotonic()
@@ -245,7 +210,7 @@ def garbage_nodes() -> list[tuple[dict[str, Any], dict[str, Any] | None, str]]:
 
 def test_garbage_annotations_crash_no_agent_and_good_nodes_still_arrive(lab: Lab, figure: Figure) -> None:
     h2 = list(lab.hosts)[1]
-    ps = pingers(lab)
+    ps = ring_pingers(lab)
     results: list[tuple[str, pt.PingResult]] = []
     records = garbage_nodes()
     try:
@@ -264,8 +229,8 @@ def test_garbage_annotations_crash_no_agent_and_good_nodes_still_arrive(lab: Lab
         assert good1 in kernel_routes(lab, h2), "the restarted agent lost a good node"
         m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 30)
         assert all(m.values()), pt.format_matrix(lab.pods(), m) + lab_logs(lab)
-        alive(lab)
+        agents_alive(lab)
     finally:
-        results = stop_pingers(figure, ps)
+        results = stop_pingers(ps)
         delete_fakes(lab)
-    assert all(r.lost == () for _, r in results), f"pods lost echoes: {results}"
+    assert report_echoes(figure, results) == 0, f"pods lost echoes: {results}"

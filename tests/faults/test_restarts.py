@@ -17,7 +17,7 @@ import pytest
 
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import Lab
-from tests.support import Figure, build_lab, dead_agents, lab_logs, wait_for
+from tests.support import Figure, ensure_healthy, lab_logs, report_echoes, running_lab, stop_pingers, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
 
@@ -26,20 +26,13 @@ INTERVAL = 0.01  # 100 echoes per second per pair
 
 @pytest.fixture(scope="module", params=["vxlan", "host-gw"])
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab(request.param, tmp_path_factory.mktemp(f"faults-restart-{request.param}"), hosts=3,
-                    pods_per_host=1)
-    yield lab
-    lab.teardown(keep_dir=True)
+    yield from running_lab(request.param, tmp_path_factory.mktemp(f"faults-restart-{request.param}"), hosts=3,
+                           pods_per_host=1)
 
 
 @pytest.fixture(autouse=True)
-def healthy(lab: Lab) -> Iterator[None]:
-    for host in dead_agents(lab):
-        lab.start_agent(host)
-        lab.wait_subnet(host)
-    m = pt.wait_full_matrix(lab.pods(), time.monotonic() + 60)
-    assert all(m.values()), "the lab does not work before the scenario:\n" + pt.format_matrix(lab.pods(), m)
-    yield
+def healthy(lab: Lab) -> None:
+    ensure_healthy(lab)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -50,7 +43,6 @@ def test_restart_under_10ms_ping_loses_no_packet(lab: Lab, sig: signal.Signals, 
     peers = {lab.hosts[h].subnet for h in (h1, h2)}
     pingers = [pt.ContinuousPing(p1, p3.ip, interval=INTERVAL), pt.ContinuousPing(p3, p1.ip, interval=INTERVAL),
                pt.ContinuousPing(p2, p3.ip, interval=INTERVAL), pt.ContinuousPing(p1, p2.ip, interval=INTERVAL)]
-    results = []
     try:
         agent = lab.agent(h3)
         t0 = time.monotonic()
@@ -71,14 +63,8 @@ def test_restart_under_10ms_ping_loses_no_packet(lab: Lab, sig: signal.Signals, 
         time.sleep(2.0)
         assert lab.agent_alive(h3), "the restarted agent exited" + lab_logs(lab)
     finally:
-        for p in pingers:
-            try:
-                results.append((f"{p.src.name}→{p.dst}", p.stop()))
-            except Exception:
-                p.kill()
-                raise
-    figure("echoes sent", sum(r.sent for _, r in results))
-    figure("echoes lost", sum(len(r.lost) for _, r in results))
+        results = stop_pingers(pingers)
+    report_echoes(figure, results)
     for name, r in results:
         assert r.sent >= 100, f"{name}: only {r.sent} echoes sent"
         assert r.lost == (), f"{name}: lost {len(r.lost)} of {r.sent} echoes across the restart (seq {r.lost[:20]})"

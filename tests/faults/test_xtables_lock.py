@@ -22,7 +22,7 @@ import pytest
 
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import Lab
-from tests.support import Figure, build_lab, dead_agents, lab_logs, lab_ns, wait_for
+from tests.support import Figure, dead_agents, lab_logs, lab_ns, report_echoes, running_lab, stop_pingers, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.root, pytest.mark.etcd]
 
@@ -34,9 +34,7 @@ LEGACY = {"iptables": "iptables-legacy", "iptables-restore": "iptables-legacy-re
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = build_lab("vxlan", tmp_path_factory.mktemp("faults-xtables"), hosts=2, pods_per_host=1, ip_masq=True)
-    yield lab
-    lab.teardown(keep_dir=True)
+    yield from running_lab("vxlan", tmp_path_factory.mktemp("faults-xtables"), hosts=2, pods_per_host=1, ip_masq=True)
 
 
 def legacy_env(tmp: Path) -> tuple[dict[str, str], Path]:
@@ -71,7 +69,7 @@ def test_xtables_lock_held_60s_agent_survives_and_repairs_rules(lab: Lab, tmp_pa
     holder: subprocess.Popen[bytes] | None = None
     p1, p2 = lab.pods([h1])[0], lab.pods([h2])[0]
     pingers = [pt.ContinuousPing(p1, p2.ip), pt.ContinuousPing(p2, p1.ip)]
-    results = []
+    results: list[tuple[str, pt.PingResult]] = []
     try:
         rules = wait_for(lambda: masq_rules(lab, h1, free_lock), "the agent's legacy masquerade rules", timeout=60,
                          on_timeout=lambda: lab_logs(lab))
@@ -107,15 +105,9 @@ def test_xtables_lock_held_60s_agent_survives_and_repairs_rules(lab: Lab, tmp_pa
         if holder is not None and holder.poll() is None:
             holder.kill()
             holder.wait(5)
-        for p in pingers:
-            try:
-                results.append((f"{p.src.name}→{p.dst}", p.stop()))
-            except Exception:
-                p.kill()
-                raise
+        results = stop_pingers(pingers)
         if dead_agents(lab):
             lab.start_agent(h1)
         else:
             lab.restart_agent(h1)  # back to the machine's iptables
-    figure("echoes lost", sum(len(r.lost) for _, r in results))
-    assert all(r.lost == () for _, r in results), f"pods lost echoes: {results}"
+    assert report_echoes(figure, results) == 0, f"pods lost echoes: {results}"
