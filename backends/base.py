@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
@@ -31,6 +32,20 @@ class ExternalInterface:
     ext_addr: IPv4Address | None
     iface_v6_addr: IPv6Address | None = None
     ext_v6_addr: IPv6Address | None = None
+
+
+def each_batch(batches: queue.Queue[Batch | None], stop: threading.Event, *, poll: float = 0.5) -> Iterator[Batch]:
+    """The batches ``Network.run`` receives, until ``stop`` is set or the daemon's end marker
+    (``None``) arrives. Waits at most ``poll`` seconds at a time, so a set ``stop`` is seen even
+    when no batch comes. For a ``run`` with nothing else to do between batches."""
+    while not stop.is_set():
+        try:
+            batch = batches.get(timeout=poll)
+        except queue.Empty:
+            continue
+        if batch is None:
+            return
+        yield batch
 
 
 class Network(abc.ABC):

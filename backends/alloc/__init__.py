@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 
-from flannel.backends.base import Backend, Network
+from flannel.backends.base import Backend, Network, each_batch
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseSource
 
@@ -24,13 +24,7 @@ class AllocNetwork(Network):
 
     def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         """No data plane: just keep a peer table (for logs and tests)."""
-        while not stop.is_set():
-            try:
-                batch = batches.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if batch is None:
-                return
+        for batch in each_batch(batches, stop):
             for ev in batch.events:
                 if ev.type is EventType.ADDED:
                     self.peers[ev.lease.ident] = ev.lease

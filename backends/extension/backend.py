@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from flannel import errors, metrics
-from flannel.backends.base import Backend, Network
+from flannel.backends.base import Backend, Network, each_batch
 from flannel.backends.extension import command
 from flannel.backends.extension import network as ext_net
 from flannel.backends.extension.network import TYPE, ExtensionOptions
@@ -56,13 +56,7 @@ class ExtensionNetwork(Network):
 
     def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         log.info("extension: watching for new subnet leases")
-        while not stop.is_set():
-            try:
-                batch = batches.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if batch is None:
-                return
+        for batch in each_batch(batches, stop):
             try:
                 self.apply(batch)
             except Exception:
