@@ -1,8 +1,9 @@
 """Entry-point discovery for backends and subnet managers.
 
 Built-ins are registered in setup.cfg exactly like third-party plugins, and only the plugin the
-config asks for is imported (importing a backend pulls in pyroute2, the kube manager pulls in the
-kubernetes client: neither should be paid for when unused).
+config asks for is imported (the udp backend pulls in pyroute2 and its packet path, the kube
+manager the kubernetes client, the etcd manager gRPC: none should be paid for when unused).
+docs/architecture.md shows how to write and install a third-party backend.
 """
 
 from __future__ import annotations

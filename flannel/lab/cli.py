@@ -18,6 +18,7 @@ from flannel.lab.cluster import (
     Lab,
     LabConfig,
     LabError,
+    installed_backends,
     leftovers,
 )
 
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=["up", "down", "status"])
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
     p.add_argument("--pods-per-host", type=int, default=1, help="pods per host (default 1)")
-    p.add_argument("--backend", choices=BACKENDS, default="vxlan")
+    p.add_argument("--backend", default="vxlan",
+                   help=f"{', '.join(BACKENDS)} or any installed backend plugin (default vxlan)")
     p.add_argument("--subnet-manager", choices=["etcd", "kube"], default="etcd")
     p.add_argument("--network", default=DEFAULT_NETWORK, help=f"flannel Network (default {DEFAULT_NETWORK})")
     p.add_argument("--ip-masq", action="store_true", help="run the agents with --ip-masq")
@@ -44,6 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hosts < 1 or args.hosts > 200 or args.pods_per_host < 0 or args.pods_per_host > 200:
         print("lab: --hosts must be 1..200 and --pods-per-host 0..200", file=sys.stderr)
         return 2
+    if args.command == "up" and args.backend not in BACKENDS:
+        try:
+            known = installed_backends()
+        except LabError as e:
+            print(f"lab: {e}", file=sys.stderr)
+            return 1
+        if args.backend not in known:
+            print(f"lab: unknown backend {args.backend!r}; installed backend plugins: {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
     existing = Lab.load(args.dir)
     if args.command == "status":
         if existing is None:

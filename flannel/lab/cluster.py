@@ -56,6 +56,8 @@ ETCD_PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 8471
 KUBEAPI_PORT = 6443
 CNI_BIN = "/usr/lib/cni"
+#: the built-in backends (setup.cfg's ``flannel.backends`` entry points); the lab runs any installed
+#: backend plugin, built-in or not (``installed_backends``)
 BACKENDS = ("vxlan", "host-gw", "udp", "wireguard", "extension", "alloc")
 # the extension lab: host-gw done with shell commands (flannel's Documentation/extension.md example)
 EXTENSION_BACKEND = {
@@ -66,6 +68,22 @@ EXTENSION_BACKEND = {
 
 class LabError(RuntimeError):
     """The lab could not be built or controlled; the message says what and where to look."""
+
+
+_LIST_BACKENDS = "import json; from flannel import plugins; print(json.dumps(plugins.available(plugins.BACKENDS)))"
+
+
+def installed_backends(python: str = sys.executable) -> list[str]:
+    """The backend plugins the agents' interpreter finds (entry-point group ``flannel.backends``):
+    the built-ins and any third-party plugin installed where it looks (its site-packages, or a
+    directory on ``PYTHONPATH``, which the agents inherit). Asked in a child process, as an agent
+    would load them, so the answer does not depend on what this process has imported."""
+    res = subprocess.run([python, "-c", _LIST_BACKENDS], capture_output=True, text=True, timeout=120)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        raise LabError(f"cannot list the backend plugins of {python}: {res.stderr.strip()[-500:] or 'no output'}")
+    names: list[str] = json.loads(lines[-1])
+    return names
 
 
 @dataclass(frozen=True)
@@ -269,8 +287,11 @@ class Lab:
 
     def up(self) -> None:
         cfg = self.config
-        if cfg.backend not in BACKENDS:
-            raise LabError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if cfg.backend not in BACKENDS:   # a third-party plugin: the agents must be able to load it
+            known = installed_backends(cfg.python)
+            if cfg.backend not in known:
+                raise LabError(f"unknown backend {cfg.backend!r}: no such plugin in the flannel.backends entry-point "
+                               f"group of {cfg.python}; installed: {', '.join(known)}")
         if cfg.subnet_manager not in ("etcd", "kube"):
             raise LabError(f"unknown subnet manager {cfg.subnet_manager!r}; choose etcd or kube")
         missing = self.preflight()

@@ -89,5 +89,6 @@ def test_lab_cli_refuses_bad_arguments(tmp_path: Path) -> None:
     res = _lab("up", "--hosts", "0", "--dir", str(tmp_path), "--prefix", run_prefix())
     assert res.returncode == 2 and "--hosts" in res.stderr
     res = _lab("up", "--backend", "nope", "--dir", str(tmp_path))
-    assert res.returncode == 2 and "invalid choice" in res.stderr
+    assert res.returncode == 2 and "unknown backend 'nope'" in res.stderr
+    assert "vxlan" in res.stderr.split("installed backend plugins:")[1], "the message lists what is installed"
     assert os.listdir(tmp_path) == []

@@ -18,7 +18,7 @@ import pytest
 
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab
-from tests.support import build_lab
+from tests.support import build_lab, stop_pingers
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.e2e]
 
@@ -82,16 +82,10 @@ def test_restart_agent_loses_no_packets(lab: Lab) -> None:
         time.sleep(2.0)
         assert lab.agent_alive(h3), "restarted agent died" + _logs(lab)
     finally:
-        results = []
-        for p in pingers:
-            try:
-                results.append((p.src.name, p.dst, p.stop()))
-            except Exception:
-                p.kill()
-                raise
-    for src, dst, r in results:
-        assert r.sent >= 20, f"{src}→{dst}: only {r.sent} echoes sent"
-        assert r.lost == (), f"{src}→{dst}: lost {len(r.lost)} of {r.sent} echoes during the restart (seq {r.lost})"
+        results = stop_pingers(pingers)
+    for name, r in results:
+        assert r.sent >= 20, f"{name}: only {r.sent} echoes sent"
+        assert r.lost == (), f"{name}: lost {len(r.lost)} of {r.sent} echoes during the restart (seq {r.lost})"
     assert lab.hosts[h3].subnet == subnet_before, "a restarted agent must keep its lease"
 
 

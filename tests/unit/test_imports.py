@@ -3,8 +3,8 @@ including those inside functions and ``if TYPE_CHECKING`` blocks):
 
 (a) backends never import subnet managers and subnet managers never import backends (both may
     import the core); the core (``flannel/`` outside ``flannel/lab``) never imports the lab;
-(b) pyroute2 only in the kernel ports (PYROUTE2_USERS: backends/routed/netlink.py, the udp TUN
-    device, and the core's interface selection);
+(b) pyroute2 only in the kernel ports (PYROUTE2_USERS: backends/routed/netlink.py and the udp TUN
+    device; everything else speaks raw rtnetlink through flannel/nl.py);
 (c) only ``subnet_managers/etcd/registry.py`` imports the etcd client (pyetcd, grpc);
 (d) nothing installed imports ``tests``;
 (e) a backend package imports no other backend package except ``routed`` and ``base``;
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # source folder → the package it installs as (setup.cfg package_dir)
 PACKAGES = {"flannel": "flannel", "backends": "flannel.backends", "subnet_managers": "flannel.subnet_managers"}
 
-# (b) pyroute2 users. backends/routed/netlink.py is the backends' netlink port; udp/tun.py creates
-# and configures the TUN device (its own small port); flannel/iface.py is the core's interface
-# selection (--iface, --iface-regex, --iface-can-reach), which runs before any backend is loaded
-# and must not depend on one. Keep this list short: a new user of pyroute2 belongs in one of these.
-PYROUTE2_USERS = {"backends/routed/netlink.py", "backends/udp/tun.py", "flannel/iface.py"}
+# (b) pyroute2 users. backends/routed/netlink.py is the backends' netlink port (it opens pyroute2
+# lazily, for a message shape flannel/nl.py does not pack); udp/tun.py creates and configures the
+# TUN device (its own small port). The core (interface selection included) uses flannel/nl.py:
+# importing pyroute2 costs ~22 MB. Keep this list short: a new user belongs in one of these.
+PYROUTE2_USERS = {"backends/routed/netlink.py", "backends/udp/tun.py"}
 ETCD_CLIENT_USERS = {"subnet_managers/etcd/registry.py"}
 
 
