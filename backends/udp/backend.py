@@ -115,7 +115,6 @@ class UDPNetwork(Network):
         self.proxy = proxy
         self.table = table if table is not None else TableBuilder(port)
         proxy.set_table(self.table.publish())
-        self._started = False
         self._closed = False
         self._lock = threading.Lock()  # control plane only (run vs close), never the packet path
 
@@ -132,11 +131,10 @@ class UDPNetwork(Network):
         return self.proxy.counters()
 
     def start(self) -> None:
-        """Start the workers (``run`` does it too); idempotent."""
+        """Start the workers (``run`` does it too); idempotent, and a no-op after ``close``."""
         with self._lock:
-            if not self._started and not self._closed:
+            if not self._closed:
                 self.proxy.start()
-                self._started = True
 
     @property
     def peers(self) -> Mapping[IPv4Network, Peer]:
@@ -167,23 +165,27 @@ class UDPNetwork(Network):
         metrics.lease_events_applied(batch.events)  # metrics
 
     def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
+        """Apply lease batches; the packet workers run independently of this loop.
+
+        Re-enterable: the daemon restarts a failed network thread by calling ``run`` again, so
+        ``run`` neither stops the workers when it returns (``close`` does) nor assumes they are
+        still running when it starts (``start`` restarts them if they were stopped). Forwarding to
+        known peers therefore goes on while the control loop is being restarted.
+        """
         self.start()
-        try:
-            while not stop.is_set():
-                try:
-                    batch = batches.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if batch is None:
-                    return
-                try:
-                    with metrics.timed_apply(full=False):  # metrics
-                        self.apply(batch)
-                except Exception:
-                    metrics.apply_failed()  # metrics
-                    log.exception("udp: could not apply a lease batch; continuing")
-        finally:
-            self.proxy.stop()
+        while not stop.is_set():
+            try:
+                batch = batches.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if batch is None:
+                return
+            try:
+                with metrics.timed_apply(full=False):  # metrics
+                    self.apply(batch)
+            except Exception:
+                metrics.apply_failed()  # metrics
+                log.exception("udp: could not apply a lease batch; continuing")
 
     def close(self) -> None:
         """Stop the workers, close sockets and the TUN (the kernel drops the device and route)."""

@@ -120,6 +120,18 @@ class Proxy:
         self.table = table
 
     def start(self) -> None:
+        """Start the workers; a no-op while they run, and a restart after ``stop`` (the counters
+        carry on: each start adds its own counter arrays, ``counters`` sums them all)."""
+        if not self._stopped and any(t.is_alive() for t in self._threads):
+            return
+        for t in self._threads:  # stragglers of a stop() that timed out: they are on their way out
+            t.join(2 * POLL_S + 1.0)
+        if any(t.is_alive() for t in self._threads):
+            raise errors.BackendError("udp: the previous workers did not stop; not starting a second set")
+        self._threads = []
+        self._stopped = False
+        if self._c_state is not None:
+            self._c_state.stop = 0
         for q, (fd, sock, tx) in enumerate(zip(self.tun_fds, self.socks, self.tx_socks)):
             targets: list[tuple[Callable[..., None], tuple[object, ...]]]
             if self._lib is not None:
@@ -146,9 +158,8 @@ class Proxy:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
-        if alive:
+        if alive:  # kept in _threads, so that start() does not run a second set beside them
             log.warning("udp: workers still running after %.1fs: %s", timeout, alive)
-        self._threads = []
 
     def counters(self) -> dict[str, int]:
         tot = [0] * len(COUNTER_NAMES)
