@@ -183,11 +183,14 @@ class Monitor:
         self.threads = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]
         for t in self.threads:
             t.start()
-        # canaries: one route and one fdb change that each monitor must report before we trust it
+        # canaries: one route and one fdb change that each monitor must report before we trust it.
+        # Each poke deletes and re-adds them: an identical replace makes no notification, so a
+        # monitor that was not yet listening at the first poke would otherwise never see one.
         def poke() -> bool:
-            ns.ip("route", "replace", "203.0.113.0/24", "dev", "eth1")
-            ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "master", check=False)
-            ns.exec("bridge", "fdb", "replace", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
+            ns.ip("route", "del", "203.0.113.0/24", "dev", "eth1", check=False)
+            ns.ip("route", "add", "203.0.113.0/24", "dev", "eth1")
+            ns.exec("bridge", "fdb", "del", "02:99:00:00:00:01", "dev", "eth1", "self", check=False)
+            ns.exec("bridge", "fdb", "add", "02:99:00:00:00:01", "dev", "eth1", "self", "permanent", check=False)
             return (any("203.0.113.0/24" in ln for ln in self.lines)
                     and any("02:99:00:00:00:01" in ln for ln in self.lines))
         wait_for(poke, "ip/bridge monitor ready", timeout=30)
