@@ -61,6 +61,9 @@ T = TypeVar("T")
 ENDPOINT_RETRY_SECONDS = 1.0
 #: timeout of every unary RPC (and of watch creation).
 RPC_TIMEOUT_SECONDS = 5.0
+#: after this long with every call failing as "unavailable", the next call builds a fresh gRPC
+#: connection instead of waiting for the old channel to reconnect (see ``_call``).
+FRESH_CONNECTION_AFTER_SECONDS = 5.0
 CONFIG_NOT_FOUND_HINT = "Did you create your config using etcdv3 API?"
 #: a network config is a few hundred bytes; a larger value is refused before decoding.
 MAX_CONFIG_BYTES = 64 * 1024
@@ -170,6 +173,8 @@ class EtcdRegistry:
         self._lock = threading.Lock()
         self._client: Any = None
         self._closed = False
+        #: monotonic time of the first "unavailable" failure since the last successful call
+        self._failing_since: float | None = None
         self._warned_insecure = not warn_insecure
         #: records skipped at the trust boundary, per reason (exported as a metric)
         self.skipped = SkippedRecords("etcd key", log, metric_store="etcd")
@@ -326,9 +331,11 @@ class EtcdRegistry:
         for attempt in range(attempts):
             client = self._connect()
             try:
-                return fn(client)
+                result = fn(client)
             except _LIBRARY_ERRORS as e:
                 err = self._convert(e, what)
+                if isinstance(err, errors.StoreUnavailable) and not isinstance(err, _Reauthenticate):
+                    self._note_unavailable(client)
                 if isinstance(err, _Reauthenticate):
                     if attempt + 1 < attempts:
                         log.info("etcd rejected our auth token (%s); authenticating again", err)
@@ -339,7 +346,29 @@ class EtcdRegistry:
                       and attempt + 1 < len(self._endpoints)):
                     continue  # another endpoint may work (pyetcd moves on to it)
                 raise err from e
+            self._failing_since = None
+            return result
         raise AssertionError("unreachable")
+
+    def _note_unavailable(self, client: Any) -> None:
+        """Count an "unavailable" failure; after FRESH_CONNECTION_AFTER_SECONDS of nothing but
+        those, drop the client so that the next call connects afresh.
+
+        Why: a gRPC channel whose server went away (a GOAWAY on etcd's shutdown, then refused
+        connections) is meant to reconnect by itself, but under load it was seen to keep failing
+        every call with UNAVAILABLE for 30 s and more after etcd was back, while a new channel
+        connects at once (tests/integration/test_agents.py etcd outage, about one run in three in
+        CI). A fresh connection costs one TCP and HTTP/2 handshake; it is only made while nothing
+        works anyway, so it can cost no working watch or call anything.
+        """
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= FRESH_CONNECTION_AFTER_SECONDS:
+            log.info("etcd (%s) unavailable for %.0fs: opening a fresh connection for the next call",
+                     ",".join(self._urls), now - self._failing_since)
+            self._failing_since = now
+            self._drop_client(client)
 
     # -- keys and records: the trust boundary ----------------------------------------------------
 

@@ -347,3 +347,38 @@ def test_expired_auth_token_is_renewed(tmp_path, caplog):
             reg.close()
     finally:
         srv.close()
+
+
+def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_server, caplog, monkeypatch):
+    """A gRPC channel left behind by a vanished etcd is not trusted to reconnect by itself: after
+    FRESH_CONNECTION_AFTER_SECONDS of nothing but "unavailable", the registry connects afresh, and a
+    call made after etcd is back succeeds on the new connection."""
+    from flannel.subnet_managers.etcd import registry as registry_mod
+    from tests.support import wait_for
+
+    caplog.set_level(logging.INFO, logger=registry_mod.__name__)
+    monkeypatch.setattr(registry_mod, "FRESH_CONNECTION_AFTER_SECONDS", 0.5)
+    reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX, timeout=1)
+    try:
+        reg.put_config(CONFIG)
+        first = reg._client
+        assert first is not None
+        etcd_server.stop()
+
+        def failed_long_enough() -> bool:
+            with pytest.raises(errors.StoreUnavailable):
+                reg.get_config()
+            return "opening a fresh connection" in caplog.text
+        wait_for(failed_long_enough, "the registry to give up on its connection", timeout=30, interval=0.1)
+        assert reg._client is not first
+        etcd_server.start()
+
+        def works() -> bool:
+            try:
+                return reg.get_config() == CONFIG
+            except errors.StoreUnavailable:
+                return False
+        wait_for(works, "a call after etcd is back", timeout=30, interval=0.2)
+        assert reg._client is not None and reg._client is not first
+    finally:
+        reg.close()
