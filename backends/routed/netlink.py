@@ -1,8 +1,8 @@
 """The kernel side of vxlan and host-gw: the only module of these backends that talks netlink.
 
-``Netlink`` owns two sockets opened in the calling thread's network namespace (so a thread switched
-into a namespace with ``flannel.lab.netns.in_netns`` programs that namespace): a pyroute2
-``IPRoute`` for links and addresses (rare, nested attributes), and ``rtnl.Rtnl`` for the per-peer
+``Netlink`` works in the calling thread's network namespace (so a thread switched into a namespace
+with ``flannel.lab.netns.in_netns`` programs that namespace): links and addresses go through
+``flannel.nl`` (rare, nested attributes), and ``rtnl.Rtnl`` carries the per-peer
 entries -- routes, neighbours, fdb -- which are written and dumped with hand-packed messages,
 many per system call, each failure still attributed to its entry (see ``rtnl.py`` for why:
 pyroute2 costs ~0.2 ms of Python per message). ``dump`` reads what this backend manages and
@@ -111,9 +111,9 @@ class Netlink:
 
     @property
     def _ipr(self) -> Any:
-        """A pyroute2 ``IPRoute``, opened on first use (in the calling thread's namespace). Nothing
-        here uses it -- importing pyroute2 costs ~22 MB of memory -- but a backend built on this port
-        may, for a message shape ``flannel.nl`` does not have."""
+        """A pyroute2 ``IPRoute``, opened on first use (in the calling thread's namespace). Only
+        ``replace_link_route`` (the wireguard backend's device route) uses it; vxlan and host-gw
+        never do, so they do not pay pyroute2's ~22 MB import."""
         if self._pyroute2 is None:
             from pyroute2 import IPRoute
             self._pyroute2 = IPRoute()

@@ -147,7 +147,7 @@ def backend_data_text(value: str | None, key: str) -> str | None:
     """A backend-data annotation → compact JSON text for ``LeaseAttrs`` (``None`` when absent,
     empty or ``null``).
 
-    :raises Rejected: the value is not JSON, too large, or nested too deeply (``RecursionError``
+    :raises Rejected: the value is not JSON, not an object or string, too large, or nested too deeply (``RecursionError``
         from the decoder is caught here and in the tracker, whichever sees it first).
     """
     if value is None or value.strip() in ("", "null"):
@@ -163,6 +163,10 @@ def backend_data_text(value: str | None, key: str) -> str | None:
         raise Rejected(skips.BAD_BACKEND_DATA, f"annotation {key} is not JSON ({e}): {value[:80]!r}") from None
     if _depth(obj) > MAX_DATA_DEPTH:
         raise Rejected(skips.TOO_DEEP, f"annotation {key} is nested more than {MAX_DATA_DEPTH} levels deep")
+    if not isinstance(obj, dict | str):
+        # as the etcd side (wire._raw): no flannel backend publishes a number, boolean or array
+        raise Rejected(skips.BAD_BACKEND_DATA, f"annotation {key} must be a JSON object (or a string), "
+                                               f"got {type(obj).__name__}: {value[:80]!r}")
     return wire.compact_json(obj)
 
 

@@ -347,3 +347,15 @@ def test_lease_event_type_is_what_changed():
     t.apply("ADDED", good_node())
     ev: list[LeaseEvent] = t.apply("MODIFIED", good_node(**{N.backend_data: '{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:aa"}'}))
     assert [e.type for e in ev] == [EventType.ADDED]
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "[1, 2]", "3.5"])
+def test_backend_data_that_is_not_an_object_or_string_makes_the_node_unreadable(value):
+    """As the etcd side: a number, boolean or array is published by no flannel backend; the node
+    keeps its last good lease instead of getting BackendData -1 (found by the fuzz test above)."""
+    counter = skips.counter()
+    t = NodeTracker(N, V4, own_name="me", skipped=counter)
+    original = t.apply("ADDED", good_node())[0].lease
+    assert t.apply("MODIFIED", good_node(**{N.backend_data: value})) == []
+    assert t.lease_of("good") == original
+    assert counter.total == 1
