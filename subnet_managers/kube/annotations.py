@@ -147,8 +147,9 @@ def backend_data_text(value: str | None, key: str) -> str | None:
     """A backend-data annotation → compact JSON text for ``LeaseAttrs`` (``None`` when absent,
     empty or ``null``).
 
-    :raises Rejected: the value is not JSON, not an object or string, too large, or nested too deeply (``RecursionError``
-        from the decoder is caught here and in the tracker, whichever sees it first).
+    :raises Rejected: the value is not JSON, not an object or string, too large, or nested too
+        deeply (``RecursionError`` from the decoder is caught here and in the tracker, whichever sees
+        it first).
     """
     if value is None or value.strip() in ("", "null"):
         return None
