@@ -251,6 +251,10 @@ class _Handler(BaseHTTPRequestHandler):
             cursor = int(rv_text) if rv_text not in ("", "0") else None
         except ValueError:
             raise APIError(400, "BadRequest", f"invalid resourceVersion {rv_text!r}") from None
+        # the epoch is read before the request counts as arrived: a cut_watches() made by anyone
+        # who saw it arrive (watch_requests, the access log) must reach this stream too
+        with state.cond:
+            epoch = state.epoch
         with api._conns_lock:
             api.watch_requests += 1
             seq = api.watch_requests
@@ -262,8 +266,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", _CT_JSON)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        with state.cond:
-            epoch = state.epoch
         if cursor is None:  # "get state and start at most recent": synthetic ADDED for everything
             items, cursor = state.list_nodes()
             for item in items:
