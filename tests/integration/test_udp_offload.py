@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -17,6 +18,7 @@ from tests.support import UDP_LOCAL as LOCAL
 from tests.support import Rig, csum, wait_for
 
 LIB = accel.load()
+SOL_UDP, UDP_GRO = 17, 104
 
 
 @pytest.fixture(autouse=True)
@@ -193,3 +195,54 @@ def test_offload_fuzz_never_kills_the_workers(rig: Rig) -> None:
     rig.tun_test.send(vnet(1, 1, 52, MSS, 20, 16) + sup)
     assert check_segment(rig.peer.recv(65536))[0] == 9
     assert all(t.is_alive() for t in rig.proxy._threads)
+
+
+def gro_batches(sock: socket.socket, total: int) -> list[list[bytes]]:
+    """Receive ``total`` datagrams on a UDP_GRO socket, grouped by the send they came in (on
+    loopback a UDP_SEGMENT send reaches a GRO socket as one unit: one recvmsg per sendmsg)."""
+    batches: list[list[bytes]] = []
+    while sum(map(len, batches)) < total:
+        data, anc, _, _ = sock.recvmsg(70000, socket.CMSG_SPACE(4))
+        size = len(data)
+        for level, kind, val in anc:
+            if (level, kind) == (SOL_UDP, UDP_GRO):
+                size = struct.unpack("i", val[:4])[0]
+        batches.append([data[i:i + size] for i in range(0, len(data), size)])
+    return batches
+
+
+def test_tso_remainder_leaves_with_the_next_packet(rig: Rig) -> None:
+    """A 45-segment TSO packet does not fit one UDP send (44 × 1472 bytes do): its last segment
+    waits for the next packet read from the TUN instead of costing a send of its own; whatever
+    is left goes out when the TUN has nothing more. Order and format are unchanged."""
+    rig.peer.setsockopt(SOL_UDP, UDP_GRO, 1)
+    rig.tun_test.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)   # room for two 64 KB packets
+    payload = os.urandom(90 * MSS)
+    for k in range(2):   # queued before the workers start: the second read finds the next one
+        sup = tcp_packet("10.244.1.5", "10.244.2.9", 1 + k * 45 * MSS, payload[k * 45 * MSS:(k + 1) * 45 * MSS],
+                         full_csum=False)
+        rig.tun_test.send(vnet(1, 1, 52, MSS, 20, 16) + sup)
+    rig.proxy.start()
+    batches = gro_batches(rig.peer, 90)
+    assert [len(b) for b in batches] == [44, 44, 2]
+    got = [check_segment(seg) for b in batches for seg in b]
+    assert [seq for seq, _, _ in got] == [1 + i * MSS for i in range(90)]
+    assert b"".join(chunk for _, _, chunk in got) == payload
+    wait_for(lambda: rig.proxy.counters()["tx_packets"] == 90)
+
+
+def test_small_packets_of_one_size_leave_in_one_send(rig: Rig) -> None:
+    """Pure ACKs (or any packets of one size to one peer) read back to back share a UDP_SEGMENT
+    send; a packet of another size starts a new one; nothing is reordered."""
+    rig.peer.setsockopt(SOL_UDP, UDP_GRO, 1)
+    acks = [tcp_packet("10.244.1.5", "10.244.2.9", 1, b"", ident=i) for i in range(5)]
+    data = tcp_packet("10.244.1.5", "10.244.2.9", 1, b"x" * 700, ident=9)
+    for p in (*acks, data):
+        rig.tun_test.send(vnet() + p)
+    rig.proxy.start()
+    batches = gro_batches(rig.peer, 6)
+    assert [len(b) for b in batches] == [5, 1]
+    sent = [seg for b in batches for seg in b]
+    assert [check_segment(s)[2] for s in sent] == [b""] * 5 + [b"x" * 700]
+    assert [int.from_bytes(s[4:6], "big") for s in sent] == [0, 1, 2, 3, 4, 9]
+    assert all(s[8] == 63 for s in sent)
