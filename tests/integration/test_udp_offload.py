@@ -246,3 +246,16 @@ def test_small_packets_of_one_size_leave_in_one_send(rig: Rig) -> None:
     assert [check_segment(s)[2] for s in sent] == [b""] * 5 + [b"x" * 700]
     assert [int.from_bytes(s[4:6], "big") for s in sent] == [0, 1, 2, 3, 4, 9]
     assert all(s[8] == 63 for s in sent)
+
+
+def test_gro_merge_spans_receive_batches(rig: Rig) -> None:
+    """A flow's segments that arrive in two recvmmsg() batches (more datagrams than one batch
+    takes) still become one GSO write: the sender's sends do not line up with TCP packets."""
+    payloads = [os.urandom(MSS) for _ in range(12)]   # > RX_BATCH (8) datagrams
+    for i, p in enumerate(payloads):
+        rig.peer.sendto(tcp_packet("10.244.2.9", "10.244.1.5", 1 + i * MSS, p, ident=i), (LOCAL, rig.port))
+    rig.proxy.start()
+    msg = rig.tun_test.recv(70000)
+    assert struct.unpack("=BBHHHH", msg[:10])[:4] == (1, 1, 52, MSS)
+    assert msg[10 + 52:] == b"".join(payloads)
+    wait_for(lambda: rig.proxy.counters()["tun_tx_packets"] == 12)

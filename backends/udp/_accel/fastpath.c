@@ -690,6 +690,7 @@ struct coal {
     int hl, ihl, mss, nseg;
     uint32_t next_seq;
     int closed;            /* no more segments may be appended */
+    int refs;              /* bit i: points into receive buffer set i (flushed before it is reused) */
     struct iovec iov[MAX_COAL + 2];
 };
 
@@ -725,11 +726,11 @@ static void coal_flush(struct coal *k, int tun_fd, uint64_t *c) {
         c[C_TUN_TX_PACKETS] += (uint64_t)k->nseg;
         c[C_TUN_TX_BYTES] += (uint64_t)k->len;
     }
-    k->nseg = 0; k->len = 0;
+    k->nseg = 0; k->len = 0; k->refs = 0;
 }
 
 /* Append a checked, TTL-decremented packet: merge into the current flow or flush and restart. */
-static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint64_t *c) {
+static void coal_add(struct coal *k, const uint8_t *p, int len, int set, int tun_fd, uint64_t *c) {
     int ihl = (p[0] & 0x0F) * 4;
     int mergeable = p[9] == 6 && ihl == 20 && len >= 40 && !(((p[6] << 8) | p[7]) & 0x3FFF)
         && ((p[2] << 8) | p[3]) == len;
@@ -758,6 +759,7 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
             k->nseg++;
             k->next_seq += (uint32_t)plen;
             k->hdr[ihl + 13] |= fl;  /* PSH of the last one */
+            k->refs |= 1 << set;
             if (plen < k->mss || (fl & 0x08)) k->closed = 1;
             return;
         }
@@ -765,6 +767,7 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
     coal_flush(k, tun_fd, c);
     k->first = p;
     k->first_len = len;
+    k->refs = 1 << set;
     k->len = len;
     k->nseg = 1;
     k->closed = !mergeable || (fl & 0x08);
@@ -777,17 +780,25 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
     }
 }
 
-/* UDP (GRO) -> TUN (vnet hdr) worker. */
+/* UDP (GRO) -> TUN (vnet hdr) worker. The merge state survives from one recvmmsg() to the next
+ * (two sets of receive buffers used in turn; a set still referenced is flushed before it is
+ * reused): the sender's batches do not line up with TCP flows (a UDP send carries the tail of one
+ * TSO packet and the head of the next), so flushing at the end of every recvmmsg() would cut most
+ * packets in two, each half a TUN write and a trip through the pod's stack. Everything pending
+ * is written before the worker sleeps (recvmmsg found nothing). */
 int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, int w) {
-    uint8_t *bufs = malloc((size_t)RX_BATCH * BIGBUF);
+    uint8_t *sets[2] = {malloc((size_t)RX_BATCH * BIGBUF), malloc((size_t)RX_BATCH * BIGBUF)};
     struct coal k;
     memset(&k, 0, sizeof k);
-    if (!bufs) return -1;
+    if (!sets[0] || !sets[1]) { free(sets[0]); free(sets[1]); return -1; }
     struct mmsghdr msgs[RX_BATCH];
     struct iovec iov[RX_BATCH];
     struct sockaddr_in src[RX_BATCH];
     char cbuf[RX_BATCH][CMSG_SPACE(sizeof(int))];
+    int cur = 0;
     while (!st->stop) {
+        if (k.refs & (1 << cur)) coal_flush(&k, tun_fd, c);
+        uint8_t *bufs = sets[cur];
         for (int i = 0; i < RX_BATCH; i++) {
             iov[i].iov_base = bufs + (size_t)i * BIGBUF;
             iov[i].iov_len = BIGBUF;
@@ -827,12 +838,13 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, 
                 if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
                 if (fl_source_allowed(t, outer, rd32(p + 12)) != 0) { c[C_DROP_SPOOFED]++; continue; }
                 if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
-                coal_add(&k, p, len, tun_fd, c);
+                coal_add(&k, p, len, cur, tun_fd, c);
             }
         }
         table_leave(st, w);
-        coal_flush(&k, tun_fd, c);
+        cur ^= 1;
     }
-    free(bufs);
+    coal_flush(&k, tun_fd, c);
+    free(sets[0]); free(sets[1]);
     return 0;
 }
