@@ -9,12 +9,14 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from flannel.backends.udp import accel
+from flannel.backends.udp.packet import Peer, PeerTable
 from tests.support import UDP_LOCAL as LOCAL
+from tests.support import UDP_PEER
 from tests.support import Rig, csum, wait_for
 
 LIB = accel.load()
@@ -259,3 +261,30 @@ def test_gro_merge_spans_receive_batches(rig: Rig) -> None:
     assert struct.unpack("=BBHHHH", msg[:10])[:4] == (1, 1, 52, MSS)
     assert msg[10 + 52:] == b"".join(payloads)
     wait_for(lambda: rig.proxy.counters()["tun_tx_packets"] == 12)
+
+
+def test_batches_to_two_peers_interleaved_keep_every_packet_intact(rig: Rig) -> None:
+    """Switching peer (or size) ends a batch; packets queued for the next one are never
+    overwritten by the ones read after them."""
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.3", rig.port))
+    other.settimeout(3)
+    try:
+        rig.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(UDP_PEER)),
+                                             Peer(IPv4Network("10.244.3.0/24"), IPv4Address("127.0.0.3"))],
+                                            rig.port))
+        plan = [("10.244.2.9", 100), ("10.244.3.9", 600), ("10.244.3.9", 600), ("10.244.2.9", 100),
+                ("10.244.3.9", 1400), ("10.244.2.9", 100), ("10.244.2.9", 100), ("10.244.3.9", 1400)]
+        sent: dict[str, list[bytes]] = {"10.244.2.9": [], "10.244.3.9": []}
+        for i, (dst, size) in enumerate(plan):
+            pkt = tcp_packet("10.244.1.5", dst, 1 + i, os.urandom(size), ident=i)
+            sent[dst].append(pkt[20:])
+            rig.tun_test.send(vnet() + pkt)
+        rig.proxy.start()
+        for sock, dst in ((rig.peer, "10.244.2.9"), (other, "10.244.3.9")):
+            got = [sock.recv(2000) for _ in sent[dst]]
+            for g in got:
+                check_segment(g)
+            assert [g[20:] for g in got] == sent[dst]
+    finally:
+        other.close()

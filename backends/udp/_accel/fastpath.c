@@ -559,14 +559,19 @@ static void acc_flush(struct txacc *a, int udp_fd, uint64_t *c, volatile int32_t
     a->n = 0; a->niov = 0; a->bytes = 0; a->staged = 0; a->refs = 0; a->closed = 0;
 }
 
-/* Queue one datagram of `len` bytes made of hdr (+ payload, may be NULL): joins the batch when it
- * goes to the same peer and has the batch's size (or is shorter: then it ends the batch). */
+/* Whether a datagram of `len` bytes to `dst` may join the queued batch: same peer, the batch's size
+ * (or shorter: then it ends the batch). */
+static int acc_joins(const struct txacc *a, const struct sockaddr_in *dst, int len) {
+    return !a->closed && len <= a->seg && a->dst.sin_addr.s_addr == dst->sin_addr.s_addr
+        && a->dst.sin_port == dst->sin_port;
+}
+
+/* Queue one datagram of `len` bytes made of hdr (+ payload, may be NULL); a datagram that cannot
+ * join the batch sends it first. */
 static void acc_add(struct txacc *a, const struct sockaddr_in *dst, const uint8_t *hdr, size_t hlen,
                     const uint8_t *pay, size_t plen, int ref, int udp_fd, uint64_t *c, volatile int32_t *stop) {
     int len = (int)(hlen + plen);
-    if (a->n && (a->closed || len > a->seg || a->dst.sin_addr.s_addr != dst->sin_addr.s_addr
-                 || a->dst.sin_port != dst->sin_port))
-        acc_flush(a, udp_fd, c, stop);
+    if (a->n && !acc_joins(a, dst, len)) acc_flush(a, udp_fd, c, stop);
     if (!a->n) {
         a->dst = *dst;
         a->seg = len;
@@ -583,11 +588,13 @@ static void acc_add(struct txacc *a, const struct sockaddr_in *dst, const uint8_
     if (a->closed || a->n >= a->per) acc_flush(a, udp_fd, c, stop);
 }
 
-/* Queue a copy of a single packet (its buffer is reused by the next read). */
+/* Queue a copy of a single packet (its buffer is reused by the next read). A batch it cannot join
+ * is sent before the copy is placed: sending resets the stage, and the copy must not land where
+ * the next one will. */
 static void acc_add_copy(struct txacc *a, const struct sockaddr_in *dst, const uint8_t *p, int len,
                          int udp_fd, uint64_t *c, volatile int32_t *stop) {
     if (len > STAGE_SIZE) { c[C_DROP_MALFORMED]++; return; }
-    if (a->staged + (size_t)len > STAGE_SIZE) acc_flush(a, udp_fd, c, stop);
+    if (a->n && (!acc_joins(a, dst, len) || a->staged + (size_t)len > STAGE_SIZE)) acc_flush(a, udp_fd, c, stop);
     uint8_t *o = a->stage + a->staged;
     memcpy(o, p, (size_t)len);
     a->staged += (size_t)len;
