@@ -16,8 +16,7 @@ import pytest
 from flannel.backends.udp import accel
 from flannel.backends.udp.packet import Peer, PeerTable
 from tests.support import UDP_LOCAL as LOCAL
-from tests.support import UDP_PEER
-from tests.support import Rig, csum, wait_for
+from tests.support import UDP_PEER, Rig, csum, wait_for
 
 LIB = accel.load()
 SOL_UDP, UDP_GRO = 17, 104
