@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import struct
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from flannel.backends.udp import accel
+from flannel.backends.udp.packet import Peer, PeerTable
 from tests.support import UDP_LOCAL as LOCAL
-from tests.support import Rig, csum, wait_for
+from tests.support import UDP_PEER, Rig, csum, wait_for
 
 LIB = accel.load()
+SOL_UDP, UDP_GRO = 17, 104
 
 
 @pytest.fixture(autouse=True)
@@ -193,3 +196,94 @@ def test_offload_fuzz_never_kills_the_workers(rig: Rig) -> None:
     rig.tun_test.send(vnet(1, 1, 52, MSS, 20, 16) + sup)
     assert check_segment(rig.peer.recv(65536))[0] == 9
     assert all(t.is_alive() for t in rig.proxy._threads)
+
+
+def gro_batches(sock: socket.socket, total: int) -> list[list[bytes]]:
+    """Receive ``total`` datagrams on a UDP_GRO socket, grouped by the send they came in (on
+    loopback a UDP_SEGMENT send reaches a GRO socket as one unit: one recvmsg per sendmsg)."""
+    batches: list[list[bytes]] = []
+    while sum(map(len, batches)) < total:
+        data, anc, _, _ = sock.recvmsg(70000, socket.CMSG_SPACE(4))
+        size = len(data)
+        for level, kind, val in anc:
+            if (level, kind) == (SOL_UDP, UDP_GRO):
+                size = struct.unpack("i", val[:4])[0]
+        batches.append([data[i:i + size] for i in range(0, len(data), size)])
+    return batches
+
+
+def test_tso_remainder_leaves_with_the_next_packet(rig: Rig) -> None:
+    """A 45-segment TSO packet does not fit one UDP send (44 × 1472 bytes do): its last segment
+    waits for the next packet read from the TUN instead of costing a send of its own; whatever
+    is left goes out when the TUN has nothing more. Order and format are unchanged."""
+    rig.peer.setsockopt(SOL_UDP, UDP_GRO, 1)
+    rig.tun_test.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)   # room for two 64 KB packets
+    payload = os.urandom(90 * MSS)
+    for k in range(2):   # queued before the workers start: the second read finds the next one
+        sup = tcp_packet("10.244.1.5", "10.244.2.9", 1 + k * 45 * MSS, payload[k * 45 * MSS:(k + 1) * 45 * MSS],
+                         full_csum=False)
+        rig.tun_test.send(vnet(1, 1, 52, MSS, 20, 16) + sup)
+    rig.proxy.start()
+    batches = gro_batches(rig.peer, 90)
+    assert [len(b) for b in batches] == [44, 44, 2]
+    got = [check_segment(seg) for b in batches for seg in b]
+    assert [seq for seq, _, _ in got] == [1 + i * MSS for i in range(90)]
+    assert b"".join(chunk for _, _, chunk in got) == payload
+    wait_for(lambda: rig.proxy.counters()["tx_packets"] == 90)
+
+
+def test_small_packets_of_one_size_leave_in_one_send(rig: Rig) -> None:
+    """Pure ACKs (or any packets of one size to one peer) read back to back share a UDP_SEGMENT
+    send; a packet of another size starts a new one; nothing is reordered."""
+    rig.peer.setsockopt(SOL_UDP, UDP_GRO, 1)
+    acks = [tcp_packet("10.244.1.5", "10.244.2.9", 1, b"", ident=i) for i in range(5)]
+    data = tcp_packet("10.244.1.5", "10.244.2.9", 1, b"x" * 700, ident=9)
+    for p in (*acks, data):
+        rig.tun_test.send(vnet() + p)
+    rig.proxy.start()
+    batches = gro_batches(rig.peer, 6)
+    assert [len(b) for b in batches] == [5, 1]
+    sent = [seg for b in batches for seg in b]
+    assert [check_segment(s)[2] for s in sent] == [b""] * 5 + [b"x" * 700]
+    assert [int.from_bytes(s[4:6], "big") for s in sent] == [0, 1, 2, 3, 4, 9]
+    assert all(s[8] == 63 for s in sent)
+
+
+def test_gro_merge_spans_receive_batches(rig: Rig) -> None:
+    """A flow's segments that arrive in two recvmmsg() batches (more datagrams than one batch
+    takes) still become one GSO write: the sender's sends do not line up with TCP packets."""
+    payloads = [os.urandom(MSS) for _ in range(12)]   # > RX_BATCH (8) datagrams
+    for i, p in enumerate(payloads):
+        rig.peer.sendto(tcp_packet("10.244.2.9", "10.244.1.5", 1 + i * MSS, p, ident=i), (LOCAL, rig.port))
+    rig.proxy.start()
+    msg = rig.tun_test.recv(70000)
+    assert struct.unpack("=BBHHHH", msg[:10])[:4] == (1, 1, 52, MSS)
+    assert msg[10 + 52:] == b"".join(payloads)
+    wait_for(lambda: rig.proxy.counters()["tun_tx_packets"] == 12)
+
+
+def test_batches_to_two_peers_interleaved_keep_every_packet_intact(rig: Rig) -> None:
+    """Switching peer (or size) ends a batch; packets queued for the next one are never
+    overwritten by the ones read after them."""
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.3", rig.port))
+    other.settimeout(3)
+    try:
+        rig.proxy.set_table(PeerTable.build([Peer(IPv4Network("10.244.2.0/24"), IPv4Address(UDP_PEER)),
+                                             Peer(IPv4Network("10.244.3.0/24"), IPv4Address("127.0.0.3"))],
+                                            rig.port))
+        plan = [("10.244.2.9", 100), ("10.244.3.9", 600), ("10.244.3.9", 600), ("10.244.2.9", 100),
+                ("10.244.3.9", 1400), ("10.244.2.9", 100), ("10.244.2.9", 100), ("10.244.3.9", 1400)]
+        sent: dict[str, list[bytes]] = {"10.244.2.9": [], "10.244.3.9": []}
+        for i, (dst, size) in enumerate(plan):
+            pkt = tcp_packet("10.244.1.5", dst, 1 + i, os.urandom(size), ident=i)
+            sent[dst].append(pkt[20:])
+            rig.tun_test.send(vnet() + pkt)
+        rig.proxy.start()
+        for sock, dst in ((rig.peer, "10.244.2.9"), (other, "10.244.3.9")):
+            got = [sock.recv(2000) for _ in sent[dst]]
+            for g in got:
+                check_segment(g)
+            assert [g[20:] for g in got] == sent[dst]
+    finally:
+        other.close()

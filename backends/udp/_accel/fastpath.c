@@ -496,46 +496,109 @@ int fl_tso_segment(const uint8_t *pkt, int len, int mss, uint8_t *out, int *seg_
     return n;
 }
 
-/* Send nseg segments given as iovec pairs, UDP_SEGMENT = seg bytes, <= 64 segments per call. */
-static void send_gso_iov(int udp_fd, struct sockaddr_in *dst, struct iovec *iov, int nseg, int seg,
-                         uint64_t *c, volatile int32_t *stop) {
-    int per = MAX_GSO_PAYLOAD / seg;
-    if (per > 64) per = 64;
-    if (per < 1) per = 1;
-    int done = 0;
-    while (done < nseg) {
-        int cnt = nseg - done < per ? nseg - done : per;
-        size_t bytes = 0;
-        for (int i = 2 * done; i < 2 * (done + cnt); i++) bytes += iov[i].iov_len;
-        char cbuf[CMSG_SPACE(sizeof(uint16_t))];
-        struct msghdr mh;
-        memset(&mh, 0, sizeof mh);
-        mh.msg_name = dst; mh.msg_namelen = sizeof *dst;
-        mh.msg_iov = iov + 2 * done; mh.msg_iovlen = (size_t)(2 * cnt);
-        if (cnt > 1) {
-            memset(cbuf, 0, sizeof cbuf);
-            mh.msg_control = cbuf; mh.msg_controllen = sizeof cbuf;
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-            cm->cmsg_level = SOL_UDP_; cm->cmsg_type = UDP_SEGMENT_; cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-            uint16_t gs = (uint16_t)seg;
-            memcpy(CMSG_DATA(cm), &gs, sizeof gs);
-        }
-        ssize_t r = sendmsg(udp_fd, &mh, 0);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == ENOBUFS) {
-                struct pollfd pf = {udp_fd, POLLOUT, 0};
-                poll(&pf, 1, POLL_MS);
-                if (*stop) return;
-                continue;
-            }
-            c[C_SEND_ERRORS] += (uint64_t)cnt;
-        } else {
-            c[C_TX_PACKETS] += (uint64_t)cnt;
-            c[C_TX_BYTES] += (uint64_t)bytes;
-        }
-        done += cnt;
+/* Transmit accumulator of the offload path: datagrams to one peer, all `seg` bytes long except
+ * possibly the last, sent with one sendmsg(UDP_SEGMENT = seg). Why: a ~64 KB TSO packet is ~45
+ * segments, one more than fits in one UDP send (65507 bytes), so sending each TSO packet on its own
+ * costs two sendmsg() calls, the second with one or two segments: two kernel traversals, and on
+ * the receiver two datagrams the GRO merge cannot always join (a second TUN write). Here the full
+ * segments left over from one TSO packet wait for the next packet read from the TUN and go out
+ * with it; small packets (pure ACKs, pod UDP) of the same size to the same peer are batched the
+ * same way. Nothing waits for long: everything queued is sent before the worker sleeps (the TUN
+ * read returned EAGAIN). Wire format unchanged: still one IPv4 packet per datagram, in the order
+ * they were read.
+ *
+ * Queued TSO segments point into the read buffer and header area they came from (two of each,
+ * used in turn; `refs` = which ones are referenced, flushed before one is reused); other packets
+ * are copied into `stage`. */
+#define TX_MAX_SEGS 64
+#define STAGE_SIZE 65536
+struct txacc {
+    struct sockaddr_in dst;
+    int seg;        /* datagram size of the batch */
+    int per;        /* segments per sendmsg for this size */
+    int n;          /* datagrams queued */
+    int closed;     /* the last one is shorter than seg: nothing may follow */
+    int refs;       /* bit i: references read buffer / header area i */
+    int niov;
+    size_t bytes, staged;
+    struct iovec iov[2 * TX_MAX_SEGS];
+    uint8_t *stage;
+};
+
+static void acc_flush(struct txacc *a, int udp_fd, uint64_t *c, volatile int32_t *stop) {
+    if (!a->n) return;
+    char cbuf[CMSG_SPACE(sizeof(uint16_t))];
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_name = &a->dst; mh.msg_namelen = sizeof a->dst;
+    mh.msg_iov = a->iov; mh.msg_iovlen = (size_t)a->niov;
+    if (a->n > 1) {
+        memset(cbuf, 0, sizeof cbuf);
+        mh.msg_control = cbuf; mh.msg_controllen = sizeof cbuf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_UDP_; cm->cmsg_type = UDP_SEGMENT_; cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t gs = (uint16_t)a->seg;
+        memcpy(CMSG_DATA(cm), &gs, sizeof gs);
     }
+    for (;;) {
+        ssize_t r = sendmsg(udp_fd, &mh, 0);
+        if (r >= 0) {
+            c[C_TX_PACKETS] += (uint64_t)a->n;
+            c[C_TX_BYTES] += (uint64_t)a->bytes;
+            break;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == ENOBUFS) {
+            struct pollfd pf = {udp_fd, POLLOUT, 0};
+            poll(&pf, 1, POLL_MS);
+            if (!*stop) continue;
+        }
+        c[C_SEND_ERRORS] += (uint64_t)a->n;
+        break;
+    }
+    a->n = 0; a->niov = 0; a->bytes = 0; a->staged = 0; a->refs = 0; a->closed = 0;
+}
+
+/* Whether a datagram of `len` bytes to `dst` may join the queued batch: same peer, the batch's size
+ * (or shorter: then it ends the batch). */
+static int acc_joins(const struct txacc *a, const struct sockaddr_in *dst, int len) {
+    return !a->closed && len <= a->seg && a->dst.sin_addr.s_addr == dst->sin_addr.s_addr
+        && a->dst.sin_port == dst->sin_port;
+}
+
+/* Queue one datagram of `len` bytes made of hdr (+ payload, may be NULL); a datagram that cannot
+ * join the batch sends it first. */
+static void acc_add(struct txacc *a, const struct sockaddr_in *dst, const uint8_t *hdr, size_t hlen,
+                    const uint8_t *pay, size_t plen, int ref, int udp_fd, uint64_t *c, volatile int32_t *stop) {
+    int len = (int)(hlen + plen);
+    if (a->n && !acc_joins(a, dst, len)) acc_flush(a, udp_fd, c, stop);
+    if (!a->n) {
+        a->dst = *dst;
+        a->seg = len;
+        a->per = MAX_GSO_PAYLOAD / len;
+        if (a->per > TX_MAX_SEGS) a->per = TX_MAX_SEGS;
+        if (a->per < 1) a->per = 1;
+    }
+    a->iov[a->niov].iov_base = (void *)hdr; a->iov[a->niov].iov_len = hlen; a->niov++;
+    if (plen) { a->iov[a->niov].iov_base = (void *)pay; a->iov[a->niov].iov_len = plen; a->niov++; }
+    a->n++;
+    a->bytes += (size_t)len;
+    if (ref >= 0) a->refs |= 1 << ref;
+    if (len < a->seg) a->closed = 1;
+    if (a->closed || a->n >= a->per) acc_flush(a, udp_fd, c, stop);
+}
+
+/* Queue a copy of a single packet (its buffer is reused by the next read). A batch it cannot join
+ * is sent before the copy is placed: sending resets the stage, and the copy must not land where
+ * the next one will. */
+static void acc_add_copy(struct txacc *a, const struct sockaddr_in *dst, const uint8_t *p, int len,
+                         int udp_fd, uint64_t *c, volatile int32_t *stop) {
+    if (len > STAGE_SIZE) { c[C_DROP_MALFORMED]++; return; }
+    if (a->n && (!acc_joins(a, dst, len) || a->staged + (size_t)len > STAGE_SIZE)) acc_flush(a, udp_fd, c, stop);
+    uint8_t *o = a->stage + a->staged;
+    memcpy(o, p, (size_t)len);
+    a->staged += (size_t)len;
+    acc_add(a, dst, o, (size_t)len, NULL, 0, -1, udp_fd, c, stop);
 }
 
 static int tun_writev(int fd, const struct vnet_hdr *vh, const uint8_t *p, int n, uint64_t *c) {
@@ -552,16 +615,28 @@ static int tun_writev(int fd, const struct vnet_hdr *vh, const uint8_t *p, int n
 
 /* TUN (vnet hdr, TSO) -> UDP (GSO) worker. */
 int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, int w) {
-    uint8_t *in = malloc(BIGBUF + 64), *hdrs = malloc(MAX_SEGS * MAX_HL);
+    uint8_t *inb[2] = {malloc(BIGBUF + 64), malloc(BIGBUF + 64)};
+    uint8_t *hdrb[2] = {malloc(MAX_SEGS * MAX_HL), malloc(MAX_SEGS * MAX_HL)};
     struct iovec *iov = malloc(sizeof(struct iovec) * 2 * MAX_SEGS);
+    struct txacc *a = malloc(sizeof *a);
+    uint8_t *stage = malloc(STAGE_SIZE);
     uint8_t icmp[128];
     struct vnet_hdr zero;
     memset(&zero, 0, sizeof zero);
-    if (!in || !hdrs || !iov) { free(in); free(hdrs); free(iov); return -1; }
+    if (!inb[0] || !inb[1] || !hdrb[0] || !hdrb[1] || !iov || !a || !stage) {
+        free(inb[0]); free(inb[1]); free(hdrb[0]); free(hdrb[1]); free(iov); free(a); free(stage);
+        return -1;
+    }
+    memset(a, 0, sizeof *a);
+    a->stage = stage;
+    int cur = 0;
     while (!st->stop) {
+        if (a->refs & (1 << cur)) acc_flush(a, udp_fd, c, &st->stop);
+        uint8_t *in = inb[cur];
         ssize_t n = read(tun_fd, in, BIGBUF + 64);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR) {
+                acc_flush(a, udp_fd, c, &st->stop);   /* nothing more right now: send what waits */
                 struct pollfd pf = {tun_fd, POLLIN, 0};
                 poll(&pf, 1, POLL_MS);
             }
@@ -593,19 +668,21 @@ int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, 
         if ((vh.gso_type & ~VNET_GSO_ECN) == VNET_GSO_TCPV4 && vh.gso_size > 0) {
             int hl = 0;
             if (p[8] <= 1) { c[C_DROP_TTL]++; continue; }
-            int nseg = tso_prepare(p, len, vh.gso_size, hdrs, iov, &hl);
+            int nseg = tso_prepare(p, len, vh.gso_size, hdrb[cur], iov, &hl);
             if (nseg == 0) { c[C_DROP_MALFORMED]++; continue; }
-            send_gso_iov(udp_fd, &dst, iov, nseg, hl + vh.gso_size, c, &st->stop);
+            for (int i = 0; i < nseg; i++)
+                acc_add(a, &dst, iov[2 * i].iov_base, iov[2 * i].iov_len, iov[2 * i + 1].iov_base,
+                        iov[2 * i + 1].iov_len, cur, udp_fd, c, &st->stop);
+            cur ^= 1;   /* what is still queued points into this buffer: read the next one elsewhere */
             continue;
         }
         if (vh.gso_type != VNET_GSO_NONE) { c[C_DROP_MALFORMED]++; continue; }  /* not offered */
         if (vh.flags & VNET_F_NEEDS_CSUM) fl_complete_csum(p, len, vh.csum_start, vh.csum_offset);
         if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
-        iov[0].iov_base = p; iov[0].iov_len = (size_t)len;
-        iov[1].iov_base = p; iov[1].iov_len = 0;
-        send_gso_iov(udp_fd, &dst, iov, 1, len, c, &st->stop);
+        acc_add_copy(a, &dst, p, len, udp_fd, c, &st->stop);
     }
-    free(in); free(hdrs); free(iov);
+    acc_flush(a, udp_fd, c, &st->stop);
+    free(inb[0]); free(inb[1]); free(hdrb[0]); free(hdrb[1]); free(iov); free(a); free(stage);
     return 0;
 }
 
@@ -620,6 +697,7 @@ struct coal {
     int hl, ihl, mss, nseg;
     uint32_t next_seq;
     int closed;            /* no more segments may be appended */
+    int refs;              /* bit i: points into receive buffer set i (flushed before it is reused) */
     struct iovec iov[MAX_COAL + 2];
 };
 
@@ -655,11 +733,11 @@ static void coal_flush(struct coal *k, int tun_fd, uint64_t *c) {
         c[C_TUN_TX_PACKETS] += (uint64_t)k->nseg;
         c[C_TUN_TX_BYTES] += (uint64_t)k->len;
     }
-    k->nseg = 0; k->len = 0;
+    k->nseg = 0; k->len = 0; k->refs = 0;
 }
 
 /* Append a checked, TTL-decremented packet: merge into the current flow or flush and restart. */
-static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint64_t *c) {
+static void coal_add(struct coal *k, const uint8_t *p, int len, int set, int tun_fd, uint64_t *c) {
     int ihl = (p[0] & 0x0F) * 4;
     int mergeable = p[9] == 6 && ihl == 20 && len >= 40 && !(((p[6] << 8) | p[7]) & 0x3FFF)
         && ((p[2] << 8) | p[3]) == len;
@@ -688,6 +766,7 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
             k->nseg++;
             k->next_seq += (uint32_t)plen;
             k->hdr[ihl + 13] |= fl;  /* PSH of the last one */
+            k->refs |= 1 << set;
             if (plen < k->mss || (fl & 0x08)) k->closed = 1;
             return;
         }
@@ -695,6 +774,7 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
     coal_flush(k, tun_fd, c);
     k->first = p;
     k->first_len = len;
+    k->refs = 1 << set;
     k->len = len;
     k->nseg = 1;
     k->closed = !mergeable || (fl & 0x08);
@@ -707,17 +787,25 @@ static void coal_add(struct coal *k, const uint8_t *p, int len, int tun_fd, uint
     }
 }
 
-/* UDP (GRO) -> TUN (vnet hdr) worker. */
+/* UDP (GRO) -> TUN (vnet hdr) worker. The merge state survives from one recvmmsg() to the next
+ * (two sets of receive buffers used in turn; a set still referenced is flushed before it is
+ * reused): the sender's batches do not line up with TCP flows (a UDP send carries the tail of one
+ * TSO packet and the head of the next), so flushing at the end of every recvmmsg() would cut most
+ * packets in two, each half a TUN write and a trip through the pod's stack. Everything pending
+ * is written before the worker sleeps (recvmmsg found nothing). */
 int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, int w) {
-    uint8_t *bufs = malloc((size_t)RX_BATCH * BIGBUF);
+    uint8_t *sets[2] = {malloc((size_t)RX_BATCH * BIGBUF), malloc((size_t)RX_BATCH * BIGBUF)};
     struct coal k;
     memset(&k, 0, sizeof k);
-    if (!bufs) return -1;
+    if (!sets[0] || !sets[1]) { free(sets[0]); free(sets[1]); return -1; }
     struct mmsghdr msgs[RX_BATCH];
     struct iovec iov[RX_BATCH];
     struct sockaddr_in src[RX_BATCH];
     char cbuf[RX_BATCH][CMSG_SPACE(sizeof(int))];
+    int cur = 0;
     while (!st->stop) {
+        if (k.refs & (1 << cur)) coal_flush(&k, tun_fd, c);
+        uint8_t *bufs = sets[cur];
         for (int i = 0; i < RX_BATCH; i++) {
             iov[i].iov_base = bufs + (size_t)i * BIGBUF;
             iov[i].iov_len = BIGBUF;
@@ -757,12 +845,13 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, 
                 if ((p[0] >> 4) != 4) { c[C_DROP_VERSION]++; continue; }
                 if (fl_source_allowed(t, outer, rd32(p + 12)) != 0) { c[C_DROP_SPOOFED]++; continue; }
                 if (!fl_decrement_ttl(p)) { c[C_DROP_TTL]++; continue; }
-                coal_add(&k, p, len, tun_fd, c);
+                coal_add(&k, p, len, cur, tun_fd, c);
             }
         }
         table_leave(st, w);
-        coal_flush(&k, tun_fd, c);
+        cur ^= 1;
     }
-    free(bufs);
+    coal_flush(&k, tun_fd, c);
+    free(sets[0]); free(sets[1]);
     return 0;
 }
