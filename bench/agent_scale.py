@@ -173,6 +173,47 @@ def cpu_ns(pid: int) -> int:
     return total + children * (10 ** 9 // os.sysconf("SC_CLK_TCK"))
 
 
+def wakeups(pid: int) -> int:
+    """Context switches of every thread of ``pid`` (voluntary + involuntary): each is a thread
+    that woke up (or was preempted), so over an idle period it counts the wake-ups of polls."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                total += sum(int(ln.split()[1]) for ln in f if "ctxt_switches:" in ln)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def threads(pid: int) -> dict[str, tuple[str, int, int]]:
+    """tid → (name, CPU ns, context switches) of every thread of ``pid`` (Python threads are all
+    named after the process; gRPC's C threads have names of their own)."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                cpu = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                switches = sum(int(ln.split()[1]) for ln in f if "ctxt_switches:" in ln)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[t] = (name, cpu, switches)
+    return out
+
+
+def idle_by_thread(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]],
+                   seconds: float) -> list[tuple[str, float, float]]:
+    """(thread, CPU ms/s, wake-ups/s) over the idle period, busiest first."""
+    rows = []
+    for tid, (name, cpu, sw) in after.items():
+        _, cpu0, sw0 = before.get(tid, (name, 0, 0))
+        rows.append((f"{name}/{tid}", (cpu - cpu0) / 1e6 / seconds, (sw - sw0) / seconds))
+    return sorted(rows, key=lambda r: (-r[2], -r[1]))
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -314,9 +355,11 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
         time.sleep(2.0)
         out["rss_mb"] = rss_mb(agent.pid)
         out["event"] = measure_events(agent, watch, reg, args.events, n)
-        c0, w0 = cpu_ns(agent.pid), time.monotonic()
+        c0, s0, t0s, w0 = cpu_ns(agent.pid), wakeups(agent.pid), threads(agent.pid), time.monotonic()
         time.sleep(args.idle)
         out["idle_ms_per_s"] = (cpu_ns(agent.pid) - c0) / 1e6 / (time.monotonic() - w0)
+        out["idle_wakeups_per_s"] = (wakeups(agent.pid) - s0) / (time.monotonic() - w0)
+        out["idle_by_thread"] = idle_by_thread(t0s, threads(agent.pid), time.monotonic() - w0)
         out["rss_after_mb"] = rss_mb(agent.pid)
     finally:
         agent.stop()
@@ -344,7 +387,7 @@ def resync_cost_ms(n: int) -> float:
     from flannel.lease import Batch, EventType, Lease, LeaseEvent
 
     class Own:
-        def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        def acquire_lease(self, config: object, attrs: LeaseAttrs) -> Lease:
             return Lease(IPv4Network("10.0.1.0/24"), attrs)
 
         def stored_backend_data(self) -> tuple[None, None]:
@@ -420,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in results if r["n"] == 0), None)
     print(f"\nload: {uptime[0]}  …  {uptime[-1]}")
     print("| N | ready s | cold s | ip-batch s | (cold − ready₀) ÷ ip-batch, wall / CPU | RSS MB | CPU/event ms "
-          "| event→kernel p50 / p99 ms | idle ms/s | full resync ms (amortised) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| event→kernel p50 / p99 ms | idle ms/s | idle wake-ups/s | full resync ms (amortised) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = ((r["cold_s"] - base["ready_s"]) / r["ip_batch_s"]) if base and r["ip_batch_s"] else float("nan")
         cratio = ((r["cold_cpu_s"] - base["ready_cpu_s"]) / r["ip_batch_cpu_s"]) if base and r["ip_batch_cpu_s"] \
@@ -429,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         ev = r["event"]
         print(f"| {r['n']} | {r['ready_s']:.2f} | {r['cold_s']:.2f} | {r['ip_batch_s']:.2f} "
               f"| {ratio:.2f}× / {cratio:.2f}× | {r['rss_mb']:.1f} | {ev['cpu_ms']:.2f} "
-              f"| {ev['p50_ms']:.1f} / {ev['p99_ms']:.1f} | {r['idle_ms_per_s']:.2f} "
+              f"| {ev['p50_ms']:.1f} / {ev['p99_ms']:.1f} | {r['idle_ms_per_s']:.2f} | {r['idle_wakeups_per_s']:.1f} "
               f"| {r['resync_ms']:.0f} ({r['resync_ms'] / RESYNC_INTERVAL:.2f} ms/s) |")
+    for r in results:
+        busy = [f"{name} {ms:.2f} ms/s {w:.1f}/s" for name, ms, w in r["idle_by_thread"] if w >= 0.1 or ms >= 0.05]
+        print(f"idle by thread at N={r['n']} (wake-ups/s ≥ 0.1 or ≥ 0.05 ms/s): " + "; ".join(busy))
     if args.json:
         Path(args.json).write_text(json.dumps({"uptime": uptime, "results": results}, indent=1))
     return 0

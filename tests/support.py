@@ -120,6 +120,23 @@ def acquire(manager: Any, attrs: LeaseAttrs) -> Lease:
     return manager.acquire_lease(manager.get_network_config(), attrs)  # type: ignore[no-any-return]
 
 
+def read_watch(handle: Any, enough: Callable[[list[Any]], bool], *, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
+    """Chunks from a registry watch handle (``next()`` blocks) until ``enough(chunks)`` or
+    ``timeout`` (then the handle is cancelled: the chunks read so far are returned)."""
+    chunks: list[Any] = []
+    timer = threading.Timer(timeout, handle.cancel)
+    timer.start()
+    try:
+        while not enough(chunks):
+            try:
+                chunks.append(handle.next())
+            except errors.StoreUnavailable:
+                break
+    finally:
+        timer.cancel()
+    return chunks
+
+
 # ---- from tests/unit/test_etcd_allocation.py
 Key = tuple[IPv4Network, "IPv6Network | None"]
 
@@ -992,8 +1009,8 @@ class FreezableProxy:
 
 class ScriptedWatchRegistry(FakeRegistry):
     """A FakeRegistry whose lease watches play ``scripts`` (one list per watch started): a
-    ``WatchChunk`` is returned, an exception raised; an exhausted script waits (up to the timeout)
-    and then sets ``idle``."""
+    ``WatchChunk`` is returned, an exception raised; an exhausted script sets ``idle`` and blocks
+    until the watch is cancelled (as a real one does)."""
 
     def __init__(self, config: str, leases: list[Lease], scripts: list[list[Any]]) -> None:
         super().__init__(config, leases)
@@ -1005,18 +1022,21 @@ class ScriptedWatchRegistry(FakeRegistry):
         registry = self
 
         class Handle:
-            def get(self, timeout: float) -> Any:
+            def __init__(self) -> None:
+                self.cancelled = threading.Event()
+
+            def next(self) -> Any:
                 if script:
                     item = script.pop(0)
                     if isinstance(item, BaseException):
                         raise item
                     return item
                 registry.idle.set()
-                time.sleep(timeout)
-                return None
+                self.cancelled.wait(60)
+                raise errors.StoreUnavailable("watch cancelled")
 
             def cancel(self) -> None:
-                pass
+                self.cancelled.set()
         return Handle()
 
 

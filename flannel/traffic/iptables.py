@@ -11,7 +11,8 @@ The xtables lock: every call passes ``-w LOCK_WAIT_SECONDS``, so legacy iptables
 a lock another program (kube-proxy, firewalld) holds and then exits 4 instead of hanging until our
 subprocess timeout (iptables-nft accepts ``-w`` and needs no lock). Exit 4 becomes
 ``errors.ResourceBusy``, retried by ``retry.firewall``; a lock held longer fails the caller (the
-resync worker, which the daemon restarts with backoff). ``-C`` exit 1 means "no such rule" —
+resync worker, which the daemon restarts with backoff). The resync lists a table with ``-S`` (one
+call) and falls back to ``-C`` per rule only when a rule is not listed. ``-C`` exit 1 means "no such rule" —
 anything else is an error, never "missing": a busy ``-C`` read as "missing" would append a second
 copy of the jump rule.
 """
@@ -197,6 +198,15 @@ class IPTables:
             return False
         raise command.failed(argv, res)
 
+    def listed(self, table: str) -> set[str]:
+        """The rules of ``table`` as ``iptables -S`` prints them (``-A chain spec`` lines, the same
+        spelling as ``Rule.line()`` for our rules): one call for a whole table."""
+        argv = [self.cmd, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S"]
+        res = self._call(argv)
+        if res.returncode != 0:
+            raise command.failed(argv, res)
+        return {ln for ln in res.stdout.splitlines() if ln.startswith("-A ")}
+
     def chain_exists(self, table: str, chain: str) -> bool:
         argv = [self.cmd, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S", chain]
         res = self._call(argv)
@@ -233,8 +243,18 @@ class RuleGroup:
         self.ipt.restore(render_payload(bootstrap_lines(self.rules, self.ipt.exists)))
 
     def ensure(self) -> bool:
-        """Re-install the group if any rule is missing. Returns True if it had to repair."""
+        """Re-install the group if any rule is missing. Returns True if it had to repair.
+
+        Checked with one ``iptables -S`` per table (the resync runs every few seconds for the
+        life of the agent: ten ``-C`` processes a pass cost more than the rest of an idle agent).
+        Only when a rule is not in that listing does ``-C`` decide, rule by rule, so a binary that
+        spells a rule differently from us costs the old checks, never a needless re-install."""
+        tables = {r.table for r in self.rules}
+        listed = {t: self.ipt.listed(t) for t in sorted(tables)}
+        if all(r.line() in listed[r.table] for r in self.rules):
+            return False
         if all(self.ipt.exists(r) for r in self.rules):
+            log.debug("%s rules: `-S` spells one differently from us; `-C` finds them all", self.name)
             return False
         log.warning("Some iptables rules are missing (%s); deleting and recreating rules", self.name)
         self.bootstrap()

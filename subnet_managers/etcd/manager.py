@@ -19,13 +19,16 @@ it is never re-read for an acquisition.
   (§14.5): they are re-put without a lease and never renewed.
 * **complete_lease**: the ``LeaseKeeper`` (keeper.py): conditional renewals, re-acquisition.
 * **watch_leases**: snapshot, then events from the snapshot's revision + 1; a broken watch resumes
-  from the last delivered event's revision + 1. A compaction means relist → a new snapshot, which
-  the LeaseWatcher diffs. The same watch follows the config key: an incompatible change raises
-  ``errors.ConfigChanged`` (the agent exits 1 and its supervisor restarts it; flannel ignores it).
-  Undecodable records never get this far (the registry counts, logs and drops them), so one garbage
-  value cannot look like an empty snapshot and tear down every peer (§14.2).
+  from the last delivered event's revision + 1. A compaction (or a catch-up too large to receive)
+  means relist → a new snapshot, which the LeaseWatcher diffs. The first snapshot is the listing
+  the acquisition just read (not a second listing of every lease). The same watch follows the config
+  key: an incompatible change raises ``errors.ConfigChanged`` (the agent exits 1 and its supervisor
+  restarts it; flannel ignores it), and our own key, for the lease keeper (``KeyFeed``): one etcd
+  watch per agent. Undecodable records never get this far (the registry counts, logs and drops
+  them), so one garbage value cannot look like an empty snapshot and tear down every peer (§14.2).
 
-Loops poll their ``stop`` event at least every ``POLL_SECONDS`` so SIGTERM is honoured promptly.
+Nothing polls: the watch is read on the calling thread and a stop hook (``flannel.stophooks``)
+cancels it when ``stop`` is set, so SIGTERM is honoured at once and an idle agent's threads sleep.
 """
 
 from __future__ import annotations
@@ -38,19 +41,20 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel import errors, metrics, retry, subnet_file
+from flannel import errors, metrics, retry, stophooks, subnet_file
 from flannel.config import NetworkConfig, deferred_changes, parse_network_config, restart_changes
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.records import SkippedRecords
 from flannel.subnet_managers.base import SubnetManager
-from flannel.subnet_managers.etcd.keeper import LeaseKeeper
+from flannel.subnet_managers.etcd.keeper import KeyFeed, LeaseKeeper
 from flannel.subnet_managers.etcd.store import (
     TTL_NOT_LOOKED_UP,
     Compacted,
     Hints,
     Listing,
     Registry,
+    ResponseTooLarge,
     Subnets,
     WatchHandle,
 )
@@ -59,7 +63,6 @@ log = logging.getLogger(__name__)
 
 #: flannel collects at most this many free candidates and picks one at random.
 MAX_FREE_CANDIDATES = 100
-POLL_SECONDS = 0.5
 
 
 class EtcdSubnetManager(SubnetManager):
@@ -80,6 +83,10 @@ class EtcdSubnetManager(SubnetManager):
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._hints: Hints | None = None
+        #: what the lease watch sees of our key, for the lease keeper
+        self._feed = KeyFeed()
+        #: the listing our acquisition read: the lease watch's first snapshot (taken once)
+        self._listing: Listing | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -178,25 +185,32 @@ class EtcdSubnetManager(SubnetManager):
     # -- acquire ---------------------------------------------------------------------------------
 
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
-        return self._acquire(config, attrs, prefer=None, stop=self._closed)
+        seen: list[Listing] = []
+        lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen)
+        with self._lock:
+            self._listing = seen[-1] if seen else None
+        return lease
 
     def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs, *, prefer: Hints | None,
-                 stop: threading.Event) -> Lease:
+                 stop: threading.Event, seen: list[Listing] | None = None) -> Lease:
         """``prefer``: the subnet to try first (None: the subnet.env hint). Subnets whose create
-        failed are remembered across attempts, so no attempt repeats them."""
+        failed are remembered across attempts, so no attempt repeats them. ``seen`` collects the
+        listings read."""
         tried: set[IPv4Network] = set()
         for attempt in retry.store(stop, what="acquiring a subnet lease from etcd"):
             with attempt:
                 for race in retry.lease_race():
                     with race:
-                        return self._try_acquire(config, attrs, prefer, tried)
+                        return self._try_acquire(config, attrs, prefer, tried, seen)
         raise AssertionError("unreachable")
 
     def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None,
-                     tried: set[IPv4Network]) -> Lease:
+                     tried: set[IPv4Network], seen: list[Listing] | None = None) -> Lease:
         """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
         listing = reg.list_leases()
+        if seen is not None:
+            seen.append(listing)
         hint = prefer if prefer is not None else self._previous()
         leases = listing.leases
         mine = self._find_own(leases, attrs, hint[0])
@@ -303,39 +317,60 @@ class EtcdSubnetManager(SubnetManager):
         def reacquire(prefer: Hints) -> Lease:
             return self._acquire(config, lease.attrs, prefer=prefer, stop=stop)
         LeaseKeeper(self._reg(), lease, stop=stop, ttl=self.ttl, margin=self._opts.subnet_lease_renew_margin * 60.0,
-                    reacquire=reacquire, on_lease=on_lease).run()
+                    reacquire=reacquire, on_lease=on_lease, feed=self._feed).run()
 
     # -- watch everyone --------------------------------------------------------------------------
 
     def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         reg = self._reg()
+        with self._lock:
+            listing, self._listing = self._listing, None
+        current: list[WatchHandle] = []   # the open watch, for the stop hook to cancel
+
+        def cancel() -> None:
+            for h in list(current):
+                h.cancel()
+        unhook = stophooks.on_stop(stop, cancel)
+        self._feed.opened()
+        try:
+            yield from self._watch_loop(reg, config, stop, listing, current)
+        finally:
+            unhook()
+            self._feed.closed()
+
+    def _watch_loop(self, reg: Registry, config: NetworkConfig, stop: threading.Event, listing: Listing | None,
+                    current: list[WatchHandle]) -> Iterator[WatchResult]:
         rev: int | None = None
         backoff = retry.watch(stop, what="the lease watch")
         while not stop.is_set():
             handle: WatchHandle | None = None
             try:
                 if rev is None:
-                    listing: Listing = _with_store_retry(stop, "listing leases", reg.list_leases)
+                    if listing is None:
+                        listing = _with_store_retry(stop, "listing leases", reg.list_leases)
                     rev = listing.revision
                     log.info("lease snapshot: %d leases at revision %d%s", len(listing.leases), rev,
                              f" ({len(listing.occupied)} unreadable keys skipped)" if listing.occupied else "")
-                    yield WatchResult.of_snapshot(listing.leases)
+                    self._feed.snapshot(rev)
+                    leases, listing = listing.leases, None
+                    yield WatchResult.of_snapshot(leases)
                 self._recheck_config(config, stop)
                 start = rev + 1
                 handle = _with_store_retry(stop, f"watching leases from revision {start}",
                                            functools.partial(reg.watch_leases, start))
+                current.append(handle)
                 while not stop.is_set():
-                    chunk = handle.get(POLL_SECONDS)
-                    if chunk is None:
-                        continue
+                    chunk = handle.next()
                     backoff.reset()
                     if chunk.config is not None:
                         self._check_config(config, chunk.config.text)
+                    if chunk.touched:
+                        self._feed.touched(chunk.touched)
                     rev = max(rev, chunk.revision)
                     if chunk.events:
                         yield WatchResult.of_events(chunk.events)
-            except Compacted as e:
-                log.warning("lease watch fell behind etcd compaction (%s); listing all leases again", e)
+            except (Compacted, ResponseTooLarge) as e:
+                log.warning("lease watch cannot go on from revision %s (%s); listing all leases again", rev, e)
                 rev = None
             except errors.ConfigChanged:
                 raise
@@ -348,6 +383,7 @@ class EtcdSubnetManager(SubnetManager):
                 backoff.failed(e, level=logging.ERROR)
             finally:
                 if handle is not None:
+                    current.remove(handle)
                     handle.cancel()
 
 

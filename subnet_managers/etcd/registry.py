@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import posixpath
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +34,9 @@ from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
-from pyetcd import events as etcd_events
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
+from pyetcd.etcdrpc import kv_pb2
 
 from flannel import errors, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
@@ -47,6 +47,7 @@ from flannel.subnet_managers.etcd.store import (
     ConfigUpdate,
     KeyChanged,
     Listing,
+    ResponseTooLarge,
     Stored,
     Subnets,
     WatchChunk,
@@ -81,6 +82,20 @@ KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
 KEEPALIVE_TIMEOUT_ENV = "FLANNEL_ETCD_KEEPALIVE_TIMEOUT"
 
+#: The largest message we accept from etcd. gRPC's default (4 MiB) let ~70 leases of 60 KB, or
+#: four 1 MB garbage values under ``subnets/``, make the lease listing fail for ever: the agent
+#: could never start (a denial of service by records). Listings are read in pages (below) and one
+#: etcd value is at most etcd's --max-request-bytes (1.5 MiB by default), so this only bounds
+#: what one page or one watch response may cost us in memory.
+MAX_RECEIVE_BYTES = 32 * 1024 * 1024
+#: Keys per page of a listing (a flannel lease value is 100–300 bytes: ~0.2 MB a page). A page
+#: over MAX_RECEIVE_BYTES is asked for again with half as many keys, down to one.
+LIST_PAGE_KEYS = 1000
+#: A listing whose revision is compacted between two of its pages starts over, this many times.
+LIST_ATTEMPTS = 3
+_WATCH_METHOD = "/etcdserverpb.Watch/Watch"
+_DELETE = kv_pb2.Event.DELETE
+
 
 def _env_seconds(name: str, default: float, minimum: float) -> float:
     text = os.environ.get(name, "")
@@ -112,6 +127,10 @@ def grpc_options() -> list[tuple[str, int]]:
         # an idle watch sends no data: by default gRPC holds pings back after two without data
         # (measured: the next one a minute later), so a dead connection went unnoticed that long
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        # a watch is read on the thread that asked for it (see _Stream): no channel thread spinning
+        # five times a second, no hand-off between threads per response
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
     ]
 
 
@@ -119,6 +138,23 @@ _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
                       grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                       grpc.StatusCode.UNKNOWN}
 _LIBRARY_ERRORS: tuple[type[BaseException], ...] = (etcd_exc.Etcd3Exception, grpc.RpcError, ValueError)
+
+
+def _too_large(e: BaseException) -> bool:
+    """gRPC refused a response over MAX_RECEIVE_BYTES (etcd's own RESOURCE_EXHAUSTED answers, a full
+    database or too many requests, say something else)."""
+    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "larger than max" in (e.details() or ""))
+
+
+def _compacted_range(e: BaseException) -> bool:
+    """A range at a revision etcd has compacted away (etcd's ErrGRPCCompacted)."""
+    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.OUT_OF_RANGE
+            and "compacted" in (e.details() or ""))
+
+
+class _Restart(Exception):
+    """The revision a paginated listing reads at was compacted between two pages."""
 
 
 class _Reauthenticate(errors.StoreUnavailable):
@@ -240,6 +276,18 @@ class EtcdRegistry:
             client.close()
         except _LIBRARY_ERRORS:
             pass
+
+    def _endpoint_failed(self, client: Any, e: BaseException) -> None:
+        """What pyetcd does after a unary call fails this way: the endpoint is marked failed, so the
+        next call goes to another one (or, with one endpoint, waits ENDPOINT_RETRY_SECONDS)."""
+        if isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL):
+            with self._lock:
+                try:
+                    client.endpoint_in_use.fail()
+                    client._clear_old_stubs()
+                except _LIBRARY_ERRORS as err:  # pyetcd's bookkeeping only
+                    log.debug("marking the etcd endpoint failed: %s", err)
 
     def close(self) -> None:
         with self._lock:
@@ -404,22 +452,32 @@ class EtcdRegistry:
 
         Returns ``(lease, None)`` for a good record and ``(None, subnets)`` for a skipped one, where
         ``subnets`` is what its key names (None if the key is not a subnet key): such a key still
-        occupies its subnet.
+        occupies its subnet. The key is parsed once; the value is decoded against what it named.
         """
-        parsed = self._untrusted(key, lambda: self._parse_key(key))
-        if parsed is None:
+        nets = self._untrusted(key, lambda: self._parse_key(key))
+        if nets is None:
             return None, None
-        name, nets = parsed
-        lease = self._untrusted(key, lambda: wire.decode_lease(name, bytes(value)))
-        return (lease, None) if lease is not None else (None, nets)
+        attrs = self._untrusted(key, lambda: wire.decode_attrs(bytes(value)))
+        if attrs is None:
+            return None, nets
+        return Lease(subnet=nets[0], ipv6_subnet=nets[1], attrs=attrs), None
+
+    def _too_large_record(self, key: Any) -> Subnets | None:
+        """A record whose value alone is over MAX_RECEIVE_BYTES: skipped (counted, logged) like any
+        oversized value; what its key names still occupies that subnet."""
+        def refuse() -> Subnets:
+            nets = self._parse_key(key)
+            raise errors.BadLeaseRecord(f"lease value is larger than the {MAX_RECEIVE_BYTES} bytes we accept "
+                                        f"from etcd (subnet {nets[0]})", "size")
+        self._untrusted(key, refuse)
+        return self._untrusted(key, lambda: self._parse_key(key))
 
     def _deleted(self, key: Any) -> Subnets | None:
         """What a deleted key named (a DELETE event has no value); None (skipped) if not a subnet key."""
-        parsed = self._untrusted(key, lambda: self._parse_key(key))
-        return None if parsed is None else parsed[1]
+        return self._untrusted(key, lambda: self._parse_key(key))
 
-    def _parse_key(self, key: Any) -> tuple[str, Subnets]:
-        """``<prefix>/subnets/<name>`` → (name, subnets).
+    def _parse_key(self, key: Any) -> Subnets:
+        """``<prefix>/subnets/<name>`` → the subnets it names.
 
         :raises errors.BadLeaseRecord: not UTF-8, not under the subnets prefix, not a subnet key."""
         try:
@@ -432,17 +490,32 @@ class EtcdRegistry:
         nets = wire.parse_subnet_key(name)
         if nets is None:
             raise errors.BadLeaseRecord(f"{name[:80]!r} is not a subnet key (expected like 10.5.34.0-24)", "key")
-        return name, nets
+        return nets
+
+    def _get_one(self, c: Any, key: str) -> tuple[Any, int, bool]:
+        """One key: ``(kv or None, header revision, whether its value was too large to receive)``.
+        A value over MAX_RECEIVE_BYTES is read again without it (``kv.value`` is then empty)."""
+        try:
+            resp = c.get_response(key)
+        except grpc.RpcError as e:
+            if not _too_large(e):
+                raise
+            resp = c.get_response(key, keys_only=True)
+            return (resp.kvs[0] if resp.count else None), int(resp.header.revision), bool(resp.count)
+        return (resp.kvs[0] if resp.count else None), int(resp.header.revision), False
 
     # -- config ----------------------------------------------------------------------------------
 
     def get_config(self) -> str:
-        resp = self._call(f"reading {self.config_key}", lambda c: c.get_response(self.config_key))
-        if resp.count < 1:
+        kv, _rev, too_large = self._call(f"reading {self.config_key}", lambda c: self._get_one(c, self.config_key))
+        if too_large:
+            raise errors.ConfigError(f"invalid network config in etcd key {self.config_key}: larger than the "
+                                     f"{MAX_RECEIVE_BYTES} bytes we accept from etcd")
+        if kv is None:
             raise errors.ConfigNotFound(
                 f"flannel config not found in etcd store (key {self.config_key} at {','.join(self._urls)}). "
                 f"{CONFIG_NOT_FOUND_HINT}")
-        return self._config_text(resp.kvs[0].value)
+        return self._config_text(kv.value)
 
     def _config_text(self, value: Any) -> str:
         raw = bytes(value)
@@ -460,29 +533,74 @@ class EtcdRegistry:
     # -- leases ----------------------------------------------------------------------------------
 
     def list_leases(self, *, ttl: bool = False) -> Listing:
+        """Every lease, read in pages of at most LIST_PAGE_KEYS keys, all at the revision of the
+        first page (a consistent snapshot however many pages it takes); a page too large to
+        receive is read again with fewer keys."""
         def op(c: Any) -> Listing:
-            resp = c.get_prefix_response(self.subnets_prefix)
-            out: list[Lease] = []
-            occupied: list[Subnets] = []
+            for _ in range(LIST_ATTEMPTS):
+                try:
+                    return self._list_pages(c, ttl)
+                except _Restart:
+                    log.info("etcd compacted the revision of our listing of %s between two pages; listing again",
+                             self.subnets_prefix)
+            raise errors.StoreUnavailable(f"listing {self.subnets_prefix}: etcd compacted the listing's revision "
+                                          f"{LIST_ATTEMPTS} times in a row")
+        return self._call(f"listing {self.subnets_prefix}", op)
+
+    def _list_pages(self, c: Any, ttl: bool) -> Listing:
+        start = self.subnets_prefix.encode("utf-8")
+        end = pyetcd.utils.prefix_range_end(start)
+        revision = 0
+        limit = LIST_PAGE_KEYS
+        out: list[Lease] = []
+        occupied: list[Subnets] = []
+        while True:
+            try:
+                resp = c.get_range_response(start, end, limit=limit, revision=revision or None)
+            except grpc.RpcError as e:
+                if _compacted_range(e):
+                    raise _Restart() from e
+                if not _too_large(e):
+                    raise
+                if limit > 1:
+                    limit = max(1, limit // 4)
+                    continue
+                resp = c.get_range_response(start, end, limit=1, revision=revision or None, keys_only=True)
+                revision = revision or int(resp.header.revision)
+                if not resp.kvs:
+                    break
+                nets = self._too_large_record(resp.kvs[0].key)
+                if nets is not None:
+                    occupied.append(nets)
+                start = bytes(resp.kvs[0].key) + b"\0"
+                if not resp.more:
+                    break
+                continue
+            revision = revision or int(resp.header.revision)
             for kv in resp.kvs:
                 lease, nets = self._record(kv.key, kv.value)
                 if lease is not None:
                     out.append(dataclasses.replace(lease, expiration=self._expiration(c, kv.lease, ttl)))
                 elif nets is not None:
                     occupied.append(nets)
-            return Listing(out, int(resp.header.revision), tuple(occupied))
-        return self._call(f"listing {self.subnets_prefix}", op)
+            if not resp.more or not resp.kvs:
+                break
+            start = bytes(resp.kvs[-1].key) + b"\0"
+            limit = min(LIST_PAGE_KEYS, limit * 2)
+        return Listing(out, revision, tuple(occupied))
 
     def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, *, ttl: bool = True) -> Stored:
         key = self.lease_key(subnet, ipv6_subnet)
 
         def op(c: Any) -> Stored:
-            resp = c.get_response(key)
-            rev = int(resp.header.revision)
-            if resp.count < 1:
+            kv, rev, too_large = self._get_one(c, key)
+            if kv is None:
                 return Stored(None, False, 0, rev)
-            kv = resp.kvs[0]
-            lease, _ = self._record(kv.key, kv.value)
+            lease = None
+            if too_large:
+                self._too_large_record(kv.key)
+            else:
+                lease, _ = self._record(kv.key, kv.value)
             if lease is not None:
                 lease = dataclasses.replace(lease, expiration=self._expiration(c, kv.lease, ttl))
             return Stored(lease, True, int(kv.mod_revision), rev)
@@ -548,100 +666,131 @@ class EtcdRegistry:
 
     # -- watches ---------------------------------------------------------------------------------
 
-    def watch_leases(self, start_revision: int) -> _Watch:
-        return _Watch(self, self.subnets_prefix, prefix=True, start_revision=start_revision,
-                      config_key=self.config_key)
+    def watch_leases(self, start_revision: int) -> _Stream:
+        """One watch of everything under the prefix: every lease key and the config key."""
+        root = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
+        return self._watch(root, prefix=True, start_revision=start_revision)
 
-    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, start_revision: int) -> _Watch:
-        return _Watch(self, self.lease_key(subnet, ipv6_subnet), prefix=False, start_revision=start_revision)
+    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, start_revision: int) -> _Stream:
+        return self._watch(self.lease_key(subnet, ipv6_subnet), prefix=False, start_revision=start_revision)
+
+    def _watch(self, key: str, *, prefix: bool, start_revision: int) -> _Stream:
+        raw = key.encode("utf-8")
+        create = etcdrpc.WatchCreateRequest(key=raw, start_revision=max(1, start_revision), progress_notify=True)
+        if prefix:
+            create.range_end = pyetcd.utils.prefix_range_end(raw)
+        request = etcdrpc.WatchRequest(create_request=create)
+        return self._call(f"watching {key} from revision {start_revision}", lambda c: _Stream(self, c, key, request))
+        # (errors of the watch itself, e.g. a compacted start revision, are raised by its ``next``)
 
 
-class _Watch:
-    """One etcd watch (plus, for the lease watch, one on the config key) whose responses land in a
-    queue, so the consumer can wait with a timeout (and so honour its stop event) instead of
-    blocking in pyetcd's iterator."""
+class _Stream:
+    """One etcd watch, read on the thread that asked for it.
 
-    def __init__(self, reg: EtcdRegistry, key: str, *, prefix: bool, start_revision: int,
-                 config_key: str | None = None) -> None:
-        self._reg, self._key = reg, key
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._client: Any = None
-        self._ids: list[int] = []
-        start = max(1, start_revision)
-        range_end = pyetcd.utils.prefix_range_end(key.encode("utf-8")) if prefix else None
+    It is a server stream (one create request, then responses; etcd keeps a watch whose client
+    has half-closed its side), on a channel with gRPC's single-threaded unary-stream option: the
+    caller's ``next()`` waits in gRPC's C core for the next response, with no Python thread of
+    pyetcd's polling a queue, no channel thread and no hand-off per response. ``cancel()`` may be
+    called from any thread (a stop hook): a ``next()`` waiting then raises StoreUnavailable.
+    """
 
-        def add(c: Any, tag: str, watched: str, end: Any) -> None:
-            kwargs: dict[str, Any] = {"start_revision": start}
-            if end is not None:
-                kwargs["range_end"] = end
-            self._ids.append(int(c.add_watch_callback(watched, lambda item: self._queue.put((tag, item)), **kwargs)))
+    def __init__(self, reg: EtcdRegistry, client: Any, key: str, request: Any) -> None:
+        self._reg, self._client, self._key = reg, client, key
+        self._cancelled = False
+        method = client.channel.unary_stream(_WATCH_METHOD, request_serializer=etcdrpc.WatchRequest.SerializeToString,
+                                             response_deserializer=etcdrpc.WatchResponse.FromString)
+        self._call = method(request, metadata=client.metadata)
+        self._responses = iter(self._call)
+        self._created = False   # the first response answers the creation (``next`` reads it)
 
-        def begin(c: Any) -> None:
-            self._client = c
-            add(c, "leases", key, range_end)
-            if config_key is not None:
-                add(c, "config", config_key, None)
+    def _receive(self) -> Any:
+        """The next response; a gRPC error or the end of the stream as flannel errors."""
         try:
-            reg._call(f"watching {key} from revision {start_revision}", begin)
-        except BaseException:
-            self.cancel()
-            raise
-
-    def get(self, timeout: float) -> WatchChunk | None:
-        try:
-            tag, item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, BaseException):
-            err = self._reg._convert(item, f"watch on {self._key}")
+            resp = next(self._responses)
+        except StopIteration:
+            raise errors.StoreUnavailable(f"etcd watch on {self._key} ended") from None
+        except grpc.RpcError as e:
+            if self._cancelled:
+                raise errors.StoreUnavailable(f"etcd watch on {self._key} cancelled") from None
+            if _too_large(e):
+                raise ResponseTooLarge(f"etcd watch on {self._key}: a response was larger than the "
+                                       f"{MAX_RECEIVE_BYTES} bytes we accept") from e
+            err = self._reg._convert(e, f"watch on {self._key}")
+            if isinstance(err, errors.StoreUnavailable):
+                self._reg._endpoint_failed(self._client, e)
             if isinstance(err, _Reauthenticate):
                 self._reg._drop_client(self._client)  # the next watch authenticates again
                 err = errors.StoreUnavailable(f"etcd watch on {self._key}: auth token rejected ({err})")
+            raise err from e
+        if resp.compact_revision:
             self.cancel()
-            raise err from item
-        if item is None:  # the stream ended without an error (client reset)
+            raise Compacted(int(resp.compact_revision))
+        if resp.canceled:
             self.cancel()
-            raise errors.StoreUnavailable(f"etcd watch on {self._key} ended")
-        if tag == "config":
-            return self._config_chunk(item)
+            reason = resp.cancel_reason or "no reason given"
+            if "permission denied" in reason:
+                raise errors.PermissionDenied(f"etcd watch on {self._key}: {reason} (user "
+                                              f"{self._reg._username or '(none)'})")
+            raise errors.StoreUnavailable(f"etcd cancelled the watch on {self._key}: {reason}")
+        return resp
+
+    def next(self) -> WatchChunk:
+        """The next response's events, decoded (blocks until there is one).
+
+        :raises Compacted: the start revision was compacted (relist).
+        :raises ResponseTooLarge: a response was over MAX_RECEIVE_BYTES (relist).
+        :raises errors.StoreUnavailable: the stream broke or was cancelled (re-watch).
+        """
+        reg = self._reg
+        resp = self._receive()
+        if not self._created:  # the creation answer (a compacted start revision raised above)
+            if not resp.created:
+                raise errors.StoreUnavailable(f"etcd watch on {self._key}: no creation answer")
+            self._created = True
+            resp = self._receive()
         out: list[LeaseEvent] = []
-        revision = int(item.header.revision)  # a progress notification: everything up to it was sent
-        for ev in item.events:
-            revision = int(ev.mod_revision)  # events arrive in revision order
-            if isinstance(ev, etcd_events.DeleteEvent):
-                nets = self._reg._deleted(ev.key)
+        touched: list[tuple[Subnets, int]] = []
+        config: ConfigUpdate | None = None
+        revision = int(resp.header.revision)  # a progress notification: everything up to it was sent
+        subnets = reg.subnets_prefix.encode("utf-8")
+        config_key = reg.config_key.encode("utf-8")
+        for ev in resp.events:
+            kv = ev.kv
+            revision = int(kv.mod_revision)  # events arrive in revision order
+            key = kv.key
+            if not key.startswith(subnets):
+                if key == config_key:
+                    config = self._config_update(ev)
+                continue  # something else under the prefix: not ours to read
+            if ev.type == _DELETE:
+                nets = reg._deleted(key)
                 if nets is not None:
+                    touched.append((nets, revision))
                     out.append(LeaseEvent(EventType.REMOVED, Lease(subnet=nets[0], ipv6_subnet=nets[1],
                                                                    attrs=LeaseAttrs())))
-            else:
-                lease, _ = self._reg._record(ev.key, ev.value)
-                if lease is not None:
-                    expiration = self._reg._expiration(None, int(ev.lease), ttl=False)
-                    out.append(LeaseEvent(EventType.ADDED, dataclasses.replace(lease, expiration=expiration)))
-        return WatchChunk(revision=revision, events=tuple(out))
+                continue
+            lease, skipped = reg._record(key, kv.value)
+            if lease is not None:
+                touched.append(((lease.subnet, lease.ipv6_subnet), revision))  # type: ignore[arg-type]
+                expiration = None if kv.lease == 0 else TTL_NOT_LOOKED_UP
+                out.append(LeaseEvent(EventType.ADDED, dataclasses.replace(lease, expiration=expiration)))
+            elif skipped is not None:
+                touched.append((skipped, revision))
+        return WatchChunk(revision=revision, events=tuple(out), config=config, touched=tuple(touched))
 
-    def _config_chunk(self, item: Any) -> WatchChunk | None:
-        if not item.events:
-            return None
-        ev = item.events[-1]  # only the latest value of the config matters
-        if isinstance(ev, etcd_events.DeleteEvent):
-            return WatchChunk(revision=0, events=(), config=ConfigUpdate(None))
+    def _config_update(self, ev: Any) -> ConfigUpdate | None:
+        if ev.type == _DELETE:
+            return ConfigUpdate(None)
         try:
-            text = self._reg._config_text(ev.value)
+            return ConfigUpdate(self._reg._config_text(ev.kv.value))
         except errors.ConfigError as e:
             log.error("%s; keeping the running config", e)
             return None
-        return WatchChunk(revision=0, events=(), config=ConfigUpdate(text))
 
     def cancel(self) -> None:
-        ids, self._ids = self._ids, []
-        if self._client is None:
-            return
-        for wid in ids:
-            try:
-                self._client.cancel_watch(wid)
-            except _LIBRARY_ERRORS as e:
-                log.debug("cancelling etcd watch on %s: %s", self._key, e)
+        """Stop the watch (idempotent, never raises; any thread)."""
+        self._cancelled = True
+        self._call.cancel()
 
 
 def _show_key(key: Any) -> str:

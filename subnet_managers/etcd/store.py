@@ -36,6 +36,11 @@ class Compacted(errors.StoreError):
         super().__init__(f"etcd history compacted up to revision {compacted_revision}")
 
 
+class ResponseTooLarge(errors.StoreError):
+    """A watch response was larger than we accept (a catch-up over many large values): relist,
+    which reads in pages, and watch on from the listing's revision."""
+
+
 class KeyChanged(errors.StoreError):
     """A conditional write found the key changed (or gone) since we last read it: re-read it."""
 
@@ -90,26 +95,32 @@ class WatchChunk:
     ``revision + 1`` neither skips nor replays an event. ``events`` may be empty (every record in
     the response was skipped as undecodable); the revision still advances past them.
 
-    ``config`` is set (and ``revision`` is 0, meaning "no lease progress") for a change of the
-    network config key, which the lease watch also follows.
+    ``config`` is set for a change of the network config key, which the lease watch also follows
+    (the latest one in the response; ``revision`` covers it like any event).
+
+    ``touched``: every subnet key the response wrote or deleted, with the mod revision, including
+    keys whose value was skipped as undecodable (the lease keeper re-reads its own key on any of them).
     """
 
     revision: int
     events: tuple[LeaseEvent, ...]
     config: ConfigUpdate | None = None
+    touched: tuple[tuple[Subnets, int], ...] = ()
 
 
 class WatchHandle(Protocol):
-    def get(self, timeout: float) -> WatchChunk | None:
-        """The next chunk, or ``None`` after ``timeout`` seconds without one.
+    def next(self) -> WatchChunk:
+        """The next chunk; blocks until there is one (``cancel`` ends the wait).
 
         :raises Compacted: the start revision was compacted (relist).
-        :raises errors.StoreUnavailable: the watch stream broke (re-watch from the last revision).
+        :raises ResponseTooLarge: a response was too large to receive (relist).
+        :raises errors.StoreUnavailable: the watch stream broke or was cancelled (re-watch from the
+            last revision).
         """
         ...
 
     def cancel(self) -> None:
-        """Stop the watch. Idempotent, never raises."""
+        """Stop the watch; callable from any thread (a ``next`` waiting raises). Idempotent, never raises."""
         ...
 
 
@@ -162,8 +173,8 @@ class Registry(Protocol):
     def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> None: ...
 
     def watch_leases(self, start_revision: int) -> WatchHandle:
-        """Watch every key under ``<prefix>/subnets/`` and the config key from ``start_revision``
-        (inclusive). Config changes arrive as chunks with ``config`` set."""
+        """Watch every key under ``<prefix>/subnets/`` and the config key (one watch) from
+        ``start_revision`` (inclusive). Config changes arrive as chunks with ``config`` set."""
         ...
 
     def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,

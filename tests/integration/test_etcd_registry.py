@@ -19,7 +19,7 @@ from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from tests.support import acquire
+from tests.support import acquire, read_watch
 
 pytestmark = pytest.mark.etcd
 
@@ -33,13 +33,8 @@ def registry(srv: EtcdServer, **kw: str) -> EtcdRegistry:
 
 
 def collect(handle, want: int, timeout: float = 10.0) -> list:  # type: ignore[no-untyped-def]
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while len(events) < want and time.monotonic() < deadline:
-        chunk = handle.get(0.2)
-        if chunk is not None:
-            events.extend(chunk.events)
-    return events
+    chunks = read_watch(handle, lambda chunks: sum(len(c.events) for c in chunks) >= want, timeout=timeout)
+    return [e for c in chunks for e in c.events]
 
 
 def test_round_trip_exact_bytes(etcd_server):
@@ -73,7 +68,7 @@ def test_round_trip_exact_bytes(etcd_server):
             events = collect(handle, 2)
             assert [(e.type, e.lease.subnet) for e in events] == [(EventType.ADDED, SN), (EventType.REMOVED, SN)]
             assert events[0].lease.attrs.public_ip == IPv4Address("1.2.3.4")
-            assert handle.get(0.3) is None  # exactly one Added and one Removed
+            assert read_watch(handle, bool, timeout=0.5) == []  # exactly one Added and one Removed
         finally:
             handle.cancel()
     finally:

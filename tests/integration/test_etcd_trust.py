@@ -19,7 +19,7 @@ from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from tests.support import Follower, FreezableProxy, acquire, wait_for
+from tests.support import Follower, FreezableProxy, acquire, read_watch, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -173,7 +173,7 @@ def test_watch_resumes_after_the_last_delivered_event_during_catch_up(reg, etcd_
     reg._call("bulk put", put_all)
     handle = reg.watch_leases(start)
     try:
-        first = wait_for(lambda: handle.get(1.0), "the first catch-up response", timeout=30)
+        first = read_watch(handle, lambda chunks: len(chunks) == 1, timeout=30)[0]
     finally:
         handle.cancel()
     assert 0 < len(first.events) < n  # the catch-up came in pieces: this is the case that matters
@@ -181,11 +181,9 @@ def test_watch_resumes_after_the_last_delivered_event_during_catch_up(reg, etcd_
     seen = [e.lease.subnet for e in first.events]
     handle = reg.watch_leases(first.revision + 1)  # "the watch broke": resume as the manager does
     try:
-        deadline = time.monotonic() + 30
-        while len(seen) < n and time.monotonic() < deadline:
-            chunk = handle.get(1.0)
-            if chunk is not None:
-                seen.extend(e.lease.subnet for e in chunk.events)
+        for chunk in read_watch(handle, lambda chunks: len(seen) + sum(len(c.events) for c in chunks) >= n,
+                                timeout=30):
+            seen.extend(e.lease.subnet for e in chunk.events)
     finally:
         handle.cancel()
     assert [str(s) for s in seen] == [str(wire.parse_subnet_key(k[len(SUBNETS):])[0]) for k in keys]  # type: ignore[index]
@@ -335,3 +333,75 @@ def test_the_agent_exits_with_the_reason_when_the_network_changes(reg, etcd_serv
         t.join(15)
     assert isinstance(outcome[0], errors.ConfigChanged), outcome
     assert "Network 10.8.0.0/16 → 10.9.0.0/16" in str(outcome[0])
+
+
+def big_peer(i: int, size: int = 60_000) -> bytes:
+    """A valid vxlan lease value of about ``size`` bytes (under the 64 KiB record limit)."""
+    value = wire.encode_attrs(LeaseAttrs(public_ip=IPv4Address(f"198.18.1.{i}"), backend_type="vxlan",
+                                         backend_data=json.dumps({"VNI": 1, "Pad": "p" * size})))
+    return value.encode()
+
+
+def test_records_larger_than_grpcs_receive_limit_in_total_are_listed_and_watched(reg, make_manager):
+    """~80 leases of 60 KB and a few 1 MB garbage values: one range response would be ~9 MB, over
+    gRPC's default 4 MB receive limit, and so would a watch catch-up over them. The listing is read
+    in pages at one revision, the watch in fragments: the agent lists, allocates and watches;
+    nothing fails forever."""
+    n = 80
+    start = reg.list_leases().revision + 1
+    for i in range(1, n + 1):
+        raw_put(reg, SUBNETS.encode() + f"10.8.{100 + i}.0-24".encode(), big_peer(i))
+    for i in range(5):  # garbage: 1 MB each (etcd's default request limit is 1.5 MiB)
+        raw_put(reg, SUBNETS.encode() + f"10.8.{90 + i}.0-24".encode(), b"x" * 1_000_000)
+    listing = reg.list_leases()
+    assert len(listing.leases) == n
+    assert {str(lease.subnet) for lease in listing.leases} == {f"10.8.{100 + i}.0/24" for i in range(1, n + 1)}
+    assert len(listing.occupied) == 5  # the garbage keys are skipped (too large) but occupy their subnets
+    m = make_manager()
+    own = acquire(m, attrs("192.0.2.1"))  # allocation lists too
+    follower = Follower(m, own).start()
+    try:
+        peers = follower.wait_peers(lambda p: len(p) == n, "the snapshot of every big lease", timeout=60)
+        assert set(peers) == {f"10.8.{100 + i}.0/24" for i in range(1, n + 1)}
+    finally:
+        assert follower.close()
+    handle = reg.watch_leases(start)  # a catch-up over all of it: far more than 4 MB of events
+    try:
+        chunks = read_watch(handle, lambda chunks: sum(len(c.events) for c in chunks) >= n, timeout=60)
+    finally:
+        handle.cancel()
+    seen = [str(e.lease.subnet) for c in chunks for e in c.events if e.lease.subnet != own.subnet]
+    assert seen == [f"10.8.{100 + i}.0/24" for i in range(1, n + 1)]
+
+
+def test_with_a_small_receive_limit_pages_shrink_and_a_too_large_catch_up_relists(etcd_server, make_manager,
+                                                                                  monkeypatch):
+    """The same mechanisms at a receive limit of 1 MiB (so that a few MB of data exercise them):
+    pages shrink until they fit, a single value over the limit is skipped but still occupies its
+    subnet (read, and our own key read, without its value), and a watch catch-up over the limit
+    ends in a relist, not a watch that fails for ever."""
+    monkeypatch.setattr(registry_mod, "MAX_RECEIVE_BYTES", 1 << 20)
+    reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX)
+    try:
+        reg.put_config(CONFIG)
+        m = make_manager()
+        own = acquire(m, attrs("192.0.2.1"))  # the watch's first snapshot: this listing, before the writes
+        n = 40
+        for i in range(1, n + 1):
+            raw_put(reg, SUBNETS.encode() + f"10.8.{100 + i}.0-24".encode(), big_peer(i))
+        raw_put(reg, SUBNETS.encode() + b"10.8.90.0-24", b"x" * 1_400_000)  # alone over the limit
+        listing = reg.list_leases()
+        assert len(listing.leases) == n + 1  # the 40 and ours
+        assert listing.occupied == ((IPv4Network("10.8.90.0/24"), None),)
+        assert reg.skipped.counts.get("size") == 1
+        stored = reg.get_lease(IPv4Network("10.8.90.0/24"), None)
+        assert stored.exists and stored.lease is None and stored.mod_revision > 0
+        follower = Follower(m, own).start()
+        try:
+            peers = follower.wait_peers(lambda p: len(p) == n, "every big lease, after a relist", timeout=60)
+            assert set(peers) == {f"10.8.{100 + i}.0/24" for i in range(1, n + 1)}
+            assert follower.snapshots == 2  # the acquisition's listing, then the relist
+        finally:
+            assert follower.close()
+    finally:
+        reg.close()

@@ -69,6 +69,10 @@ def test_iptables_rules_installed_once_and_repaired(ns):
         '-A FLANNEL-FWD -s 10.42.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
         '-A FLANNEL-FWD -d 10.42.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
     ]
+    # the resync's check is one `iptables -S` per table: the real binary prints our rules as we spell
+    # them, so no `-C` is needed while they are all there
+    for g in tm.groups:  # type: ignore[attr-defined]
+        assert {r.line() for r in g.rules} <= in_ns(ns, lambda g=g: g.ipt.listed(g.rules[0].table))
     # someone deletes one rule; the resync loop (every 1 s) puts the group back
     ns.exec("iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "-s", "10.42.0.0/16", "!", "-d", "224.0.0.0/4",
             "-m", "comment", "--comment", "flanneld masq", "-j", "MASQUERADE", "--random-fully")

@@ -23,6 +23,7 @@ from tests.support import FakeRegistry, acquire
 CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}'
 OURS = LeaseAttrs(public_ip=IPv4Address("192.0.2.1"), backend_type="vxlan")
 SN = IPv4Network("10.5.7.0/24")
+SN_OF: list[Any] = [SN]  # the subnet the running keeper holds (set by Run)
 
 
 def lease(ip: str = "192.0.2.1", *, net: IPv4Network = SN, expiration: float | None = 1e12) -> Lease:
@@ -55,23 +56,23 @@ def test_renew_at_reservation_never():
 # -- the keeper against the fake registry ---------------------------------------------------------
 
 class Handle:
-    """A watch handle the test can push chunks into."""
+    """A watch handle the test can push chunks into (``next`` blocks, as a real watch does)."""
 
     def __init__(self) -> None:
         self.q: queue.Queue[Any] = queue.Queue()
         self.cancelled = False
 
-    def get(self, timeout: float) -> WatchChunk | None:
-        try:
-            item = self.q.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def next(self) -> WatchChunk:
+        item = self.q.get(timeout=60)
+        if item is None:
+            raise errors.StoreUnavailable("watch cancelled")
         if isinstance(item, BaseException):
             raise item
         return item  # type: ignore[no-any-return]
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.q.put(None)
 
 
 class KeeperRegistry(FakeRegistry):
@@ -115,9 +116,15 @@ class KeeperRegistry(FakeRegistry):
         self.mods[key] = self.revision
 
     def notify(self, ev: LeaseEvent) -> None:
+        """A watch response about our key (``touched`` names it, as the real registry does)."""
+        self.touch((ev,))
+
+    def touch(self, events: tuple[LeaseEvent, ...] = ()) -> None:
+        """A response that wrote our key; without events when the value was undecodable."""
+        touched = (((SN_OF[0], None), self.revision),)
         for h in self.handles:
             if not h.cancelled:
-                h.q.put(WatchChunk(self.revision, (ev,)))
+                h.q.put(WatchChunk(self.revision, events, touched=touched))  # type: ignore[arg-type]
 
 
 class Run:
@@ -129,6 +136,7 @@ class Run:
                                    registry=reg)  # type: ignore[arg-type]
         self.config = self.m.get_network_config()
         self.own = acquire(self.m, OURS)
+        SN_OF[:] = [self.own.subnet]
         self.seen: list[Lease] = []
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -231,9 +239,8 @@ def test_key_taken_or_made_unreadable_is_replaced_by_another_subnet(tmp_path, ov
         reg.put_raw(r.own.subnet, other if overwrite == "another node" else None)  # type: ignore[arg-type]
         if overwrite == "another node":
             reg.notify(LeaseEvent(EventType.ADDED, other))
-        else:  # the registry skipped the undecodable value: the watch response carries no event
-            for h in reg.handles:
-                h.q.put(WatchChunk(reg.revision, ()))
+        else:  # the registry skipped the undecodable value: the response carries no event, only the key
+            reg.touch()
         r.wait(lambda: r.seen, "re-acquisition")
         assert r.seen[0].subnet != r.own.subnet  # never over an existing key
         assert reg.deletes == []  # the other record is left alone
@@ -292,3 +299,50 @@ def test_keeper_unit_reacquire_receives_the_subnet_we_held(tmp_path):
     keeper.lost(Verdict.GONE, Stored(None, False, 0, 1))
     keeper.lost(Verdict.TAKEN, Stored(lease("192.0.2.9"), True, 3, 3))
     assert asked == [(SN, None), (None, None)]
+
+
+def test_with_a_lease_watch_running_the_keeper_holds_no_watch_of_its_own(tmp_path):
+    """The lease watch covers our key: once it runs, the keeper drops its own watch and learns of
+    writes to its key from the lease watch (one etcd watch per agent); when the lease watch ends,
+    the keeper watches its key itself again."""
+    reg = KeeperRegistry()
+    r = Run(reg, tmp_path)
+    feed = r.m._feed
+    try:
+        r.wait(lambda: reg.handles, "the keeper's own watch (no lease watch yet)")
+        feed.opened()  # the lease watch starts
+        r.wait(lambda: all(h.cancelled for h in reg.handles), "the keeper to drop its own watch")
+        time.sleep(0.3)  # (it re-reads its key; it must not open another watch)
+        assert all(h.cancelled for h in reg.handles)
+        n = len(reg.handles)
+        reg.delete_lease(r.own.subnet, None)
+        feed.touched([((IPv4Network("10.5.99.0/24"), None), reg.revision)])  # another key: nothing to do
+        feed.touched([((r.own.subnet, None), reg.revision)])  # what the lease watch saw of the delete
+        r.wait(lambda: r.seen, "re-acquisition")
+        assert [x.subnet for x in r.seen] == [r.own.subnet] and len(reg.handles) == n
+        feed.closed()  # the lease watch ends: the keeper watches its key itself again
+        r.wait(lambda: len(reg.handles) > n and not reg.handles[-1].cancelled, "the keeper's own watch again")
+    finally:
+        r.close()
+
+
+def test_a_snapshot_after_our_read_makes_the_keeper_re_read(tmp_path):
+    """A relist may hide writes to our key (compacted history): the keeper re-reads after it."""
+    reg = KeeperRegistry()
+    r = Run(reg, tmp_path)
+    feed = r.m._feed
+    try:
+        r.wait(lambda: reg.handles, "the keeper's own watch (no lease watch yet)")
+        feed.opened()
+        r.wait(lambda: all(h.cancelled for h in reg.handles), "the keeper on the lease watch")
+        time.sleep(0.2)
+        reads = reg.reads
+        feed.snapshot(0)  # an old snapshot: nothing new
+        time.sleep(0.2)
+        assert reg.reads == reads
+        reg.revision += 5
+        feed.snapshot(reg.revision)
+        r.wait(lambda: reg.reads > reads, "the keeper to re-read its key")
+    finally:
+        feed.closed()
+        r.close()

@@ -19,7 +19,7 @@ from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager
-from flannel.subnet_managers.etcd.store import Compacted, ConfigUpdate, WatchChunk
+from flannel.subnet_managers.etcd.store import Compacted, ConfigUpdate, ResponseTooLarge, WatchChunk
 from tests.support import FakeRegistry
 
 CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}'
@@ -30,23 +30,24 @@ def peer(net: str, ip: str) -> Lease:
 
 
 class ScriptedHandle:
-    """Plays back chunks / exceptions; blocks (up to the timeout) once the script is exhausted."""
+    """Plays back chunks / exceptions; once the script is exhausted, blocks until cancelled (as a
+    real watch does: only the stop hook ends the wait)."""
 
     def __init__(self, script: list[Any]) -> None:
         self.script = list(script)
-        self.cancelled = False
+        self.cancelled = threading.Event()
 
-    def get(self, timeout: float) -> WatchChunk | None:
+    def next(self) -> WatchChunk:
         if self.script:
             item = self.script.pop(0)
             if isinstance(item, BaseException):
                 raise item
             return item  # type: ignore[no-any-return]
-        time.sleep(timeout)
-        return None
+        assert self.cancelled.wait(30), "the watch was never cancelled"
+        raise errors.StoreUnavailable("watch cancelled")
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.cancelled.set()
 
 
 class ScriptedRegistry(FakeRegistry):
@@ -99,8 +100,8 @@ def test_watch_resumes_after_outage_and_relists_after_compaction(tmp_path):
 
 
 def test_a_config_chunk_does_not_move_the_lease_cursor(tmp_path):
-    """Config changes arrive on the same watch with revision 0: resuming must use the last lease
-    event's revision, not the config's."""
+    """Config changes arrive on the same watch: a chunk with only a config change (here with
+    revision 0) must not move the cursor back; resuming uses the last event's revision."""
     b, c = peer("10.5.2.0/24", "198.18.0.2"), peer("10.5.3.0/24", "198.18.0.3")
     reg = ScriptedRegistry(CONFIG, [], handles=[
         [WatchChunk(12, (LeaseEvent(EventType.ADDED, b),)), WatchChunk(0, (), ConfigUpdate(CONFIG)),
@@ -211,3 +212,26 @@ def test_an_unreadable_config_key_at_rewatch_is_logged_not_fatal(tmp_path, caplo
     stop.set()
     gen.close()
     assert "not UTF-8; keeping the running config" in caplog.text
+
+
+def test_the_first_snapshot_is_the_acquisitions_listing_and_a_too_large_catch_up_relists(tmp_path):
+    """After acquire_lease the watch starts from the listing the acquisition read (no second listing
+    of every lease); a response too large to receive is handled like a compaction: a relist."""
+    a, b = peer("10.5.1.0/24", "198.18.0.1"), peer("10.5.2.0/24", "198.18.0.2")
+    reg = ScriptedRegistry(CONFIG, [a], handles=[[ResponseTooLarge("too large")]])
+    reg.revision = 10
+    m = make(reg, tmp_path)
+    own = m.acquire_lease(running(), LeaseAttrs(public_ip=IPv4Address("198.18.0.9")))
+    assert reg.lists == 1
+    stop = threading.Event()
+    gen = m.watch_leases(running(), stop)
+    first = next(gen)
+    assert first.snapshot == (a,)  # as listed before our own lease was created
+    assert reg.lists == 1
+    reg.kv[(b.subnet, None)] = b  # type: ignore[index]
+    second = next(gen)  # the too-large response → relist
+    assert reg.watch_starts[0] == 11  # from the acquisition's listing (revision 10)
+    assert reg.lists == 2
+    assert second.snapshot is not None and set(second.snapshot) == {a, b, own}
+    stop.set()
+    gen.close()

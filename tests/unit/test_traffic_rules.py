@@ -24,9 +24,15 @@ class FakeIPTables:
     def __init__(self, present: set[str] | None = None) -> None:
         self.present = present or set()
         self.payloads: list[str] = []
+        self.spelled: dict[str, str] = {}   # how `-S` prints a present line, when not as we do
+        self.checks = 0                     # `-C` calls
 
     def exists(self, rule: ipt.Rule) -> bool:
+        self.checks += 1
         return rule.line() in self.present
+
+    def listed(self, table: str) -> set[str]:
+        return {self.spelled.get(ln, ln) for ln in self.present}
 
     def restore(self, payload: str) -> None:
         if payload:
@@ -91,6 +97,17 @@ def test_ensure_restores_only_when_a_rule_is_missing():
     fake.present.discard(rules[2].line())
     assert g.ensure() is True and len(fake.payloads) == 1
     assert fake.payloads[0].startswith("*filter\n:FLANNEL-FWD - [0:0]\n")
+
+
+def test_ensure_checks_a_listing_and_uses_check_only_when_a_rule_is_not_in_it():
+    """All rules in the `-S` listing: no `-C` at all. A rule `-S` spells differently but `-C` finds:
+    no repair (never a needless re-install)."""
+    rules = ipt.masq_rules(N("10.42.0.0/16"), N("10.42.1.0/24"))
+    fake = FakeIPTables({r.line() for r in rules})
+    g = ipt.RuleGroup("masq", rules, fake)  # type: ignore[arg-type]
+    assert g.ensure() is False and fake.checks == 0 and fake.payloads == []
+    fake.spelled[rules[3].line()] = rules[3].line().replace("-s ", "--source ")
+    assert g.ensure() is False and fake.checks == len(rules) and fake.payloads == []
 
 
 def test_restore_payload_text():

@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 import logging
 from ipaddress import IPv4Network
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pyetcd.etcdrpc import kv_pb2, rpc_pb2
 
 from flannel import errors, wire
 from flannel.lease import EventType, LeaseAttrs
 from flannel.records import SkippedRecords
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
+from flannel.subnet_managers.etcd.store import ConfigUpdate
 
 PREFIX = "/coreos.com/network"
 SUBNETS = f"{PREFIX}/subnets/"
@@ -229,39 +230,58 @@ def test_registry_counts_an_unexpected_failure_as_internal(monkeypatch: pytest.M
     """Whatever escapes the codec (a bug, MemoryError) is still contained by the boundary."""
     def explode(*a: Any, **k: Any) -> Any:
         raise MemoryError("simulated")
-    monkeypatch.setattr(registry_mod.wire, "decode_lease", explode)
+    monkeypatch.setattr(registry_mod.wire, "decode_attrs", explode)
     reg = registry()
     assert reg._record((SUBNETS + "10.5.1.0-24").encode(), b"{}") == (None, (IPv4Network("10.5.1.0/24"), None))
     assert reg.skipped.counts == {"internal": 1}
 
 
-def _event(cls: type, key: bytes, value: bytes, mod_revision: int) -> Any:
-    return cls(SimpleNamespace(kv=SimpleNamespace(key=key, value=value, mod_revision=mod_revision, lease=0)))
+def _event(kind: int, key: bytes, value: bytes, mod_revision: int) -> Any:
+    return kv_pb2.Event(type=kind, kv=kv_pb2.KeyValue(key=key, value=value, mod_revision=mod_revision, lease=0))
+
+
+def _stream(reg: EtcdRegistry, responses: list[Any]) -> Any:
+    """A registry watch stream reading ``responses`` (real etcd protobuf messages) instead of gRPC."""
+    w = registry_mod._Stream.__new__(registry_mod._Stream)
+    w._reg, w._key, w._client, w._cancelled, w._created = reg, PREFIX + "/", None, False, True
+    w._responses = iter(responses)
+    return w
 
 
 def test_watch_chunks_skip_garbage_and_resume_after_the_last_event() -> None:
     """A watch response with good, garbage and deleted records: the good ones become events, the
     rest are skipped, and the chunk's revision is the last event's mod revision (not the header's,
-    which runs ahead during catch-up)."""
+    which runs ahead during catch-up). Every subnet key written is reported in ``touched`` (the
+    lease keeper looks for its own there), undecodable ones included; other keys are not."""
     reg = registry()
-    w = registry_mod._Watch.__new__(registry_mod._Watch)
-    w._reg, w._key, w._client, w._ids = reg, SUBNETS, None, []
-    w._queue = __import__("queue").Queue()
-    put, delete = registry_mod.etcd_events.PutEvent, registry_mod.etcd_events.DeleteEvent
+    put, delete = kv_pb2.Event.PUT, kv_pb2.Event.DELETE
     events = [_event(put, (SUBNETS + "10.5.1.0-24").encode(), b'{"PublicIP":"198.18.0.1"}', 101)]
     events += [_event(put, (SUBNETS + f"10.5.{i + 2}.0-24").encode(), v, 102 + i)
                for i, v in enumerate(GARBAGE_VALUES.values())]
     events += [_event(put, SUBNETS.encode() + k, b'{"PublicIP":"198.18.0.9"}', 200 + i)
                for i, k in enumerate(GARBAGE_KEYS.values())]
-    events += [_event(delete, SUBNETS.encode() + b"junk\xff", b"", 300),
+    events += [_event(put, (PREFIX + "/something-else").encode(), b"{}", 298),
+               _event(delete, SUBNETS.encode() + b"junk\xff", b"", 300),
                _event(delete, (SUBNETS + "10.5.1.0-24").encode(), b"", 301)]
-    w._queue.put(("leases", SimpleNamespace(header=SimpleNamespace(revision=5000), events=events)))
-    chunk = w.get(1.0)
-    assert chunk is not None
+    chunk = _stream(reg, [rpc_pb2.WatchResponse(header=rpc_pb2.ResponseHeader(revision=5000), events=events)]).next()
     assert [(e.type, str(e.lease.subnet)) for e in chunk.events] == [(EventType.ADDED, "10.5.1.0/24"),
                                                                       (EventType.REMOVED, "10.5.1.0/24")]
     assert chunk.revision == 301
+    assert chunk.config is None
     assert reg.skipped.total == len(GARBAGE_VALUES) + len(GARBAGE_KEYS) + 1
+    assert [str(nets[0]) for nets, _ in chunk.touched] == (
+        ["10.5.1.0/24"] + [f"10.5.{i + 2}.0/24" for i in range(len(GARBAGE_VALUES))] + ["10.5.1.0/24"])
+
+
+def test_watch_chunks_carry_the_config_key() -> None:
+    reg = registry()
+    config = _event(kv_pb2.Event.PUT, (PREFIX + "/config").encode(), b'{"Network":"10.5.0.0/16"}', 7)
+    gone = _event(kv_pb2.Event.DELETE, (PREFIX + "/config").encode(), b"", 8)
+    too_big = _event(kv_pb2.Event.PUT, (PREFIX + "/config").encode(), b"x" * 100_000, 9)
+    chunks = [_stream(reg, [rpc_pb2.WatchResponse(events=evs)]).next() for evs in ([config], [gone], [too_big])]
+    assert [c.config for c in chunks[:2]] == [ConfigUpdate('{"Network":"10.5.0.0/16"}'), ConfigUpdate(None)]
+    assert chunks[2].config is None and chunks[2].revision == 9  # logged, the running config is kept
+    assert [c.events for c in chunks] == [(), (), ()]
 
 
 # -- skipped-record logging -----------------------------------------------------------------------
