@@ -25,14 +25,17 @@ Phases:
    messages and requests per agent per event (the script's own put and delete are subtracted);
 4. **renewal**: the agents restarted with ``--subnet-lease-ttl=--ttl`` (renewal half-way: the
    default 60 min margin is longer than the TTL), observed for ``--renew-window`` seconds: requests
-   and watch messages per renewal (renewals counted from the agents' "Lease renewed" log lines).
+   and watch messages per renewal (renewals counted from the agents' "Lease renewed" log lines);
+5. **start at N**: ``--start-leases`` (5000) other nodes' leases written to etcd, then one agent
+   started (24 h TTL): its requests until it is ready and watching.
 
 Then the extrapolation to ``--nodes`` (5000) agents with flannel's defaults (TTL 24 h, renewal
 60 min before expiry, i.e. every 23 h) for us (measured per-event costs × event rates) and for Go
 flannel (its code: pkg/subnet/etcd/registry.go, local_manager.go, v0.2x), printed as markdown.
 
 Usage (root):  .venv/bin/python bench/store_load.py [--agents 10] [--window 60] [--ttl 30]
-                                                    [--renew-window 60] [--nodes 5000] [--json out.json]
+                                                    [--renew-window 60] [--nodes 5000] [--start-leases 5000]
+                                                    [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,14 +56,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from flannel.lab.agent import AgentProcess
-from flannel.lab.etcd import EtcdServer
+from flannel.lab.etcd import EtcdServer, b64
 from flannel.lab.netns import cleanup_prefix, in_netns, run, run_prefix
 from flannel.lab.topology import Underlay
 
 PREFIX = "/coreos.com/network"
-CONFIG = '{"Network": "10.9.0.0/16", "SubnetLen": 24, "Backend": {"Type": "alloc"}}'
+CONFIG = '{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "alloc"}}'
 #: a node that joins and leaves in the fan-out phase (an underlay address no host uses)
-FAKE_KEY = f"{PREFIX}/subnets/10.9.250.0-24"
+FAKE_KEY = f"{PREFIX}/subnets/10.250.0.0-24"
 FAKE_VALUE = '{"PublicIP":"198.18.0.200","PublicIPv6":null,"BackendType":"alloc"}'
 #: flannel's defaults: 24 h TTL, renewal 60 min before expiry
 RENEW_PERIOD_S = 24 * 3600 - 60 * 60
@@ -176,15 +179,15 @@ class Bench:
     def conns(self) -> dict[str, dict[str, int]]:
         return connections(self.underlay.hub.name, self.etcd.client_port, self.peers)
 
-    def start_agents(self, *extra: str) -> None:
+    def start_agents(self, *extra: str, count: int | None = None) -> None:
         self.agents = []
-        for h in self.hosts:
+        for h in self.hosts[:count]:
             a = AgentProcess(h.name, netns=h.ns.name, workdir=self.workdir,
                              args=["--etcd-endpoints", self.etcd.endpoint, "--etcd-prefix", PREFIX,
                                    "--iface", "eth0", *extra])
             self.agents.append(a.start())
         for a in self.agents:
-            a.wait_ready(120)
+            a.wait_ready(300)
 
     def stop_agents(self) -> None:
         for a in self.agents:
@@ -257,8 +260,30 @@ class Bench:
         r1, m1, t1 = self.renewals(), self.scrape(), time.monotonic()
         res["renewal"] = {"seconds": t1 - t0, "renewals": r1 - r0, **diff(m1, m0)}
         self.stop_agents()
+
+        # 5. one agent start with --start-leases other leases in etcd (nobody watching meanwhile)
+        if args.start_leases:
+            self.populate(args.start_leases)
+            m0 = self.scrape()
+            self.start_agents(count=1)
+            self.wait_watchers(base_watchers + 1)
+            time.sleep(args.settle)
+            res["start_at_n"] = {"leases": args.start_leases, **diff(self.scrape(), m0)}
+            self.stop_agents()
         res["uptime"].append(run("uptime").strip())
         return res
+
+    def populate(self, n: int) -> None:
+        """n other nodes' leases: 10.100.0.0/24, 10.100.1.0/24, ... (public IPs 198.19.x.y), 100 puts a txn."""
+        ops: list[dict[str, Any]] = []
+        for i in range(n):
+            key = f"{PREFIX}/subnets/10.{100 + i // 256}.{i % 256}.0-24"
+            value = json.dumps({"PublicIP": f"198.19.{i // 256}.{i % 256}", "PublicIPv6": None,
+                                "BackendType": "alloc"}, separators=(",", ":"))
+            ops.append({"request_put": {"key": b64(key), "value": b64(value)}})
+            if len(ops) == 100 or i == n - 1:
+                self.etcd.v3("/v3/kv/txn", {"success": ops})
+                ops = []
 
 
 # ---- the model: per agent, per hour, at N nodes ---------------------------------------------------
@@ -347,9 +372,16 @@ def table(res: dict[str, Any], nodes: int) -> str:
     model = per_hour(res, nodes)
     o, f = model["ours"], model["flannel"]
     fs = sum(flannel_start(nodes).values())
-    # our start in an N-node cluster: the listing takes one Range per 1000 keys, the rest does not grow
-    pages = -(-nodes // 1000)
-    ours_start = sum(start.values()) + pages - 1
+    # our start in an N-node cluster: measured if phase 5 ran with N leases, else estimated (the
+    # listing takes one Range per 1000 keys, the rest does not grow with N)
+    at_n = res.get("start_at_n")
+    if at_n:
+        rows.append(row(f"start of one agent with {at_n['leases']} other leases in etcd: unary requests, by method",
+                        ", ".join(f"{m} {n}" for m, n in sorted(at_n["unary"].items()))))
+    if at_n and at_n["leases"] in (nodes, nodes - 1):
+        ours_start = float(sum(at_n["unary"].values()))
+    else:
+        ours_start = sum(start.values()) + -(-nodes // 1000) - 1
     per_s = nodes / 3600
     rows += [
         "",
@@ -387,10 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--renew-window", type=float, default=60.0, help="seconds of the renewal phase measured")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to let things settle between steps")
     ap.add_argument("--nodes", type=int, default=5000, help="cluster size to extrapolate to")
+    ap.add_argument("--start-leases", type=int, default=5000,
+                    help="finally, measure one agent start with this many other leases in etcd (0: skip)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args(argv)
     if not 1 <= args.agents <= 200:
         ap.error("--agents: 1 to 200")
+    if not 0 <= args.start_leases <= 30000:
+        ap.error("--start-leases: 0 to 30000")
     prefix = run_prefix()
     bench: Bench | None = None
     try:
