@@ -349,7 +349,7 @@ def table(res: dict[str, Any], nodes: int) -> str:
     fan_unary = ", ".join(f"{m} {n}" for m, n in fan["unary"].items()) or "none"
     rows = [
         row(f"measured on one etcd, K = {k} agents", "value"), "|---|---|",
-        row("start: unary requests per agent, by method", ", ".join(f"{m} {n:.1f}" for m, n in start.items())),
+        row("start: unary requests per agent, by method", ", ".join(f"{m} {n:.2f}" for m, n in start.items())),
         row("watch streams / watchers per agent (etcd gauges)",
             f"{idle['watch_streams'] / k:.2f} / {idle['watchers'] / k:.2f}"),
         row(f"idle {secs:.0f} s: unary requests per agent per s", f"{sum(idle['unary'].values()) / k / secs:.4f}"),
