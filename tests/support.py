@@ -711,9 +711,9 @@ class ScriptedWatch:
     def __init__(self, script: list[Any], on_empty: threading.Event) -> None:
         self.script, self.on_empty, self.closed = list(script), on_empty, False
 
-    def get(self, timeout: float) -> Any:
+    def get(self, timeout: float | None) -> Any:
         if not self.script:
-            if timeout > 0:
+            if timeout is None or timeout > 0:
                 self.on_empty.set()  # nothing more will happen: end the test run
             return None
         item = self.script.pop(0)
@@ -723,6 +723,9 @@ class ScriptedWatch:
 
     def close(self) -> None:
         self.closed = True
+
+    def wake(self) -> None:
+        """A stop hook (NodeWatch.wake): nothing to do, ``get`` never blocks here."""
 
     def __enter__(self) -> ScriptedWatch:
         return self
