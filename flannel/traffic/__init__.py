@@ -21,7 +21,8 @@ API for the daemon::
   rule exists (one ``iptables -S`` per table) and re-installs a group that lost one (one
   ``iptables-restore --noflush``). With nf_tables (iptables-nft, or nft mode) and no blackhole
   route it checks only after the kernel notified a ruleset change, at most once per period
-  (``flannel.traffic.changes``): the same repair promise without a process spawned every 5 s. In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft
+  (``flannel.traffic.changes``): the same repair promise without a process spawned every 5 s.
+  In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft
   resync). It returns when ``stop`` is set and raises ``errors.BackendError`` when a pass could not
   repair everything (a group failed, the xtables lock stayed busy through ``retry.firewall``,
   a tool timed out or printed garbage): the daemon runs it as a supervised worker, which logs the
