@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -225,12 +225,12 @@ def rss_mb(pid: int) -> float:
 # ---- the agent ------------------------------------------------------------------------------------
 
 class Agent:
-    def __init__(self, workdir: Path, endpoint: str) -> None:
+    def __init__(self, workdir: Path, endpoint: str, extra: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.subnet_file = workdir / "subnet.env"
         self.log = workdir / "agent.log"
         self.args = [sys.executable, "-m", "flannel", f"--etcd-endpoints={endpoint}", f"--etcd-prefix={PREFIX}",
-                     "--iface=eth0", f"--subnet-file={self.subnet_file}"]
+                     "--iface=eth0", f"--subnet-file={self.subnet_file}", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -342,7 +342,7 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
     out: dict[str, Any] = {"n": n}
     flush_kernel()
     watch.reset()
-    agent = Agent(workdir, endpoint)
+    agent = Agent(workdir, endpoint, args.agent_arg)
     try:
         t0 = agent.start()
         out["ready_s"] = agent.wait_ready() - t0
@@ -366,7 +366,7 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
     if not n:   # the baseline everything is compared with: the median of three starts
         readies, cpus = [out["ready_s"]], [out["ready_cpu_s"]]
         for _ in range(2):
-            again = Agent(workdir, endpoint)
+            again = Agent(workdir, endpoint, args.agent_arg)
             try:
                 t0 = again.start()
                 readies.append(again.wait_ready() - t0)
@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=100, help="adds (and as many deletes) per N")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement per N")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--agent-arg", action="append", default=[], metavar="FLAG",
+                    help="an extra flag for the agent (repeatable), e.g. --agent-arg=--healthz-port=10256")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.n.split(",")]
     prefix = run_prefix()

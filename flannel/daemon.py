@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from flannel import errors, health, iface, metrics, plugins, retry, subnet_file, supervise, traffic
+from flannel import errors, health, iface, metrics, plugins, retry, stophooks, subnet_file, supervise, traffic
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease, StoredNodeAttrs, WatchResult
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
 SHUTDOWN_GRACE_SECONDS = 5.0
-POLL_SECONDS = 2.0     # signals interrupt the wait, and a failing thread sets stop: polling is only a safety net
 
 
 class _Stopped(Exception):
@@ -131,12 +130,26 @@ class Daemon:
         self._failure: BaseException | None = None
         self._closing = False
         self._lock = threading.Lock()
+        #: set by a stop hook or when the startup thread ends: what ``run`` (the main thread) waits for
+        self._wake = threading.Event()
 
     # --- supervision ---------------------------------------------------------------------------
     def run(self) -> None:
-        main = self._spawn("startup", self._main, restart=False)
-        while main.is_alive() and not self.stop.wait(POLL_SECONDS):
-            pass
+        """Start the startup thread, then sleep until stop or until that thread ends.
+
+        Why the main thread waits on its own event (``_wake``), set by a stop hook, and not on
+        ``stop`` with a timeout: it used to poll ``stop`` every 2 s — a wake-up every 2 s for the
+        life of the agent (issue 9's idle budget). And it must not wait on ``stop`` itself without
+        a timeout: the SIGTERM handler runs on this thread and calls ``stop.set()``, which takes
+        ``stop``'s internal lock — held by this very thread if the signal lands inside
+        ``stop.wait()``'s bookkeeping. ``_wake``'s lock is never taken by the handler.
+        """
+        unregister = stophooks.on_stop(self.stop, self._wake.set)
+        try:
+            main = self._spawn("startup", self._main, restart=False)
+            self._wake.wait()
+        finally:
+            unregister()
         main.join(SHUTDOWN_GRACE_SECONDS)
         if main.is_alive():  # most likely startup blocked in a store call: closing the store ends it
             self._closing = True
@@ -190,7 +203,10 @@ class Daemon:
             self._startup()
             self.stop.wait()
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._wake.set()   # run() joins this thread next, so a failure recorded after this is seen
 
     def _startup(self) -> None:
         manager = self.manager = self.manager or load_subnet_manager(self.opts)

@@ -72,6 +72,25 @@ def wait_for(cond: Callable[[], Any], what: str = "condition", *, timeout: float
 
 
 
+def wakeups(thread: threading.Thread) -> int:
+    """How many times ``thread`` (of this process) has woken from sleep: its voluntary context switches.
+
+    A thread blocked without a timeout does not wake; one that polls every 0.2 s gains ~5 a
+    second. Tests of "no periodic wake-up" compare two readings over an idle stretch.
+    """
+    for line in Path(f"/proc/self/task/{thread.native_id}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for thread {thread.name}")
+
+
+def thread_named(name: str) -> threading.Thread:
+    """The one live thread of this process called ``name`` (the daemon names its workers)."""
+    found = [t for t in threading.enumerate() if t.name == name]
+    assert len(found) == 1, f"threads named {name!r}: {found}"
+    return found[0]
+
+
 # ---- from tests/unit/test_cli.py
 GOOD_CONFIG = '{"Network": "10.9.0.0/16", "Backend": {"Type": "alloc"}}'
 
@@ -692,9 +711,9 @@ class ScriptedWatch:
     def __init__(self, script: list[Any], on_empty: threading.Event) -> None:
         self.script, self.on_empty, self.closed = list(script), on_empty, False
 
-    def get(self, timeout: float) -> Any:
+    def get(self, timeout: float | None) -> Any:
         if not self.script:
-            if timeout > 0:
+            if timeout is None or timeout > 0:
                 self.on_empty.set()  # nothing more will happen: end the test run
             return None
         item = self.script.pop(0)
@@ -704,6 +723,9 @@ class ScriptedWatch:
 
     def close(self) -> None:
         self.closed = True
+
+    def wake(self) -> None:
+        """A stop hook (NodeWatch.wake): nothing to do, ``get`` never blocks here."""
 
     def __enter__(self) -> ScriptedWatch:
         return self

@@ -18,8 +18,11 @@ API for the daemon::
   iptables mode: if the network or our subnet changed since the previous run, the old masquerade
   rules are deleted first ("recycle"); a failure there raises ``errors.BackendError``.
 * ``run_resync(stop)`` checks at once and then every ``opts.iptables_resync`` seconds that every
-  rule exists (``iptables -C``) and re-installs a group that lost one (one ``iptables-restore
-  --noflush``). In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft
+  rule exists (one ``iptables -S`` per table) and re-installs a group that lost one (one
+  ``iptables-restore --noflush``). With nf_tables (iptables-nft, or nft mode) and no blackhole
+  route it checks only after the kernel notified a ruleset change, at most once per period
+  (``flannel.traffic.changes``): the same repair promise without a process spawned every 5 s.
+  In nft mode it re-applies a chain that vanished or lost rules (flannel had no nft
   resync). It returns when ``stop`` is set and raises ``errors.BackendError`` when a pass could not
   repair everything (a group failed, the xtables lock stayed busy through ``retry.firewall``,
   a tool timed out or printed garbage): the daemon runs it as a supervised worker, which logs the
@@ -42,6 +45,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -49,7 +53,7 @@ from flannel import errors
 from flannel.config import NetworkConfig
 from flannel.lease import Lease
 from flannel.options import AgentOptions
-from flannel.traffic import command
+from flannel.traffic import changes, command
 from flannel.traffic import iptables as ipt
 from flannel.traffic import nftables as nft
 
@@ -119,17 +123,45 @@ class TrafficManager(abc.ABC):
     def resync_once(self) -> None:
         """Check the installed rules once and repair what is missing."""
 
+    def change_driven(self) -> bool:
+        """Whether every check can wait for a netfilter change notification (``flannel.traffic.changes``):
+        the rules are in nf_tables, and no blackhole route (the routing table sends no such notice
+        here) needs the periodic check."""
+        return False
+
+    def _check(self) -> None:
+        self.resync_once()
+        if self._lease is not None:
+            self.ensure_blackhole(self._lease)
+
     def run_resync(self, stop: threading.Event) -> None:
-        """Check and repair now and then every ``--iptables-resync`` seconds, until ``stop``.
+        """Check and repair now, then every ``--iptables-resync`` seconds until ``stop`` — or, with
+        nf_tables, only once a change was notified, at most once per ``--iptables-resync``
+        seconds (see ``flannel.traffic.changes``: a deleted rule comes back just as soon).
 
         :raises errors.BackendError: a pass could not repair everything (see the module doc).
         """
         interval = max(1, int(self.opts.iptables_resync))
-        while not stop.is_set():
-            self.resync_once()
-            if self._lease is not None:
-                self.ensure_blackhole(self._lease)
-            stop.wait(interval)
+        watch = changes.RulesetChanges.open() if self.change_driven() else None
+        if watch is None:
+            while not stop.is_set():
+                self._check()
+                stop.wait(interval)
+            return
+        log.info("re-checking the rules when netfilter reports a change (at most every %ds)", interval)
+        watch.wake_on(stop)
+        try:
+            while not stop.is_set():
+                watch.drain()   # a change from here on is seen by this check or wakes the wait below
+                checked = time.monotonic()
+                self._check()
+                if not watch.wait(changes.SAFETY_CHECK_SECONDS) or stop.is_set():
+                    continue
+                delay = checked + interval - time.monotonic()
+                if delay > 0:
+                    stop.wait(delay)   # at most one check per --iptables-resync, as when polling
+        finally:
+            watch.close()
 
 
 class IPTablesManager(TrafficManager):
@@ -170,6 +202,11 @@ class IPTablesManager(TrafficManager):
         with self._lock:
             self.groups = groups
         self._ensure_blackhole_at_setup(lease)
+
+    def change_driven(self) -> bool:
+        with self._lock:
+            tools = {id(g.ipt): g.ipt for g in self.groups}
+        return not self.opts.ip_blackhole_route and all(t.uses_nf_tables() for t in tools.values())
 
     def resync_once(self) -> None:
         """Repair every group that lost a rule. A failing group does not keep the others from
@@ -219,6 +256,9 @@ class NFTablesManager(TrafficManager):
         with self._lock:
             self.scripts = scripts
         self._ensure_blackhole_at_setup(lease)
+
+    def change_driven(self) -> bool:
+        return not self.opts.ip_blackhole_route
 
     def resync_once(self) -> None:
         with self._lock:

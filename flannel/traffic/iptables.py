@@ -170,6 +170,7 @@ class IPTables:
         self.cmd = "iptables" if version == 4 else "ip6tables"
         self.restore_cmd = f"{self.cmd}-restore"
         self._lock = threading.Lock()
+        self._nf_tables: bool | None = None
 
     def available(self) -> bool:
         return shutil.which(self.cmd) is not None and shutil.which(self.restore_cmd) is not None
@@ -187,6 +188,13 @@ class IPTables:
 
     def version_text(self) -> str:
         return self._call([self.cmd, "--version"]).stdout
+
+    def uses_nf_tables(self) -> bool:
+        """Whether this binary is iptables-nft (``iptables v1.8.9 (nf_tables)``): its rules live in
+        nf_tables, whose changes the kernel notifies (``flannel.traffic.changes``). Asked once."""
+        if self._nf_tables is None:
+            self._nf_tables = "nf_tables" in self.version_text()
+        return self._nf_tables
 
     def exists(self, rule: Rule) -> bool:
         """Whether ``rule`` is installed. Raises (never answers False) when iptables could not tell."""

@@ -88,6 +88,8 @@ class _End:
 
 
 END = _End()
+#: queued by ``NodeWatch.wake()``: the waiting ``get()`` returns None
+_WAKE = object()
 
 
 def _rbac_hint(verb: str, resource: str) -> str:
@@ -190,8 +192,9 @@ class NodeWatch:
 
     Nothing here blocks the caller: the request itself (which could hang on a server that accepts
     connections but never answers) and the stream both run on the reader thread, and ``get()``
-    waits on the queue with a timeout, so the watch loop can look at its stop event.
-    ``get()`` returns ``(type, object)`` tuples, ``None`` on timeout, or ``END`` when the server
+    waits on the queue (without a timeout: ``wake()``, called by a stop hook, makes it return None
+    so that the watch loop looks at its stop event — no periodic wake-up while nothing happens).
+    ``get()`` returns ``(type, object)`` tuples, ``None`` on timeout or wake, or ``END`` when the server
     closed the stream normally; it raises ``Expired`` for a 410 (HTTP status or ERROR event) and
     ``StoreUnavailable`` when the request failed or the connection broke.
     """
@@ -292,16 +295,25 @@ class NodeWatch:
             return
         self._put(item)
 
-    def get(self, timeout: float) -> tuple[str, dict[str, Any]] | _End | None:
+    def get(self, timeout: float | None) -> tuple[str, dict[str, Any]] | _End | None:
+        """The next item; ``timeout`` None waits until there is one or ``wake()`` is called."""
         try:
-            item = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
+            item = self._q.get(timeout=timeout) if timeout is None or timeout > 0 else self._q.get_nowait()
         except queue.Empty:
+            return None
+        if item is _WAKE:
             return None
         if isinstance(item, (Exception, _End)):
             if isinstance(item, Exception):
                 raise item
             return item
         return self._event(item)
+
+    def wake(self) -> None:
+        """Make a waiting ``get()`` return None (a stop hook: quick, never blocks). A full queue
+        needs no wake-up: ``get()`` is not waiting."""
+        with contextlib.suppress(queue.Full):
+            self._q.put_nowait(_WAKE)
 
     @staticmethod
     def _event(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:

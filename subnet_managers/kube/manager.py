@@ -33,14 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from flannel import errors, metrics, retry
+from flannel import errors, metrics, retry, stophooks
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
 from flannel.subnet_managers.base import SubnetManager
 from flannel.subnet_managers.kube import annotations as annots
 from flannel.subnet_managers.kube import nodes
-from flannel.subnet_managers.kube.client import END, WATCH_READ_TIMEOUT, Expired, KubeClient, NotFound
+from flannel.subnet_managers.kube.client import END, WATCH_READ_TIMEOUT, Expired, KubeClient, NodeWatch, NotFound
 from flannel.subnet_managers.kube.tracker import MISSING, NodeTracker
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,6 @@ NODE_POLL_SECONDS = 3.0
 WATCH_TIMEOUT_RANGE = (300, 600)
 #: Most watch events handed on in one WatchResult.
 MAX_EVENTS_PER_RESULT = 500
-#: How often blocking loops look at the stop event.
-POLL_SECONDS = 0.5
 
 
 def _uid(node: Any) -> str | None:
@@ -242,10 +240,16 @@ class KubeSubnetManager(SubnetManager):
         """
         self._own_lease = self._own_lease or lease
         self._mark_network_available(stop)
+        unregister = stophooks.on_stop(stop, self._own_box.changed.set)   # no polling: stop wakes the wait
+        try:
+            self._look_after_own_node(on_lease, stop)
+        finally:
+            unregister()
+
+    def _look_after_own_node(self, on_lease: Callable[[Lease], None] | None, stop: threading.Event) -> None:
         deleted = False
         while not stop.is_set():
-            if not self._own_box.changed.wait(POLL_SECONDS):
-                continue
+            self._own_box.changed.wait()
             item = self._own_box.take()
             if item is None:
                 continue
@@ -374,32 +378,40 @@ class KubeSubnetManager(SubnetManager):
         """One watch connection: yields (result or None for a bookmark, latest resourceVersion)."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
         with self._client.watch_nodes(rv, timeout_seconds=timeout, read_timeout=self.watch_read_timeout) as watch:
-            while not stop.is_set():
-                item = watch.get(POLL_SECONDS)
-                if item is None:
-                    continue
-                if item is END:
-                    log.debug("watch on nodes ended by the server; re-watching from %s", rv)
-                    return
-                events = []
-                broke: errors.StoreError | None = None
-                while item is not None and item is not END:
-                    etype, obj = item  # type: ignore[misc]
-                    rv = nodes.resource_version(obj) or rv
-                    if etype != "BOOKMARK":
-                        events.extend(tracker.apply(etype, obj))
-                    if len(events) >= MAX_EVENTS_PER_RESULT:
-                        break
-                    try:
-                        item = watch.get(0)
-                    except errors.StoreError as e:
-                        # the tracker already holds these events: hand them on before re-watching
-                        broke, item = e, None
-                yield (WatchResult.of_events(events) if events else None), rv
-                if broke is not None:
-                    raise broke
-                if item is END:
-                    return
+            unregister = stophooks.on_stop(stop, watch.wake)   # get() blocks; stop wakes it
+            try:
+                yield from self._read_watch(watch, tracker, rv, stop)
+            finally:
+                unregister()
+
+    def _read_watch(self, watch: NodeWatch, tracker: NodeTracker, rv: str,
+                    stop: threading.Event) -> Iterator[tuple[WatchResult | None, str]]:
+        while not stop.is_set():
+            item = watch.get(None)
+            if item is None:
+                continue
+            if item is END:
+                log.debug("watch on nodes ended by the server; re-watching from %s", rv)
+                return
+            events = []
+            broke: errors.StoreError | None = None
+            while item is not None and item is not END:
+                etype, obj = item  # type: ignore[misc]
+                rv = nodes.resource_version(obj) or rv
+                if etype != "BOOKMARK":
+                    events.extend(tracker.apply(etype, obj))
+                if len(events) >= MAX_EVENTS_PER_RESULT:
+                    break
+                try:
+                    item = watch.get(0)
+                except errors.StoreError as e:
+                    # the tracker already holds these events: hand them on before re-watching
+                    broke, item = e, None
+            yield (WatchResult.of_events(events) if events else None), rv
+            if broke is not None:
+                raise broke
+            if item is END:
+                return
 
     def close(self) -> None:
         self._closed.set()

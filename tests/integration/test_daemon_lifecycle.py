@@ -30,7 +30,7 @@ from flannel.backends.alloc import AllocBackend
 from flannel.lab.etcd import free_port
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
-from tests.support import FakeManager, fake_iface, wait_for
+from tests.support import FakeManager, fake_iface, thread_named, wait_for, wakeups
 
 DEADLINE = 10.0
 
@@ -107,6 +107,27 @@ def test_startup_health_and_clean_stop(opts: AgentOptions) -> None:
     assert manager.closed
     with pytest.raises(OSError):  # the health server is gone
         http(opts.healthz_port, "/healthz")
+
+
+#: an idle stretch long enough for the old polls to show: health every 0.2 s, supervision every 2 s
+IDLE_WINDOW = 2.5
+
+
+def test_an_idle_agent_health_and_supervision_threads_do_not_wake_up(opts: AgentOptions) -> None:
+    """Issue 9 (idle CPU): the health server and the daemon's supervision loop sleep until a
+    request or stop comes, instead of polling ``stop``; stop and /healthz still work."""
+    d = Running(opts, FakeManager(remote=(REMOTE,)))
+    wait_for(Path(opts.subnet_file).exists, "subnet.env")
+    assert http(opts.healthz_port, "/readyz") == (200, "flanneld is ready")
+    server = thread_named("health")
+    before = wakeups(server), wakeups(d.thread)
+    time.sleep(IDLE_WINDOW)   # the measuring window: nothing may wake these two threads in it
+    after = wakeups(server), wakeups(d.thread)
+    assert after == before, f"wake-ups (health, supervision) went from {before} to {after} while idle"
+    assert http(opts.healthz_port, "/healthz") == (200, "flanneld is running")
+    assert wakeups(server) > after[0]   # the request woke it
+    assert d.end() is None
+    assert not server.is_alive()
 
 
 class LateConfig(FakeManager):

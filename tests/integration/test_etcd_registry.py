@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
 import time
 import urllib.request
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+from grpc._cython import cygrpc
 
 from flannel import errors
 from flannel.lab.etcd import EtcdServer
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import EtcdSubnetManager, grpcwait
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from tests.support import acquire, read_watch
+from tests.support import acquire, read_watch, wait_for, wakeups
 
 pytestmark = pytest.mark.etcd
 
@@ -375,5 +377,44 @@ def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_s
                 return False
         wait_for(works, "a call after etcd is back", timeout=30, interval=0.2)
         assert reg._client is not None and reg._client is not first
+    finally:
+        reg.close()
+
+
+#: an idle stretch long enough for gRPC's default 200 ms signal checks to show
+IDLE_WINDOW = 2.5
+
+
+def test_a_blocked_watch_read_sleeps_until_an_event_or_cancel(etcd_server):
+    """Issue 9 (idle CPU): the thread blocked in the watch's ``next()`` does not wake up while
+    nothing happens (gRPC's 200 ms signal-check slices are lengthened, see grpcwait), an event
+    still wakes it at once, and ``cancel()`` (the stop hook) still ends the read."""
+    reg = registry(etcd_server)
+    try:
+        reg.put_config(CONFIG)
+        handle = reg.watch_leases(reg.list_leases().revision + 1)
+        assert grpcwait.signal_check_ms(cygrpc) == grpcwait.SIGNAL_CHECK_MS
+        chunks: list = []
+        ended: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                while True:
+                    chunks.append(handle.next())
+            except errors.StoreUnavailable as e:
+                ended.append(e)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def quiet() -> bool:
+            before = wakeups(reader)
+            time.sleep(IDLE_WINDOW)   # the measuring window
+            return wakeups(reader) == before
+        wait_for(quiet, "an idle window without wake-ups of the thread blocked in the watch", timeout=20)
+        reg.create_lease(SN, None, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")), 86400)
+        wait_for(lambda: [e.lease.subnet for c in chunks for e in c.events] == [SN], "the lease event")
+        handle.cancel()
+        reader.join(5)
+        assert not reader.is_alive() and "cancelled" in str(ended[0])
     finally:
         reg.close()

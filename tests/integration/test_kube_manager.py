@@ -19,7 +19,7 @@ from flannel import errors
 from flannel.lab.kubeapi import KubeAPIServer
 from flannel.lease import EventType, LeaseAttrs
 from flannel.subnet_managers.kube import KubeSubnetManager
-from tests.support import Follower, acquire, make_env, wait_for
+from tests.support import Follower, acquire, make_env, wait_for, wakeups
 
 P = "flannel.alpha.coreos.com/"
 TOKEN = "s3cr3t-token"
@@ -562,3 +562,42 @@ def test_the_list_is_read_in_pages(server, env, managers, monkeypatch):
     peers = f.wait_peers(lambda p: len(p) == 230, "every generated node")
     assert server.list_requests - lists == 5, "230 nodes in pages of 50"
     assert str(peers["10.0.2.0/24"].attrs.public_ip) == "198.19.0.2"
+
+
+
+#: an idle stretch long enough for the old 0.5 s stop polls to show
+IDLE_WINDOW = 2.5
+
+
+@pytest.fixture
+def quiet_server():
+    """The stand-in with bookmarks once every 10 minutes: nothing arrives while a test waits."""
+    srv = KubeAPIServer(token=TOKEN, bookmark_interval=600.0).start()
+    yield srv
+    srv.stop()
+
+
+def test_idle_watch_and_own_node_loops_do_not_wake_up_and_still_honour_stop(quiet_server, managers, tmp_path):
+    """Issue 9 (idle CPU): ``watch_leases`` and ``complete_lease`` sleep until an event or stop
+    comes (stop hooks wake them) instead of looking at stop every 0.5 s. The ``managers``
+    fixture's teardown checks that both return on stop."""
+    server = quiet_server
+    env = make_env(server, str(tmp_path))
+    server.add_node("node1", ["10.244.1.0/24"])
+    server.add_node("node2", ["10.244.2.0/24"], annotations=remote_annotations(2))
+    m = managers(env, "node1")
+    own = acquire(m, vxlan_attrs(1))
+    f = managers.follow(m, own)
+    c = managers.complete(m, own)
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24"}, "node2 as a peer")
+
+    def quiet() -> bool:
+        """No wake-up of either thread over one window (our own node's condition patch, and the
+        watch event it causes, may still be on their way in the first one)."""
+        before = wakeups(f.thread), wakeups(c.thread)
+        time.sleep(IDLE_WINDOW)   # the measuring window
+        return (wakeups(f.thread), wakeups(c.thread)) == before
+
+    wait_for(quiet, "an idle window without wake-ups of the watch and complete_lease threads", timeout=20)
+    server.add_node("node3", ["10.244.3.0/24"], annotations=remote_annotations(3))
+    f.wait_peers(lambda p: set(p) == {"10.244.2.0/24", "10.244.3.0/24"}, "node3 as a peer")

@@ -17,7 +17,7 @@ from flannel.config import parse_network_config
 from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
-from tests.support import GOLDEN_NAT_S
+from tests.support import GOLDEN_NAT_S, wait_for, wakeups
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60),
               pytest.mark.skipif(not shutil.which("iptables-restore") or not shutil.which("nft"),
@@ -176,3 +176,65 @@ def test_blackhole_route_added_once_and_restored(ns):
     ns.ip("route", "del", "blackhole", "10.42.1.0/24")
     in_ns(ns, lambda: tm.ensure_blackhole(LEASE))
     assert ns.ip("route", "show", "type", "blackhole").strip() == "blackhole 10.42.1.0/24"
+
+
+#: an idle stretch long enough for the old check (every --iptables-resync = 1 s here) to show
+IDLE_WINDOW = 2.5
+
+
+class Resync:
+    """``run_resync`` on its own thread inside ``ns``, as the daemon's traffic worker runs it."""
+
+    def __init__(self, ns: NetNS, tm: Any) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(ns, tm), daemon=True)
+        self.thread.start()
+
+    def _run(self, ns: NetNS, tm: Any) -> None:
+        with in_netns(ns.name):
+            try:
+                tm.run_resync(self.stop)
+            except BaseException as e:
+                self.error = e
+
+    def quiet(self) -> bool:
+        """No wake-up (so no check, no iptables/nft process) over one idle window."""
+        before = wakeups(self.thread)
+        time.sleep(IDLE_WINDOW)   # the measuring window
+        return wakeups(self.thread) == before
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "run_resync did not honour stop"
+        assert self.error is None, f"run_resync raised {self.error!r}"
+
+
+@pytest.mark.parametrize("nft", [False, True], ids=["iptables-nft", "nftables"])
+def test_the_resync_sleeps_until_netfilter_reports_a_change_and_then_repairs(ns, nft):
+    """Issue 9 (idle CPU): with nf_tables the resync does not spawn a check every
+    --iptables-resync seconds; it sleeps until the kernel notifies a ruleset change, and a deleted
+    rule still comes back (flannel's repair semantics)."""
+    if not nft and "nf_tables" not in subprocess.run(["iptables", "--version"], capture_output=True,
+                                                     text=True).stdout:
+        pytest.skip("iptables here is not iptables-nft (legacy polls, as tested above)")
+    opts = AgentOptions(ip_masq=True, iptables_forward_rules=True, iptables_resync=1)
+    tm = traffic.create(opts, cfg(nft=nft))
+    in_ns(ns, lambda: tm.setup(LEASE, None, None))
+    assert tm.change_driven()
+    r = Resync(ns, tm)
+    try:
+        wait_for(r.quiet, "an idle window without wake-ups of the resync thread", timeout=20)
+        if nft:
+            ns.exec("nft", "flush", "chain", "ip", "flannel-ipv4", "postrtg")
+            wait_for(lambda: "masquerade fully-random" in ns.exec("nft", "list", "chain", "ip", "flannel-ipv4",
+                                                                   "postrtg"), "the nft chain repaired")
+        else:
+            ns.exec("iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward",
+                    "-j", "FLANNEL-FWD")
+            wait_for(lambda: len(save(ns, "filter")) == 3, "the forward jump rule repaired")
+            assert len(save(ns, "nat")) == 7
+        wait_for(r.quiet, "the resync thread asleep again after the repair", timeout=20)
+    finally:
+        r.end()

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from ipaddress import IPv4Network as N
 from ipaddress import IPv6Network as N6
 from pathlib import Path
 
 import pytest
 
-from flannel import errors, retry, traffic
+from flannel import errors, retry, stophooks, traffic
 from flannel.config import parse_network_config
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.traffic import command
+from flannel.traffic import changes, command
 from flannel.traffic import iptables as ipt
 from flannel.traffic import nftables as nft
-from tests.support import GOLDEN_NAT_S
+from tests.support import GOLDEN_NAT_S, wait_for
 
 
 class FakeIPTables:
@@ -234,3 +236,78 @@ def test_unreadable_ip_output_is_a_backend_error_naming_the_command(bindir: Path
     with pytest.raises(errors.BackendError, match=r"`ip -j -4 route show table main type blackhole` printed output "
                                                   r"flannel cannot read"):
         tm.ensure_blackhole(Lease(N("10.42.1.0/24"), LeaseAttrs()))
+
+
+# ---- the resync loop driven by netfilter change notifications (flannel.traffic.changes) ----------
+
+class FakeChanges:
+    """Stands in for ``RulesetChanges``: ``notify()`` is a ruleset change; ``wait`` blocks until one
+    or the stop hook."""
+
+    def __init__(self) -> None:
+        self.pending = threading.Event()
+        self.signal = threading.Event()
+        self.waiting = threading.Event()
+        self.closed = False
+
+    def notify(self) -> None:
+        self.pending.set()
+        self.signal.set()
+
+    def wake_on(self, stop: threading.Event) -> None:
+        stophooks.on_stop(stop, self.signal.set)
+
+    def drain(self) -> bool:
+        had = self.pending.is_set()
+        self.pending.clear()
+        self.signal.clear()
+        return had
+
+    def wait(self, timeout: float) -> bool:
+        self.waiting.set()
+        self.signal.wait(timeout)
+        self.waiting.clear()
+        return self.pending.is_set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CountingManager(traffic.TrafficManager):
+    """Records when each check ran."""
+
+    def __init__(self) -> None:
+        super().__init__(AgentOptions(iptables_resync=1),
+                         parse_network_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"}}'))
+        self.checks: list[float] = []
+
+    def setup(self, lease: Lease, prev_network: N | None = None, prev_subnet: N | None = None, **kw: object) -> None:
+        pass
+
+    def change_driven(self) -> bool:
+        return True
+
+    def resync_once(self) -> None:
+        self.checks.append(time.monotonic())
+
+
+def test_the_resync_checks_once_then_only_after_a_change_at_most_once_per_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeChanges()
+    monkeypatch.setattr(changes.RulesetChanges, "open", classmethod(lambda cls: fake))
+    tm, stop = CountingManager(), threading.Event()
+    t = threading.Thread(target=tm.run_resync, args=(stop,), daemon=True)
+    t.start()
+    try:
+        wait_for(fake.waiting.is_set, "the loop waiting for a change")
+        assert len(tm.checks) == 1, "one check at start, then none without a change"
+        fake.notify()          # right after the first check: the next one waits for the period
+        wait_for(lambda: len(tm.checks) == 2, "a check after the change")
+        assert tm.checks[1] - tm.checks[0] >= 1.0, "two checks within one --iptables-resync period"
+        wait_for(fake.waiting.is_set, "the loop waiting again")
+        assert len(tm.checks) == 2
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive(), "stop did not end the loop"
+    assert fake.closed and len(tm.checks) == 2
