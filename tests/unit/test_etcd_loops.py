@@ -217,11 +217,13 @@ def test_an_unreadable_config_key_at_rewatch_is_logged_not_fatal(tmp_path, caplo
 def test_the_first_snapshot_is_the_acquisitions_listing_and_a_too_large_catch_up_relists(tmp_path):
     """After acquire_lease the watch starts from the listing the acquisition read (no second listing
     of every lease); a response too large to receive is handled like a compaction: a relist."""
-    a, b = peer("10.5.1.0/24", "198.18.0.1"), peer("10.5.2.0/24", "198.18.0.2")
+    a = peer("10.5.1.0/24", "198.18.0.1")
     reg = ScriptedRegistry(CONFIG, [a], handles=[[ResponseTooLarge("too large")]])
     reg.revision = 10
     m = make(reg, tmp_path)
     own = m.acquire_lease(running(), LeaseAttrs(public_ip=IPv4Address("198.18.0.9")))
+    # a peer that appears later, on a subnet other than the one we were given (the choice is random)
+    b = peer("10.5.3.0/24" if own.subnet == IPv4Network("10.5.2.0/24") else "10.5.2.0/24", "198.18.0.2")
     assert reg.lists == 1
     stop = threading.Event()
     gen = m.watch_leases(running(), stop)
