@@ -317,7 +317,7 @@ def measure_events(agent: Agent, watch: RouteWatch, reg: Any, count: int, base: 
     lat_add, lat_del = [], []
     extra = [peer(base + 20000 + k) for k in range(count)]
     time.sleep(1.0)
-    c0 = cpu_ns(agent.pid)
+    c0, t0s = cpu_ns(agent.pid), threads(agent.pid)
     for net, attrs in extra:
         t0 = time.monotonic()
         reg.update_lease(net, None, attrs, None)
@@ -332,8 +332,9 @@ def measure_events(agent: Agent, watch: RouteWatch, reg: Any, count: int, base: 
         lat_del.append(watch.gone[net] - t0)
     time.sleep(0.3)
     cpu = (cpu_ns(agent.pid) - c0) / 1e6 / (2 * count)
+    per_thread = [(name, ms_per_s, wake) for name, ms_per_s, wake in idle_by_thread(t0s, threads(agent.pid), 2 * count)]
     lat = sorted(lat_add + lat_del)
-    return {"cpu_ms": cpu, "p50_ms": statistics.median(lat) * 1e3,
+    return {"cpu_ms": cpu, "by_thread": sorted(per_thread, key=lambda r: -r[1]), "p50_ms": statistics.median(lat) * 1e3,
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "max_ms": lat[-1] * 1e3}
 
 
@@ -479,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         busy = [f"{name} {ms:.2f} ms/s {w:.1f}/s" for name, ms, w in r["idle_by_thread"] if w >= 0.1 or ms >= 0.05]
         print(f"idle by thread at N={r['n']} (wake-ups/s ≥ 0.1 or ≥ 0.05 ms/s): " + "; ".join(busy))
+        per_event = [f"{name} {ms:.3f} ms {w:.1f}" for name, ms, w in r["event"]["by_thread"] if ms >= 0.01]
+        print(f"CPU and wake-ups per event by thread at N={r['n']}: " + "; ".join(per_event))
     if args.json:
         Path(args.json).write_text(json.dumps({"uptime": uptime, "results": results}, indent=1))
     return 0

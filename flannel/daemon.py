@@ -46,7 +46,19 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from flannel import errors, health, iface, metrics, plugins, retry, stophooks, subnet_file, supervise, traffic
+from flannel import (
+    errors,
+    health,
+    iface,
+    metrics,
+    plugins,
+    retry,
+    stophooks,
+    subnet_file,
+    supervise,
+    threadname,
+    traffic,
+)
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease, StoredNodeAttrs, WatchResult
@@ -171,6 +183,7 @@ class Daemon:
         return t
 
     def _guarded(self, name: str, target: Callable[[], None], until_stop: bool, restart: bool) -> None:
+        threadname.name_this_thread(name)
         with metrics.bound(self.metrics):
             self._run_guarded(name, target, until_stop, restart)
 

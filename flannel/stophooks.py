@@ -14,6 +14,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from flannel import threadname
+
 log = logging.getLogger(__name__)
 
 #: how often a helper with nothing registered checks whether it can leave
@@ -31,6 +33,7 @@ class _Helper:
         self.thread = threading.Thread(target=self._run, name="stop-hooks", daemon=True)
 
     def _run(self) -> None:
+        threadname.name_this_thread()
         while True:
             fired = self.stop.wait(IDLE_SECONDS)
             with _lock:

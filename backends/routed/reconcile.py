@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flannel import errors, metrics
+from flannel import errors, metrics, threadname
 from flannel.backends.base import ExternalInterface, Network
 from flannel.backends.routed import model, rtnl
 from flannel.backends.routed.desired import FdbKey, Ident, Index, NeighKey, Touched, fdb_key, neigh_key
@@ -317,6 +317,7 @@ class RoutedNetwork(Network):
 
     def _read_monitor(self, mon: rtnl.Monitor, stop: threading.Event) -> None:
         """The monitor thread: hand raw datagrams to the loop (which owns the state) and wake it."""
+        threadname.name_this_thread()
         while not stop.is_set():
             try:
                 data = mon.read()

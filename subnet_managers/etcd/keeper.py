@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from flannel import errors, retry, stophooks
+from flannel import errors, retry, stophooks, threadname
 from flannel.lease import Lease
 from flannel.subnet_managers.etcd.store import Hints, KeyChanged, Registry, Stored, Subnets, WatchHandle
 
@@ -141,6 +141,7 @@ class _OwnWatch:
         self.thread.start()
 
     def _run(self) -> None:
+        threadname.name_this_thread()
         try:
             while True:
                 self.feed.touched(self.handle.next().touched)

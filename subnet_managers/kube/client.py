@@ -48,7 +48,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from flannel import errors
+from flannel import errors, threadname
 from flannel.records import SkippedRecords
 from flannel.subnet_managers.kube import skips
 
@@ -209,6 +209,7 @@ class NodeWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        threadname.name_this_thread()
         try:
             self._resp = self._opener()
         except errors.FlannelError as e:
