@@ -10,21 +10,20 @@ bytes; longer names are cut. Naming is best effort: where ``prctl`` is missing n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 _PR_SET_NAME = 15
 _KERNEL_NAME_BYTES = 15
 
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-except OSError:   # not glibc/musl: names stay as they are
+try:   # libc is already in the process (no library search: find_library may run a compiler)
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
     _libc = None
 
 
 def name_this_thread(name: str | None = None) -> None:
     """Set the kernel name of the calling thread to ``name`` (default: its ``threading`` name)."""
-    if _libc is None:
+    if _libc is None or not hasattr(_libc, "prctl"):
         return
     text = (name or threading.current_thread().name).encode("utf-8", "replace")[:_KERNEL_NAME_BYTES]
     _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)

@@ -32,7 +32,8 @@ class State(ctypes.Structure):
     """Mirror of ``struct fl_state``."""
 
     _fields_ = [("stop", ctypes.c_int32), ("tun_addr", ctypes.c_uint32), ("port", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16), ("mtu", ctypes.c_int32), ("table", ctypes.c_void_p),
+                ("pad", ctypes.c_uint16), ("mtu", ctypes.c_int32), ("stop_fd", ctypes.c_int32),
+                ("table", ctypes.c_void_p),
                 ("gen", ctypes.c_uint64), ("seen", ctypes.c_uint64 * MAX_WORKERS)]
 
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 
-from flannel import errors, metrics
+from flannel import errors, metrics, stophooks
 from flannel.backends.base import Backend, Network
 from flannel.backends.udp import accel
 from flannel.backends.udp.network import parse_options, peer_of
@@ -173,11 +173,16 @@ class UDPNetwork(Network):
         known peers therefore goes on while the control loop is being restarted.
         """
         self.start()
+        # the queue is read without a timeout (no idle wake-ups): stop puts None in it
+        unregister = stophooks.on_stop(stop, lambda: batches.put(None))
+        try:
+            self._apply_until_stop(batches, stop)
+        finally:
+            unregister()
+
+    def _apply_until_stop(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
-                batch = batches.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            batch = batches.get()
             if batch is None:
                 return
             try:
@@ -193,7 +198,7 @@ class UDPNetwork(Network):
             if self._closed:
                 return
             self._closed = True
-        self.proxy.stop()
+        self.proxy.close()
         log.info("udp: counters at shutdown: %s", self.counters())
         for s in self.socks:
             s.close()

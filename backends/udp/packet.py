@@ -333,7 +333,7 @@ class TableBuilder:
 
 
 #: layout version of ``struct fl_table`` / ``struct fl_state``, checked against ``fl_abi()``
-TABLE_ABI = 2
+TABLE_ABI = 3
 
 
 def _mask(plen: int) -> int:

@@ -35,6 +35,8 @@ from flannel.backends.udp.packet import (
 log = logging.getLogger(__name__)
 
 SOCK_BUF = 8 << 20
+#: how long a worker blocked on a full socket waits before it looks at ``stop`` again (idle workers
+#: do not poll: they sleep on their input and on the stop eventfd until one is readable)
 POLL_S = 0.2
 _IDX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
@@ -79,6 +81,9 @@ class Proxy:
         self.mtu = mtu
         self.table = PeerTable.build((), port)
         self._stopped = False
+        # readable once the workers must stop: an idle worker sleeps on it and its input, and
+        # wakes for nothing else (no periodic look at ``_stopped``)
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self._py_counters: list[list[int]] = []
         self._lib = accel.load() if use_accel is not False else None
@@ -93,7 +98,8 @@ class Proxy:
         if len(tun_fds) * 2 > accel.MAX_WORKERS:
             raise errors.BackendError(f"udp: at most {accel.MAX_WORKERS // 2} queues")
         if self._lib is not None:
-            self._c_state = accel.State(stop=0, tun_addr=self.tun_addr, port=port, mtu=mtu, table=None, gen=0)
+            self._c_state = accel.State(stop=0, tun_addr=self.tun_addr, port=port, mtu=mtu, stop_fd=self._stop_fd,
+                                        table=None, gen=0)
             for w in range(accel.MAX_WORKERS):
                 self._c_state.seen[w] = accel.IDLE
 
@@ -130,6 +136,10 @@ class Proxy:
             raise errors.BackendError("udp: the previous workers did not stop; not starting a second set")
         self._threads = []
         self._stopped = False
+        try:
+            os.eventfd_read(self._stop_fd)   # consume the previous stop, if any
+        except BlockingIOError:
+            pass
         if self._c_state is not None:
             self._c_state.stop = 0
         for q, (fd, sock, tx) in enumerate(zip(self.tun_fds, self.socks, self.tx_socks)):
@@ -154,12 +164,24 @@ class Proxy:
         self._stopped = True
         if self._c_state is not None:
             self._c_state.stop = 1
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)   # wake every idle worker (it stays readable until start)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:  # kept in _threads, so that start() does not run a second set beside them
             log.warning("udp: workers still running after %.1fs: %s", timeout, alive)
+
+    def close(self) -> None:
+        """Stop the workers and release the stop eventfd (the TUN and sockets belong to the owner).
+        The eventfd stays open while a worker that did not stop in time may still wait on it."""
+        self.stop()
+        if self._stop_fd >= 0 and not any(t.is_alive() for t in self._threads):
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+            if self._c_state is not None:
+                self._c_state.stop_fd = -1
 
     def counters(self) -> dict[str, int]:
         tot = [0] * len(COUNTER_NAMES)
@@ -202,7 +224,7 @@ class Proxy:
             try:
                 data = read(fd, mtu)
             except BlockingIOError:
-                select.select([fd], [], [], POLL_S)
+                select.select([fd, self._stop_fd], [], [])
                 continue
             except OSError as e:
                 if e.errno == errno.EBADF:
@@ -250,7 +272,7 @@ class Proxy:
             try:
                 data, src = recvfrom(mtu)
             except BlockingIOError:
-                select.select([sock], [], [], POLL_S)
+                select.select([sock.fileno(), self._stop_fd], [], [])
                 continue
             except OSError as e:
                 if e.errno == errno.EBADF:

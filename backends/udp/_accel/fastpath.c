@@ -10,7 +10,9 @@
  * packet per datagram, TTL-1 with RFC 1624 checksum patch), longest-prefix match, ICMP
  * net-unreachable exactly as flannel's proxy.c, the anti-spoof rule on receive (docs/udp.md).
  * Batching: up to BATCH packets read from the TUN go out in one sendmmsg(); recvmmsg() takes up to
- * BATCH datagrams. Each worker runs until state->stop is set (checked at least every POLL_MS).
+ * BATCH datagrams. Each worker runs until state->stop is set. An idle worker sleeps in poll() on its
+ * input and on state->stop_fd (an eventfd the owner writes to stop the workers), so an idle agent
+ * does not wake at all; without a stop_fd (-1) it looks at state->stop every POLL_MS.
  */
 #if defined(__has_include)
 #  if __has_include(<Python.h>)
@@ -44,7 +46,7 @@ void *PyInit__fastpath(void) { return 0; }
 
 #define BATCH 64
 #define POLL_MS 200
-#define FL_ABI 2           /* layout of fl_table / fl_state; packet.TABLE_ABI must match */
+#define FL_ABI 3           /* layout of fl_table / fl_state; packet.TABLE_ABI must match */
 #define FL_MAX_WORKERS 64
 
 enum {
@@ -82,6 +84,7 @@ struct fl_state {
     uint16_t port;       /* host order, destination port for every peer */
     uint16_t pad;
     int32_t mtu;         /* read size from the TUN / max inner packet */
+    int32_t stop_fd;     /* eventfd, readable once the workers must stop; -1: none (poll every POLL_MS) */
     struct fl_table *volatile table;
     volatile uint64_t gen;
     volatile uint64_t seen[FL_MAX_WORKERS];
@@ -113,6 +116,14 @@ static inline struct fl_table *table_enter(struct fl_state *st, int w) {
 }
 static inline void table_leave(struct fl_state *st, int w) {
     __atomic_store_n(&st->seen[w], FL_IDLE, __ATOMIC_SEQ_CST);
+}
+
+/* Sleep until `fd` is readable or the owner signals stop (st->stop_fd). Only for idle waits: the
+ * caller looks at st->stop and retries its read either way. */
+static void wait_input(struct fl_state *st, int fd) {
+    struct pollfd pf[2] = {{fd, POLLIN, 0}, {st->stop_fd, POLLIN, 0}};
+    if (st->stop_fd >= 0) poll(pf, 2, -1);
+    else poll(pf, 1, POLL_MS);
 }
 
 static inline struct fl_group *groups_of(struct fl_table *t) { return (struct fl_group *)(t + 1); }
@@ -293,10 +304,7 @@ int fl_tun_to_udp(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, int 
             for (int i = off; i < off + s; i++) { c[C_TX_PACKETS]++; c[C_TX_BYTES] += iov[i].iov_len; }
             off += s;
         }
-        if (n == 0) {
-            struct pollfd pf = {tun_fd, POLLIN, 0};
-            poll(&pf, 1, POLL_MS);
-        }
+        if (n == 0) wait_input(st, tun_fd);
     }
     free(bufs);
     return 0;
@@ -324,8 +332,7 @@ int fl_udp_to_tun(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, int 
         }
         int n = recvmmsg(udp_fd, msgs, BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0) {
-            struct pollfd pf = {udp_fd, POLLIN, 0};
-            poll(&pf, 1, POLL_MS);
+            wait_input(st, udp_fd);
             continue;
         }
         struct fl_table *t = table_enter(st, w);
@@ -637,8 +644,7 @@ int fl_tun_to_udp_gso(struct fl_state *st, uint64_t *c, int tun_fd, int udp_fd, 
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR) {
                 acc_flush(a, udp_fd, c, &st->stop);   /* nothing more right now: send what waits */
-                struct pollfd pf = {tun_fd, POLLIN, 0};
-                poll(&pf, 1, POLL_MS);
+                wait_input(st, tun_fd);
             }
             continue;
         }
@@ -820,8 +826,7 @@ int fl_udp_to_tun_gro(struct fl_state *st, uint64_t *c, int udp_fd, int tun_fd, 
         int n = recvmmsg(udp_fd, msgs, RX_BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0) {
             coal_flush(&k, tun_fd, c);
-            struct pollfd pf = {udp_fd, POLLIN, 0};
-            poll(&pf, 1, POLL_MS);
+            wait_input(st, udp_fd);
             continue;
         }
         struct fl_table *t = table_enter(st, w);
