@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 
+from flannel import stophooks
 from flannel.config import NetworkConfig
 from flannel.lease import Batch, Lease, LeaseSource
 from flannel.options import AgentOptions
@@ -34,18 +35,22 @@ class ExternalInterface:
     ext_v6_addr: IPv6Address | None = None
 
 
-def each_batch(batches: queue.Queue[Batch | None], stop: threading.Event, *, poll: float = 0.5) -> Iterator[Batch]:
+def each_batch(batches: queue.Queue[Batch | None], stop: threading.Event) -> Iterator[Batch]:
     """The batches ``Network.run`` receives, until ``stop`` is set or the daemon's end marker
-    (``None``) arrives. Waits at most ``poll`` seconds at a time, so a set ``stop`` is seen even
-    when no batch comes. For a ``run`` with nothing else to do between batches."""
-    while not stop.is_set():
-        try:
-            batch = batches.get(timeout=poll)
-        except queue.Empty:
-            continue
-        if batch is None:
-            return
-        yield batch
+    (``None``) arrives. For a ``run`` with nothing else to do between batches.
+
+    It blocks on the queue without a timeout, so an idle agent does not wake up for it; a stop
+    hook puts the end marker in the queue, so a set ``stop`` still ends the loop at once even
+    when nobody else does (a test, a supervisor that only sets the event)."""
+    unregister = stophooks.on_stop(stop, lambda: batches.put(None))
+    try:
+        while not stop.is_set():
+            batch = batches.get()
+            if batch is None:
+                return
+            yield batch
+    finally:
+        unregister()
 
 
 class Network(abc.ABC):

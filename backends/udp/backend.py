@@ -11,8 +11,8 @@ import threading
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 
-from flannel import errors, metrics, stophooks
-from flannel.backends.base import Backend, Network
+from flannel import errors, metrics
+from flannel.backends.base import Backend, Network, each_batch
 from flannel.backends.udp import accel
 from flannel.backends.udp.network import parse_options, peer_of
 from flannel.backends.udp.packet import Peer, TableBuilder
@@ -173,18 +173,7 @@ class UDPNetwork(Network):
         known peers therefore goes on while the control loop is being restarted.
         """
         self.start()
-        # the queue is read without a timeout (no idle wake-ups): stop puts None in it
-        unregister = stophooks.on_stop(stop, lambda: batches.put(None))
-        try:
-            self._apply_until_stop(batches, stop)
-        finally:
-            unregister()
-
-    def _apply_until_stop(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
-        while not stop.is_set():
-            batch = batches.get()
-            if batch is None:
-                return
+        for batch in each_batch(batches, stop):
             try:
                 with metrics.timed_apply(full=False):  # metrics
                     self.apply(batch)

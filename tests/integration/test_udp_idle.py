@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import pytest
 
 from flannel.backends.udp import accel
-from tests.support import UDP_PEER as PEER
 from tests.support import Rig, ip_packet, wait_for, wakeups
 
 #: long enough for the old 200 ms polls to show several times
