@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=100, help="adds (and as many deletes) per N")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement per N")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--agent-log", help="copy the agents' log here at the end (e.g. with --agent-arg=-v to see phases)")
     ap.add_argument("--agent-arg", action="append", default=[], metavar="FLAG",
                     help="an extra flag for the agent (repeatable), e.g. --agent-arg=--healthz-port=10256")
     args = ap.parse_args(argv)
@@ -460,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         reg.close()
     finally:
         etcd.close()
+        if args.agent_log and (workdir / "agent.log").exists():
+            shutil.copyfile(workdir / "agent.log", args.agent_log)
         leave_netns(orig_ns)   # the calling thread only; the threads left behind are ours and end with us
         cleanup_prefix(prefix)
         shutil.rmtree(workdir, ignore_errors=True)
