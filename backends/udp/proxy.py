@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
-from flannel import errors
+from flannel import errors, threadname
 from flannel.backends.udp import accel
 from flannel.backends.udp.packet import (
     COUNTER_NAMES,
@@ -195,6 +195,7 @@ class Proxy:
 
     def _guard(self, fn: object, args: tuple[object, ...]) -> None:
         """A worker must never die silently: log and restart on an unexpected error."""
+        threadname.name_this_thread()
         while not self._stopped:
             try:
                 fn(*args)  # type: ignore[operator]
