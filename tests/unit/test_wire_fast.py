@@ -1,0 +1,192 @@
+"""The fast paths of the lease-value decoder agree with the general decoder on every input.
+
+``wire.decode_attrs`` decodes the values flannel writes without the general decoder's steps
+(``_decode_common``: one regular expression for vxlan/host-gw values, one JSON scan for other flat
+ones); anything else goes to ``wire.decode_attrs_general``, which alone refuses values. The
+property: for any bytes, both give the same ``LeaseAttrs`` or the same refusal (reason and message),
+and whenever the fast path answers, its answer is the general decoder's. The corpus: the values
+flannel's backends write, every one of them mutated byte by byte, random lease-like JSON in several
+spellings, and random bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from flannel import errors, wire
+from flannel.lease import LeaseAttrs
+
+
+def outcome(decode: Any, raw: bytes | str) -> LeaseAttrs | tuple[str, str]:
+    try:
+        return decode(raw)  # type: ignore[no-any-return]
+    except errors.BadLeaseRecord as e:
+        return (e.reason, str(e))
+
+
+def same_as_general(raw: bytes) -> LeaseAttrs | tuple[str, str]:
+    """Check the property for ``raw``; return the outcome."""
+    general = outcome(wire.decode_attrs_general, raw)
+    assert outcome(wire.decode_attrs, raw) == general
+    fast = wire._decode_common(raw)
+    if fast is not None:
+        assert fast == general
+        assert type(fast.backend_data) is type(general.backend_data)  # type: ignore[union-attr]
+    return general
+
+
+# -- what flannel's backends write ------------------------------------------------------------------
+
+FLANNEL_VALUES = [
+    b'{"PublicIP":"198.19.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"host-gw"}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"udp"}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":0,"VtepMAC":""}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":4096,"VtepMAC":"AA:bb:cc:dd:ee:ff"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"wireguard",'
+    b'"BackendData":{"PublicKey":"q7Fz0dXn2vV9b6Pj1d2nG3k4l5m6n7o8p9q0r1s2t3U=","Port":51820}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":null}',
+    b'{"PublicIP":"10.0.0.2","BackendType":"","BackendData":{}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"x","BackendData":{"a":true,"b":false,"c":null,"d":-7}}',
+]
+# written by flannel too, but rare enough to be left to the general decoder
+GENERAL_FLANNEL_VALUES = [
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"extension","BackendData":"output of a command"}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":"fd00::2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"x"},'
+    b'"BackendV6Data":{"VNI":1,"VtepMAC":"y"}}',
+]
+
+# near misses: each is one detail away from a fast-path shape; the general decoder decides
+NEAR_MISSES = [
+    b'{"PublicIP":"010.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"m"}}',
+    b'{"PublicIP":"10.0.0.256","PublicIPv6":null,"BackendType":"vxlan"}',
+    b'{"PublicIP":"1.2.3","PublicIPv6":null}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":01,"VtepMAC":"m"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":-0,"VtepMAC":"m"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1.0,"VtepMAC":"m"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1e400,"VtepMAC":"m"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VNI":2}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"VNI":1,"VtepMAC":"a<b>&c"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":"\\ud800"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":"\\u0041"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":"\xc3\xa9"}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":NaN}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":[1]}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":{"k":{"j":1}}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":[1]}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendData":7}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":null}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":7}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":6}',
+    b'{"PublicIP":"fd00::1","PublicIPv6":null}',
+    b'{"PublicIP":null}',
+    b'{"PublicIPv6":null}',
+    b'{"publicip":"10.0.0.2","PublicIP":"10.0.0.3"}',
+    b'{"PublicIP":"10.0.0.2","publicip":"10.0.0.3"}',
+    b'{"PublicIP":"10.0.0.2","Extra":1}',
+    b'{"PublicIP":"10.0.0.2","PublicIP":"10.0.0.3"}',
+    b' {"PublicIP":"10.0.0.2"}',
+    b'{"PublicIP":"10.0.0.2"} ',
+    b'{"PublicIP":"10.0.0.2"}{}',
+    b'{"PublicIP": "10.0.0.2", "BackendData": {"VNI": 1}}',
+    b'{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"m"}',
+    b'{"PublicIP":"10.0.0.2","BackendData":{"x":' + b"9" * 5000 + b"}}",
+    b'{"PublicIP":"10.0.0.2","BackendData":' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"PublicIP":"10.0.0.2","BackendData":{"x":"' + b"a" * (wire.MAX_VALUE_BYTES + 1) + b'"}}',
+    b"[]", b"", b"null", b"\xff", b"{}",
+]
+
+
+@pytest.mark.parametrize("raw", FLANNEL_VALUES + GENERAL_FLANNEL_VALUES + NEAR_MISSES)
+def test_fast_and_general_paths_agree(raw: bytes) -> None:
+    same_as_general(raw)
+
+
+@pytest.mark.parametrize("raw", FLANNEL_VALUES)
+def test_what_flannel_writes_takes_a_fast_path(raw: bytes) -> None:
+    """Not only equal: the fast path really answers for these (else the speed-up is gone)."""
+    attrs = wire._decode_common(raw)
+    assert attrs is not None and attrs == wire.decode_attrs_general(raw)
+
+
+def test_the_vxlan_shape_is_decoded_without_parsing_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_scan(*a: Any) -> Any:
+        raise AssertionError("scanned JSON")
+    monkeypatch.setattr(wire._DECODER, "raw_decode", no_scan)
+    attrs = wire.decode_attrs(FLANNEL_VALUES[0])
+    assert attrs == LeaseAttrs(public_ip=IPv4Address("198.19.0.1"), backend_type="vxlan",
+                               backend_data='{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}')
+
+
+@pytest.mark.parametrize("raw", FLANNEL_VALUES + GENERAL_FLANNEL_VALUES + NEAR_MISSES)
+def test_every_one_byte_mutation_agrees(raw: bytes) -> None:
+    """Deleting, doubling or replacing any one byte of a value (with a byte that matters to JSON
+    or to the fast paths' patterns): both paths still agree."""
+    if len(raw) > 400:
+        raw = raw[:400]
+    for i in range(len(raw) + 1):
+        same_as_general(raw[:i] + raw[i + 1:])
+        same_as_general(raw[:i] + raw[i:i + 1] * 2 + raw[i + 1:])
+        for b in (b'"', b"0", b"9", b".", b":", b",", b"{", b"}", b"\\", b" ", b"\xe9", b"-", b"a"):
+            same_as_general(raw[:i] + b + raw[i + 1:])
+
+
+# -- random lease-like values ---------------------------------------------------------------------
+
+scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+           | st.text(max_size=12) | st.sampled_from(["<", "&", "\u2028", "é", "\\", '"', "02:00:00:00:00:01"]))
+flat_objects = st.dictionaries(st.text(max_size=8) | st.sampled_from(["VNI", "VtepMAC", "PublicKey", "Port"]),
+                               scalars, max_size=4)
+values = scalars | flat_objects | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=3), flat_objects,
+                                                                                  max_size=2)
+ipv4 = st.integers(0, 2**32 - 1).map(lambda i: str(IPv4Address(i)))
+field_values = values | ipv4 | st.sampled_from(["vxlan", "host-gw", "fd00::1", "", "1.2.3.04"])
+FIELDS = ["PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data", "publicip", "Other"]
+lease_like = st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=5)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(lease_like, st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans())
+@example({"PublicIP": "1.2.3.4", "BackendData": {"VNI": 1, "VtepMAC": "a"}}, (",", ":"), False)
+def test_lease_like_json_agrees(obj: dict[str, Any], separators: tuple[str, str], ascii_only: bool) -> None:
+    same_as_general(json.dumps(obj, separators=separators, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(public_ip=ipv4, public_ipv6=st.none() | st.just(IPv6Address("fd00::5")),
+       backend_type=st.sampled_from(["", "vxlan", "host-gw", "udp", "wireguard"]) | st.text(max_size=10),
+       data=st.none() | flat_objects | st.text(max_size=10), data6=st.none() | flat_objects)
+def test_values_we_write_decode_back_through_a_fast_path_or_the_same_way(
+        public_ip: str, public_ipv6: IPv6Address | None, backend_type: str, data: Any, data6: Any) -> None:
+    def enc(obj: Any) -> str | None:
+        return None if obj is None else wire.compact_json(obj)
+    attrs = LeaseAttrs(public_ip=IPv4Address(public_ip), public_ipv6=public_ipv6, backend_type=backend_type,
+                       backend_data=enc(data), backend_v6_data=enc(data6))
+    raw = wire.encode_attrs(attrs).encode("utf-8", "surrogatepass")
+    got = same_as_general(raw)
+    if isinstance(got, LeaseAttrs):
+        assert got == attrs
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_any_bytes_agree(raw: bytes) -> None:
+    same_as_general(raw)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(FLANNEL_VALUES + GENERAL_FLANNEL_VALUES), st.data())
+def test_random_edits_of_flannel_values_agree(raw: bytes, data: st.DataObject) -> None:
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw)))
+        j = data.draw(st.integers(i, min(len(raw), i + 3)))
+        edit = data.draw(st.binary(max_size=3) | st.sampled_from([b'"', b'\\u00', b'1', b'{}', b'null']))
+        raw = raw[:i] + edit + raw[j:]
+    same_as_general(raw)
