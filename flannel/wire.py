@@ -67,6 +67,27 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
     return v4, v6
 
 
+#: the common key, an IPv4 subnet alone, as bytes (what etcd hands us); see ``parse_ipv4_subnet_key``
+_IPV4_KEY = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})")
+
+
+def parse_ipv4_subnet_key(name: bytes) -> tuple[IPv4Network, None] | None:
+    """``parse_subnet_key`` for the common key (``10.5.34.0-24`` as bytes), without decoding the
+    name first — or None: "not that shape, or not valid: ask ``parse_subnet_key``", which alone
+    decides what is refused. Never raises. (Equal results: tests/unit/test_wire_fast.py.)"""
+    m = _IPV4_KEY.fullmatch(name)
+    if m is None:
+        return None
+    addr, prefixlen = m.groups()
+    v4len = int(prefixlen)
+    if v4len > 31:
+        return None
+    try:
+        return IPv4Network((socket.inet_pton(socket.AF_INET, addr.decode("ascii")), v4len), strict=True), None
+    except (OSError, ValueError):
+        return None
+
+
 def format_subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
     key = f"{subnet.network_address}-{subnet.prefixlen}"
     if ipv6_subnet is not None:

@@ -205,6 +205,7 @@ class EtcdRegistry:
         self.prefix = prefix.rstrip("/") or "/"
         self.config_key = posixpath.join(self.prefix, "config")
         self.subnets_prefix = posixpath.join(self.prefix, "subnets") + "/"
+        self._subnets_prefix_bytes = self.subnets_prefix.encode("utf-8")
         self._cafile, self._certfile, self._keyfile = cafile, certfile, keyfile
         self._username, self._password = username, password
         self._timeout = timeout
@@ -496,6 +497,10 @@ class EtcdRegistry:
         """``<prefix>/subnets/<name>`` → the subnets it names.
 
         :raises errors.BadLeaseRecord: not UTF-8, not under the subnets prefix, not a subnet key."""
+        if type(key) is bytes and key.startswith(self._subnets_prefix_bytes):   # the common key, quickly
+            nets = wire.parse_ipv4_subnet_key(key[len(self._subnets_prefix_bytes):])
+            if nets is not None:
+                return nets
         try:
             skey = bytes(key).decode("utf-8")
         except UnicodeDecodeError:

@@ -190,3 +190,36 @@ def test_random_edits_of_flannel_values_agree(raw: bytes, data: st.DataObject) -
         edit = data.draw(st.binary(max_size=3) | st.sampled_from([b'"', b'\\u00', b'1', b'{}', b'null']))
         raw = raw[:i] + edit + raw[j:]
     same_as_general(raw)
+
+
+# -- subnet keys ----------------------------------------------------------------------------------
+
+KEYS = ["10.5.34.0-24", "10.0.0.0-31", "0.0.0.0-0", "255.255.255.0-24", "10.5.34.0-32", "10.5.34.1-24",
+        "10.05.34.0-24", "10.5.34.0-024", "10.5.34.0-08", "10.5.34.0-", "10.5.34-24", "1.2.3.4.5-24",
+        "10.5.34.0-24&fd00::-64", "256.0.0.0-8", "10.5.34.0-2 4", "10.5.34.0-24\n", "..........-24"]
+
+
+def key_outcome(name: bytes) -> Any:
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return wire.parse_subnet_key(text)
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(KEYS).map(str.encode) | st.binary(max_size=24)
+       | st.from_regex(rb"[0-9.]{7,15}-[0-9]{1,3}", fullmatch=True)
+       | st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 40)).map(
+           lambda t: f"{IPv4Address(t[0])}-{t[1]}".encode()))
+@example(b"10.5.34.0-24")
+def test_the_fast_key_parser_agrees(name: bytes) -> None:
+    fast = wire.parse_ipv4_subnet_key(name)
+    if fast is not None:
+        assert fast == key_outcome(name)
+
+
+@pytest.mark.parametrize("name", ["10.5.34.0-24", "10.0.0.0-31", "0.0.0.0-0"])
+def test_the_common_key_takes_the_fast_path(name: str) -> None:
+    fast = wire.parse_ipv4_subnet_key(name.encode())
+    assert fast is not None and fast == wire.parse_subnet_key(name)
