@@ -71,7 +71,7 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
 _IPV4_KEY = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})")
 
 
-def parse_ipv4_subnet_key(name: bytes) -> tuple[IPv4Network, None] | None:
+def parse_ipv4_subnet_key(name: bytes) -> tuple[IPv4Network, IPv6Network | None] | None:
     """``parse_subnet_key`` for the common key (``10.5.34.0-24`` as bytes), without decoding the
     name first — or None: "not that shape, or not valid: ask ``parse_subnet_key``", which alone
     decides what is refused. Never raises. (Equal results: tests/unit/test_wire_fast.py.)"""
