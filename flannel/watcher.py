@@ -59,18 +59,22 @@ class LeaseWatcher:
         return lease.ident == self._own.ident
 
     def _update(self, events: tuple[LeaseEvent, ...]) -> list[LeaseEvent]:
+        # runs for every lease event on the watch thread: each lease's ident is built once
         out: list[LeaseEvent] = []
+        own = self._own.ident
+        tracked = self._tracked
         for ev in events:
-            if self._is_own(ev.lease):
+            lease = ev.lease
+            ident = (lease.subnet, lease.ipv6_subnet)
+            if ident == own:
                 continue
-            ident = ev.lease.ident
             if ev.type is EventType.ADDED:
-                old = self._tracked.get(ident)
-                self._tracked[ident] = ev.lease
-                if old is None or old.attrs != ev.lease.attrs:
+                old = tracked.get(ident)
+                tracked[ident] = lease
+                if old is None or old.attrs != lease.attrs:
                     out.append(ev)
             else:
-                old = self._tracked.pop(ident, None)
+                old = tracked.pop(ident, None)
                 if old is None:
                     log.info("removed lease %s was not known; passing it on", ev.lease.describe())
                     out.append(ev)
@@ -96,6 +100,8 @@ class LeaseWatcher:
 
     def _chunk(self, events: list[LeaseEvent], *, synced: bool) -> list[Batch]:
         n = self._max_batch
+        if not synced and len(events) <= n:   # the common case: a few events, one batch (or none)
+            return [Batch(tuple(events))] if events else []
         chunks = [tuple(events[i:i + n]) for i in range(0, len(events), n)]
         if synced:
             if not chunks:

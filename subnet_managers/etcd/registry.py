@@ -97,6 +97,8 @@ LIST_PAGE_KEYS = 1000
 LIST_ATTEMPTS = 3
 _WATCH_METHOD = "/etcdserverpb.Watch/Watch"
 _DELETE = kv_pb2.Event.DELETE
+#: the attributes of a REMOVED event (a delete has no value; the LeaseWatcher passes on what it tracked)
+_NO_ATTRS = LeaseAttrs()
 
 
 def _env_seconds(name: str, default: float, minimum: float) -> float:
@@ -206,6 +208,7 @@ class EtcdRegistry:
         self.config_key = posixpath.join(self.prefix, "config")
         self.subnets_prefix = posixpath.join(self.prefix, "subnets") + "/"
         self._subnets_prefix_bytes = self.subnets_prefix.encode("utf-8")
+        self._config_key_bytes = self.config_key.encode("utf-8")
         self._cafile, self._certfile, self._keyfile = cafile, certfile, keyfile
         self._username, self._password = username, password
         self._timeout = timeout
@@ -461,13 +464,8 @@ class EtcdRegistry:
         The same containment as ``_untrusted``, written out: this runs for every lease of a
         listing and every watch event, and a closure per step cost more than the steps.
         """
-        try:
-            nets = self._parse_key(key)
-        except errors.BadLeaseRecord as e:
-            self.skipped.skip(_show_key(key), e.reason, str(e))
-            return None, None
-        except Exception as e:  # the boundary: whatever an untrusted record does, skip only it
-            self.skipped.skip(_show_key(key), "internal", f"{type(e).__name__}: {str(e)[:200]}")
+        nets = self._key_subnets(key)
+        if nets is None:
             return None, None
         try:
             attrs = wire.decode_attrs(bytes(value))
@@ -489,9 +487,16 @@ class EtcdRegistry:
         self._untrusted(key, refuse)
         return self._untrusted(key, lambda: self._parse_key(key))
 
-    def _deleted(self, key: Any) -> Subnets | None:
-        """What a deleted key named (a DELETE event has no value); None (skipped) if not a subnet key."""
-        return self._untrusted(key, lambda: self._parse_key(key))
+    def _key_subnets(self, key: Any) -> Subnets | None:
+        """What a key names; None (skipped: counted, logged) if it is not a subnet key. For a DELETE
+        event (no value) and as the first half of ``_record``; contained as in ``_untrusted``."""
+        try:
+            return self._parse_key(key)
+        except errors.BadLeaseRecord as e:
+            self.skipped.skip(_show_key(key), e.reason, str(e))
+        except Exception as e:  # the boundary, as in _untrusted
+            self.skipped.skip(_show_key(key), "internal", f"{type(e).__name__}: {str(e)[:200]}")
+        return None
 
     def _parse_key(self, key: Any) -> Subnets:
         """``<prefix>/subnets/<name>`` → the subnets it names.
@@ -780,8 +785,8 @@ class _Stream:
         touched: list[tuple[Subnets, int]] = []
         config: ConfigUpdate | None = None
         revision = int(resp.header.revision)  # a progress notification: everything up to it was sent
-        subnets = reg.subnets_prefix.encode("utf-8")
-        config_key = reg.config_key.encode("utf-8")
+        subnets = reg._subnets_prefix_bytes
+        config_key = reg._config_key_bytes
         for ev in resp.events:
             kv = ev.kv
             revision = int(kv.mod_revision)  # events arrive in revision order
@@ -791,17 +796,16 @@ class _Stream:
                     config = self._config_update(ev)
                 continue  # something else under the prefix: not ours to read
             if ev.type == _DELETE:
-                nets = reg._deleted(key)
+                nets = reg._key_subnets(key)
                 if nets is not None:
                     touched.append((nets, revision))
                     out.append(LeaseEvent(EventType.REMOVED, Lease(subnet=nets[0], ipv6_subnet=nets[1],
-                                                                   attrs=LeaseAttrs())))
+                                                                   attrs=_NO_ATTRS)))
                 continue
-            lease, skipped = reg._record(key, kv.value)
+            lease, skipped = reg._record(key, kv.value, None if kv.lease == 0 else TTL_NOT_LOOKED_UP)
             if lease is not None:
                 touched.append(((lease.subnet, lease.ipv6_subnet), revision))  # type: ignore[arg-type]
-                expiration = None if kv.lease == 0 else TTL_NOT_LOOKED_UP
-                out.append(LeaseEvent(EventType.ADDED, dataclasses.replace(lease, expiration=expiration)))
+                out.append(LeaseEvent(EventType.ADDED, lease))
             elif skipped is not None:
                 touched.append((skipped, revision))
         return WatchChunk(revision=revision, events=tuple(out), config=config, touched=tuple(touched))
