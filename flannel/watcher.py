@@ -55,9 +55,6 @@ class LeaseWatcher:
             return self._chunk(self._reset(result.snapshot), synced=True)
         return self._chunk(self._update(result.events), synced=False)
 
-    def _is_own(self, lease: Lease) -> bool:
-        return lease.ident == self._own.ident
-
     def _update(self, events: tuple[LeaseEvent, ...]) -> list[LeaseEvent]:
         # runs for every lease event on the watch thread: each lease's ident is built once
         out: list[LeaseEvent] = []
@@ -83,16 +80,22 @@ class LeaseWatcher:
         return out
 
     def _reset(self, snapshot: tuple[Lease, ...]) -> list[LeaseEvent]:
+        # the first snapshot holds every lease of the cluster (a cold start): each ident is built
+        # and hashed once, and nothing is looked up while nothing is tracked
         out: list[LeaseEvent] = []
         fresh: dict[Ident, Lease] = {}
+        own = self._own.ident
+        tracked = self._tracked
+        added = EventType.ADDED
         for lease in snapshot:
-            if self._is_own(lease):
+            ident = (lease.subnet, lease.ipv6_subnet)
+            if ident == own:
                 continue
-            fresh[lease.ident] = lease
-            old = self._tracked.get(lease.ident)
+            fresh[ident] = lease
+            old = tracked.get(ident) if tracked else None
             if old is None or old.attrs != lease.attrs:
-                out.append(LeaseEvent(EventType.ADDED, lease))
-        for ident, old in self._tracked.items():
+                out.append(LeaseEvent(added, lease))
+        for ident, old in tracked.items():
             if ident not in fresh:
                 out.append(LeaseEvent(EventType.REMOVED, old))
         self._tracked = fresh

@@ -223,3 +223,44 @@ def test_the_fast_key_parser_agrees(name: bytes) -> None:
 def test_the_common_key_takes_the_fast_path(name: str) -> None:
     fast = wire.parse_ipv4_subnet_key(name.encode())
     assert fast is not None and fast == wire.parse_subnet_key(name)
+
+
+# -- the etcd registry's record boundary, which uses both fast paths -----------------------------
+
+PREFIX = "/coreos.com/network"
+SUBNETS = PREFIX + "/subnets/"
+record_keys = (st.sampled_from(KEYS).map(lambda k: (SUBNETS + k).encode())
+               | st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 33)).map(
+                   lambda t: f"{SUBNETS}{IPv4Address(t[0])}-{t[1]}".encode())
+               | st.binary(max_size=12).map(lambda b: SUBNETS.encode() + b)
+               | st.sampled_from([b"/coreos.com/network/subnets10.5.1.0-24", b"/other/subnets/10.5.1.0-24",
+                                  (PREFIX + "/config").encode()]))
+record_values = st.sampled_from(FLANNEL_VALUES + GENERAL_FLANNEL_VALUES + NEAR_MISSES) | lease_like.map(
+    lambda o: json.dumps(o, separators=(",", ":")).encode("utf-8", "surrogatepass")) | st.binary(max_size=40)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(record_keys, record_values, st.sampled_from([None, 0.0]))
+def test_registry_records_agree_with_the_general_decoders(key: bytes, value: bytes, expiration: float | None) -> None:
+    """A record read through the fast paths is what the general key parser and value decoder make
+    of it: the same Lease, or the same skip (reason counted) and the same occupied subnet."""
+    from flannel.lease import Lease
+    from flannel.subnet_managers.etcd.registry import EtcdRegistry
+
+    reg = EtcdRegistry(endpoints=["http://127.0.0.1:1"], prefix=PREFIX)
+    lease, occupied = reg._record(key, value, expiration)
+    try:
+        name = key.decode("utf-8")
+    except UnicodeDecodeError:
+        name = ""
+    nets = wire.parse_subnet_key(name[len(SUBNETS):]) if name.startswith(SUBNETS) else None
+    if nets is None:
+        assert (lease, occupied) == (None, None) and reg.skipped.counts == {"key": 1}
+        return
+    try:
+        attrs = wire.decode_attrs_general(value)
+    except errors.BadLeaseRecord as e:
+        assert (lease, occupied) == (None, nets) and reg.skipped.counts == {e.reason: 1}
+        return
+    assert lease == Lease(subnet=nets[0], ipv6_subnet=nets[1], attrs=attrs) and occupied is None
+    assert lease.expiration == expiration and not reg.skipped.counts
