@@ -95,8 +95,8 @@ class LeaseWatcher:
             old = tracked.get(ident) if tracked else None
             if old is None or old.attrs != lease.attrs:
                 out.append(LeaseEvent(added, lease))
-        for ident, old in tracked.items():
-            if ident not in fresh:
+        for gone, old in tracked.items():
+            if gone not in fresh:
                 out.append(LeaseEvent(EventType.REMOVED, old))
         self._tracked = fresh
         return out
