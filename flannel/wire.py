@@ -67,23 +67,29 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
     return v4, v6
 
 
-#: the common key, an IPv4 subnet alone, as bytes (what etcd hands us); see ``parse_ipv4_subnet_key``
-_IPV4_KEY = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})")
+#: the common keys as bytes (what etcd hands us); see ``parse_subnet_key_bytes``
+_KEY_BYTES = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")
 
 
-def parse_ipv4_subnet_key(name: bytes) -> tuple[IPv4Network, IPv6Network | None] | None:
-    """``parse_subnet_key`` for the common key (``10.5.34.0-24`` as bytes), without decoding the
-    name first — or None: "not that shape, or not valid: ask ``parse_subnet_key``", which alone
+def parse_subnet_key_bytes(name: bytes) -> tuple[IPv4Network, IPv6Network | None] | None:
+    """``parse_subnet_key`` for the common keys (``10.5.34.0-24``, ``10.5.34.0-24&fd00:5:22::-64``
+    as bytes), without decoding the name first — or None: "not that shape, or not valid: ask ``parse_subnet_key``", which alone
     decides what is refused. Never raises. (Equal results: tests/unit/test_wire_fast.py.)"""
-    m = _IPV4_KEY.fullmatch(name)
+    m = _KEY_BYTES.fullmatch(name)
     if m is None:
         return None
-    addr, prefixlen = m.groups()
+    addr, prefixlen, addr6, prefixlen6 = m.groups()
     v4len = int(prefixlen)
     if v4len > 31:
         return None
     try:
-        return IPv4Network((socket.inet_pton(socket.AF_INET, addr.decode("ascii")), v4len), strict=True), None
+        v4 = IPv4Network((socket.inet_pton(socket.AF_INET, addr.decode("ascii")), v4len), strict=True)
+        if addr6 is None:
+            return v4, None
+        v6len = int(prefixlen6)
+        if v6len > 127:
+            return None
+        return v4, IPv6Network(f"{IPv6Address(addr6.decode('ascii'))}/{v6len}", strict=True)   # as parse_subnet_key
     except (OSError, ValueError):
         return None
 
@@ -227,13 +233,15 @@ _FLAT_ENCODER = _json.make_encoder(None, _reject_constant, _json.encode_basestri
 _GENERAL_ONLY = re.compile(rb'[\\<>&]')
 
 
-#: The exact bytes flannel's vxlan (and host-gw, udp: no BackendData) agents write for an IPv4
-#: lease, as ``encode_attrs`` writes them. Every group is text that needs no JSON unescaping and
+#: The exact bytes flannel's vxlan (and host-gw, udp: no BackendData) agents write, single or dual
+#: stack, as ``encode_attrs`` writes them. Every group is text that needs no JSON unescaping and
 #: that ``compact_json`` reproduces byte for byte (a canonical integer, a MAC-like string), so a
 #: match is decoded without parsing JSON; BackendData is the matched text itself.
+_VXLAN_DATA = rb'(\{"VNI":(?:0|[1-9][0-9]{0,17}),"VtepMAC":"[0-9A-Fa-f:]{0,64}"\})'
 _VXLAN_VALUE = re.compile(
-    rb'\{"PublicIP":"([0-9.]{7,15})","PublicIPv6":null(?:,"BackendType":"([A-Za-z0-9-]{0,32})")?'
-    rb'(?:,"BackendData":(\{"VNI":(?:0|[1-9][0-9]{0,17}),"VtepMAC":"[0-9A-Fa-f:]{0,64}"\}))?\}')
+    rb'\{"PublicIP":"([0-9.]{7,15})","PublicIPv6":(?:null|"([0-9A-Fa-f:.]{2,45})")'
+    rb'(?:,"BackendType":"([A-Za-z0-9-]{0,32})")?(?:,"BackendData":' + _VXLAN_DATA + rb')?'
+    rb'(?:,"BackendV6Data":' + _VXLAN_DATA + rb')?\}')
 
 
 def _decode_common(raw: bytes) -> LeaseAttrs | None:
@@ -243,13 +251,15 @@ def _decode_common(raw: bytes) -> LeaseAttrs | None:
     m = _VXLAN_VALUE.fullmatch(raw)
     if m is None:
         return _decode_flat(raw)
-    ip, btype, data = m.groups()
+    ip, ip6, btype, data, data6 = m.groups()
     try:
         public_ip = IPv4Address(socket.inet_pton(socket.AF_INET, ip.decode("ascii")))
-    except OSError:
+        public_ipv6 = None if ip6 is None else cast(IPv6Address, _ip(ip6.decode("ascii"), 6, "PublicIPv6"))
+    except (OSError, errors.BadLeaseRecord):
         return None
-    return LeaseAttrs(public_ip=public_ip, backend_type=btype.decode("ascii") if btype else "",
-                      backend_data=None if data is None else data.decode("ascii"))
+    return LeaseAttrs(public_ip=public_ip, public_ipv6=public_ipv6, backend_type=btype.decode("ascii") if btype else "",
+                      backend_data=None if data is None else data.decode("ascii"),
+                      backend_v6_data=None if data6 is None else data6.decode("ascii"))
 
 
 def _decode_flat(raw: bytes) -> LeaseAttrs | None:

@@ -503,7 +503,7 @@ class EtcdRegistry:
 
         :raises errors.BadLeaseRecord: not UTF-8, not under the subnets prefix, not a subnet key."""
         if type(key) is bytes and key.startswith(self._subnets_prefix_bytes):   # the common key, quickly
-            nets = wire.parse_ipv4_subnet_key(key[len(self._subnets_prefix_bytes):])
+            nets = wire.parse_subnet_key_bytes(key[len(self._subnets_prefix_bytes):])
             if nets is not None:
                 return nets
         try:

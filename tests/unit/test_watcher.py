@@ -157,7 +157,7 @@ results_st = (st.lists(events_st, max_size=6).map(WatchResult.of_events)
 # (a store's snapshot holds each subnet once: etcd keys and kube nodes are unique)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(results_st, max_size=12), st.integers(1, 4))
 def test_any_sequence_of_results_gives_what_the_model_gives(results: list[WatchResult], max_batch: int) -> None:
     w = LeaseWatcher(OWN, max_batch=max_batch)
