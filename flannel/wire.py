@@ -73,8 +73,9 @@ _KEY_BYTES = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-
 
 def parse_subnet_key_bytes(name: bytes) -> tuple[IPv4Network, IPv6Network | None] | None:
     """``parse_subnet_key`` for the common keys (``10.5.34.0-24``, ``10.5.34.0-24&fd00:5:22::-64``
-    as bytes), without decoding the name first — or None: "not that shape, or not valid: ask ``parse_subnet_key``", which alone
-    decides what is refused. Never raises. (Equal results: tests/unit/test_wire_fast.py.)"""
+    as bytes), without decoding the name first — or None: "not that shape, or not valid: ask
+    ``parse_subnet_key``", which alone decides what is refused. Never raises. (Equal results:
+    tests/unit/test_wire_fast.py.)"""
     m = _KEY_BYTES.fullmatch(name)
     if m is None:
         return None
