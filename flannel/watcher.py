@@ -55,22 +55,23 @@ class LeaseWatcher:
             return self._chunk(self._reset(result.snapshot), synced=True)
         return self._chunk(self._update(result.events), synced=False)
 
-    def _is_own(self, lease: Lease) -> bool:
-        return lease.ident == self._own.ident
-
     def _update(self, events: tuple[LeaseEvent, ...]) -> list[LeaseEvent]:
+        # runs for every lease event on the watch thread: each lease's ident is built once
         out: list[LeaseEvent] = []
+        own = self._own.ident
+        tracked = self._tracked
         for ev in events:
-            if self._is_own(ev.lease):
+            lease = ev.lease
+            ident = (lease.subnet, lease.ipv6_subnet)
+            if ident == own:
                 continue
-            ident = ev.lease.ident
             if ev.type is EventType.ADDED:
-                old = self._tracked.get(ident)
-                self._tracked[ident] = ev.lease
-                if old is None or old.attrs != ev.lease.attrs:
+                old = tracked.get(ident)
+                tracked[ident] = lease
+                if old is None or old.attrs != lease.attrs:
                     out.append(ev)
             else:
-                old = self._tracked.pop(ident, None)
+                old = tracked.pop(ident, None)
                 if old is None:
                     log.info("removed lease %s was not known; passing it on", ev.lease.describe())
                     out.append(ev)
@@ -79,23 +80,31 @@ class LeaseWatcher:
         return out
 
     def _reset(self, snapshot: tuple[Lease, ...]) -> list[LeaseEvent]:
+        # the first snapshot holds every lease of the cluster (a cold start): each ident is built
+        # and hashed once, and nothing is looked up while nothing is tracked
         out: list[LeaseEvent] = []
         fresh: dict[Ident, Lease] = {}
+        own = self._own.ident
+        tracked = self._tracked
+        added = EventType.ADDED
         for lease in snapshot:
-            if self._is_own(lease):
+            ident = (lease.subnet, lease.ipv6_subnet)
+            if ident == own:
                 continue
-            fresh[lease.ident] = lease
-            old = self._tracked.get(lease.ident)
+            fresh[ident] = lease
+            old = tracked.get(ident) if tracked else None
             if old is None or old.attrs != lease.attrs:
-                out.append(LeaseEvent(EventType.ADDED, lease))
-        for ident, old in self._tracked.items():
-            if ident not in fresh:
+                out.append(LeaseEvent(added, lease))
+        for gone, old in tracked.items():
+            if gone not in fresh:
                 out.append(LeaseEvent(EventType.REMOVED, old))
         self._tracked = fresh
         return out
 
     def _chunk(self, events: list[LeaseEvent], *, synced: bool) -> list[Batch]:
         n = self._max_batch
+        if not synced and len(events) <= n:   # the common case: a few events, one batch (or none)
+            return [Batch(tuple(events))] if events else []
         chunks = [tuple(events[i:i + n]) for i in range(0, len(events), n)]
         if synced:
             if not chunks:

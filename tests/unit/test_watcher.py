@@ -6,6 +6,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flannel.lease import Batch, EventType, Lease, LeaseAttrs, LeaseEvent, WatchResult
 from flannel.watcher import LeaseWatcher
@@ -118,3 +120,48 @@ def test_set_own_takes_a_renewal_and_refuses_a_move():
 def test_max_batch_validation():
     with pytest.raises(ValueError):
         LeaseWatcher(OWN, max_batch=0)
+
+
+# -- the watcher against a plain model of what it must do (any sequence of results) ------------------
+
+def model_batches(tracked: dict[object, Lease], own: Lease, result: WatchResult, max_batch: int) -> list[Batch]:
+    """What the watcher must emit, written as plainly as possible (the reference for the property)."""
+    out: list[LeaseEvent] = []
+    if result.snapshot is not None:
+        fresh = {le.ident: le for le in result.snapshot if le.ident != own.ident}
+        out = [added(le) for ident, le in fresh.items() if ident not in tracked or tracked[ident].attrs != le.attrs]
+        out += [removed(old) for ident, old in tracked.items() if ident not in fresh]
+        tracked.clear()
+        tracked.update(fresh)
+    else:
+        for ev in result.events:
+            if ev.lease.ident == own.ident:
+                continue
+            if ev.type is EventType.ADDED:
+                if ev.lease.ident not in tracked or tracked[ev.lease.ident].attrs != ev.lease.attrs:
+                    out.append(ev)
+                tracked[ev.lease.ident] = ev.lease
+            else:
+                out.append(removed(tracked.pop(ev.lease.ident)) if ev.lease.ident in tracked else ev)
+    chunks = [tuple(out[i:i + max_batch]) for i in range(0, len(out), max_batch)]
+    if result.snapshot is None:
+        return [Batch(c) for c in chunks]
+    chunks = chunks or [()]
+    return [Batch(c, synced=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+
+
+leases_st = st.builds(lease, st.integers(1, 6), st.sampled_from(["", "192.168.9.9"]), st.sampled_from(["aa", "bb"]))
+events_st = st.builds(LeaseEvent, st.sampled_from(list(EventType)), leases_st)
+results_st = (st.lists(events_st, max_size=6).map(WatchResult.of_events)
+              | st.lists(leases_st, max_size=6, unique_by=lambda le: le.ident).map(WatchResult.of_snapshot))
+# (a store's snapshot holds each subnet once: etcd keys and kube nodes are unique)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(results_st, max_size=12), st.integers(1, 4))
+def test_any_sequence_of_results_gives_what_the_model_gives(results: list[WatchResult], max_batch: int) -> None:
+    w = LeaseWatcher(OWN, max_batch=max_batch)
+    tracked: dict[object, Lease] = {}
+    for result in results:
+        assert w.apply(result) == model_batches(tracked, OWN, result, max_batch)
+        assert sorted(map(str, w.tracked())) == sorted(map(str, tracked.values()))
