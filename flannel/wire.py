@@ -6,7 +6,6 @@ golden tests in tests/unit/test_wire.py pin the exact bytes flannel produces.
 
 from __future__ import annotations
 
-import _json
 import ipaddress
 import json
 import re
@@ -227,8 +226,12 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 #: for it), without building an encoder per call; no circular-reference markers: a freshly parsed
 #: value cannot be circular; ``default`` (for a value JSON cannot encode) is never reached with
 #: parsed JSON
-_FLAT_ENCODER = _json.make_encoder(None, _reject_constant, _json.encode_basestring, None, ":", ",", False, False,
-                                   False)
+try:   # CPython's C encoder (what json.dumps uses); without it the general path decodes these values
+    import _json
+    _FLAT_ENCODER: Any = _json.make_encoder(None, _reject_constant, _json.encode_basestring, None, ":", ",", False,
+                                            False, False)
+except (ImportError, AttributeError, TypeError):
+    _FLAT_ENCODER = None
 #: bytes that send a value to the general path: escapes (a lone surrogate, an escaped quote), and
 #: the characters Go escapes in embedded JSON
 _GENERAL_ONLY = re.compile(rb'[\\<>&]')
@@ -294,7 +297,7 @@ def _decode_flat(raw: bytes) -> LeaseAttrs | None:
     except (OSError, ValueError):
         return None
     if data is not None:
-        if type(data) is not dict or not _FLAT_SCALARS.issuperset(map(type, data.values())):
+        if type(data) is not dict or not _FLAT_SCALARS.issuperset(map(type, data.values())) or _FLAT_ENCODER is None:
             return None
         data = "".join(_FLAT_ENCODER(data, 0))
     return LeaseAttrs(public_ip=public_ip, backend_type=btype, backend_data=data)
