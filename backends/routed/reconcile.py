@@ -241,9 +241,13 @@ class RoutedNetwork(Network):
             self.refresh_context()
             scope = self.scope()
             self._classifier = self.nl.classifier(scope)
-            actual = self.nl.dump(scope)
+            before = self.index
+            expect = before.state() if before is not None else None
+            generation = before.generation if before is not None else -1
+            actual = self.nl.dump(scope, expect)
             index = self._index_for(actual.foreign)
-            desired = index.state()
+            desired = expect if index is before and index.generation == generation and expect is not None \
+                else index.state()
             p = model.plan(desired, actual)
             failed = self.nl.apply(p) if not p.empty else []
         except errors.BackendError as e:
@@ -257,7 +261,8 @@ class RoutedNetwork(Network):
                      len(p.del_neighs), len(p.del_fdbs), len(p.set_fdbs), len(p.set_neighs), len(p.set_routes))
             for r in p.del_routes:
                 log.debug("delete %s", r)
-        self._cache = _programmed(desired, actual)
+        if not (p.empty and self._cache is not None and _is_programmed(self._cache, desired, actual)):
+            self._cache = _programmed(desired, actual)
         self._retry = Touched()
         self._dirty = False
         self._record(failed, self._cache, p, actual)
@@ -594,6 +599,24 @@ def _programmed(desired: model.KernelState, actual: model.KernelState) -> Progra
         a = have.get(r.dst)
         routes[r.dst] = a if a is not None and a == r else r
     return Programmed(routes, {neigh_key(n): n for n in desired.neighs}, {fdb_key(f): f for f in desired.fdbs})
+
+
+def _is_programmed(cache: Programmed, desired: model.KernelState, actual: model.KernelState) -> bool:
+    """Whether ``cache`` already is ``_programmed(desired, actual)`` after a full reconcile that
+    found nothing to change -- the usual periodic resync -- so it is kept rather than rebuilt
+    (which at 5000 peers costs more than comparing). Sets of entries are compared (their hashes
+    are cached; keys are derived from the entries, so equal entries mean equal tables), and the
+    routes we hold with a protocol other than ours (adopted Go flannel routes) must carry the
+    protocol the kernel reports."""
+    if (len(actual.routes) != len(desired.routes) or len(cache.routes) != len(desired.routes)
+            or len(cache.neighs) != len(desired.neighs) or len(cache.fdbs) != len(desired.fdbs)):
+        return False
+    if (frozenset(cache.routes.values()) != desired.routes or frozenset(cache.neighs.values()) != desired.neighs
+            or frozenset(cache.fdbs.values()) != desired.fdbs):
+        return False
+    odd = model.FLANNEL_PROTO
+    return ({(r, r.proto) for r in actual.routes if r.proto != odd}
+            == {(r, r.proto) for r in cache.routes.values() if r.proto != odd})
 
 
 def families(config: NetworkConfig, ext: ExternalInterface, what: str) -> dict[int, Any]:

@@ -78,6 +78,8 @@ _RTMSG = nl.RTMSG
 _NDMSG = nl.NDMSG
 _IFINFO = nl.IFINFO
 _U32 = nl.U32
+_RTA = nl.RTA
+_MAIN_TID = nl.U32.pack(nl.RT_TABLE_MAIN)
 _SET = nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_REPLACE
 
 
@@ -169,6 +171,70 @@ def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int
                     None if gw is None else nl.ip_of(gw), proto, kind, bool(flags & RTNH_F_ONLINK))
 
 
+def route_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
+    """Every field of a route message that ``parse_route`` and ``Classifier.classify`` read, raw
+    (no address objects): two messages with the same key classify the same way. A full reconcile
+    looks this key up among the entries it expects (``expected_route_key``) and parses only the
+    messages it does not find there (cheap: ~2 µs against ~15 µs for a parse at 5000 peers)."""
+    family, dst_len, _src_len, _tos, table, proto, _scope, kind, flags = _RTMSG.unpack_from(data, off + 16)
+    dst = gw = oif = tid = None
+    multipath = False
+    p = off + 28
+    unpack = _RTA.unpack_from
+    while p + 4 <= end:
+        n, t = unpack(data, p)
+        if n < 4:
+            break
+        t &= 0x3FFF
+        if t == RTA_DST:
+            dst = data[p + 4:p + n]
+        elif t == RTA_GATEWAY:
+            gw = data[p + 4:p + n]
+        elif t == RTA_OIF:
+            oif = data[p + 4:p + n]
+        elif t == RTA_TABLE:
+            tid = data[p + 4:p + n]
+        elif t == RTA_MULTIPATH:
+            multipath = True
+        p += (n + 3) & ~3
+    return (family, dst_len, table, tid, proto, kind, flags & RTNH_F_ONLINK, dst, gw, oif, multipath)
+
+
+def expected_route_key(r: Route, oif: int) -> tuple[object, ...]:
+    """``route_key`` of the message the kernel dumps for a route we wrote (``route_set``)."""
+    return (_family(r.dst), r.dst.prefixlen, RT_TABLE_MAIN, _MAIN_TID, FLANNEL_PROTO, RTN_UNICAST,
+            RTNH_F_ONLINK if r.onlink else 0, r.dst.network_address.packed, r.gateway.packed, _U32.pack(oif), False)
+
+
+def neigh_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
+    """Every field of a neighbour / fdb message that ``parse_neigh`` and ``neigh_entry`` read,
+    raw (see ``route_key``): family, device, permanent or not, destination and link-layer address."""
+    family, _p1, _p2, ifindex, state, _flags, _kind = _NDMSG.unpack_from(data, off + 16)
+    dst = ll = None
+    p = off + 28
+    unpack = _RTA.unpack_from
+    while p + 4 <= end:
+        n, t = unpack(data, p)
+        if n < 4:
+            break
+        t &= 0x3FFF
+        if t == NDA_DST:
+            dst = data[p + 4:p + n]
+        elif t == NDA_LLADDR:
+            ll = data[p + 4:p + n]
+        p += (n + 3) & ~3
+    # the MAC as parse_neigh spells it: an entry whose MAC is written differently never matches
+    return (family, ifindex, bool(state & NUD_PERMANENT), dst, None if ll is None or len(ll) != 6 else ll.hex(":"))
+
+
+def expected_neigh_key(e: Neigh | Fdb, ifindex: int) -> tuple[object, ...] | None:
+    """``neigh_key`` of the message the kernel dumps for a neighbour / fdb entry we wrote; ``None``
+    for the all-zero fdb MAC (never ours: always parsed, so it compares as before)."""
+    if isinstance(e, Fdb):
+        return None if e.mac == ZERO_MAC else (AF_BRIDGE, ifindex, True, e.dst.packed, e.mac)
+    return (_family(e.ip), ifindex, True, e.ip.packed, e.mac)
+
+
 @dataclass(frozen=True)
 class NeighMsg:
     family: int
@@ -239,15 +305,20 @@ class Rtnl(nl.Socket):
 
     def dump_neighs(self, family: int, ifindex: int) -> Iterator[NeighMsg]:
         """Neighbours (``family`` AF_INET/AF_INET6) or fdb entries (AF_BRIDGE) of one device."""
+        for data, off, end in self.dump_neighs_raw(family, ifindex):
+            yield parse_neigh(data, off, end)
+
+    def dump_neighs_raw(self, family: int, ifindex: int) -> Iterator[tuple[bytes, int, int]]:
+        """``dump_neighs`` unparsed: ``(data, offset, end)`` of each message of that device."""
         if family == AF_BRIDGE:
             body = _NDMSG.pack(family, 0, 0, ifindex, 0, 0, 0)
         else:
             body = _NDMSG.pack(family, 0, 0, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex))
+        unpack = _NDMSG.unpack_from
         for data, kind, off, end in self.dump(RTM_GETNEIGH, body):
-            if kind == RTM_NEWNEIGH:
-                msg = parse_neigh(data, off, end)
-                if msg.ifindex == ifindex:
-                    yield msg
+            # the kernel filters by device (strict checking); older kernels may not: checked here too
+            if kind == RTM_NEWNEIGH and unpack(data, off + 16)[3] == ifindex:
+                yield data, off, end
 
 
 # ---- classifying what the kernel holds ---------------------------------------------------------
