@@ -350,18 +350,18 @@ class Netlink:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
 
-        steps: tuple[tuple[tuple[Any, ...], Callable[[Any, int], tuple[int, int, bytes]], bool], ...] = (
-            (plan.del_routes, rtnl.route_del, True), (plan.del_neighs, rtnl.neigh_del, True),
-            (plan.del_fdbs, rtnl.fdb_del, True), (plan.set_fdbs, rtnl.fdb_set, False),
-            (plan.set_neighs, rtnl.neigh_set, False), (plan.set_routes, rtnl.route_set, False))
+        steps: tuple[tuple[tuple[Any, ...], rtnl.Encoder, bool], ...] = (
+            (plan.del_routes, rtnl.route_del_msg, True), (plan.del_neighs, rtnl.neigh_del_msg, True),
+            (plan.del_fdbs, rtnl.fdb_del_msg, True), (plan.set_fdbs, rtnl.fdb_set_msg, False),
+            (plan.set_neighs, rtnl.neigh_set_msg, False), (plan.set_routes, rtnl.route_set_msg, False))
 
-        def items() -> Iterator[tuple[object, tuple[int, int, bytes]]]:
+        def items() -> Iterator[tuple[object, rtnl.Encoder, Any, int]]:
             # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
-            for entries, make, deleting in steps:
+            for entries, encode, deleting in steps:
                 for e in entries:
                     i = dev(e, deleting)
                     if i is not None:
-                        yield (e, deleting), make(e, i)
+                        yield (e, deleting), encode, e, i
 
         try:
             refused = self._rt.send(items())

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from flannel import nl
 from flannel.backends.routed.model import (
@@ -70,6 +71,7 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 IFLA_IFNAME = nl.IFLA_IFNAME
 
+NLMSG_NOOP = 1
 CHUNK = 32 * 1024
 RTN_KINDS = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
@@ -132,6 +134,67 @@ def fdb_set(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
 def fdb_del(f: Fdb, ifindex: int) -> tuple[int, int, bytes]:
     body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, NUD_PERMANENT, NTF_SELF, 0)
     return RTM_DELNEIGH, nl.NLM_F_REQUEST, body + _attr(NDA_LLADDR, _mac(f.mac)) + _attr(NDA_DST, f.dst.packed)
+
+
+# ---- whole messages (header included), as ``Rtnl.send`` sends them ---------------------------------
+
+#: ``(entry, ifindex, seq)`` -> one complete netlink message
+Encoder = Callable[[Any, int, int], bytes]
+
+# IPv4 entries -- all of them in an IPv4 cluster -- are packed with one struct each (header,
+# body and attributes at once, addresses in network order through ``htonl``): a third of the
+# Python cost of a cold start's 15 000 messages at 5000 peers. Anything else takes the generic
+# encoders above; a unit test checks both give the same bytes.
+_ROUTE4 = struct.Struct("=IHHII BBBBBBBBI HHI HHI HHI")
+_NEIGH4 = struct.Struct("=IHHII BBHiHBB HHI HH6s2x")
+_FDB4 = struct.Struct("=IHHII BBHiHBB HH6s2x HHI")
+_htonl = socket.htonl
+
+
+def _message(parts: tuple[int, int, bytes], seq: int) -> bytes:
+    kind, flags, body = parts
+    return nl.header(kind, flags, seq, body)
+
+
+def route_set_msg(r: Route, oif: int, seq: int) -> bytes:
+    dst, gw = r.dst, r.gateway
+    if dst.version == 4 and gw.version == 4:
+        return _ROUTE4.pack(_ROUTE4.size, RTM_NEWROUTE, _SET, seq, 0,
+                            socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, FLANNEL_PROTO, RT_SCOPE_UNIVERSE,
+                            RTN_UNICAST, RTNH_F_ONLINK if r.onlink else 0,
+                            8, RTA_DST, _htonl(int(dst.network_address)), 8, RTA_GATEWAY, _htonl(int(gw)),
+                            8, RTA_OIF, oif)
+    return _message(route_set(r, oif), seq)
+
+
+def neigh_set_msg(n: Neigh, ifindex: int, seq: int) -> bytes:
+    mac = _mac(n.mac)
+    if n.ip.version == 4 and len(mac) == 6:
+        return _NEIGH4.pack(_NEIGH4.size, RTM_NEWNEIGH, _SET, seq, 0,
+                            socket.AF_INET, 0, 0, ifindex, NUD_PERMANENT, 0, 0,
+                            8, NDA_DST, _htonl(int(n.ip)), 10, NDA_LLADDR, mac)
+    return _message(neigh_set(n, ifindex), seq)
+
+
+def fdb_set_msg(f: Fdb, ifindex: int, seq: int) -> bytes:
+    mac = _mac(f.mac)
+    if f.dst.version == 4 and len(mac) == 6:
+        return _FDB4.pack(_FDB4.size, RTM_NEWNEIGH, _SET, seq, 0,
+                          AF_BRIDGE, 0, 0, ifindex, NUD_PERMANENT, NTF_SELF, 0,
+                          10, NDA_LLADDR, mac, 8, NDA_DST, _htonl(int(f.dst)))
+    return _message(fdb_set(f, ifindex), seq)
+
+
+def route_del_msg(r: Route, oif: int, seq: int) -> bytes:
+    return _message(route_del(r, oif), seq)
+
+
+def neigh_del_msg(n: Neigh, ifindex: int, seq: int) -> bytes:
+    return _message(neigh_del(n, ifindex), seq)
+
+
+def fdb_del_msg(f: Fdb, ifindex: int, seq: int) -> bytes:
+    return _message(fdb_del(f, ifindex), seq)
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -262,39 +325,43 @@ class Rtnl(nl.Socket):
 
     failure = NetlinkFailure
 
-    def send(self, items: Iterable[tuple[object, tuple[int, int, bytes]]]) -> list[tuple[object, int, str]]:
-        """Send every message; returns ``(entry, errno, text)`` for each one the kernel refused.
+    def send(self, items: Iterable[tuple[object, Encoder, Any, int]]) -> list[tuple[object, int, str]]:
+        """Send ``encode(entry, ifindex, seq)`` of every ``(tag, encode, entry, ifindex)``; returns
+        ``(tag, errno, text)`` for each message the kernel refused.
 
-        Messages go out in chunks of about ``CHUNK`` bytes; only the last one of a chunk asks for
-        an ACK (the kernel answers every failing message regardless), and the kernel carries on
-        with the next message after a failure, so one bad entry never hides the others.
+        Messages go out in chunks of about ``CHUNK`` bytes, none of them asking for an ACK: the
+        kernel answers every *failing* message regardless (an ``NLMSG_ERROR`` with its sequence
+        number) and carries on with the next one, so one bad entry never hides the others. Each
+        chunk ends with an ``NLMSG_NOOP`` that asks for an ACK: the kernel handles a chunk's
+        messages in order, so that ACK says every error of the chunk has been received.
 
         :raises NetlinkFailure: the socket failed (nothing can be said about the entries).
         """
         failed: list[tuple[object, int, str]] = []
-        chunk: list[tuple[int, int, int, bytes, object]] = []
+        pending: dict[int, object] = {}
+        parts: list[bytes] = []
         size = 0
-        for entry, (kind, flags, body) in items:
-            chunk.append((kind, flags, self.next_seq(), body, entry))
-            size += 16 + len(body)
+        next_seq = self.next_seq
+        for tag, encode, entry, ifindex in items:
+            seq = next_seq()
+            msg = encode(entry, ifindex, seq)
+            parts.append(msg)
+            pending[seq] = tag
+            size += len(msg)
             if size >= CHUNK:
-                self._send_chunk(chunk, failed)
-                chunk, size = [], 0
-        if chunk:
-            self._send_chunk(chunk, failed)
+                self._send_chunk(parts, pending, failed)
+                parts, pending, size = [], {}, 0
+        if parts:
+            self._send_chunk(parts, pending, failed)
         return failed
 
-    def _send_chunk(self, chunk: list[tuple[int, int, int, bytes, object]],
+    def _send_chunk(self, parts: list[bytes], pending: dict[int, object],
                     failed: list[tuple[object, int, str]]) -> None:
-        pending: dict[int, object] = {}
-        parts = []
-        last = len(chunk) - 1
-        for i, (kind, flags, seq, body, entry) in enumerate(chunk):
-            parts.append(nl.header(kind, flags | (nl.NLM_F_ACK if i == last else 0), seq, body))
-            pending[seq] = entry
-        for data, kind, flags, seq, off, end in self.exchange(b"".join(parts), chunk[-1][2]):
+        last = self.next_seq()
+        parts.append(nl.header(NLMSG_NOOP, nl.NLM_F_REQUEST | nl.NLM_F_ACK, last, b""))
+        for data, kind, flags, seq, off, end in self.exchange(b"".join(parts), last):
             code = nl.error_code(data, off) if kind == nl.NLMSG_ERROR and seq in pending else 0
-            if code:   # a refused entry (an ACK carries 0)
+            if code:   # a refused entry
                 failed.append((pending[seq], code, self.error_text(data, off, end, flags)))
 
     def dump_routes(self, family: int) -> Iterator[tuple[bytes, int, int]]:
