@@ -244,7 +244,7 @@ class Index:
             neighs: list[Neigh] = []
             fdbs: list[Fdb] = []
             for ident, es in self.entries.items():
-                if ident in blocked:
+                if blocked and ident in blocked:
                     continue
                 for e in es:
                     t = type(e)
@@ -276,14 +276,17 @@ class Index:
     # ---- internals ------------------------------------------------------------------------
 
     def _block_reason(self, lease: Lease, routes: Iterable[Route]) -> str | None:
+        foreign = self.foreign
         for r in routes:
-            lo = int(r.dst.network_address)
-            hi = lo | ((1 << (r.dst.max_prefixlen - r.dst.prefixlen)) - 1)
-            for (version, olo, ohi), own in zip(self._own_ranges, self.own):
-                if version == r.dst.version and lo <= ohi and olo <= hi:
-                    return (f"refusing lease {lease.describe()}: its subnet {r.dst} overlaps our own subnet {own}; "
-                            "a remote lease must never replace the route to a local subnet")
-            for f in self.foreign.get(r.dst, ()):
+            dst = r.dst
+            if self._own_ranges:
+                lo = int(dst.network_address)
+                hi = lo | ((1 << (dst.max_prefixlen - dst.prefixlen)) - 1)
+                for (version, olo, ohi), own in zip(self._own_ranges, self.own):
+                    if version == dst.version and lo <= ohi and olo <= hi:
+                        return (f"refusing lease {lease.describe()}: its subnet {dst} overlaps our own subnet "
+                                f"{own}; a remote lease must never replace the route to a local subnet")
+            for f in foreign.get(dst, ()) if foreign else ():
                 if not f.adoptable(self.devs):
                     return (f"refusing lease {lease.describe()}: its route would replace '{f}', "
                             "a route flannel did not install")

@@ -31,13 +31,15 @@ Kernel state is left in place on ``close`` so that a restart does not interrupt 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import gc
 import logging
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -234,7 +236,16 @@ class RoutedNetwork(Network):
         return touched, True
 
     def sync_full(self) -> None:
-        """Dump, compare everything, apply the difference, rebuild the cache."""
+        """Dump, compare everything, apply the difference, rebuild the cache.
+
+        The cyclic garbage collector is paused meanwhile: a cold start at 5000 peers allocates
+        ~100 000 objects (leases' entries, the plan, the cache), which would trigger collections
+        that walk the whole heap again and again (~1/4 of the cold start's Python time) to find
+        no cycles -- these objects are freed by reference counting."""
+        with _gc_paused():
+            self._sync_full()
+
+    def _sync_full(self) -> None:
         self.stats["full_reconciles"] += 1
         self._full_wanted = False
         try:
@@ -557,6 +568,17 @@ class RoutedNetwork(Network):
         else:
             self._skip_suppressed += 1
         self._skip_window = (start, n)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _trim_heap() -> None:

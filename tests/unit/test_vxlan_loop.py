@@ -359,3 +359,39 @@ def test_state_of_a_lease_claiming_one_key_twice_is_the_winner_per_key():
     index.put(lease(2))
     index.put(lease(3))
     assert len(index.state().routes) == 2 and index.state() == index.winners()
+
+
+def test_full_reconcile_leaves_the_garbage_collector_as_it_found_it(monkeypatch):
+    """The collector is paused during a full reconcile only: on again afterwards, also when the
+    reconcile raised, and still off if it was off before."""
+    import gc
+
+    k = FakeKernel()
+    net = make(k)
+    net.step(added(lease(2), synced=True))
+    assert gc.isenabled()
+    seen: list[bool] = []
+    real = be.model.plan
+
+    def spy(desired: rm.KernelState, actual: rm.KernelState) -> rm.Plan:
+        seen.append(gc.isenabled())
+        return real(desired, actual)
+
+    monkeypatch.setattr(be.model, "plan", spy)
+    net.sync_full()
+    assert seen == [False] and gc.isenabled()
+
+    def boom(desired: rm.KernelState, actual: rm.KernelState) -> rm.Plan:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(be.model, "plan", boom)
+    with pytest.raises(RuntimeError):
+        net.sync_full()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        monkeypatch.setattr(be.model, "plan", real)
+        net.sync_full()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
