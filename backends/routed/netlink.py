@@ -344,7 +344,7 @@ class Netlink:
 
         def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
             if entry.dev not in index:
-                index[entry.dev] = self.link_index(entry.dev)
+                index[entry.dev] = self._rt.ifindex(entry.dev)
             i = index[entry.dev]
             if i is None and not deleting:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))

@@ -106,6 +106,10 @@ class RoutedNetwork(Network):
         self._notes: collections.deque[bytes | None] = collections.deque()
         self._wake = threading.Event()
         self._monitor: rtnl.Monitor | None = None
+        #: fdb entries we deleted and have not written since, as a deletion notification names
+        #: them (ifindex, destination, MAC): their notifications are our own echoes (see _read_monitor)
+        self._echoes: set[tuple[object, object, object]] = set()
+        self.echoes_dropped = 0          # written by the monitor thread only
         self._queue: queue.Queue[Batch | None] | None = None
 
     # ---- Network API ------------------------------------------------------------------------
@@ -260,6 +264,8 @@ class RoutedNetwork(Network):
             desired = expect if index is before and index.generation == generation and expect is not None \
                 else index.state()
             p = model.plan(desired, actual)
+            self._echoes.clear()
+            self._expect_echoes(p)
             failed = self.nl.apply(p) if not p.empty else []
         except errors.BackendError as e:
             log.warning("%s: reconcile failed: %s", self.ctx.backend_type, e)
@@ -293,6 +299,7 @@ class RoutedNetwork(Network):
         if p.empty:
             return
         log.debug("%s: applying %d changes", self.ctx.backend_type, len(p))
+        self._expect_echoes(p)
         try:
             failed = self.nl.apply(p)
         except errors.BackendError as e:
@@ -339,11 +346,55 @@ class RoutedNetwork(Network):
                 data = mon.read()
             except OSError:
                 return   # closed
+            if data is not None and self._echoes and self._only_echoes(data):
+                self.echoes_dropped += 1
+                continue
             self._notes.append(data)
             q = self._queue
             if q is not None and not self._wake.is_set():
                 self._wake.set()
                 q.put(Batch())
+
+    def _expect_echoes(self, p: model.Plan) -> None:
+        """Before writing ``p``: its fdb deletions will come back as notifications we need not
+        wake up for, and the entries it writes are no longer deleted ones.
+
+        The kernel filter (``rtnl.Monitor``) cannot drop these echoes: vxlan reports every fdb
+        deletion with port id 0, whoever made it. They cost the loop a second wake-up per lease
+        removal, so the monitor thread drops a datagram made only of deletions of entries in
+        ``_echoes``: fdb entries we deleted and have not written since. Dropping one is what the
+        loop would conclude anyway -- a deleted fdb entry is repaired only if our cache holds it,
+        and it does not hold what we deleted. An entry is taken out before it is written again,
+        so someone else's deletion of the new entry is never taken for an echo."""
+        cl = self._classifier
+        if self._monitor is None or cl is None:
+            return
+        for f in p.set_fdbs:
+            self._echoes.discard((self._overlay_index(cl, f.dev), f.dst.packed, f.mac))
+        for f in p.del_fdbs:
+            idx = self._overlay_index(cl, f.dev)
+            if idx is not None:
+                self._echoes.add((idx, f.dst.packed, f.mac))
+
+    @staticmethod
+    def _overlay_index(cl: rtnl.Classifier, dev: str) -> int | None:
+        return next((i for i, name in cl.overlay.items() if name == dev), None)
+
+    def _only_echoes(self, data: bytes) -> bool:
+        """Whether a notification datagram holds only fdb deletions in ``_echoes`` (then they are
+        taken out of it). Runs in the monitor thread: single set operations, atomic under the GIL."""
+        keys = []
+        for kind, _flags, _seq, off, end in rtnl.messages(data):
+            if kind != rtnl.RTM_DELNEIGH:
+                return False
+            family, ifindex, _perm, dst, mac = rtnl.neigh_key(data, off, end)
+            key = (ifindex, dst, mac)
+            if family != rtnl.AF_BRIDGE or key not in self._echoes:
+                return False
+            keys.append(key)
+        for key in keys:
+            self._echoes.discard(key)
+        return bool(keys)
 
     def _drain_notifications(self) -> Touched:
         """Turn kernel notifications into keys to re-check (or a full reconcile)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import socket
 import struct
 import sys
@@ -72,6 +73,9 @@ NTF_SELF = 0x02
 IFLA_IFNAME = nl.IFLA_IFNAME
 
 NLMSG_NOOP = 1
+_SIOCGIFINDEX = 0x8933
+_IFNAMSIZ = 16
+_IFREQ = struct.Struct("=16si20x")    # struct ifreq: name, ifindex (the union is 24 bytes)
 CHUNK = 32 * 1024
 RTN_KINDS = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
@@ -324,6 +328,25 @@ class Rtnl(nl.Socket):
     (``nl.Socket``'s, raising ``NetlinkFailure``)."""
 
     failure = NetlinkFailure
+
+    def ifindex(self, name: str) -> int | None:
+        """``if_nametoindex`` in this socket's namespace (where its writes go), by an ioctl on
+        the socket: glibc opens and closes a socket per call, ~10 µs, ~50 µs in a thread that
+        just woke for one lease event -- a tenth of that event's cost."""
+        raw = name.encode()
+        if not raw or len(raw) >= _IFNAMSIZ or b"\0" in raw:
+            return None
+        try:
+            out = fcntl.ioctl(self.sock.fileno(), _SIOCGIFINDEX, _IFREQ.pack(raw, 0))
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            try:   # an ioctl this socket does not take (not seen): the library call
+                return socket.if_nametoindex(name)
+            except OSError:
+                return None
+        index: int = _IFREQ.unpack(out)[1]
+        return index
 
     def send(self, items: Iterable[tuple[object, Encoder, Any, int]]) -> list[tuple[object, int, str]]:
         """Send ``encode(entry, ifindex, seq)`` of every ``(tag, encode, entry, ifindex)``; returns

@@ -57,3 +57,21 @@ def test_the_raw_key_of_a_message_we_write_is_the_key_we_expect_for_its_entry():
             assert rtnl.neigh_key(bytes(msg), 0, len(msg)) != want   # read back in lower case: parsed
         else:
             assert rtnl.neigh_key(bytes(msg), 0, len(msg)) == want, e
+
+
+def test_ifindex_by_ioctl_on_the_socket_is_if_nametoindex():
+    """``apply`` looks devices up through an ioctl on its open socket instead of glibc's
+    ``if_nametoindex`` (which opens a socket per call): same answers, None for a missing name,
+    for a name too long to be a device (glibc's rule) and for an empty one."""
+    import socket
+
+    rt = rtnl.Rtnl()
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+        assert names
+        for name in names:
+            assert rt.ifindex(name) == socket.if_nametoindex(name)
+        assert rt.ifindex("nosuchdev0") is None
+        assert rt.ifindex("x" * 16) is None and rt.ifindex("") is None and rt.ifindex("lo\0x") is None
+    finally:
+        rt.close()

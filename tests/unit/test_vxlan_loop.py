@@ -395,3 +395,26 @@ def test_full_reconcile_leaves_the_garbage_collector_as_it_found_it(monkeypatch)
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_only_echoes_of_fdb_entries_we_deleted_and_did_not_write_again_are_dropped():
+    """The monitor thread drops a notification datagram only if it holds nothing but deletions of
+    fdb entries we deleted and have not written since; each echo is dropped once."""
+    from flannel.backends.routed import rtnl
+
+    k = FakeKernel()
+    net = make(k)
+    net.step(added(lease(2), synced=True))
+    net._monitor = object()  # type: ignore[assignment]   # as when notifications work
+    f = rm.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")
+    other = rm.Fdb("02:00:00:00:00:03", A("198.18.0.3"), "flannel.1")
+    idx = k.devs["flannel.1"]
+    echo = rtnl.fdb_del_msg(f, idx, 1)
+    net._expect_echoes(rm.Plan(del_fdbs=(f,)))
+    assert net._only_echoes(echo) and not net._only_echoes(echo)                  # once
+    net._expect_echoes(rm.Plan(del_fdbs=(f,)))
+    assert not net._only_echoes(rtnl.fdb_del_msg(other, idx, 1))                  # not one we deleted
+    assert not net._only_echoes(echo + rtnl.route_del_msg(next(iter(entries(lease(2)).routes)), idx, 2))
+    assert not net._only_echoes(rtnl.fdb_del_msg(f, idx + 1, 1))                  # another device
+    net._expect_echoes(rm.Plan(set_fdbs=(f,)))                                    # written again
+    assert not net._only_echoes(echo)
