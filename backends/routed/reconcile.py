@@ -37,6 +37,7 @@ import gc
 import logging
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -106,9 +107,9 @@ class RoutedNetwork(Network):
         self._notes: collections.deque[bytes | None] = collections.deque()
         self._wake = threading.Event()
         self._monitor: rtnl.Monitor | None = None
-        #: fdb entries we deleted and have not written since, as a deletion notification names
-        #: them (ifindex, destination, MAC): their notifications are our own echoes (see _read_monitor)
-        self._echoes: set[tuple[object, object, object]] = set()
+        #: neighbours and fdb entries we deleted and have not written since, as a deletion
+        #: notification names them (``_echo_key``): such notifications are our own echoes
+        self._echoes: set[tuple[object, ...]] = set()
         self.echoes_dropped = 0          # written by the monitor thread only
         self._queue: queue.Queue[Batch | None] | None = None
 
@@ -356,40 +357,40 @@ class RoutedNetwork(Network):
                 q.put(Batch())
 
     def _expect_echoes(self, p: model.Plan) -> None:
-        """Before writing ``p``: its fdb deletions will come back as notifications we need not
-        wake up for, and the entries it writes are no longer deleted ones.
+        """Before writing ``p``: its neighbour and fdb deletions will come back as notifications
+        we need not wake up for, and the entries it writes are no longer deleted ones.
 
-        The kernel filter (``rtnl.Monitor``) cannot drop these echoes: vxlan reports every fdb
-        deletion with port id 0, whoever made it. They cost the loop a second wake-up per lease
-        removal, so the monitor thread drops a datagram made only of deletions of entries in
-        ``_echoes``: fdb entries we deleted and have not written since. Dropping one is what the
-        loop would conclude anyway -- a deleted fdb entry is repaired only if our cache holds it,
-        and it does not hold what we deleted. An entry is taken out before it is written again,
-        so someone else's deletion of the new entry is never taken for an echo."""
+        The kernel filter (``rtnl.Monitor``) cannot drop these echoes: the kernel reports the
+        final removal of a neighbour, and vxlan every fdb deletion, with port id 0, whoever made
+        it. They cost the loop a second wake-up per lease removal, so the monitor thread drops a
+        datagram made only of deletions of entries in ``_echoes``: neighbours and fdb entries we
+        deleted and have not written since. Dropping one is what the loop would conclude anyway
+        -- a deleted entry is repaired only if our cache holds it, and it does not hold what we
+        deleted. An entry is taken out before it is written again, so someone else's deletion of
+        the new entry is never taken for an echo."""
         cl = self._classifier
         if self._monitor is None or cl is None:
             return
-        for f in p.set_fdbs:
-            self._echoes.discard((self._overlay_index(cl, f.dev), f.dst.packed, f.mac))
-        for f in p.del_fdbs:
-            idx = self._overlay_index(cl, f.dev)
-            if idx is not None:
-                self._echoes.add((idx, f.dst.packed, f.mac))
-
-    @staticmethod
-    def _overlay_index(cl: rtnl.Classifier, dev: str) -> int | None:
-        return next((i for i, name in cl.overlay.items() if name == dev), None)
+        index = {name: i for i, name in cl.overlay.items()}
+        written: tuple[model.Neigh | model.Fdb, ...] = (*p.set_fdbs, *p.set_neighs)
+        deleted: tuple[model.Neigh | model.Fdb, ...] = (*p.del_fdbs, *p.del_neighs)
+        for e in written:
+            self._echoes.discard(_echo_key(e, index.get(e.dev)))
+        for e in deleted:
+            if e.dev in index:
+                self._echoes.add(_echo_key(e, index[e.dev]))
 
     def _only_echoes(self, data: bytes) -> bool:
-        """Whether a notification datagram holds only fdb deletions in ``_echoes`` (then they are
+        """Whether a notification datagram holds only deletions in ``_echoes`` (then they are
         taken out of it). Runs in the monitor thread: single set operations, atomic under the GIL."""
         keys = []
         for kind, _flags, _seq, off, end in rtnl.messages(data):
             if kind != rtnl.RTM_DELNEIGH:
                 return False
             family, ifindex, _perm, dst, mac = rtnl.neigh_key(data, off, end)
-            key = (ifindex, dst, mac)
-            if family != rtnl.AF_BRIDGE or key not in self._echoes:
+            # a deleted neighbour is reported without its link-layer address: matched on the IP
+            key = (family, ifindex, dst, mac) if family == rtnl.AF_BRIDGE else (family, ifindex, dst)
+            if key not in self._echoes:
                 return False
             keys.append(key)
         for key in keys:
@@ -630,6 +631,13 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+def _echo_key(e: model.Neigh | model.Fdb, ifindex: int | None) -> tuple[object, ...]:
+    """What ``_only_echoes`` reads from the notification of ``e``'s deletion on device ``ifindex``."""
+    if isinstance(e, model.Fdb):
+        return (rtnl.AF_BRIDGE, ifindex, e.dst.packed, e.mac)
+    return (socket.AF_INET6 if e.ip.version == 6 else socket.AF_INET, ifindex, e.ip.packed)
 
 
 def _trim_heap() -> None:

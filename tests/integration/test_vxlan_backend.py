@@ -379,24 +379,26 @@ def test_entries_deleted_by_someone_else_are_restored_from_notifications(ns):
 
 
 def test_our_own_fdb_deletions_do_not_wake_the_loop_and_others_deletions_still_do(ns):
-    """vxlan reports every fdb deletion with port id 0, ours included; the monitor thread drops
-    the echoes of ours (no second wake-up per lease removal). Someone else deleting an fdb entry
-    of a live peer -- also one we had deleted and written again -- is still repaired."""
+    """vxlan reports every fdb deletion, and the kernel a neighbour's final removal, with port id
+    0, ours included; the monitor thread drops the echoes of ours (no second wake-up per lease
+    removal). Someone else deleting an fdb entry or neighbour of a live peer -- also one we had
+    deleted and written again -- is still repaired."""
     agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
     try:
         p2, p3 = vx_lease(2), vx_lease(3)
         agent.send(*added(p2, p3), synced=True)
         wait_for(lambda: state(ns) == expected_for(p2, p3), what="peers programmed")
         agent.send(*removed(p2))
-        wait_for(lambda: state(ns) == expected_for(p3) and agent.net.echoes_dropped >= 1,
-                 what="peer 2 removed, the echo of its fdb deletion dropped")
+        wait_for(lambda: state(ns) == expected_for(p3) and agent.net.echoes_dropped >= 2,
+                 what="peer 2 removed, the echoes of its fdb and neighbour deletions dropped")
         assert agent.net.stats["repairs"] == 0
         agent.send(*added(p2))
         wait_for(lambda: state(ns) == expected_for(p2, p3), what="peer 2 back")
         for i in (2, 3):
             ns.exec("bridge", "fdb", "del", f"02:00:00:00:00:0{i}", "dev", "flannel.1", "dst", f"198.18.0.{i}", "self")
-        wait_for(lambda: agent.net.stats["repairs"] >= 2 and state(ns) == expected_for(p2, p3),
-                 what="both fdb entries restored")
+            ns.ip("neigh", "del", f"10.5.{i}.0", "dev", "flannel.1")
+        wait_for(lambda: agent.net.stats["repairs"] >= 4 and state(ns) == expected_for(p2, p3),
+                 what="both fdb entries and neighbours restored")
     finally:
         agent.stop()
 

@@ -397,9 +397,9 @@ def test_full_reconcile_leaves_the_garbage_collector_as_it_found_it(monkeypatch)
         gc.enable()
 
 
-def test_only_echoes_of_fdb_entries_we_deleted_and_did_not_write_again_are_dropped():
+def test_only_echoes_of_entries_we_deleted_and_did_not_write_again_are_dropped():
     """The monitor thread drops a notification datagram only if it holds nothing but deletions of
-    fdb entries we deleted and have not written since; each echo is dropped once."""
+    fdb entries or neighbours we deleted and have not written since; each echo is dropped once."""
     from flannel.backends.routed import rtnl
 
     k = FakeKernel()
@@ -418,3 +418,12 @@ def test_only_echoes_of_fdb_entries_we_deleted_and_did_not_write_again_are_dropp
     assert not net._only_echoes(rtnl.fdb_del_msg(f, idx + 1, 1))                  # another device
     net._expect_echoes(rm.Plan(set_fdbs=(f,)))                                    # written again
     assert not net._only_echoes(echo)
+    # neighbours: the kernel reports the removal without the link-layer address
+    n = rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")
+    n_echo = rtnl.neigh_del_msg(n, idx, 3)
+    assert not net._only_echoes(n_echo)
+    net._expect_echoes(rm.Plan(del_neighs=(n,), del_fdbs=(f,)))
+    assert net._only_echoes(n_echo) and net._only_echoes(echo) and not net._only_echoes(n_echo)
+    net._expect_echoes(rm.Plan(del_neighs=(n,)))
+    net._expect_echoes(rm.Plan(set_neighs=(rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:09", "flannel.1"),)))
+    assert not net._only_echoes(n_echo)                                           # same key, written again
