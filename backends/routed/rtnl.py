@@ -4,10 +4,13 @@ entries -- write, dump, and watch for changes.
 Why not pyroute2 here: pyroute2 spends ~0.2 ms of Python encoding one message and ~0.1 ms
 decoding one (reference dependency-facts §3), so a peer's three entries cost ~1 ms and a dump of
 15 000 entries ~1.6 s. The few message types the backends write are fixed structs, so this
-module packs them with ``struct`` (a few µs each), sends up to ``CHUNK`` bytes of them per
-``send`` and asks for an ACK only on the last message of each chunk: the kernel reports every
-*failing* message anyway (an ``NLMSG_ERROR`` carrying its sequence number), so each failure is
-still attributed to its entry, while successes cost no reply. The socket core (sequence numbers,
+module packs them with ``struct`` (one ``pack`` per IPv4 message, header included), sends up to
+``CHUNK`` bytes of them per ``send`` and asks for an ACK only on an ``NLMSG_NOOP`` that ends each
+chunk: the kernel reports every *failing* message anyway (an ``NLMSG_ERROR`` carrying its
+sequence number), so each failure is still attributed to its entry, while successes cost no
+reply. A full reconcile reads dumps without parsing what it expects: ``route_key``/``neigh_key``
+pull the raw fields a parse would read, and a message whose key is an expected entry's is that
+entry. The socket core (sequence numbers,
 the send-and-collect loop, dumps) and the message vocabulary are ``flannel.nl``'s, which also
 serves links and addresses (rare, nested attributes); ``netlink.py`` is the only caller of this
 module in the agent.
@@ -15,7 +18,8 @@ module in the agent.
 ``Monitor`` is a second socket subscribed to route, neighbour and link notifications. A classic
 BPF filter attached to it drops, in the kernel, the echoes of our own writes (new routes with our
 protocol number, new neighbours/fdb entries), so a cold start that writes 15 000 entries does not
-wake it 15 000 times; deletions and foreign routes pass.
+wake it 15 000 times; deletions and foreign routes pass (the reconcile loop's monitor thread
+drops the echoes of our own neighbour/fdb deletions, which the kernel reports with port id 0).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import os
 import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
 from flannel import nl
@@ -86,6 +91,7 @@ _IFINFO = nl.IFINFO
 _U32 = nl.U32
 _RTA = nl.RTA
 _MAIN_TID = nl.U32.pack(nl.RT_TABLE_MAIN)
+_BE32 = struct.Struct(">I")
 _SET = nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_REPLACE
 
 
@@ -270,7 +276,12 @@ def route_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
 def expected_route_key(r: Route, oif: int) -> tuple[object, ...]:
     """``route_key`` of the message the kernel dumps for a route we wrote (``route_set``)."""
     return (_family(r.dst), r.dst.prefixlen, RT_TABLE_MAIN, _MAIN_TID, FLANNEL_PROTO, RTN_UNICAST,
-            RTNH_F_ONLINK if r.onlink else 0, r.dst.network_address.packed, r.gateway.packed, _U32.pack(oif), False)
+            RTNH_F_ONLINK if r.onlink else 0, _packed(r.dst.network_address), _packed(r.gateway), _U32.pack(oif), False)
+
+
+def _packed(a: Addr) -> bytes:
+    """``a.packed`` (a Python property: ~1 µs; this: a quarter of it for IPv4)."""
+    return _BE32.pack(int(a)) if type(a) is IPv4Address else a.packed
 
 
 def neigh_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
@@ -298,8 +309,8 @@ def expected_neigh_key(e: Neigh | Fdb, ifindex: int) -> tuple[object, ...] | Non
     """``neigh_key`` of the message the kernel dumps for a neighbour / fdb entry we wrote; ``None``
     for the all-zero fdb MAC (never ours: always parsed, so it compares as before)."""
     if isinstance(e, Fdb):
-        return None if e.mac == ZERO_MAC else (AF_BRIDGE, ifindex, True, e.dst.packed, e.mac)
-    return (_family(e.ip), ifindex, True, e.ip.packed, e.mac)
+        return None if e.mac == ZERO_MAC else (AF_BRIDGE, ifindex, True, _packed(e.dst), e.mac)
+    return (_family(e.ip), ifindex, True, _packed(e.ip), e.mac)
 
 
 @dataclass(frozen=True)
@@ -387,11 +398,42 @@ class Rtnl(nl.Socket):
             if code:   # a refused entry
                 failed.append((pending[seq], code, self.error_text(data, off, end, flags)))
 
+    def dump_raw(self, kind: int, body: bytes, want: int) -> Iterator[tuple[bytes, int, int]]:
+        """``(data, offset, end)`` of every message of type ``want`` in one dump: ``nl.Socket.dump``
+        in one loop (a full reconcile reads 15 000 messages at 5000 peers; three nested generators
+        cost ~1 µs each per message).
+
+        :raises NetlinkFailure: the socket failed or the kernel refused the dump.
+        """
+        seq = self.next_seq()
+        try:
+            self.sock.send(nl.header(kind, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, body))
+        except OSError as e:
+            raise self.failure(e.errno or errno.EIO, f"netlink: {e}") from e
+        unpack = nl.HDR.unpack_from
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError as e:
+                raise self.failure(e.errno or errno.EIO, f"netlink: {e}") from e
+            off, size = 0, len(data)
+            while off + 16 <= size:
+                n, mkind, _flags, mseq, _pid = unpack(data, off)
+                if n < 16:
+                    break
+                if mseq == seq:
+                    if mkind == nl.NLMSG_DONE:
+                        return
+                    if mkind == nl.NLMSG_ERROR:
+                        code = nl.error_code(data, off)
+                        raise self.failure(code, f"netlink dump: {os.strerror(code)}")
+                    if mkind == want:
+                        yield data, off, off + n
+                off += (n + 3) & ~3
+
     def dump_routes(self, family: int) -> Iterator[tuple[bytes, int, int]]:
         body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
-        for data, kind, off, end in self.dump(RTM_GETROUTE, body):
-            if kind == RTM_NEWROUTE:
-                yield data, off, end
+        return self.dump_raw(RTM_GETROUTE, body, RTM_NEWROUTE)
 
     def dump_neighs(self, family: int, ifindex: int) -> Iterator[NeighMsg]:
         """Neighbours (``family`` AF_INET/AF_INET6) or fdb entries (AF_BRIDGE) of one device."""
@@ -405,9 +447,9 @@ class Rtnl(nl.Socket):
         else:
             body = _NDMSG.pack(family, 0, 0, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex))
         unpack = _NDMSG.unpack_from
-        for data, kind, off, end in self.dump(RTM_GETNEIGH, body):
+        for data, off, end in self.dump_raw(RTM_GETNEIGH, body, RTM_NEWNEIGH):
             # the kernel filters by device (strict checking); older kernels may not: checked here too
-            if kind == RTM_NEWNEIGH and unpack(data, off + 16)[3] == ifindex:
+            if unpack(data, off + 16)[3] == ifindex:
                 yield data, off, end
 
 
