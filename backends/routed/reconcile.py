@@ -20,9 +20,9 @@
   agents started together does not resync together. One that finds nothing to change costs
   ~0.13 s of CPU at 5000 peers (~0.07 ms/s amortised): the dump is matched against the desired
   entries without parsing them, and the cache is kept (``sync_full``); lost notifications
-  (``ENOBUFS``) trigger one at once. Without the socket the loop falls back to polling: full resync every ``poll_interval``
-  (host-gw 10 s like flannel's route check, vxlan 60 s) and a device check every
-  ``DEVICE_CHECK_INTERVAL``.
+  (``ENOBUFS``) trigger one at once. Without the socket the loop falls back to polling: full
+  resync every ``poll_interval`` (host-gw 10 s like flannel's route check, vxlan 60 s) and a
+  device check every ``DEVICE_CHECK_INTERVAL``.
 * A failing entry is logged and retried on its own with backoff (1 s doubling to 30 s); it never
   ends the loop and never removes other peers.
 
