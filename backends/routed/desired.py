@@ -111,6 +111,11 @@ class Index:
         self.foreign: dict[Net, tuple[ForeignRoute, ...]] = {}
         self._blocked_wants: dict[Net, set[Ident]] = {}  # route dst -> blocked leases that route there
         self._claims: tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]] = ({}, {}, {})   # route, neigh, fdb
+        self._many = 0         # keys claimed by several leases (a ``_Many``)
+        self._claimed = 0      # entries of unblocked leases (each claims its key)
+        #: bumped by every change (put, drop, set_foreign, rebuild): a caller that kept ``state()``
+        #: knows it is still current while the generation is the same
+        self.generation = 0
 
     # ---- leases ---------------------------------------------------------------------------
 
@@ -118,6 +123,7 @@ class Index:
         """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild)."""
         ident = lease.ident
         touched = self.drop(ident) if ident in self.leases else Touched()
+        self.generation += 1
         self.leases[ident] = lease
         try:
             st = self.translate(lease, self.ctx)
@@ -143,6 +149,7 @@ class Index:
         touched = Touched()
         if self.leases.pop(ident, None) is None:
             return touched
+        self.generation += 1
         self.skipped.pop(ident, None)
         flat = self.entries.pop(ident, None)
         if flat is None:
@@ -172,6 +179,8 @@ class Index:
         self._blocked_wants.clear()
         for c in self._claims:
             c.clear()
+        self._many = self._claimed = 0
+        self.generation += 1
         for lease in leases:
             self.put(lease, touch=False)
 
@@ -183,6 +192,7 @@ class Index:
             self.foreign[dst] = routes
         else:
             self.foreign.pop(dst, None)
+        self.generation += 1
         touched = Touched()
         for ident in sorted(self.wanting(dst), key=ident_key):
             lease = self.leases[ident]
@@ -221,7 +231,34 @@ class Index:
         return f
 
     def state(self) -> KernelState:
-        """Everything the leases want: the winner of every key (O(N): full reconciles only)."""
+        """Everything the leases want: the winner of every key (O(N): full reconciles only).
+
+        When no key is claimed twice -- no lease shares a key with another, nor holds two entries
+        with one key: the number of claimed entries equals the number of keys -- every entry of
+        every unblocked lease is its key's winner, so they are collected as they are, without a
+        lookup per key (the usual case; a third of the cost at 5000 peers)."""
+        claims = self._claims
+        if self._many == 0 and self._claimed == len(claims[0]) + len(claims[1]) + len(claims[2]):
+            blocked = self.blocked
+            routes: list[Route] = []
+            neighs: list[Neigh] = []
+            fdbs: list[Fdb] = []
+            for ident, es in self.entries.items():
+                if blocked and ident in blocked:
+                    continue
+                for e in es:
+                    t = type(e)
+                    if t is Route:
+                        routes.append(e)
+                    elif t is Neigh:
+                        neighs.append(e)
+                    else:
+                        fdbs.append(e)
+            return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs))
+        return self.winners()
+
+    def winners(self) -> KernelState:
+        """``state()`` by its definition: the winner of every key, looked up key by key."""
         r, n, f = (frozenset(self._winner(kind, k) for k in self._claims[kind]) for kind in range(3))
         return KernelState(r, n, f)
 
@@ -239,14 +276,17 @@ class Index:
     # ---- internals ------------------------------------------------------------------------
 
     def _block_reason(self, lease: Lease, routes: Iterable[Route]) -> str | None:
+        foreign = self.foreign
         for r in routes:
-            lo = int(r.dst.network_address)
-            hi = lo | ((1 << (r.dst.max_prefixlen - r.dst.prefixlen)) - 1)
-            for (version, olo, ohi), own in zip(self._own_ranges, self.own):
-                if version == r.dst.version and lo <= ohi and olo <= hi:
-                    return (f"refusing lease {lease.describe()}: its subnet {r.dst} overlaps our own subnet {own}; "
-                            "a remote lease must never replace the route to a local subnet")
-            for f in self.foreign.get(r.dst, ()):
+            dst = r.dst
+            if self._own_ranges:
+                lo = int(dst.network_address)
+                hi = lo | ((1 << (dst.max_prefixlen - dst.prefixlen)) - 1)
+                for (version, olo, ohi), own in zip(self._own_ranges, self.own):
+                    if version == dst.version and lo <= ohi and olo <= hi:
+                        return (f"refusing lease {lease.describe()}: its subnet {dst} overlaps our own subnet "
+                                f"{own}; a remote lease must never replace the route to a local subnet")
+            for f in foreign.get(dst, ()) if foreign else ():
                 if not f.adoptable(self.devs):
                     return (f"refusing lease {lease.describe()}: its route would replace '{f}', "
                             "a route flannel did not install")
@@ -265,6 +305,7 @@ class Index:
         return None
 
     def _claim(self, ident: Ident, flat: tuple[Any, ...]) -> None:
+        self._claimed += len(flat)
         for e in flat:
             kind = _KIND_OF[type(e)]
             table, key = self._claims[kind], _KEYS[kind](e)
@@ -275,8 +316,10 @@ class Index:
                 c[ident] = None
             elif c != ident:
                 table[key] = _Many({c: None, ident: None})
+                self._many += 1
 
     def _unclaim(self, ident: Ident, flat: tuple[Any, ...]) -> None:
+        self._claimed -= len(flat)
         for e in flat:
             kind = _KIND_OF[type(e)]
             table, key = self._claims[kind], _KEYS[kind](e)
@@ -287,8 +330,10 @@ class Index:
                 c.pop(ident, None)
                 if len(c) == 1:
                     table[key] = next(iter(c))
+                    self._many -= 1
                 elif not c:
                     del table[key]
+                    self._many -= 1
             elif c == ident:
                 del table[key]
 

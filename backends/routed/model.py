@@ -46,6 +46,13 @@ class Route:
     dev: str
     onlink: bool = False
     proto: int = field(default=FLANNEL_PROTO, compare=False)
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.dst, self.gateway, self.dev, self.onlink)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.dst} via {self.gateway} dev {self.dev}{' onlink' if self.onlink else ''}"
@@ -58,6 +65,13 @@ class Neigh:
     ip: Addr
     mac: str
     dev: str
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.ip, self.mac, self.dev)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"neigh {self.ip} lladdr {self.mac} dev {self.dev}"
@@ -70,6 +84,13 @@ class Fdb:
     mac: str
     dst: Addr
     dev: str
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.mac, self.dst, self.dev)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"fdb {self.mac} dst {self.dst} dev {self.dev}"
@@ -155,11 +176,15 @@ def plan(desired: KernelState, actual: KernelState) -> Plan:
     destinations in the kernel; every pair no lease justifies is deleted). The order inside each
     part does not matter (no sorting: at 10 000 peers it cost more than the kernel writes).
     """
-    want_route_dsts = {r.dst for r in desired.routes}
-    want_neigh_keys = {(n.dev, n.ip) for n in desired.neighs}
+    # only entries the desired state does not hold can be deletions: the key sets are built (a
+    # hash of an address object each) only when there are such entries
+    extra_routes = actual.routes - desired.routes
+    extra_neighs = actual.neighs - desired.neighs
+    want_route_dsts = {r.dst for r in desired.routes} if extra_routes else set()
+    want_neigh_keys = {(n.dev, n.ip) for n in desired.neighs} if extra_neighs else set()
     return Plan(
-        del_routes=_sorted(r for r in actual.routes if r.dst not in want_route_dsts),
-        del_neighs=_sorted(n for n in actual.neighs if (n.dev, n.ip) not in want_neigh_keys),
+        del_routes=_sorted(r for r in extra_routes if r.dst not in want_route_dsts),
+        del_neighs=_sorted(n for n in extra_neighs if (n.dev, n.ip) not in want_neigh_keys),
         del_fdbs=_sorted(actual.fdbs - desired.fdbs),
         set_fdbs=_sorted(desired.fdbs - actual.fdbs),
         set_neighs=_sorted(desired.neighs - actual.neighs),

@@ -247,10 +247,22 @@ class Netlink:
                                overlay=overlay)
 
     @_boundary
-    def dump(self, scope: Scope) -> KernelState:
+    def dump(self, scope: Scope, expect: KernelState | None = None) -> KernelState:
         """Our entries in ``scope`` and the foreign routes inside the network: one route dump per
-        family, one neighbour and one fdb dump per overlay device."""
+        family, one neighbour and one fdb dump per overlay device.
+
+        ``expect`` (what the caller believes the kernel holds, e.g. the desired state) only makes
+        the dump cheaper: a message whose raw fields (``rtnl.route_key``/``neigh_key``) are exactly
+        those of an expected entry *is* that entry and is not parsed; every other message is parsed
+        and classified as without it. The result is the same either way (a test checks it)."""
         cl = self.classifier(scope)
+        known_routes, known_neighs = self._expected(cl, expect) if expect is not None else ({}, {})
+        routes, foreign = self._dump_routes(scope, cl, known_routes)
+        neighs, fdbs = self._dump_neighs(scope, known_neighs)
+        return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs), frozenset(foreign))
+
+    def _dump_routes(self, scope: Scope, cl: rtnl.Classifier,
+                     known: dict[Any, Route]) -> tuple[set[Route], set[ForeignRoute]]:
         routes: set[Route] = set()
         foreign: set[ForeignRoute] = set()
         names: dict[int, str | None] = {}
@@ -260,10 +272,15 @@ class Netlink:
                 names[index] = rtnl.ifname(index)
             return names[index]
 
+        route_key, get = rtnl.route_key, known.get
         for family, within in ((AF_INET, scope.network), (AF_INET6, scope.network6)):
             if within is None:
                 continue
             for data, off, end in self._rt.dump_routes(family):
+                hit = get(route_key(data, off, end)) if known else None
+                if hit is not None:
+                    routes.add(hit)
+                    continue
                 msg = rtnl.parse_route(data, off, end, cl.within)
                 if msg is None:
                     continue
@@ -272,22 +289,51 @@ class Netlink:
                     routes.add(entry)
                 elif entry is not None:
                     foreign.add(entry)
+        return routes, foreign
+
+    def _dump_neighs(self, scope: Scope, known: dict[Any, Neigh | Fdb]) -> tuple[set[Neigh], set[Fdb]]:
         neighs: set[Neigh] = set()
         fdbs: set[Fdb] = set()
+        neigh_key, get = rtnl.neigh_key, known.get
         for family, ov in ((AF_INET, scope.overlay_dev), (AF_INET6, scope.overlay_dev6)):
             idx = self.link_index(ov) if ov else None
             if ov is None or idx is None:
                 continue
             version = 4 if family == AF_INET else 6
-            for m in self._rt.dump_neighs(family, idx):
-                n = rtnl.neigh_entry(m, ov)
-                if isinstance(n, Neigh) and n.ip.version == version:
-                    neighs.add(n)
-            for m in self._rt.dump_neighs(rtnl.AF_BRIDGE, idx):
-                f = rtnl.neigh_entry(m, ov)
-                if isinstance(f, Fdb) and f.dst.version == version:
-                    fdbs.add(f)
-        return KernelState(frozenset(routes), frozenset(neighs), frozenset(fdbs), frozenset(foreign))
+            for dump_family in (family, rtnl.AF_BRIDGE):
+                for data, off, end in self._rt.dump_neighs_raw(dump_family, idx):
+                    e = get(neigh_key(data, off, end)) if known else None
+                    if e is None:
+                        e = rtnl.neigh_entry(rtnl.parse_neigh(data, off, end), ov)
+                    if dump_family == rtnl.AF_BRIDGE:
+                        if isinstance(e, Fdb) and e.dst.version == version:
+                            fdbs.add(e)
+                    elif isinstance(e, Neigh) and e.ip.version == version:
+                        neighs.add(e)
+        return neighs, fdbs
+
+    def _expected(self, cl: rtnl.Classifier, expect: KernelState) -> tuple[dict[Any, Route], dict[Any, Neigh | Fdb]]:
+        """Raw keys of the entries in ``expect`` that a dump would classify as exactly that entry:
+        routes within the network, not our own subnet, on one of the scope's devices; neighbours
+        and fdb entries of an overlay device. Anything else is left out (its message is parsed)."""
+        index_of = {name: i for i, name in cl.names.items()}
+        routes: dict[Any, Route] = {}
+        for r in expect.routes:
+            oif = index_of.get(r.dev)
+            dst = r.dst
+            if (oif is None or r.proto != FLANNEL_PROTO or dst in cl.exclude
+                    or not cl.within(dst.version, int(dst.network_address), dst.prefixlen)):
+                continue
+            routes[rtnl.expected_route_key(r, oif)] = r
+        overlay_of = {name: i for i, name in cl.overlay.items()}
+        neighs: dict[Any, Neigh | Fdb] = {}
+        entries: tuple[Neigh | Fdb, ...] = (*expect.neighs, *expect.fdbs)
+        for e in entries:
+            idx = overlay_of.get(e.dev)
+            key = rtnl.expected_neigh_key(e, idx) if idx is not None else None
+            if key is not None:
+                neighs[key] = e
+        return routes, neighs
 
     def apply(self, plan: Plan) -> list[tuple[object, str]]:
         """Carry out ``plan`` (deletions first, then fdb → neighbour → route). Returns the entries
@@ -298,24 +344,24 @@ class Netlink:
 
         def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
             if entry.dev not in index:
-                index[entry.dev] = self.link_index(entry.dev)
+                index[entry.dev] = self._rt.ifindex(entry.dev)
             i = index[entry.dev]
             if i is None and not deleting:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
 
-        steps: tuple[tuple[tuple[Any, ...], Callable[[Any, int], tuple[int, int, bytes]], bool], ...] = (
-            (plan.del_routes, rtnl.route_del, True), (plan.del_neighs, rtnl.neigh_del, True),
-            (plan.del_fdbs, rtnl.fdb_del, True), (plan.set_fdbs, rtnl.fdb_set, False),
-            (plan.set_neighs, rtnl.neigh_set, False), (plan.set_routes, rtnl.route_set, False))
+        steps: tuple[tuple[tuple[Any, ...], rtnl.Encoder, bool], ...] = (
+            (plan.del_routes, rtnl.route_del_msg, True), (plan.del_neighs, rtnl.neigh_del_msg, True),
+            (plan.del_fdbs, rtnl.fdb_del_msg, True), (plan.set_fdbs, rtnl.fdb_set_msg, False),
+            (plan.set_neighs, rtnl.neigh_set_msg, False), (plan.set_routes, rtnl.route_set_msg, False))
 
-        def items() -> Iterator[tuple[object, tuple[int, int, bytes]]]:
+        def items() -> Iterator[tuple[object, rtnl.Encoder, Any, int]]:
             # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
-            for entries, make, deleting in steps:
+            for entries, encode, deleting in steps:
                 for e in entries:
                     i = dev(e, deleting)
                     if i is not None:
-                        yield (e, deleting), make(e, i)
+                        yield (e, deleting), encode, e, i
 
         try:
             refused = self._rt.send(items())

@@ -378,6 +378,31 @@ def test_entries_deleted_by_someone_else_are_restored_from_notifications(ns):
         agent.stop()
 
 
+def test_our_own_fdb_deletions_do_not_wake_the_loop_and_others_deletions_still_do(ns):
+    """vxlan reports every fdb deletion, and the kernel a neighbour's final removal, with port id
+    0, ours included; the monitor thread drops the echoes of ours (no second wake-up per lease
+    removal). Someone else deleting an fdb entry or neighbour of a live peer -- also one we had
+    deleted and written again -- is still repaired."""
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        p2, p3 = vx_lease(2), vx_lease(3)
+        agent.send(*added(p2, p3), synced=True)
+        wait_for(lambda: state(ns) == expected_for(p2, p3), what="peers programmed")
+        agent.send(*removed(p2))
+        wait_for(lambda: state(ns) == expected_for(p3) and agent.net.echoes_dropped >= 2,
+                 what="peer 2 removed, the echoes of its fdb and neighbour deletions dropped")
+        assert agent.net.stats["repairs"] == 0
+        agent.send(*added(p2))
+        wait_for(lambda: state(ns) == expected_for(p2, p3), what="peer 2 back")
+        for i in (2, 3):
+            ns.exec("bridge", "fdb", "del", f"02:00:00:00:00:0{i}", "dev", "flannel.1", "dst", f"198.18.0.{i}", "self")
+            ns.ip("neigh", "del", f"10.5.{i}.0", "dev", "flannel.1")
+        wait_for(lambda: agent.net.stats["repairs"] >= 4 and state(ns) == expected_for(p2, p3),
+                 what="both fdb entries and neighbours restored")
+    finally:
+        agent.stop()
+
+
 def test_entries_deleted_by_someone_else_are_repaired_by_the_resync_without_notifications(ns):
     def polling(net: Any) -> None:
         net.nl.monitor = lambda: (_ for _ in ()).throw(errors.BackendError("no notifications in this test"))
@@ -442,6 +467,86 @@ def test_dump_reads_ours_and_foreign_routes_as_iproute2_wrote_them(ns):
                            rm.ForeignRoute(N("10.5.5.0/24"), None, None, 3, "blackhole")}
     assert got.neighs == {rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")}
     assert got.fdbs == {rm.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")}
+
+
+def test_dump_given_an_expectation_reads_exactly_what_it_reads_without_one(ns):
+    """A full reconcile hands the dump what it expects (the desired state) so that messages that
+    are exactly an expected entry are not parsed. That must never change the result: an expected
+    route the kernel holds with Go flannel's protocol comes back with that protocol; one the
+    kernel holds with another protocol, via another device, in our own subnet or outside the
+    network is foreign or nothing, as without the expectation; a neighbour whose MAC the lease
+    spells in capitals, one that is not permanent, the all-zero fdb entry and entries of another
+    device are read as the kernel holds them; what the kernel does not hold is not invented."""
+    from flannel.backends.routed import model as rm
+    from flannel.backends.routed.netlink import Netlink, Scope
+
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", LOCAL, "dev", "eth0", "nolearning")
+    ns.ip("link", "set", "flannel.1", "up")
+    ns.ip("route", "add", "10.5.2.0/24", "via", "10.5.2.0", "dev", "flannel.1", "onlink", "proto", "152")
+    ns.ip("route", "add", "10.5.3.0/24", "via", "10.5.3.0", "dev", "flannel.1", "onlink")   # Go flannel: proto boot
+    ns.ip("route", "add", "10.5.3.3/32", "via", "10.5.3.3", "dev", "flannel.1", "onlink", "proto", "static")
+    ns.ip("route", "add", "10.5.4.0/24", "via", "198.18.0.4", "dev", "eth0", "proto", "152")
+    ns.ip("route", "add", "10.5.7.0/24", "via", "198.18.0.7", "dev", "eth0")
+    ns.ip("route", "add", "10.5.1.0/24", "via", "198.18.0.9", "dev", "eth0", "proto", "152")   # own subnet
+    ns.ip("route", "add", "192.0.2.0/24", "via", "198.18.0.9", "dev", "eth0", "proto", "152")  # outside Network
+    ns.ip("link", "add", "other0", "type", "veth", "peer", "name", "other1")
+    ns.ip("link", "set", "other0", "up")
+    ns.ip("route", "add", "10.5.10.0/24", "via", "10.5.10.0", "dev", "other0", "onlink", "proto", "152")
+    for ip, mac, nud in (("10.5.2.0", "02:00:00:00:00:02", "permanent"), ("10.5.8.0", "02:00:00:00:00:0a", "permanent"),
+                         ("10.5.6.0", "02:00:00:00:00:06", "stale")):
+        ns.ip("neigh", "add", ip, "lladdr", mac, "dev", "flannel.1", "nud", nud)
+    ns.ip("neigh", "add", "10.5.2.0", "lladdr", "02:00:00:00:00:02", "dev", "other0", "nud", "permanent")
+    for mac, dst in (("02:00:00:00:00:02", "198.18.0.2"), ("00:00:00:00:00:00", "198.18.0.7"),
+                     ("02:00:00:00:00:0a", "198.18.0.8")):
+        ns.exec("bridge", "fdb", "append", mac, "dev", "flannel.1", "dst", dst, "self", "permanent")
+    scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1",
+                  exclude=N("10.5.1.0/24"))
+    r2 = rm.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", True)
+    n2 = rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")
+    f2 = rm.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")
+    expect = rm.KernelState(
+        routes=frozenset({r2, rm.Route(N("10.5.3.0/24"), A("10.5.3.0"), "flannel.1", True),
+                          rm.Route(N("10.5.3.3/32"), A("10.5.3.3"), "flannel.1", True),
+                          rm.Route(N("10.5.4.0/24"), A("198.18.0.4"), "eth0"),
+                          rm.Route(N("10.5.7.0/24"), A("198.18.0.7"), "eth0"),
+                          rm.Route(N("10.5.1.0/24"), A("198.18.0.9"), "eth0"),
+                          rm.Route(N("192.0.2.0/24"), A("198.18.0.9"), "eth0"),
+                          rm.Route(N("10.5.10.0/24"), A("10.5.10.0"), "other0", True),
+                          rm.Route(N("10.5.9.0/24"), A("10.5.9.0"), "flannel.1", True)}),
+        neighs=frozenset({n2, rm.Neigh(A("10.5.8.0"), "02:00:00:00:00:0A", "flannel.1"),
+                          rm.Neigh(A("10.5.6.0"), "02:00:00:00:00:06", "flannel.1"),
+                          rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "other0"),
+                          rm.Neigh(A("10.5.9.0"), "02:00:00:00:00:09", "flannel.1")}),
+        fdbs=frozenset({f2, rm.Fdb("00:00:00:00:00:00", A("198.18.0.7"), "flannel.1"),
+                        rm.Fdb("02:00:00:00:00:0A", A("198.18.0.8"), "flannel.1"),
+                        rm.Fdb("02:00:00:00:00:09", A("198.18.0.9"), "flannel.1")}))
+    out: dict[str, Any] = {}
+
+    def main() -> None:
+        with in_netns(ns.name):
+            nl = Netlink()
+            out["plain"] = nl.dump(scope)
+            out["expecting"] = nl.dump(scope, expect)
+            nl.close()
+    t = threading.Thread(target=main)
+    t.start()
+    t.join(30)
+    plain, got = out["plain"], out["expecting"]
+    assert got == plain
+    assert {(r, r.proto) for r in got.routes} == {(r, r.proto) for r in plain.routes}
+    assert {str(r) for r in got.routes} == {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink",
+                                           "10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink",
+                                           "10.5.4.0/24 via 198.18.0.4 dev eth0",
+                                           "10.5.10.0/24 via 10.5.10.0 dev other0 onlink"}   # our protocol
+    assert {r.dst: r.proto for r in got.routes}[N("10.5.3.0/24")] == 3
+    assert {str(f) for f in got.foreign} == {"10.5.3.3/32 via 10.5.3.3 dev flannel.1 proto 4",
+                                            "10.5.7.0/24 via 198.18.0.7 dev eth0 proto 3"}
+    assert {str(n) for n in got.neighs} == {"neigh 10.5.2.0 lladdr 02:00:00:00:00:02 dev flannel.1",
+                                           "neigh 10.5.8.0 lladdr 02:00:00:00:00:0a dev flannel.1"}
+    assert {str(f) for f in got.fdbs} == {"fdb 02:00:00:00:00:02 dst 198.18.0.2 dev flannel.1",
+                                         "fdb 02:00:00:00:00:0a dst 198.18.0.8 dev flannel.1"}
+    # the expected entries the kernel holds exactly were taken as they are, not parsed
+    assert any(r is r2 for r in got.routes) and any(n is n2 for n in got.neighs) and any(f is f2 for f in got.fdbs)
 
 
 def test_apply_attributes_each_refused_entry_and_applies_the_others(ns):

@@ -299,11 +299,13 @@ def test_netlink_errors_are_counted_by_operation() -> None:
         """The entry socket: the kernel refuses every route; deleting a gone neighbour is ENOENT."""
 
         def send(self, items: Any) -> list[tuple[object, int, str]]:
-            return [(tagged, errno.ENOENT if tagged[1] else errno.EINVAL, "refused") for tagged, _msg in items]
+            return [(tagged, errno.ENOENT if tagged[1] else errno.EINVAL, "refused") for tagged, *_msg in items]
+
+        def ifindex(self, name: str) -> int:
+            return 7
 
     port = netlink.Netlink.__new__(netlink.Netlink)
     port._rt = Refusing()  # type: ignore[assignment]
-    port.link_index = lambda name: 7  # type: ignore[method-assign]
     plan = rm.plan(make_state(lease(2)), rm.KernelState(frozenset(), make_state(lease(3)).neighs, frozenset()))
     with metrics.bound(m):
         with pytest.raises(errors.BackendError, match="netlink set_mtu"):

@@ -302,3 +302,128 @@ def test_incremental_apply_equals_full_reconcile(direct: bool, batches: list[lis
     assert k.routes[N("10.5.9.0/24")][4] == rm.PROTO_BOOT and k.routes[N("10.5.6.0/24")][2] == "docker0"
     assert k.routes[OWN][2] == "cni0"
 
+
+
+def _cache_view(c: be.Programmed) -> tuple[object, ...]:
+    """A cache as comparable values, with the protocol each route is held with."""
+    return ({k: (v, v.proto) for k, v in c.routes.items()}, dict(c.neighs), dict(c.fdbs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=lease_ops())
+def test_full_reconcile_shortcuts_give_what_the_long_way_gives(batches: list[list[LeaseEvent]]) -> None:
+    """The periodic full reconcile takes shortcuts when nothing changed: ``Index.state`` collects
+    the entries as they are when no key is claimed twice, and a cache that already says what a
+    rebuild would say is kept. After any batches -- with duplicate subnets and MACs, blocked and
+    adopted leases -- the state equals the winners looked up key by key, and the cache kept equals
+    the one a rebuild from the desired state and a dump gives (Go flannel routes with ``proto boot``)."""
+    k = FakeKernel()
+    seed(k)
+    net = make(k)
+    for i, b in enumerate(batches):
+        net.step(Batch(tuple(b), synced=i == 0))
+        for _ in range(2):
+            net.sync_full()
+            assert net.index is not None and net._cache is not None
+            desired = net.index.state()
+            assert desired == net.index.winners()
+            assert _cache_view(net._cache) == _cache_view(be._programmed(desired, k.dump(net.scope())))
+
+
+def test_a_route_whose_protocol_changed_under_us_is_deleted_with_the_protocol_the_kernel_holds():
+    """The cache is kept across a full reconcile that changes nothing only if it holds each route
+    with the protocol the kernel reports: Go flannel's route, adopted as is (``proto boot``), then
+    rewritten with our protocol by someone else, must be deleted with ours when its lease goes
+    (the kernel deletes a route only if the protocol matches)."""
+    k = FakeKernel()
+    k.add_route("10.5.5.0/24", "10.5.5.0", "flannel.1", onlink=True, proto=rm.PROTO_BOOT)
+    net = make(k)
+    net.step(added(lease(5), synced=True))
+    assert k.routes[N("10.5.5.0/24")][4] == rm.PROTO_BOOT and not net.nl.applied[-1].set_routes   # adopted as is
+    k.add_route("10.5.5.0/24", "10.5.5.0", "flannel.1", onlink=True, proto=rm.FLANNEL_PROTO)
+    net.sync_full()
+    net.step(removed(lease(5)))
+    assert N("10.5.5.0/24") not in k.routes
+
+
+def test_state_of_a_lease_claiming_one_key_twice_is_the_winner_per_key():
+    """A translation that yields two routes to one destination (no backend does today): the index
+    wants one of them, as a lookup per key says, not both."""
+    def two_routes(lz: Lease, ctx: rm.Context) -> rm.KernelState:
+        assert lz.subnet is not None
+        return rm.KernelState(routes=frozenset({rm.Route(lz.subnet, A("198.18.0.2"), "eth0"),
+                                                rm.Route(lz.subnet, A("198.18.0.3"), "eth0")}))
+
+    ctx = rm.Context(backend_type="host-gw", dev="eth0", ext_dev="eth0")
+    index = Index(ctx, two_routes)
+    index.put(lease(2))
+    index.put(lease(3))
+    assert len(index.state().routes) == 2 and index.state() == index.winners()
+
+
+def test_full_reconcile_leaves_the_garbage_collector_as_it_found_it(monkeypatch):
+    """The collector is paused during a full reconcile only: on again afterwards, also when the
+    reconcile raised, and still off if it was off before."""
+    import gc
+
+    k = FakeKernel()
+    net = make(k)
+    net.step(added(lease(2), synced=True))
+    assert gc.isenabled()
+    seen: list[bool] = []
+    real = be.model.plan
+
+    def spy(desired: rm.KernelState, actual: rm.KernelState) -> rm.Plan:
+        seen.append(gc.isenabled())
+        return real(desired, actual)
+
+    monkeypatch.setattr(be.model, "plan", spy)
+    net.sync_full()
+    assert seen == [False] and gc.isenabled()
+
+    def boom(desired: rm.KernelState, actual: rm.KernelState) -> rm.Plan:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(be.model, "plan", boom)
+    with pytest.raises(RuntimeError):
+        net.sync_full()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        monkeypatch.setattr(be.model, "plan", real)
+        net.sync_full()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_only_echoes_of_entries_we_deleted_and_did_not_write_again_are_dropped():
+    """The monitor thread drops a notification datagram only if it holds nothing but deletions of
+    fdb entries or neighbours we deleted and have not written since; each echo is dropped once."""
+    from flannel.backends.routed import rtnl
+
+    k = FakeKernel()
+    net = make(k)
+    net.step(added(lease(2), synced=True))
+    net._monitor = object()  # type: ignore[assignment]   # as when notifications work
+    f = rm.Fdb("02:00:00:00:00:02", A("198.18.0.2"), "flannel.1")
+    other = rm.Fdb("02:00:00:00:00:03", A("198.18.0.3"), "flannel.1")
+    idx = k.devs["flannel.1"]
+    echo = rtnl.fdb_del_msg(f, idx, 1)
+    net._expect_echoes(rm.Plan(del_fdbs=(f,)))
+    assert net._only_echoes(echo) and not net._only_echoes(echo)                  # once
+    net._expect_echoes(rm.Plan(del_fdbs=(f,)))
+    assert not net._only_echoes(rtnl.fdb_del_msg(other, idx, 1))                  # not one we deleted
+    assert not net._only_echoes(echo + rtnl.route_del_msg(next(iter(entries(lease(2)).routes)), idx, 2))
+    assert not net._only_echoes(rtnl.fdb_del_msg(f, idx + 1, 1))                  # another device
+    net._expect_echoes(rm.Plan(set_fdbs=(f,)))                                    # written again
+    assert not net._only_echoes(echo)
+    # neighbours: the kernel reports the removal without the link-layer address
+    n = rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:02", "flannel.1")
+    n_echo = rtnl.neigh_del_msg(n, idx, 3)
+    assert not net._only_echoes(n_echo)
+    net._expect_echoes(rm.Plan(del_neighs=(n,), del_fdbs=(f,)))
+    assert net._only_echoes(n_echo) and net._only_echoes(echo) and not net._only_echoes(n_echo)
+    net._expect_echoes(rm.Plan(del_neighs=(n,)))
+    net._expect_echoes(rm.Plan(set_neighs=(rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:09", "flannel.1"),)))
+    assert not net._only_echoes(n_echo)                                           # same key, written again
