@@ -349,7 +349,7 @@ class Netlink:
 
         try:
             refused = self._rt.send(items())
-            refused += self._after_routes(refused, fresh, routed)
+            refused = self._after_routes(refused, fresh, routed)
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
         for tagged, code, text in refused:
@@ -439,8 +439,33 @@ class Netlink:
     def _after_routes(self, refused: list[tuple[object, int, str]], fresh: list[tuple[tuple[Route, bool], int, int]],
                       routed: list[tuple[tuple[Route, bool], int | None, int]]) -> list[tuple[object, int, str]]:
         """Bring the tables up to date with what the kernel accepted, and send the routes whose new
-        nexthop was created. Returns the refusals of that second send."""
+        nexthop was created. Returns the refusals of both sends.
+
+        A new nexthop refused with ENETDOWN (its device has no carrier: the kernel wants one for a
+        nexthop object, not for a plain route) gets a plain route instead, as before nexthops."""
         bad = {id(tag): code for tag, code, _text in refused}
+        self._settle(bad, routed)
+        if not fresh:
+            return refused
+        later: list[tuple[tuple[Route, bool], int, int]] = []
+        plain: set[int] = set()
+        for tag, oif, nhid in fresh:
+            code = bad.get(id(tag))
+            if code == errno.EEXIST:
+                continue          # somebody else's id: stays in _taken; the retry picks another
+            self._taken.discard(nhid)
+            if code is None:
+                self._nhs[nhid] = _nexthop_of(tag[0], oif, nhid)
+                later.append((tag, nhid, oif))
+            elif code == errno.ENETDOWN:
+                plain.add(id(tag))
+                later.append((tag, 0, oif))
+        if not later:
+            return refused
+        return [x for x in refused if id(x[0]) not in plain] + self._send_later(later)
+
+    def _settle(self, bad: dict[int, int], routed: list[tuple[tuple[Route, bool], int | None, int]]) -> None:
+        """The tables after the first send, for the routes that needed no new nexthop."""
         for tag, nhid, oif in routed:
             r, deleting = tag
             code = bad.get(id(tag))
@@ -456,28 +481,22 @@ class Netlink:
             else:
                 self._nhs[nhid] = _nexthop_of(r, oif, nhid)
                 self._route_nh[r.dst] = nhid
-        if not fresh:
-            return []
-        later: list[tuple[tuple[Route, bool], int, int]] = []
-        for tag, oif, nhid in fresh:
-            code = bad.get(id(tag))
-            if code == errno.EEXIST:
-                continue          # somebody else's id: stays in _taken; the retry picks another
-            self._taken.discard(nhid)
-            if code is None:
-                self._nhs[nhid] = _nexthop_of(tag[0], oif, nhid)
-                later.append((tag, nhid, oif))
-        if not later:
-            return []
-        refused2 = self._rt.send((tag, rtnl.route_set_nh(tag[0], nhid)) for tag, nhid, _oif in later)
+
+    def _send_later(self, later: list[tuple[tuple[Route, bool], int, int]]) -> list[tuple[object, int, str]]:
+        """The second send: routes through their new nexthop (id 0: a plain route). Returns its refusals."""
+        refused2 = self._rt.send((tag, rtnl.route_set_nh(tag[0], nhid) if nhid else rtnl.route_set(tag[0], oif))
+                                 for tag, nhid, oif in later)
         bad2 = {id(tag) for tag, _code, _text in refused2}
         orphans = []
         for tag, nhid, _oif in later:
             if id(tag) in bad2:
-                orphans.append(nhid)
-                self._nhs.pop(nhid, None)
-            else:
+                if nhid:
+                    orphans.append(nhid)
+                    self._nhs.pop(nhid, None)
+            elif nhid:
                 self._route_nh[tag[0].dst] = nhid
+            else:
+                self._route_nh.pop(tag[0].dst, None)
         if orphans:   # best effort: a full reconcile deletes our unused nexthops anyway
             self._rt.send((i, rtnl.nexthop_del(i)) for i in orphans)
         return refused2

@@ -289,3 +289,18 @@ def test_switch_off_after_nexthops_turns_them_into_plain_routes_on_change_and_pr
         wait_for(lambda: routes(ns) == vx_routes(vx(2)) and len(nexthops(ns)) == 1, what="route and nexthop gone")
     finally:
         agent.stop()
+
+
+def test_a_device_without_carrier_gets_a_plain_route_as_before(ns):
+    """The kernel creates a nexthop object only on a device with carrier, a plain route on any
+    device that is up: with eth0's carrier gone the host-gw route is still written (plain)."""
+    ns.ip("link", "set", "eth1", "down")
+    wait_for(lambda: "NO-CARRIER" in ns.ip("link", "show", "eth0"), what="eth0 without carrier")
+    agent = Agent(ns, HostGWBackend(ext_of(ns)), CFG_HG, FakeLeases("10.6.1.0/24")).start()
+    try:
+        agent.send(*added(hg(2)), synced=True)
+        wait_for(lambda: routes(ns) == {"10.6.2.0/24 via 198.18.0.2 dev eth0"}, what="plain host-gw route")
+        assert nexthops(ns) == {} and "nhid" not in route_json(ns)["10.6.2.0/24"]
+        assert agent.net.stats["full_reconciles"] == 1 and not agent.net._retry.routes
+    finally:
+        agent.stop()
