@@ -120,6 +120,9 @@ class Netlink:
             self._nl.close()
             raise
         self._pyroute2: Any = None
+        self._init_nexthops()
+
+    def _init_nexthops(self) -> None:
         self._nh_use = nexthops_wanted()
         self._nh_ok: bool | None = None             # the kernel has nexthop objects (None: not asked yet)
         self._nhs: dict[int, rtnl.NexthopMsg] = {}  # every nexthop object in the kernel, as last seen

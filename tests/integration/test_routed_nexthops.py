@@ -56,7 +56,7 @@ def nh_view(ns: NetNS) -> dict[str, tuple[int, str, str, bool, str]]:
     out = {}
     for dst, r in route_json(ns).items():
         if "nhid" in r:
-            n = nhs[int(r["nhid"])]
+            n = nhs.get(int(r["nhid"]), {})   # read between a write and the next: the callers wait
             out[dst] = (int(r["nhid"]), n.get("gateway", ""), n.get("dev", ""), "onlink" in n.get("flags", []),
                         str(n.get("protocol")))
     return out

@@ -303,6 +303,8 @@ def test_netlink_errors_are_counted_by_operation() -> None:
 
     port = netlink.Netlink.__new__(netlink.Netlink)
     port._rt = Refusing()  # type: ignore[assignment]
+    port._init_nexthops()
+    port._nh_ok = False          # this fake socket dumps no nexthop objects: plain routes
     port.link_index = lambda name: 7  # type: ignore[method-assign]
     plan = rm.plan(make_state(lease(2)), rm.KernelState(frozenset(), make_state(lease(3)).neighs, frozenset()))
     with metrics.bound(m):
