@@ -510,7 +510,8 @@ class Netlink:
         nexthop and its route, a route deleted by someone else). Called by a full reconcile only:
         ``dump`` itself never writes (doctor reads the kernel through it). Returns how many."""
         ids, self._unused = self._unused, ()
-        ids = tuple(i for i in ids if self._owned(i) and i not in self._route_nh.values())
+        in_use = set(self._route_nh.values())
+        ids = tuple(i for i in ids if self._owned(i) and i not in in_use)
         if not ids:
             return 0
         refused = self._rt.send((i, rtnl.nexthop_del(i)) for i in ids)
