@@ -945,6 +945,9 @@ class FakeKernel:
     def addresses(self, index: int, version: int = 4) -> tuple[Any, ...]:
         return ()
 
+    def prune_nexthops(self) -> int:
+        return 0    # routes here are plain (no nexthop objects)
+
     def monitor(self) -> Any:
         raise errors.BackendError("fake kernel: no notifications")
 

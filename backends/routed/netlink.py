@@ -23,7 +23,14 @@ What the agent owns in the kernel (docs/ownership.md has the operator's version)
   route on the external interface that no lease claims is indistinguishable from an operator's
   ``ip route add`` and is left alone;
 * permanent neighbours and fdb entries on our overlay devices are ours (the device is ours; nobody
-  else programs it).
+  else programs it);
+* a nexthop object with our protocol (152) is ours: each IPv4 route we write goes through its own
+  (``ip route`` shows ``S nhid N via G dev D proto 152``), because the kernel inserts a route with
+  its own gateway in O(routes) (docs/benchmarks.md) and one through a nexthop object in O(1). We
+  delete only our own nexthops: the one of a route we delete, and, on a full reconcile, ours that
+  no route uses. Kernels without nexthop objects (< 5.3) and ``FLANNEL_ROUTE_NEXTHOPS=0`` get
+  plain routes; IPv6 routes are always plain (no such cost there). Either kind is read back the
+  same way, so switching between them causes no churn.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +53,10 @@ from flannel.backends.routed.model import FLANNEL_PROTO, Addr, Fdb, ForeignRoute
 log = logging.getLogger(__name__)
 
 _GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+#: how a kernel without nexthop objects answers their dump
+_NO_NEXTHOPS = {errno.EOPNOTSUPP, errno.EINVAL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT}
+NEXTHOPS_ENV = "FLANNEL_ROUTE_NEXTHOPS"
+_MAX_NHID = 0xFFFFFFFF
 RT_SCOPE_LINK = 253   # wireguard's route
 
 
@@ -108,6 +120,15 @@ class Netlink:
             self._nl.close()
             raise
         self._pyroute2: Any = None
+        self._init_nexthops()
+
+    def _init_nexthops(self) -> None:
+        self._nh_use = nexthops_wanted()
+        self._nh_ok: bool | None = None             # the kernel has nexthop objects (None: not asked yet)
+        self._nhs: dict[int, rtnl.NexthopMsg] = {}  # every nexthop object in the kernel, as last seen
+        self._taken: set[int] = set()               # ids refused as taken (EEXIST) or being created
+        self._route_nh: dict[Net, int] = {}         # our IPv4 routes through a nexthop: dst -> id
+        self._unused: tuple[int, ...] = ()          # our nexthops no route used at the last dump
 
     @property
     def _ipr(self) -> Any:
@@ -244,7 +265,7 @@ class Netlink:
                 names[i] = overlay[i] = ov
         exclude = tuple(n for n in (scope.exclude, scope.exclude6) if n is not None)
         return rtnl.Classifier(network=scope.network, network6=scope.network6, exclude=exclude, names=names,
-                               overlay=overlay)
+                               overlay=overlay, nexthops=self._nhs)
 
     @_boundary
     def dump(self, scope: Scope, expect: KernelState | None = None) -> KernelState:
@@ -256,6 +277,7 @@ class Netlink:
         those of an expected entry *is* that entry and is not parsed; every other message is parsed
         and classified as without it. The result is the same either way (a test checks it)."""
         cl = self.classifier(scope)
+        self._read_nexthops(scope)   # before the expectations: a route through a nexthop is matched with it
         known_routes, known_neighs = self._expected(cl, expect) if expect is not None else ({}, {})
         routes, foreign = self._dump_routes(scope, cl, known_routes)
         neighs, fdbs = self._dump_neighs(scope, known_neighs)
@@ -273,22 +295,28 @@ class Netlink:
             return names[index]
 
         route_key, get = rtnl.route_key, known.get
+        route_nh: dict[Net, int] = {}
+        used: set[int] = set()
         for family, within in ((AF_INET, scope.network), (AF_INET6, scope.network6)):
             if within is None:
                 continue
             for data, off, end in self._rt.dump_routes(family):
-                hit = get(route_key(data, off, end)) if known else None
+                key = route_key(data, off, end)
+                hit = get(key) if known else None
                 if hit is not None:
                     routes.add(hit)
+                    _note_nh(rtnl.route_key_nhid(key), hit, used, route_nh)
                     continue
                 msg = rtnl.parse_route(data, off, end, cl.within)
                 if msg is None:
                     continue
                 entry = cl.classify(msg, name_of)
+                _note_nh(msg.nhid, entry, used, route_nh)
                 if isinstance(entry, Route):
                     routes.add(entry)
                 elif entry is not None:
                     foreign.add(entry)
+        self._dumped_nexthops(scope, route_nh, used)
         return routes, foreign
 
     def _dump_neighs(self, scope: Scope, known: dict[Any, Neigh | Fdb]) -> tuple[set[Neigh], set[Fdb]]:
@@ -324,7 +352,12 @@ class Netlink:
             if (oif is None or r.proto != FLANNEL_PROTO or dst in cl.exclude
                     or not cl.within(dst.version, int(dst.network_address), dst.prefixlen)):
                 continue
-            routes[rtnl.expected_route_key(r, oif)] = r
+            nhid = self._route_nh.get(dst) if dst.version == 4 else None
+            if nhid is None:
+                routes[rtnl.expected_route_key(r, oif)] = r
+            elif self._nhs.get(nhid) == _nexthop_of(r, oif, nhid):
+                # through our nexthop, which (as just dumped) holds exactly this gateway and device
+                routes[rtnl.expected_route_key_nh(r, nhid)] = r
         overlay_of = {name: i for i, name in cl.overlay.items()}
         neighs: dict[Any, Neigh | Fdb] = {}
         entries: tuple[Neigh | Fdb, ...] = (*expect.neighs, *expect.fdbs)
@@ -350,6 +383,11 @@ class Netlink:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
 
+        if self._nh_ok is None:
+            self._read_nexthops()
+        fresh: list[tuple[tuple[Route, bool], int, int]] = []   # (tag, oif, new id): routes waiting for their nexthop
+        routed: list[tuple[tuple[Route, bool], int | None, int]] = []   # (tag, id, oif) of the other routes
+
         steps: tuple[tuple[tuple[Any, ...], rtnl.Encoder, bool], ...] = (
             (plan.del_routes, rtnl.route_del_msg, True), (plan.del_neighs, rtnl.neigh_del_msg, True),
             (plan.del_fdbs, rtnl.fdb_del_msg, True), (plan.set_fdbs, rtnl.fdb_set_msg, False),
@@ -360,11 +398,14 @@ class Netlink:
             for entries, encode, deleting in steps:
                 for e in entries:
                     i = dev(e, deleting)
-                    if i is not None:
+                    if i is not None and isinstance(e, Route):
+                        yield from self._route_msgs(e, i, deleting, fresh, routed)
+                    elif i is not None:
                         yield (e, deleting), encode, e, i
 
         try:
             refused = self._rt.send(items())
+            refused = self._after_routes(refused, fresh, routed)
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
         for tagged, code, text in refused:
@@ -375,12 +416,214 @@ class Netlink:
             failed.append((entry, f"{'delete' if was_delete else 'set'} {entry}: {text} (errno {code})"))
         return failed
 
+    # ---- nexthop objects (IPv4 routes) ------------------------------------------------------
+
+    def _read_nexthops(self, scope: Scope | None = None) -> None:
+        """Refresh the table of nexthop objects (ids in use, and how to read routes through ours);
+        the first time, learn whether the kernel has them at all. Only for IPv4 (``scope``)."""
+        if self._nh_ok is False or (scope is not None and scope.network is None):
+            return
+        try:
+            nhs = {m.id: m for m in self._rt.dump_nexthops()}
+        except rtnl.NetlinkFailure as e:
+            if e.errno not in _NO_NEXTHOPS or self._nh_ok:
+                raise
+            log.info("this kernel has no nexthop objects (%s): IPv4 routes are programmed plain", e)
+            self._nh_ok = False
+            return
+        if self._nh_ok is None and self._nh_use:
+            log.info("IPv4 peer routes go through nexthop objects (proto %d); %s=0 keeps plain routes",
+                     FLANNEL_PROTO, NEXTHOPS_ENV)
+        self._nh_ok = True
+        self._nhs.clear()             # in place: the classifiers handed out read this table
+        self._nhs.update(nhs)
+        self._taken.clear()
+
+    def _dumped_nexthops(self, scope: Scope, route_nh: dict[Net, int], used: set[int]) -> None:
+        """After an IPv4 route dump: which of our routes go through which nexthop, and which of our
+        nexthops no route uses (``prune_nexthops``)."""
+        if scope.network is None:
+            return
+        self._route_nh = route_nh
+        self._unused = tuple(i for i, nh in self._nhs.items() if nh.protocol == FLANNEL_PROTO and i not in used)
+
+    def _owned(self, nhid: int | None) -> bool:
+        nh = self._nhs.get(nhid) if nhid is not None else None
+        return nh is not None and nh.protocol == FLANNEL_PROTO
+
+    def _free_id(self, dst: Net) -> int:
+        """A nexthop id nobody uses, never 0: the destination's address when free (stable across
+        restarts, distinct for distinct subnets), else the next free one after it."""
+        nhid = int(dst.network_address) & _MAX_NHID or 1
+        while nhid in self._nhs or nhid in self._taken:
+            nhid = nhid + 1 if nhid < _MAX_NHID else 1
+        return nhid
+
+    def _route_msgs(self, r: Route, oif: int, deleting: bool, fresh: list[tuple[tuple[Route, bool], int, int]],
+                    routed: list[tuple[tuple[Route, bool], int | None, int]],
+                    ) -> Iterator[tuple[object, rtnl.Encoder, Any, int]]:
+        """The messages of one route: plain (IPv6, no nexthop objects, or a plain route of ours
+        being deleted), or through its nexthop object. Every message of the route carries the same
+        tag, so a refusal of either fails the route. A new nexthop's route waits in ``fresh`` for
+        the second send (``_after_routes``): if the id was taken meanwhile, the route must not
+        point at somebody else's nexthop."""
+        tag = (r, deleting)
+        nhid = self._route_nh.get(r.dst) if r.dst.version == 4 else None
+        if deleting:
+            if nhid is None:
+                yield tag, rtnl.route_del_msg, r, oif
+                return
+            routed.append((tag, nhid, oif))
+            yield tag, rtnl.prebuilt, rtnl.route_del_nh(r, nhid), 0
+            if self._owned(nhid):
+                yield tag, rtnl.prebuilt, rtnl.nexthop_del(nhid), 0
+            return
+        if r.dst.version != 4 or not (self._nh_ok and self._nh_use):
+            routed.append((tag, None, oif))
+            yield tag, rtnl.route_set_msg, r, oif
+            return
+        if nhid is not None and self._owned(nhid):
+            routed.append((tag, nhid, oif))
+            yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=False), 0
+            yield tag, rtnl.prebuilt, rtnl.route_set_nh(r, nhid), 0
+            return
+        nhid = self._free_id(r.dst)
+        self._taken.add(nhid)
+        fresh.append((tag, oif, nhid))
+        yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=True), 0
+
+    def _after_routes(self, refused: list[tuple[object, int, str]], fresh: list[tuple[tuple[Route, bool], int, int]],
+                      routed: list[tuple[tuple[Route, bool], int | None, int]]) -> list[tuple[object, int, str]]:
+        """Bring the tables up to date with what the kernel accepted, and send the routes whose new
+        nexthop was created. Returns the refusals of both sends.
+
+        A new nexthop refused with ENETDOWN (its device has no carrier: the kernel wants one for a
+        nexthop object, not for a plain route) gets a plain route instead, as before nexthops."""
+        bad = {id(tag): code for tag, code, _text in refused}
+        self._settle(bad, routed)
+        if not fresh:
+            return refused
+        later: list[tuple[tuple[Route, bool], int, int]] = []
+        plain: set[int] = set()
+        for tag, oif, nhid in fresh:
+            code = bad.get(id(tag))
+            if code == errno.EEXIST:
+                continue          # somebody else's id: stays in _taken; the retry picks another
+            self._taken.discard(nhid)
+            if code is None:
+                self._nhs[nhid] = _nexthop_of(tag[0], oif, nhid)
+                later.append((tag, nhid, oif))
+            elif code == errno.ENETDOWN:
+                plain.add(id(tag))
+                later.append((tag, 0, oif))
+        if not later:
+            return refused
+        return [x for x in refused if id(x[0]) not in plain] + self._send_later(later)
+
+    def _settle(self, bad: dict[int, int], routed: list[tuple[tuple[Route, bool], int | None, int]]) -> None:
+        """The tables after the first send, for the routes that needed no new nexthop."""
+        for tag, nhid, oif in routed:
+            r, deleting = tag
+            code = bad.get(id(tag))
+            if deleting:
+                if code is None or code in _GONE:
+                    self._route_nh.pop(r.dst, None)
+                    if nhid is not None and self._owned(nhid):
+                        self._nhs.pop(nhid, None)
+            elif code is not None:
+                continue                           # a refused replace leaves what was there
+            elif nhid is None:
+                self._route_nh.pop(r.dst, None)    # now a plain route (its old nexthop: unused)
+            else:
+                self._nhs[nhid] = _nexthop_of(r, oif, nhid)
+                self._route_nh[r.dst] = nhid
+
+    def _send_later(self, later: list[tuple[tuple[Route, bool], int, int]]) -> list[tuple[object, int, str]]:
+        """The second send: routes through their new nexthop (id 0: a plain route). Returns its refusals."""
+        refused2 = self._rt.send((tag, rtnl.prebuilt, rtnl.route_set_nh(tag[0], nhid), 0) if nhid
+                                 else (tag, rtnl.route_set_msg, tag[0], oif) for tag, nhid, oif in later)
+        bad2 = {id(tag) for tag, _code, _text in refused2}
+        orphans = []
+        for tag, nhid, _oif in later:
+            if id(tag) in bad2:
+                if nhid:
+                    orphans.append(nhid)
+                    self._nhs.pop(nhid, None)
+            elif nhid:
+                self._route_nh[tag[0].dst] = nhid
+            else:
+                self._route_nh.pop(tag[0].dst, None)
+        if orphans:   # best effort: a full reconcile deletes our unused nexthops anyway
+            self._rt.send((i, rtnl.prebuilt, rtnl.nexthop_del(i), 0) for i in orphans)
+        return refused2
+
+    @_boundary
+    def prune_nexthops(self) -> int:
+        """Delete our nexthop objects that no route used at the last ``dump`` (a crash between a
+        nexthop and its route, a route deleted by someone else). Called by a full reconcile only:
+        ``dump`` itself never writes (doctor reads the kernel through it). Returns how many."""
+        ids, self._unused = self._unused, ()
+        in_use = set(self._route_nh.values())
+        ids = tuple(i for i in ids if self._owned(i) and i not in in_use)
+        if not ids:
+            return 0
+        refused = self._rt.send((i, rtnl.prebuilt, rtnl.nexthop_del(i), 0) for i in ids)
+        kept = {tag for tag, code, _text in refused if code not in _GONE}
+        for i in ids:
+            if i not in kept:
+                self._nhs.pop(i, None)
+        log.info("deleted %d unused nexthop objects of ours (proto %d)", len(ids) - len(kept), FLANNEL_PROTO)
+        return len(ids) - len(kept)
+
+    def note_nexthop(self, kind: int, data: bytes, off: int, end: int) -> bool:
+        """A nexthop notification (not caused by us): keep the table of ids in use current.
+        Returns True when one of our nexthops was deleted or rewritten by someone else: the
+        kernel removes a deleted nexthop's routes *without* route notifications, so the caller
+        must reconcile against a dump."""
+        m = rtnl.parse_nexthop(data, off, end)
+        if m is None:
+            return False
+        cur = self._nhs.get(m.id)
+        ours = cur is not None and cur.protocol == FLANNEL_PROTO
+        if kind == rtnl.RTM_DELNEXTHOP:
+            self._nhs.pop(m.id, None)
+            return ours
+        self._nhs[m.id] = m
+        return ours and cur != m
+
     def monitor(self) -> rtnl.Monitor:
         """A notification socket in this namespace (routes, neighbours, links)."""
         try:
             return rtnl.Monitor(self._rt.portid)
         except OSError as e:
             raise errors.BackendError(f"netlink monitor: {e}") from e
+
+
+def _note_nh(nhid: int | None, entry: Route | ForeignRoute | None, used: set[int], route_nh: dict[Net, int]) -> None:
+    """A dumped route through nexthop ``nhid``: the id is in use; a route of ours remembers it."""
+    if nhid is None:
+        return
+    used.add(nhid)
+    if isinstance(entry, Route) and entry.dst.version == 4:
+        route_nh[entry.dst] = nhid
+
+
+def _nexthop_of(r: Route, oif: int, nhid: int) -> rtnl.NexthopMsg:
+    """The nexthop object we write for ``r``, as the kernel reports it back."""
+    return rtnl.NexthopMsg(nhid, AF_INET6 if r.gateway.version == 6 else AF_INET, FLANNEL_PROTO, oif, r.gateway,
+                           r.onlink)
+
+
+def nexthops_wanted() -> bool:
+    """``FLANNEL_ROUTE_NEXTHOPS``: unset or 1 = IPv4 routes through nexthop objects (when the
+    kernel has them), 0 = plain routes as before. Anything else is reported and the default used."""
+    raw = os.environ.get(NEXTHOPS_ENV, "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    log.warning("%s=%r is not one of 0, 1, true, false: using nexthop objects (the default)", NEXTHOPS_ENV, raw)
+    return True
 
 
 def _write_sysctl(path: str, value: str) -> None:

@@ -269,6 +269,7 @@ class RoutedNetwork(Network):
             self._echoes.clear()
             self._expect_echoes(p)
             failed = self.nl.apply(p) if not p.empty else []
+            self.nl.prune_nexthops()
         except errors.BackendError as e:
             log.warning("%s: reconcile failed: %s", self.ctx.backend_type, e)
             self._fail()
@@ -419,6 +420,12 @@ class RoutedNetwork(Network):
                     self._neigh_note(data, off, end, cl, cache, touched)
                 elif kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
                     self._link_note(kind, data, off, end, cl, index, touched)
+                elif kind in (rtnl.RTM_NEWNEXTHOP, rtnl.RTM_DELNEXTHOP) and self.nl.note_nexthop(kind, data, off, end):
+                    # the kernel drops a deleted nexthop's routes without route notifications
+                    log.info("%s: a nexthop of our routes was deleted or changed by someone else; reconciling",
+                             self.ctx.backend_type)
+                    self.stats["repairs"] += 1
+                    self._full_wanted = True
         return touched
 
     def _route_note(self, kind: int, data: bytes, off: int, end: int, cl: rtnl.Classifier, cache: Programmed,

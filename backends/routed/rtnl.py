@@ -57,6 +57,7 @@ IFF_UP, RT_TABLE_MAIN = nl.IFF_UP, nl.RT_TABLE_MAIN
 RTM_NEWLINK, RTM_DELLINK = nl.RTM_NEWLINK, nl.RTM_DELLINK
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = nl.RTM_NEWROUTE, nl.RTM_DELROUTE, nl.RTM_GETROUTE
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH, nl.RTM_GETNEIGH
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106   # linux/rtnetlink.h (Linux >= 5.3)
 
 SO_ATTACH_FILTER = 26
 
@@ -64,6 +65,8 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
+RTNLGRP_NEXTHOP = 32          # beyond the 32-bit bind() mask: joined with NETLINK_ADD_MEMBERSHIP
+NETLINK_ADD_MEMBERSHIP = 1
 
 AF_BRIDGE = 7
 RT_SCOPE_UNIVERSE = 0
@@ -72,6 +75,8 @@ RTN_UNICAST = 1
 RTNH_F_ONLINK = 0x4
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = nl.RTA_DST, nl.RTA_OIF, nl.RTA_GATEWAY, nl.RTA_TABLE
 RTA_MULTIPATH = 9
+RTA_NH_ID = 30
+NHA_ID, NHA_GROUP, NHA_BLACKHOLE, NHA_OIF, NHA_GATEWAY = 1, 2, 4, 5, 6
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
@@ -92,7 +97,9 @@ _U32 = nl.U32
 _RTA = nl.RTA
 _MAIN_TID = nl.U32.pack(nl.RT_TABLE_MAIN)
 _BE32 = struct.Struct(">I")
+_NHMSG = struct.Struct("=BBBBI")     # struct nhmsg: family, scope, protocol, resvd, flags
 _SET = nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_REPLACE
+_NH = "nhid"   # marks the route_key of a route through a nexthop object
 
 
 class NetlinkFailure(nl.NetlinkError):
@@ -124,6 +131,39 @@ def route_del(r: Route, oif: int) -> tuple[int, int, bytes]:
     body += (_attr(RTA_DST, r.dst.network_address.packed) + _attr(RTA_GATEWAY, r.gateway.packed)
              + _attr(RTA_OIF, _U32.pack(oif)))
     return RTM_DELROUTE, nl.NLM_F_REQUEST, body
+
+
+def route_set_nh(r: Route, nhid: int) -> tuple[int, int, bytes]:
+    """``ip route replace <dst> nhid <id> proto 152``: the gateway and device are the nexthop's.
+    Why nexthop objects: an IPv4 route with its own gateway makes the kernel walk every other
+    route's fib_info on insert (their hash leaves the gateway out), O(N) per peer; a route
+    through a nexthop object hashes by the object's id (docs/benchmarks.md)."""
+    body = _RTMSG.pack(_family(r.dst), r.dst.prefixlen, 0, 0, RT_TABLE_MAIN, FLANNEL_PROTO, RT_SCOPE_UNIVERSE,
+                       RTN_UNICAST, 0)
+    body += _attr(RTA_DST, r.dst.network_address.packed) + _attr(RTA_NH_ID, _U32.pack(nhid))
+    return RTM_NEWROUTE, _SET, body
+
+
+def route_del_nh(r: Route, nhid: int) -> tuple[int, int, bytes]:
+    """Delete the route at ``r.dst`` that goes through nexthop ``nhid`` and carries ``r.proto``: the
+    kernel does not match a nexthop route by gateway/device (ESRCH), only by its nexthop id."""
+    body = _RTMSG.pack(_family(r.dst), r.dst.prefixlen, 0, 0, RT_TABLE_MAIN, r.proto, RT_SCOPE_NOWHERE, 0, 0)
+    body += _attr(RTA_DST, r.dst.network_address.packed) + _attr(RTA_NH_ID, _U32.pack(nhid))
+    return RTM_DELROUTE, nl.NLM_F_REQUEST, body
+
+
+def nexthop_set(r: Route, oif: int, nhid: int, *, new: bool) -> tuple[int, int, bytes]:
+    """``ip nexthop {add|replace} id <id> via <gateway> dev <oif> [onlink] proto 152``. A ``new`` id
+    is created with CREATE|EXCL, so that an id somebody else took meanwhile is refused (EEXIST)
+    rather than overwritten; an id we own is replaced (a changed gateway is one replace)."""
+    body = _NHMSG.pack(_family(r.gateway), 0, FLANNEL_PROTO, 0, RTNH_F_ONLINK if r.onlink else 0)
+    body += _attr(NHA_ID, _U32.pack(nhid)) + _attr(NHA_GATEWAY, r.gateway.packed) + _attr(NHA_OIF, _U32.pack(oif))
+    return RTM_NEWNEXTHOP, nl.NLM_F_REQUEST | nl.NLM_F_CREATE | (nl.NLM_F_EXCL if new else nl.NLM_F_REPLACE), body
+
+
+def nexthop_del(nhid: int) -> tuple[int, int, bytes]:
+    """``ip nexthop del id <id>`` (the kernel takes no protocol here: the caller checks it is ours)."""
+    return RTM_DELNEXTHOP, nl.NLM_F_REQUEST, _NHMSG.pack(0, 0, 0, 0, 0) + _attr(NHA_ID, _U32.pack(nhid))
 
 
 def neigh_set(n: Neigh, ifindex: int) -> tuple[int, int, bytes]:
@@ -195,6 +235,12 @@ def fdb_set_msg(f: Fdb, ifindex: int, seq: int) -> bytes:
     return _message(fdb_set(f, ifindex), seq)
 
 
+def prebuilt(parts: tuple[int, int, bytes], _ifindex: int, seq: int) -> bytes:
+    """An ``Encoder`` for a message body built beforehand (nexthop objects and the routes through
+    them: a few per lease event, not worth a packed struct of their own)."""
+    return _message(parts, seq)
+
+
 def route_del_msg(r: Route, oif: int, seq: int) -> bytes:
     return _message(route_del(r, oif), seq)
 
@@ -219,6 +265,7 @@ class RouteMsg:
     proto: int
     kind: int
     onlink: bool
+    nhid: int | None = None       # RTA_NH_ID: the route goes through a nexthop object
 
 
 def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int], bool]) -> RouteMsg | None:
@@ -240,8 +287,39 @@ def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int
     oif = at.get(RTA_OIF)
     gw = at.get(RTA_GATEWAY)
     multipath = RTA_MULTIPATH in at
+    nh = at.get(RTA_NH_ID)
     return RouteMsg(dst, None if oif is None or multipath else _U32.unpack(oif)[0],
-                    None if gw is None else nl.ip_of(gw), proto, kind, bool(flags & RTNH_F_ONLINK))
+                    None if gw is None else nl.ip_of(gw), proto, kind, bool(flags & RTNH_F_ONLINK),
+                    None if nh is None else _U32.unpack(nh)[0])
+
+
+@dataclass(frozen=True)
+class NexthopMsg:
+    """One nexthop object as the kernel reports it. ``single``: a gateway/device nexthop (not a
+    group, not a blackhole), the only kind a route of ours can be read through."""
+
+    id: int
+    family: int
+    protocol: int
+    oif: int | None
+    gateway: Addr | None
+    onlink: bool
+    single: bool = True
+
+
+def parse_nexthop(data: bytes, off: int, end: int) -> NexthopMsg | None:
+    """An RTM_NEWNEXTHOP/RTM_DELNEXTHOP message → ``NexthopMsg`` (``None``: no id, malformed)."""
+    if end - off < 24:
+        return None
+    family, _scope, proto, _resvd, flags = _NHMSG.unpack_from(data, off + 16)
+    at = _attrs(data, off + 24, end)
+    raw = at.get(NHA_ID)
+    if raw is None or len(raw) < 4:
+        return None
+    oif, gw = at.get(NHA_OIF), at.get(NHA_GATEWAY)
+    return NexthopMsg(_U32.unpack_from(raw)[0], family, proto, None if oif is None else _U32.unpack_from(oif)[0],
+                      None if gw is None or len(gw) not in (4, 16) else nl.ip_of(gw), bool(flags & RTNH_F_ONLINK),
+                      NHA_GROUP not in at and NHA_BLACKHOLE not in at)
 
 
 def route_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
@@ -250,7 +328,7 @@ def route_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
     looks this key up among the entries it expects (``expected_route_key``) and parses only the
     messages it does not find there (cheap: ~2 µs against ~15 µs for a parse at 5000 peers)."""
     family, dst_len, _src_len, _tos, table, proto, _scope, kind, flags = _RTMSG.unpack_from(data, off + 16)
-    dst = gw = oif = tid = None
+    dst = gw = oif = tid = nhid = None
     multipath = False
     p = off + 28
     unpack = _RTA.unpack_from
@@ -269,14 +347,33 @@ def route_key(data: bytes, off: int, end: int) -> tuple[object, ...]:
             tid = data[p + 4:p + n]
         elif t == RTA_MULTIPATH:
             multipath = True
+        elif t == RTA_NH_ID:
+            nhid = data[p + 4:p + n]
         p += (n + 3) & ~3
+    if nhid is not None:
+        # through a nexthop object: its gateway, device and onlink flag are the object's (the
+        # message repeats them only with nexthop_compat_mode=1), so the id stands for them
+        return (family, dst_len, table, tid, proto, kind, _NH, dst, nhid)
     return (family, dst_len, table, tid, proto, kind, flags & RTNH_F_ONLINK, dst, gw, oif, multipath)
+
+
+def route_key_nhid(key: tuple[object, ...]) -> int | None:
+    """The nexthop id in a ``route_key`` (None: a plain route)."""
+    raw = key[8] if len(key) == 9 else None
+    return _U32.unpack(raw)[0] if isinstance(raw, bytes) and len(raw) == 4 else None
 
 
 def expected_route_key(r: Route, oif: int) -> tuple[object, ...]:
     """``route_key`` of the message the kernel dumps for a route we wrote (``route_set``)."""
     return (_family(r.dst), r.dst.prefixlen, RT_TABLE_MAIN, _MAIN_TID, FLANNEL_PROTO, RTN_UNICAST,
             RTNH_F_ONLINK if r.onlink else 0, _packed(r.dst.network_address), _packed(r.gateway), _U32.pack(oif), False)
+
+
+def expected_route_key_nh(r: Route, nhid: int) -> tuple[object, ...]:
+    """``route_key`` of the message the kernel dumps for a route we wrote through nexthop ``nhid``
+    (``route_set_nh``). The caller checks that the nexthop holds the route's gateway and device."""
+    return (_family(r.dst), r.dst.prefixlen, RT_TABLE_MAIN, _MAIN_TID, FLANNEL_PROTO, RTN_UNICAST, _NH,
+            _packed(r.dst.network_address), _U32.pack(nhid))
 
 
 def _packed(a: Addr) -> bytes:
@@ -435,6 +532,15 @@ class Rtnl(nl.Socket):
         body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
         return self.dump_raw(RTM_GETROUTE, body, RTM_NEWROUTE)
 
+    def dump_nexthops(self) -> Iterator[NexthopMsg]:
+        """Every nexthop object. :raises NetlinkFailure: also when the kernel has none (< 5.3:
+        EOPNOTSUPP)."""
+        for data, kind, off, end in self.dump(RTM_GETNEXTHOP, _NHMSG.pack(0, 0, 0, 0, 0)):
+            if kind == RTM_NEWNEXTHOP:
+                m = parse_nexthop(data, off, end)
+                if m is not None:
+                    yield m
+
     def dump_neighs(self, family: int, ifindex: int) -> Iterator[NeighMsg]:
         """Neighbours (``family`` AF_INET/AF_INET6) or fdb entries (AF_BRIDGE) of one device."""
         for data, off, end in self.dump_neighs_raw(family, ifindex):
@@ -463,8 +569,10 @@ class Classifier:
     """Which routes are ours, which are someone else's (see ``netlink.Scope`` for the rule)."""
 
     def __init__(self, *, network: IPv4Network | None, network6: IPv6Network | None,
-                 exclude: tuple[Net, ...], names: dict[int, str], overlay: dict[int, str]) -> None:
+                 exclude: tuple[Net, ...], names: dict[int, str], overlay: dict[int, str],
+                 nexthops: dict[int, NexthopMsg] | None = None) -> None:
         self.network, self.network6 = network, network6
+        self.nexthops = nexthops    # id -> nexthop (shared with the port, which keeps it current)
         self.exclude = exclude
         self.names = names          # ifindex -> name of our devices (overlay + external)
         self.overlay = overlay      # ifindex -> name of the vxlan devices
@@ -483,6 +591,12 @@ class Classifier:
         """Ours (``Route``, with the protocol it carries), foreign, or none of our business."""
         if m.dst in self.exclude:
             return None
+        if m.nhid is not None and self.nexthops is not None:
+            # a route through a nexthop object: its gateway, device and onlink flag are the object's
+            # (the route message carries them too only with net.ipv4.nexthop_compat_mode=1)
+            nh = self.nexthops.get(m.nhid)
+            if nh is not None and nh.single:
+                m = RouteMsg(m.dst, nh.oif, nh.gateway, m.proto, m.kind, nh.onlink, m.nhid)
         dev = None if m.oif is None else (self.names.get(m.oif) or name_of(m.oif))
         if m.kind == RTN_UNICAST and m.gateway is not None and dev is not None:
             if m.proto == FLANNEL_PROTO:
@@ -514,7 +628,7 @@ def neigh_entry(m: NeighMsg, dev: str, *, deleted: bool = False) -> Neigh | Fdb 
 
 def _bpf_drop_own_echoes(own_portid: int = 0) -> bytes:
     """Classic BPF: drop the notifications our own writes cause -- every message carrying our
-    request socket's port id (routes, neighbours), RTM_NEWNEIGH (vxlan reports its fdb changes
+    request socket's port id (routes, neighbours, nexthop objects), RTM_NEWNEIGH (vxlan reports its fdb changes
     with port id 0) and RTM_NEWROUTE carrying our protocol -- and accept the rest."""
     type_lo = 4 if sys.byteorder == "little" else 5    # low byte of nlmsg_type (values < 256)
     pid_be = int.from_bytes(own_portid.to_bytes(4, sys.byteorder), "big")   # BPF loads words big-endian
@@ -534,7 +648,7 @@ def _bpf_drop_own_echoes(own_portid: int = 0) -> bytes:
 
 
 class Monitor:
-    """Route, neighbour and link notifications; ``read`` returns raw datagrams (parsed by the
+    """Route, neighbour, nexthop-object and link notifications; ``read`` returns raw datagrams (parsed by the
     reconcile loop, which owns the state they are compared with). ``None`` = notifications were
     lost (``ENOBUFS``): the caller must reconcile against a dump."""
 
@@ -542,6 +656,10 @@ class Monitor:
         """``own_portid``: the port id of the socket our writes go through (their echoes are dropped)."""
         groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
         self.sock, _ = nl.open_socket(groups, rcvbuf=4 << 20)
+        try:
+            self.sock.setsockopt(nl.SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
+        except OSError:
+            pass   # no nexthop objects in this kernel (< 5.3): we program none either
         self.filtered = False
         prog = _bpf_drop_own_echoes(own_portid)
         code = ctypes.create_string_buffer(prog)

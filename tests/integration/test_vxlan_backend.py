@@ -823,7 +823,9 @@ def kernel_view(ns: NetNS) -> tuple[Any, ...]:
     r = set()
     for x in json.loads(ns.ip("-d", "-j", "route", "show", "table", "main") or "[]"):
         r.add((x["dst"], x.get("gateway"), x.get("dev"), "onlink" in x.get("flags", []), x.get("protocol")))
-    return frozenset(r), frozenset(neighs(ns)), frozenset(fdbs(ns))
+    nhs = sorted((n.get("gateway", ""), n.get("dev", ""), "onlink" in n.get("flags", []), str(n.get("protocol")))
+                 for n in json.loads(ns.ip("-j", "nexthop", "show") or "[]"))   # ids may differ; leftovers may not
+    return frozenset(r), frozenset(neighs(ns)), frozenset(fdbs(ns)), tuple(nhs)
 
 
 @pytest.mark.timeout(600)

@@ -306,6 +306,8 @@ def test_netlink_errors_are_counted_by_operation() -> None:
 
     port = netlink.Netlink.__new__(netlink.Netlink)
     port._rt = Refusing()  # type: ignore[assignment]
+    port._init_nexthops()
+    port._nh_ok = False          # this fake socket dumps no nexthop objects: plain routes
     plan = rm.plan(make_state(lease(2)), rm.KernelState(frozenset(), make_state(lease(3)).neighs, frozenset()))
     with metrics.bound(m):
         with pytest.raises(errors.BackendError, match="netlink set_mtu"):
