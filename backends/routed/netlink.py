@@ -346,6 +346,7 @@ class Netlink:
         and fdb entries of an overlay device. Anything else is left out (its message is parsed)."""
         index_of = {name: i for i, name in cl.names.items()}
         routes: dict[Any, Route] = {}
+        nhs = self._nhs
         for r in expect.routes:
             oif = index_of.get(r.dev)
             dst = r.dst
@@ -355,9 +356,13 @@ class Netlink:
             nhid = self._route_nh.get(dst) if dst.version == 4 else None
             if nhid is None:
                 routes[rtnl.expected_route_key(r, oif)] = r
-            elif self._nhs.get(nhid) == _nexthop_of(r, oif, nhid):
-                # through our nexthop, which (as just dumped) holds exactly this gateway and device
-                routes[rtnl.expected_route_key_nh(r, nhid)] = r
+            else:
+                # through our nexthop, which (as just dumped) must hold exactly this gateway and
+                # device (field by field: what _nexthop_of would build, without building it)
+                nh = nhs.get(nhid)
+                if (nh is not None and nh.protocol == FLANNEL_PROTO and nh.single and nh.oif == oif
+                        and nh.onlink == r.onlink and nh.gateway == r.gateway):
+                    routes[rtnl.expected_route_key_nh(r, nhid)] = r
         overlay_of = {name: i for i, name in cl.overlay.items()}
         neighs: dict[Any, Neigh | Fdb] = {}
         entries: tuple[Neigh | Fdb, ...] = (*expect.neighs, *expect.fdbs)

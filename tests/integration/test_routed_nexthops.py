@@ -304,3 +304,49 @@ def test_a_device_without_carrier_gets_a_plain_route_as_before(ns):
         assert agent.net.stats["full_reconciles"] == 1 and not agent.net._retry.routes
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("compat", ["1", "0"])
+def test_dump_given_an_expectation_reads_nexthop_routes_exactly_as_without_one(ns, compat):
+    """A full reconcile's dump matches messages against what it expects instead of parsing them
+    (rperf). A route through a nexthop is matched by its nexthop id, and only while that nexthop
+    holds the expected gateway and device: a nexthop of ours rewritten by someone else to another
+    gateway, a foreign nexthop and a route of ours through a foreign nexthop read exactly as
+    without the expectation, with or without ``nexthop_compat_mode``."""
+    from flannel.backends.routed import model as rm
+    from flannel.backends.routed.netlink import Netlink, Scope
+
+    ns.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", LOCAL, "dev", "eth0", "nolearning")
+    ns.ip("link", "set", "flannel.1", "up")
+    ns.exec("sysctl", "-qw", f"net.ipv4.nexthop_compat_mode={compat}")
+    scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1",
+                  exclude=N("10.5.1.0/24"))
+    r2, r3, r4 = (rm.Route(N(f"10.5.{i}.0/24"), A(f"10.5.{i}.0"), "flannel.1", True) for i in (2, 3, 4))
+    expect = rm.KernelState(routes=frozenset({r2, r3, r4}), neighs=frozenset(), fdbs=frozenset())
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        nl = Netlink()
+        try:
+            assert nl.apply(rm.Plan(set_routes=(r2, r3, r4))) == []
+            nl.dump(scope)                           # learns which nexthop each route goes through
+            nh3 = nexthops(ns)[int(route_json(ns)["10.5.3.0/24"]["nhid"])]
+            ns.ip("nexthop", "replace", "id", str(nh3["id"]), "via", "10.5.3.9", "dev", "flannel.1", "onlink",
+                  "proto", "152")                    # ours, rewritten under us
+            ns.ip("nexthop", "add", "id", "77", "via", "10.5.4.0", "dev", "flannel.1", "onlink")
+            ns.ip("route", "replace", "10.5.4.0/24", "nhid", "77", "proto", "152")   # through a foreign nexthop
+            out["expecting"] = nl.dump(scope, expect)
+            # a route read on the fast path is still known to go through its nexthop: deleting it
+            # must name that nexthop (the kernel matches a nexthop route by id, not by gateway)
+            out["deleted"] = nl.apply(rm.Plan(del_routes=(r2,)))
+            out["after"] = set(route_json(ns))
+            out["plain"] = nl.dump(scope)
+        finally:
+            nl.close()
+    in_ns(ns, run)
+    got, plain = out["expecting"], out["plain"]
+    assert out["deleted"] == [] and "10.5.2.0/24" not in out["after"]
+    assert got.routes - {r2} == plain.routes and got.foreign == plain.foreign
+    assert {str(r) for r in got.routes} == {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink",
+                                           "10.5.3.0/24 via 10.5.3.9 dev flannel.1 onlink",
+                                           "10.5.4.0/24 via 10.5.4.0 dev flannel.1 onlink"}
