@@ -255,7 +255,7 @@ def fdb_del_msg(f: Fdb, ifindex: int, seq: int) -> bytes:
 
 # ---- parsing --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMsg:
     """One main-table route inside the network, as the kernel reports it."""
 
@@ -293,7 +293,7 @@ def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int
                     None if nh is None else _U32.unpack(nh)[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NexthopMsg:
     """One nexthop object as the kernel reports it. ``single``: a gateway/device nexthop (not a
     group, not a blackhole), the only kind a route of ours can be read through."""
@@ -410,7 +410,7 @@ def expected_neigh_key(e: Neigh | Fdb, ifindex: int) -> tuple[object, ...] | Non
     return (_family(e.ip), ifindex, True, _packed(e.ip), e.mac)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NeighMsg:
     family: int
     ifindex: int
