@@ -397,6 +397,28 @@ def test_full_reconcile_leaves_the_garbage_collector_as_it_found_it(monkeypatch)
         gc.enable()
 
 
+def test_a_full_reconcile_freezes_the_state_it_leaves_out_of_later_collections():
+    """What is alive after a full reconcile (the leases, the index, the cache) moves to the
+    collector's permanent generation, so a later collection does not walk it again; a lease
+    added afterwards is collected as usual until the next full reconcile."""
+    import gc
+
+    k = FakeKernel()
+    net = make(k)
+    gc.unfreeze()
+    try:
+        net.step(added(lease(2), synced=True))     # the first snapshot: a full reconcile
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert not any(o is net.index for o in gc.get_objects())   # frozen objects are not listed
+        net.step(added(lease(3)))                  # incremental: nothing more is frozen
+        assert gc.get_freeze_count() == frozen
+        net.sync_full()
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_only_echoes_of_entries_we_deleted_and_did_not_write_again_are_dropped():
     """The monitor thread drops a notification datagram only if it holds nothing but deletions of
     fdb entries or neighbours we deleted and have not written since; each echo is dropped once."""
