@@ -309,6 +309,30 @@ class Agent:
             self.net.close()
 
 
+def in_ns(ns: NetNS, fn: Callable[[], Any], *, timeout: float = 60.0) -> Any:
+    """Run ``fn`` on a fresh thread inside ``ns`` and hand back its result, or raise its exception.
+
+    A thread of its own because entering a namespace (``setns``) changes the calling thread for
+    good; children it spawns (iptables, nft, ``ip -batch``) inherit the namespace. A ``fn`` still
+    running after ``timeout`` fails the test instead of hanging it."""
+    out: dict[str, Any] = {}
+
+    def main() -> None:
+        with in_netns(ns.name):
+            try:
+                out["value"] = fn()
+            except BaseException as e:  # handed to the test thread
+                out["error"] = e
+    t = threading.Thread(target=main, name=f"in-{ns.name}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)!r} still running in {ns.name} after {timeout:.0f}s")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
 def make_ns(prefix: str) -> NetNS:
     ns = NetNS(prefix + "v")
     ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")

@@ -6,7 +6,6 @@ a fresh namespace per test, checked with ``ip -j route`` / ``ip -j nexthop``.
 from __future__ import annotations
 
 import json
-import threading
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 from typing import Any
@@ -15,10 +14,10 @@ import pytest
 
 from flannel.backends.hostgw import HostGWBackend
 from flannel.backends.vxlan import VXLANBackend
-from flannel.lab.netns import NetNS, in_netns
+from flannel.lab.netns import NetNS
 from flannel.lease import Lease, LeaseAttrs
 from tests.support import UNDERLAY_LOCAL as LOCAL
-from tests.support import Agent, FakeLeases, added, ext_of, make_ns, removed, routes, wait_for
+from tests.support import Agent, FakeLeases, added, ext_of, in_ns, make_ns, removed, routes, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 
@@ -158,22 +157,6 @@ def test_a_foreign_nexthop_is_never_replaced_nor_deleted(ns):
     finally:
         agent.stop()
 
-
-def in_ns(ns: NetNS, fn: Any) -> Any:
-    out: dict[str, Any] = {}
-
-    def main() -> None:
-        with in_netns(ns.name):
-            try:
-                out["r"] = fn()
-            except BaseException as e:  # handed to the test thread
-                out["e"] = e
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(60)
-    if "e" in out:
-        raise out["e"]
-    return out["r"]
 
 
 def test_an_id_taken_after_the_dump_is_refused_not_overwritten_and_the_retry_uses_another(ns):

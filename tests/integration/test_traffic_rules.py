@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Network as N
 from typing import Any
 
@@ -17,7 +16,7 @@ from flannel.config import parse_network_config
 from flannel.lab.netns import NetNS, in_netns
 from flannel.lease import Lease, LeaseAttrs
 from flannel.options import AgentOptions
-from tests.support import GOLDEN_NAT_S, wait_for, wakeups
+from tests.support import GOLDEN_NAT_S, in_ns, wait_for, wakeups
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60),
               pytest.mark.skipif(not shutil.which("iptables-restore") or not shutil.which("nft"),
@@ -30,23 +29,6 @@ def cfg(nft: bool = False):
     return parse_network_config('{"Network":"10.42.0.0/16","EnableNFTables":%s,"Backend":{"Type":"vxlan"}}'
                                 % ("true" if nft else "false"))
 
-
-def in_ns(ns: NetNS, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on a thread inside ``ns`` (its iptables/nft children inherit the namespace)."""
-    out: dict[str, Any] = {}
-
-    def main() -> None:
-        with in_netns(ns.name):
-            try:
-                out["v"] = fn()
-            except BaseException as e:
-                out["e"] = e
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(30)
-    if "e" in out:
-        raise out["e"]
-    return out.get("v")
 
 
 def save(ns: NetNS, table: str) -> list[str]:

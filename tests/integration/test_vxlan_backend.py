@@ -31,6 +31,7 @@ from tests.support import (
     FakeLeases,
     added,
     ext_of,
+    in_ns,
     make_ns,
     removed,
     routes,
@@ -447,17 +448,14 @@ def test_dump_reads_ours_and_foreign_routes_as_iproute2_wrote_them(ns):
             "self", "permanent")
     scope = Scope(network=N("10.5.0.0/16"), devs=("flannel.1", "eth0"), overlay_dev="flannel.1",
                   exclude=N("10.5.1.0/24"))
-    out: dict[str, Any] = {}
 
-    def main() -> None:
-        with in_netns(ns.name):
-            nl = Netlink()
-            out["dump"] = nl.dump(scope)
+    def dump() -> Any:
+        nl = Netlink()
+        try:
+            return nl.dump(scope)
+        finally:
             nl.close()
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(30)
-    got = out["dump"]
+    got = in_ns(ns, dump)
     assert got.routes == {rm.Route(N("10.5.2.0/24"), A("10.5.2.0"), "flannel.1", True),
                           rm.Route(N("10.5.3.0/24"), A("10.5.3.0"), "flannel.1", True),
                           rm.Route(N("10.5.4.0/24"), A("198.18.0.4"), "eth0", False)}
@@ -520,18 +518,14 @@ def test_dump_given_an_expectation_reads_exactly_what_it_reads_without_one(ns):
         fdbs=frozenset({f2, rm.Fdb("00:00:00:00:00:00", A("198.18.0.7"), "flannel.1"),
                         rm.Fdb("02:00:00:00:00:0A", A("198.18.0.8"), "flannel.1"),
                         rm.Fdb("02:00:00:00:00:09", A("198.18.0.9"), "flannel.1")}))
-    out: dict[str, Any] = {}
 
-    def main() -> None:
-        with in_netns(ns.name):
-            nl = Netlink()
-            out["plain"] = nl.dump(scope)
-            out["expecting"] = nl.dump(scope, expect)
+    def dumps() -> Any:
+        nl = Netlink()
+        try:
+            return nl.dump(scope), nl.dump(scope, expect)
+        finally:
             nl.close()
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(30)
-    plain, got = out["plain"], out["expecting"]
+    plain, got = in_ns(ns, dumps)
     assert got == plain
     assert {(r, r.proto) for r in got.routes} == {(r, r.proto) for r in plain.routes}
     assert {str(r) for r in got.routes} == {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink",
@@ -559,21 +553,17 @@ def test_apply_attributes_each_refused_entry_and_applies_the_others(ns):
     bad = {7: rm.Route(N("10.5.7.0/24"), A("203.0.113.7"), "eth0"),
            450: rm.Route(N("10.5.45.0/24"), A("203.0.113.45"), "eth0")}
     routes_ = [bad.get(i, r) for i, r in enumerate(good)]
-    out: dict[str, Any] = {}
 
-    def main() -> None:
-        with in_netns(ns.name):
-            nl = Netlink()
-            out["failed"] = nl.apply(rm.Plan(set_routes=tuple(routes_)))
-            out["again"] = nl.apply(rm.Plan(del_routes=tuple(routes_)))
+    def apply_then_delete() -> Any:
+        nl = Netlink()
+        try:
+            return nl.apply(rm.Plan(set_routes=tuple(routes_))), nl.apply(rm.Plan(del_routes=tuple(routes_)))
+        finally:
             nl.close()
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(60)
-    failed = out["failed"]
+    failed, again = in_ns(ns, apply_then_delete)
     assert [e for e, _ in failed] == [bad[7], bad[450]]
     assert all("gateway" in msg.lower() or "unreachable" in msg.lower() for _, msg in failed), failed
-    assert out["again"] == []                       # deleting what is not there is not a failure
+    assert again == []                       # deleting what is not there is not a failure
     assert routes(ns) == set()
 
 
