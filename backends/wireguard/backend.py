@@ -29,12 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flannel import errors, metrics
+from flannel import errors, metrics, stophooks
 from flannel.backends.base import Backend, ExternalInterface, Network
 from flannel.backends.routed.netlink import Netlink
 from flannel.backends.routed.reconcile import MAX_BACKOFF, families
 from flannel.backends.wireguard import device, keys
 from flannel.backends.wireguard import network as wgnet
+from flannel.backends.wireguard.links import LinkWatch
 from flannel.backends.wireguard.model import PeerConfig, SetRequest
 from flannel.backends.wireguard.network import DEV, DEV_V6, TYPE, Context, Mode, PeerTable
 from flannel.config import NetworkConfig
@@ -43,7 +44,13 @@ from flannel.lease import UNSPECIFIED_V4, Batch, EventType, Lease, LeaseAttrs, L
 log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 60.0
+#: how often the devices are looked up when link notifications are not available (with them, a
+#: deletion wakes the loop at once and the devices are looked up at each resync as well)
 DEVICE_CHECK_INTERVAL = 1.0
+#: shortest wait of the run loop (a due time in the past must not make it spin)
+MIN_WAIT = 0.01
+#: queued by the link watch: "look at the devices now" (not a lease batch)
+_CHECK_DEVICES = Batch()
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class WireGuardNetwork(Network):
         self._logged_skips: dict[object, str] = {}
         self._logged_shared: dict[tuple[str, str], tuple[object, ...]] = {}
         self._lock = threading.RLock()   # devices: run loop vs close / peer_report
+        self._watch: LinkWatch | None = None
         self._closed = False
 
     # ---- Network API ------------------------------------------------------------------------
@@ -109,20 +117,46 @@ class WireGuardNetwork(Network):
         return next(iter(self.devices.values())).implementation if self.devices else ""
 
     def run(self, batches: queue.Queue[Batch | None], stop: threading.Event) -> None:
+        """Apply batches; between them sleep until the next due time (resync, retry, device check).
+
+        Why no fixed tick: an idle agent should not wake up. A deleted device (or a wireguard-go that
+        exited) is reported by the kernel and wakes the loop through ``LinkWatch``; without that
+        watch the devices are looked up every DEVICE_CHECK_INTERVAL as before."""
         log.info("wireguard: watching for new subnet leases")
-        while not stop.is_set():
-            try:
-                batch = batches.get(timeout=DEVICE_CHECK_INTERVAL)
-            except queue.Empty:
-                batch = None
-            else:
-                if batch is None:
-                    return
-            try:
-                self.step(batch)
-            except Exception:
-                log.exception("wireguard: unexpected error applying peers; retrying")
-                self._fail()
+        unregister = stophooks.on_stop(stop, lambda: batches.put(None))
+        try:
+            self._watch = LinkWatch(lambda: tuple(self.devices), lambda: batches.put(_CHECK_DEVICES))
+        except errors.BackendError as e:
+            log.warning("wireguard: %s; looking up the devices every %.0f s instead", e, DEVICE_CHECK_INTERVAL)
+        try:
+            while not stop.is_set():
+                try:
+                    batch = batches.get(timeout=self._wait())
+                except queue.Empty:
+                    batch = None
+                else:
+                    if batch is None:
+                        return
+                    if batch is _CHECK_DEVICES:
+                        self._next_check = 0.0
+                        batch = None
+                try:
+                    self.step(batch)
+                except Exception:
+                    log.exception("wireguard: unexpected error applying peers; retrying")
+                    self._fail()
+        finally:
+            unregister()
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
+
+    def _wait(self) -> float | None:
+        """Seconds until ``step`` has something to do without a batch (None: nothing until one comes)."""
+        if not self._synced:
+            return None
+        due = self._retry_at if self._dirty else min(self._next_resync, self._next_check)
+        return max(MIN_WAIT, due - time.monotonic())
 
     def on_lease_renewed(self, lease: Lease) -> None:
         """A re-acquired lease with another subnet moves the devices' addresses."""
@@ -191,7 +225,7 @@ class WireGuardNetwork(Network):
             return   # backing off after a failure (a new batch is tried at once)
         try:
             if now >= self._next_check:
-                self._next_check = now + DEVICE_CHECK_INTERVAL
+                self._next_check = now + (DEVICE_CHECK_INTERVAL if self._watch is None else self.resync_interval)
                 if self.check_devices():
                     full = True
         except errors.BackendError as e:

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 from ipaddress import IPv6Address as A6
@@ -27,7 +28,7 @@ from flannel.backends.wireguard import device as wgdev
 from flannel.backends.wireguard.model import Endpoint, PeerConfig, SetRequest
 from flannel.lab.netns import NetNS, in_netns, veth_pair
 from flannel.lease import Lease, LeaseAttrs
-from tests.support import Agent, FakeLeases, added, removed, wait_for
+from tests.support import Agent, FakeLeases, added, removed, wait_for, wakeups
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180),
               pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed "
@@ -253,6 +254,28 @@ def test_device_deleted_behind_our_back_is_recreated_with_its_peers(hosts, caplo
     wait_for(lambda: h1.ping("10.7.2.0"), what="tunnel back after re-creation", timeout=60)
     assert "device flannel-wg is gone" in caplog.text
     assert "10.7.0.0/16 dev flannel-wg" in h1.ns.ip("route", "show")
+
+
+def test_an_idle_loop_sleeps_and_a_dead_wireguard_go_wakes_it(hosts, caplog):
+    """Issue 9 (idle CPU): between batches the run loop sleeps until its next resync instead of
+    looking up the devices every second; the kernel's link deletion (wireguard-go's TUN goes
+    with the process) wakes it, and the device comes back with its peers."""
+    caplog.set_level(logging.INFO)
+    h1, h2, _ = hosts
+    a1, a2 = h1.start(cfg()), h2.start(cfg())
+    a1.send(*added(h2.lease()), synced=True)
+    a2.send(*added(h1.lease()), synced=True)
+    wait_for(lambda: h1.ping("10.7.2.0"), what="tunnel up", timeout=30)
+    wait_for(lambda: a1.net.transactions >= 1 and a1.q.empty(), what="first sync applied")
+    before = wakeups(a1.thread)
+    time.sleep(2.5)   # the measuring window: a 1 s device poll would wake the loop twice or more
+    assert wakeups(a1.thread) - before == 0
+    dev = a1.net.devices["flannel-wg"]
+    dev.proc.kill()
+    wait_for(lambda: a1.net.devices["flannel-wg"] is not dev, what="device re-created after wireguard-go died")
+    assert "device flannel-wg is gone (wireguard-go exited)" in caplog.text
+    assert a1.net._watch is not None and a1.net._watch.wakes >= 1
+    wait_for(lambda: h1.ping("10.7.2.0"), what="tunnel back after re-creation", timeout=60)
 
 
 def test_kernel_path_wg_tool_configures_a_device(hosts, tmp_path):
