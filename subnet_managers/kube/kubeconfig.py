@@ -262,7 +262,7 @@ def _bool(d: dict[str, Any], key: str, source: str, where: str) -> bool:
 def _path(d: dict[str, Any], key: str, base: str, source: str, where: str) -> str:
     """A file name, relative ones against the kubeconfig's directory (client-go's ResolvePaths)."""
     value = _str(d, key, source, where)
-    return os.path.join(base, os.path.expanduser(value)) if value else ""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value))) if value else ""
 
 
 def _data(d: dict[str, Any], key: str, source: str, where: str) -> bytes:
@@ -328,13 +328,16 @@ def ssl_context(cfg: ClientConfig) -> ssl.SSLContext:
         else:
             ctx = ssl.create_default_context()
     except (OSError, ssl.SSLError, ValueError) as e:
-        raise _config_error(cfg.source, f"certificate-authority: {_why(e)}") from None
+        what = "certificate-authority-data" if tls.ca_data else f"certificate-authority {tls.ca_file}"
+        raise _config_error(cfg.source, f"{what}: {_why(e)}") from None
     if tls.cert_data or tls.cert_file:
         try:
             with _pem_file(tls.cert_data, tls.cert_file) as cert, _pem_file(tls.key_data, tls.key_file) as key:
                 ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError, ValueError) as e:
-            raise _config_error(cfg.source, f"client certificate/key: {_why(e)}") from None
+            what = (f"client certificate {'(data)' if tls.cert_data else tls.cert_file} / "
+                    f"key {'(data)' if tls.key_data else tls.key_file}")
+            raise _config_error(cfg.source, f"{what}: {_why(e)}") from None
     return ctx
 
 
