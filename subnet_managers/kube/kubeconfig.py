@@ -99,11 +99,11 @@ def _join_host_port(host: str, port: str) -> str:
     return f"[{host}]:{port}" if ":" in host or "%" in host else f"{host}:{port}"
 
 
-def load_in_cluster(*, environ: Mapping[str, str] = os.environ,
-                    sa_dir: str = SERVICE_ACCOUNT_DIR) -> ClientConfig:
+def load_in_cluster(*, environ: Mapping[str, str] = os.environ, sa_dir: str | None = None) -> ClientConfig:
     """The pod's service account (client-go's ``InClusterConfig``).
 
-    :param sa_dir: where ``token`` and ``ca.crt`` are (tests point it at a fake directory).
+    :param sa_dir: where ``token`` and ``ca.crt`` are (default ``SERVICE_ACCOUNT_DIR``, looked up at
+        call time so that tests can point it at a fake directory).
     :raises errors.ConfigError: not in a pod (no service env), or the token/CA cannot be read.
     """
     hint = " (outside a pod, pass --kubeconfig-file or --kube-api-url)"
@@ -112,6 +112,7 @@ def load_in_cluster(*, environ: Mapping[str, str] = os.environ,
         raise _config_error(IN_CLUSTER, "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set", hint)
     if not host or not port:
         raise _config_error(IN_CLUSTER, "KUBERNETES_SERVICE_HOST or KUBERNETES_SERVICE_PORT is empty", hint)
+    sa_dir = sa_dir or SERVICE_ACCOUNT_DIR
     token_file = os.path.join(sa_dir, "token")
     ca_file = os.path.join(sa_dir, "ca.crt")
     try:
@@ -278,7 +279,7 @@ def _data(d: dict[str, Any], key: str, source: str, where: str) -> bytes:
 # ---- the choice ---------------------------------------------------------------------------------
 
 def load(*, kubeconfig_file: str = "", api_url: str = "", environ: Mapping[str, str] = os.environ,
-         sa_dir: str = SERVICE_ACCOUNT_DIR) -> ClientConfig:
+         sa_dir: str | None = None) -> ClientConfig:
     """Like client-go's ``BuildConfigFromFlags``: the kubeconfig (its server replaced by
     ``api_url`` if given), else ``api_url`` alone (no credentials), else the in-cluster service account.
 
@@ -362,9 +363,10 @@ class TokenSource:
     re-read is logged and the last good token kept (the kubelet replaces the file atomically, so a
     failure is rare and the old token is still valid for a while)."""
 
-    def __init__(self, token: str, token_file: str = "", *, period: float = TOKEN_REFRESH,
+    def __init__(self, token: str, token_file: str = "", *, period: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._token, self._file, self._period, self._clock = token, token_file, period, clock
+        self._token, self._file, self._clock = token, token_file, clock
+        self._period = TOKEN_REFRESH if period is None else period
         self._read_at = clock()
         self._lock = threading.Lock()
 

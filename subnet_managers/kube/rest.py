@@ -12,6 +12,7 @@ them; a redirect elsewhere must not get our credentials).
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -20,6 +21,8 @@ import urllib3
 
 from flannel import __version__
 from flannel.subnet_managers.kube.kubeconfig import ClientConfig, TokenSource, ssl_context
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = f"flannel/{__version__} (pyflannel)"
 #: connections kept per server: the watch holds one, a patch or get may run beside it
@@ -54,6 +57,9 @@ class NativeCoreV1:
             kw["ssl_context"] = ssl_context(cfg)
             if cfg.tls.insecure:
                 kw.update(cert_reqs=ssl.CERT_NONE, assert_hostname=False)
+                # said once here rather than by urllib3 on every request
+                log.warning("the API server's certificate is not verified (%s: insecure-skip-tls-verify)", cfg.source)
+                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             else:
                 kw["cert_reqs"] = ssl.CERT_REQUIRED
             if cfg.tls.server_name:
