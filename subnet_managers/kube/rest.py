@@ -11,6 +11,7 @@ them; a redirect elsewhere must not get our credentials).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import ssl
@@ -50,7 +51,8 @@ class NativeCoreV1:
         self._tokens = TokenSource(cfg.token, cfg.token_file) if cfg.token or cfg.token_file else None
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if cfg.username or cfg.password:
-            headers.update(urllib3.util.make_headers(basic_auth=f"{cfg.username}:{cfg.password}"))
+            basic = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {basic}"
         self._headers = headers
         kw: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "socket_options": socket_options}
         if urlsplit(cfg.server).scheme == "https":
