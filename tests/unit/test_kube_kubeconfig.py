@@ -315,3 +315,15 @@ def test_unloadable_certificates_are_config_errors_when_connecting(tmp_path, clu
     with pytest.raises(errors.ConfigError, match=why) as info:
         kc.connect(kubeconfig_file=path)
     assert str(info.value).startswith(f"cannot load Kubernetes client config from kubeconfig {path}: ")
+
+
+def test_our_transport_uses_tcp_keepalive_and_never_retries_inside_urllib3():
+    native = kc.connect(api_url="http://127.0.0.1:1")
+    assert isinstance(native, NativeCoreV1)
+    kw = native._pool.connection_pool_kw
+    assert kw["socket_options"] == kc.keepalive_socket_options()
+    assert kw["retries"].total is False  # urllib3's Retry.from_int(False)
+    with pytest.raises(errors.StoreUnavailable, match=r"API server unreachable: get nodes 'n1': .*refused"), \
+            kc._mapped("get", "nodes", "n1"):
+        native.read_node("n1", _request_timeout=kc.REQUEST_TIMEOUT)
+    native.close()
