@@ -9,6 +9,7 @@ import json
 import logging
 import ssl
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def test_data_fields_are_decoded_and_win_over_files(tmp_path, pki):
     assert (cfg.tls.ca_data, cfg.tls.cert_data, cfg.tls.key_data) == (ca, cert, key)
     ctx = kcfg.ssl_context(cfg)  # the missing CA file is not read: the data wins
     assert any(c["subject"] == ((("commonName", "flannel-test-ca"),),) for c in ctx.get_ca_certs())
-    assert not list(Path("/tmp").glob("flannel-kube-*.pem")), "the temporary PEM files are removed"
+    assert not list(Path(tempfile.gettempdir()).glob("flannel-kube-*.pem")), "the temporary PEM files are removed"
 
 
 def test_insecure_skip_tls_verify_turns_verification_off(tmp_path):
