@@ -1,7 +1,13 @@
-"""The only module that talks to the ``kubernetes`` client: raw JSON in, flannel errors out.
+"""The API client of the kube subnet manager: raw JSON in, flannel errors out.
 
-Why raw JSON (``_preload_content=False``): the manager needs a handful of fields per node, and
-deserialising thousands of ``V1Node`` models on every relist costs far more than the JSON parse.
+Two transports with the same calls (``CoreV1Api``'s names, raw responses): our own over urllib3
+(``rest.NativeCoreV1``, configuration from ``kubeconfig``) for in-cluster service accounts and plain
+kubeconfigs, and the ``kubernetes`` package (``fallback``) for what only it implements (exec
+plugins, auth providers, impersonation, proxies), imported only then: ``import kubernetes`` alone
+costs ~22 MB of RSS.
+
+Why raw JSON: the manager needs a handful of fields per node, and deserialising thousands of
+``V1Node`` models on every relist costs far more than the JSON parse.
 Why a thread per watch: a blocking request or read on the watch socket cannot observe the agent's
 stop event, so the watch is opened and read on its own thread into a queue, and ``close()`` shuts
 the socket down to end it promptly.
@@ -38,19 +44,17 @@ import json
 import logging
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
-from kubernetes import client as kclient
-from kubernetes import config as kconfig
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from flannel import errors, threadname
 from flannel.records import SkippedRecords
-from flannel.subnet_managers.kube import skips
+from flannel.subnet_managers.kube import kubeconfig, skips
+from flannel.subnet_managers.kube.rest import ApiStatus, NativeCoreV1
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,22 @@ def _rbac_hint(verb: str, resource: str) -> str:
             "ClusterRole (see the flannel ClusterRole: pods get; nodes get, list, watch; nodes/status patch)")
 
 
+def _status_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that carry an HTTP status: ours, and the package's ``ApiException`` once the
+    fallback has loaded it (looked up, never imported: the native path must not load the package)."""
+    mod = sys.modules.get("kubernetes.client.exceptions")
+    return (ApiStatus,) if mod is None else (ApiStatus, mod.ApiException)
+
+
 @contextlib.contextmanager
 def _mapped(verb: str, resource: str, name: str = "") -> Iterator[None]:
     """Convert client/transport exceptions raised in the block into flannel errors."""
     what = f"{verb} {resource}" + (f" {name!r}" if name else "")
     try:
         yield
-    except ApiException as e:
+    except _status_errors() as e:
         body = _status_message(e)
-        status = e.status or 0
+        status = getattr(e, "status", 0) or 0
         if status == 0 or status == 429 or status >= 500:
             raise errors.StoreUnavailable(f"API server: {what} failed ({status or 'no response'}): {body}") from e
         if status == 401:
@@ -124,9 +135,9 @@ def _mapped(verb: str, resource: str, name: str = "") -> Iterator[None]:
         raise errors.StoreUnavailable(f"API server unreachable: {what}: {_reason(e)}") from e
 
 
-def _status_message(e: ApiException) -> str:
+def _status_message(e: BaseException) -> str:
     """The ``message`` of the Status object the server sent, else the raw body/reason (cut)."""
-    text = str(e.body or e.reason or "")
+    text = str(getattr(e, "body", "") or getattr(e, "reason", "") or "")
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         msg = json.loads(text).get("message")
         if msg:
@@ -162,29 +173,34 @@ def keepalive_socket_options() -> list[tuple[int, int, int]]:
     return opts
 
 
-def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> kclient.ApiClient:
-    """Client config like client-go's: kubeconfig (server overridden by the URL if given), else the
-    URL alone, else the in-cluster service account.
+def connect(*, kubeconfig_file: str = "", api_url: str = "") -> Any:
+    """The transport for this configuration: ``NativeCoreV1`` when our loader supports it, else
+    the ``kubernetes`` package's ``CoreV1Api`` (logged at INFO with the reason).
 
-    :raises errors.ConfigError: the kubeconfig is unreadable, or nothing is configured and we are
+    :raises errors.ConfigError: the configuration is broken, or nothing is configured and we are
         not running in a pod.
     """
-    cfg = kclient.Configuration()
     try:
-        if kubeconfig_file:
-            kconfig.load_kube_config(config_file=kubeconfig_file, client_configuration=cfg,
-                                     persist_config=False)
-        elif not api_url:
-            kconfig.load_incluster_config(client_configuration=cfg)
-    except (ConfigException, OSError, ValueError, TypeError) as e:
-        src = f"kubeconfig {kubeconfig_file}" if kubeconfig_file else "in-cluster service account"
-        hint = "" if kubeconfig_file else " (outside a pod, pass --kubeconfig-file or --kube-api-url)"
-        raise errors.ConfigError(f"cannot load Kubernetes client config from {src}: {e}{hint}") from None
-    if api_url:
-        cfg.host = api_url.rstrip("/")
-    cfg.socket_options = keepalive_socket_options()
-    cfg.retries = 0  # we retry with our own policies; never silently inside urllib3
-    return kclient.ApiClient(cfg)
+        cfg = kubeconfig.load(kubeconfig_file=kubeconfig_file, api_url=api_url)
+    except kubeconfig.Unsupported as e:
+        log.info("using the kubernetes client package for the API connection (%s needs it: %s)",
+                 f"kubeconfig {kubeconfig_file}" if kubeconfig_file else "the configuration", e)
+        from flannel.subnet_managers.kube import fallback
+
+        return fallback.PackageCoreV1(build_api_client(kubeconfig_file=kubeconfig_file, api_url=api_url))
+    return NativeCoreV1(cfg, socket_options=keepalive_socket_options())
+
+
+def build_api_client(*, kubeconfig_file: str = "", api_url: str = "") -> Any:
+    """The ``kubernetes`` package's ``ApiClient`` for the fallback (imports the package), with our
+    keepalive socket options and no retries inside urllib3.
+
+    :raises errors.ConfigError: the configuration cannot be loaded by the package.
+    """
+    from flannel.subnet_managers.kube import fallback
+
+    return fallback.build_api_client(kubeconfig_file=kubeconfig_file, api_url=api_url,
+                                     socket_options=keepalive_socket_options())
 
 
 class NodeWatch:
@@ -359,20 +375,19 @@ class KubeClient:
         self._kubeconfig_file = kubeconfig_file
         self._api_url = api_url
         self._lock = threading.Lock()
-        self._api_client: kclient.ApiClient | None = None
+        self._core: Any = None  # NativeCoreV1 or fallback.PackageCoreV1, made on first use
 
-    def _api(self) -> kclient.CoreV1Api:
+    def _api(self) -> Any:
         with self._lock:
-            if self._api_client is None:
-                self._api_client = build_api_client(kubeconfig_file=self._kubeconfig_file,
-                                                    api_url=self._api_url)
-            return kclient.CoreV1Api(self._api_client)
+            if self._core is None:
+                self._core = connect(kubeconfig_file=self._kubeconfig_file, api_url=self._api_url)
+            return self._core
 
     @property
     def host(self) -> str:
         """Where we talk to, for logs (before the first call: where the config comes from)."""
-        if self._api_client is not None:
-            return str(self._api_client.configuration.host)
+        if self._core is not None:
+            return str(self._core.host)
         if self._api_url:
             return self._api_url
         return f"from kubeconfig {self._kubeconfig_file}" if self._kubeconfig_file else "in-cluster"
@@ -468,7 +483,7 @@ class KubeClient:
 
     def close(self) -> None:
         with self._lock:
-            if self._api_client is not None:
+            if self._core is not None:
                 with contextlib.suppress(Exception):
-                    self._api_client.close()
-                self._api_client = None
+                    self._core.close()
+                self._core = None

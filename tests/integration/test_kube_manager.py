@@ -1,4 +1,5 @@
-"""KubeSubnetManager against the stand-in API server, through the real ``kubernetes`` client.
+"""KubeSubnetManager against the stand-in API server, through the kube client (our own transport;
+the ``kubernetes`` package only for the configurations it alone implements).
 
 Managers run in-process in the root namespace and talk to the stand-in on 127.0.0.1 (no kernel
 state is touched, so no namespace is needed). The watch output goes through the real
