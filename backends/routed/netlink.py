@@ -489,13 +489,13 @@ class Netlink:
             return
         if nhid is not None and self._owned(nhid):
             routed.append((tag, nhid, oif))
-            yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=False), 0
-            yield tag, rtnl.prebuilt, rtnl.route_set_nh(r, nhid), 0
+            yield tag, rtnl.nexthop_replace_msg, (r, nhid), oif
+            yield tag, rtnl.route_nh_msg, (r, nhid), 0
             return
         nhid = self._free_id(r.dst)
         self._taken.add(nhid)
         fresh.append((tag, oif, nhid))
-        yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=True), 0
+        yield tag, rtnl.nexthop_new_msg, (r, nhid), oif
 
     def _after_routes(self, refused: list[tuple[object, int, str]], fresh: list[tuple[tuple[Route, bool], int, int]],
                       routed: list[tuple[tuple[Route, bool], int | None, int]]) -> list[tuple[object, int, str]]:
@@ -545,7 +545,7 @@ class Netlink:
 
     def _send_later(self, later: list[tuple[tuple[Route, bool], int, int]]) -> list[tuple[object, int, str]]:
         """The second send: routes through their new nexthop (id 0: a plain route). Returns its refusals."""
-        refused2 = self._rt.send((tag, rtnl.prebuilt, rtnl.route_set_nh(tag[0], nhid), 0) if nhid
+        refused2 = self._rt.send((tag, rtnl.route_nh_msg, (tag[0], nhid), 0) if nhid
                                  else (tag, rtnl.route_set_msg, tag[0], oif) for tag, nhid, oif in later)
         bad2 = {id(tag) for tag, _code, _text in refused2}
         orphans = []
