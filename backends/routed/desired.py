@@ -125,24 +125,31 @@ class Index:
         touched = self.drop(ident) if ident in self.leases else Touched()
         self.generation += 1
         self.leases[ident] = lease
+        flat = self._enter(ident, lease)
+        if touch and flat is not None:
+            _touch(touched, flat)
+        return touched
+
+    def _enter(self, ident: Ident, lease: Lease) -> tuple[Any, ...] | None:
+        """Translate a lease already in ``leases`` and record its entries; returns those it
+        claims (None: skipped or blocked)."""
         try:
             st = self.translate(lease, self.ctx)
         except (Skip, errors.BadLeaseRecord) as e:
             self.skipped[ident] = str(e)
-            return touched
-        flat = (*st.routes, *st.neighs, *st.fdbs)
+            return None
+        routes = st.routes
+        flat = (*routes, *st.neighs, *st.fdbs)
         self.entries[ident] = flat
-        reason = self._block_reason(lease, st.routes)
+        reason = self._block_reason(lease, routes)
         if reason is not None:
             self.blocked.add(ident)
             self.skipped[ident] = reason
-            for r in st.routes:
+            for r in routes:
                 self._blocked_wants.setdefault(r.dst, set()).add(ident)
-            return touched
+            return None
         self._claim(ident, flat)
-        if touch:
-            _touch(touched, flat)
-        return touched
+        return flat
 
     def drop(self, ident: Ident) -> Touched:
         """A lease went away (or is about to be replaced)."""
@@ -171,8 +178,6 @@ class Index:
             for f in foreign:
                 fr.setdefault(f.dst, []).append(f)
             self.foreign = {k: tuple(v) for k, v in fr.items()}
-        leases = list(self.leases.values())
-        self.leases.clear()
         self.entries.clear()
         self.skipped.clear()
         self.blocked.clear()
@@ -181,8 +186,9 @@ class Index:
             c.clear()
         self._many = self._claimed = 0
         self.generation += 1
-        for lease in leases:
-            self.put(lease, touch=False)
+        enter = self._enter
+        for ident, lease in self.leases.items():   # the table stays as it is: only the entries are new
+            enter(ident, lease)
 
     # ---- foreign routes (from a dump, or a kernel notification) ----------------------------
 
@@ -309,10 +315,10 @@ class Index:
         for e in flat:
             kind = _KIND_OF[type(e)]
             table, key = self._claims[kind], _KEYS[kind](e)
-            c = table.get(key)
-            if c is None:
-                table[key] = ident
-            elif type(c) is _Many:
+            c = table.setdefault(key, ident)    # one hash of the key (an address object's: a Python call)
+            if c is ident:
+                continue
+            if type(c) is _Many:
                 c[ident] = None
             elif c != ident:
                 table[key] = _Many({c: None, ident: None})

@@ -473,7 +473,8 @@ class Netlink:
         the second send (``_after_routes``): if the id was taken meanwhile, the route must not
         point at somebody else's nexthop."""
         tag = (r, deleting)
-        nhid = self._route_nh.get(r.dst) if r.dst.version == 4 else None
+        # (an empty table: a cold start; no hash of the destination to learn it)
+        nhid = self._route_nh.get(r.dst) if self._route_nh and r.dst.version == 4 else None
         if deleting:
             if nhid is None:
                 yield tag, rtnl.route_del_msg, r, oif

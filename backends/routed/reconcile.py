@@ -695,11 +695,11 @@ def batch_has_events(batch: Batch | None) -> bool:
 def _programmed(desired: model.KernelState, actual: model.KernelState) -> Programmed:
     """The cache after a full apply: the desired entries, carrying the protocol the kernel holds
     for routes that were already right (a Go flannel route adopted as is keeps ``proto boot``)."""
-    have = {r.dst: r for r in actual.routes}
-    routes = {}
-    for r in desired.routes:
-        a = have.get(r.dst)
-        routes[r.dst] = a if a is not None and a == r else r
+    routes = {r.dst: r for r in desired.routes}
+    want = desired.routes
+    for a in actual.routes:      # (a cold start: none; no lookup per desired route)
+        if a in want:
+            routes[a.dst] = a
     return Programmed(routes, {neigh_key(n): n for n in desired.neighs}, {fdb_key(f): f for f in desired.fdbs})
 
 

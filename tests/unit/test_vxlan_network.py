@@ -242,3 +242,21 @@ def test_backend_data_fast_path_agrees_with_the_json_path(mac, vni):
         except errors.BadLeaseRecord as e:
             results.append(type(e))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("data", [None, "not json", "[]", '{"VNI":1}', '{"VtepMAC":5}', '{"VtepMAC":"zz"}',
+                                  '{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}', '{"VNI":1,"VtepMAC":"03:00:00:00:00:01"}',
+                                  '{"VNI":1,"VtepMAC":"02:aa:00:00:00:01"}', '{"VNI":7,"VtepMAC":"0a:ff:10:20:30:40"}',
+                                  '{"VNI":1,"VtepMAC":"0A:FF:10:20:30:40"}', '{"vtepmac":"02-aa-00-00-00-01"}'])
+def test_the_translations_mac_is_parse_backend_datas(data):
+    """``vtep_mac`` (what a lease's translation reads, no ``VtepData`` built) says what
+    ``parse_backend_data`` says: the same MAC, or the same kind of refusal."""
+    try:
+        want: object = vx.parse_backend_data(data).mac
+    except errors.BadLeaseRecord as e:
+        want = (type(e), str(e))
+    try:
+        got: object = vx.vtep_mac(data)
+    except errors.BadLeaseRecord as e:
+        got = (type(e), str(e))
+    assert got == want
