@@ -400,12 +400,19 @@ class Netlink:
 
         def items() -> Iterator[tuple[object, rtnl.Encoder, Any, int]]:
             # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
+            known = index.get
+            route_msgs = self._route_msgs
             for entries, encode, deleting in steps:
+                routes = encode is rtnl.route_set_msg or encode is rtnl.route_del_msg
                 for e in entries:
-                    i = dev(e, deleting)
-                    if i is not None and isinstance(e, Route):
-                        yield from self._route_msgs(e, i, deleting, fresh, routed)
-                    elif i is not None:
+                    i = known(e.dev, -1)   # (a dict hit per entry, the device looked up once)
+                    if i == -1 or i is None:
+                        i = dev(e, deleting)
+                        if i is None:
+                            continue
+                    if routes:
+                        yield from route_msgs(e, i, deleting, fresh, routed)
+                    else:
                         yield (e, deleting), encode, e, i
 
         try:

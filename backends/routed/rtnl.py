@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import Any
+from typing import Any, NamedTuple
 
 from flannel import nl
 from flannel.backends.routed.model import (
@@ -330,10 +330,12 @@ def parse_route(data: bytes, off: int, end: int, within: Callable[[int, int, int
                     None if nh is None else _U32.unpack(nh)[0])
 
 
-@dataclass(frozen=True, slots=True)
-class NexthopMsg:
+class NexthopMsg(NamedTuple):
     """One nexthop object as the kernel reports it. ``single``: a gateway/device nexthop (not a
-    group, not a blackhole), the only kind a route of ours can be read through."""
+    group, not a blackhole), the only kind a route of ours can be read through.
+
+    A named tuple, not a frozen dataclass: a cold start records one per peer route (5000 at
+    5000 peers), and a tuple is built in a fifth of the time."""
 
     id: int
     family: int
