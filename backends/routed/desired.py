@@ -36,6 +36,7 @@ from flannel.backends.routed.model import (
     Route,
     Skip,
     Translate,
+    flat_translation,
 )
 from flannel.lease import Lease
 
@@ -100,7 +101,7 @@ class Index:
         """``leases``: the caller's table of current leases, shared (not copied): ``put``/``drop``
         keep it up to date, and ``rebuild`` translates what it holds."""
         self.ctx = ctx
-        self.translate = translate
+        self.translate = translate          # (and its flat twin: the setter)
         self.own = tuple(own)
         self._own_ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in self.own)
         self.devs = tuple(devs)             # devices our routes use: a proto-boot route there is adoptable
@@ -116,6 +117,15 @@ class Index:
         #: bumped by every change (put, drop, set_foreign, rebuild): a caller that kept ``state()``
         #: knows it is still current while the generation is the same
         self.generation = 0
+
+    @property
+    def translate(self) -> Translate:
+        return self._translate
+
+    @translate.setter
+    def translate(self, translate: Translate) -> None:
+        self._translate = translate
+        self._flat = flat_translation(translate)
 
     # ---- leases ---------------------------------------------------------------------------
 
@@ -134,12 +144,10 @@ class Index:
         """Translate a lease already in ``leases`` and record its entries; returns those it
         claims (None: skipped or blocked)."""
         try:
-            st = self.translate(lease, self.ctx)
+            routes, flat = self._flat(lease, self.ctx)
         except (Skip, errors.BadLeaseRecord) as e:
             self.skipped[ident] = str(e)
             return None
-        routes = st.routes
-        flat = (*routes, *st.neighs, *st.fdbs)
         self.entries[ident] = flat
         reason = self._block_reason(lease, routes)
         if reason is not None:

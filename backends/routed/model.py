@@ -230,6 +230,32 @@ def on_link(ip: Addr, nets: Iterable[Net]) -> bool:
 
 
 Translate = Callable[[Lease, Context], KernelState]
+#: A lease's entries as ``desired.Index`` keeps them: (its routes, all of its entries -- routes,
+#: then neighbours and fdb entries -- each once).
+Flat = tuple[tuple[Route, ...], tuple[Any, ...]]
+FlatTranslate = Callable[[Lease, Context], Flat]
+_FLAT: dict[Translate, FlatTranslate] = {}
+
+
+def register_flat(translate: Translate, flat: FlatTranslate) -> None:
+    """Declare ``flat`` the twin of ``translate``: the same entries (and the same ``Skip`` /
+    ``BadLeaseRecord``), without a ``KernelState`` and its three sets per lease -- what the index
+    needs, ~2 µs a lease cheaper (a cold start translates every peer). A unit test per backend
+    holds the twin to the translation."""
+    _FLAT[translate] = flat
+
+
+def flat_translation(translate: Translate) -> FlatTranslate:
+    """The registered twin of ``translate``, or the flattening of its ``KernelState``."""
+    twin = _FLAT.get(translate)
+    if twin is not None:
+        return twin
+
+    def flat(lease: Lease, ctx: Context) -> Flat:
+        st = translate(lease, ctx)
+        routes = tuple(st.routes)
+        return routes, (*routes, *st.neighs, *st.fdbs)
+    return flat
 
 
 @dataclass(frozen=True)

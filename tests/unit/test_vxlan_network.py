@@ -260,3 +260,64 @@ def test_the_translations_mac_is_parse_backend_datas(data):
     except errors.BadLeaseRecord as e:
         got = (type(e), str(e))
     assert got == want
+
+
+# ---- the index's flat twin of the translation ----------------------------------------------------
+
+def _random_lease(draw):  # type: ignore[no-untyped-def]
+    from hypothesis import strategies as st
+
+    i = draw(st.integers(1, 6))
+    v4 = draw(st.booleans())
+    v6 = draw(st.booleans())
+    mac = draw(st.sampled_from(["02:00:00:00:00:0a", "02:00:00:00:00:0b", "0A:FF:10:20:30:40"]))
+    data = draw(st.sampled_from([None, "{", '{"VNI":1}', '{"VtepMAC":"01:00:00:00:00:01"}',
+                                 f'{{"VNI":1,"VtepMAC":"{mac}"}}', f'{{"VNI":4096,"VtepMAC":"{mac}"}}',
+                                 f'{{"vtepmac":"{mac}"}}', f'{{"VNI":1,"VtepMAC":"{mac}"}}']))
+    data6 = draw(st.sampled_from([None, f'{{"VNI":1,"VtepMAC":"{mac}"}}', '{"VNI":1}']))
+    near = draw(st.booleans())   # the peer on our L2 network (DirectRouting applies)
+    return Lease(N(f"10.5.{i}.0/24") if v4 else None,
+                 LeaseAttrs(public_ip=A(f"198.18.{0 if near else 7}.{i + 1}"),
+                            public_ipv6=A6(f"fd00:{0 if near else 7}::{i + 1}") if draw(st.booleans()) else None,
+                            backend_type=draw(st.sampled_from(["vxlan", "vxlan", "host-gw", ""])),
+                            backend_data=data, backend_v6_data=data6),
+                 ipv6_subnet=N6(f"fd00:5:{i:x}::/64") if v6 else None)
+
+
+def _outcome(f, lease, ctx):  # type: ignore[no-untyped-def]
+    try:
+        return f(lease, ctx)
+    except (rm.Skip, errors.BadLeaseRecord) as e:
+        return (type(e), str(e))
+
+
+def test_the_flat_twin_says_what_the_translation_says():
+    """``vxlan_flat`` (what the index translates with) against ``vxlan_entries`` for random
+    leases -- IPv4, IPv6, dual stack, DirectRouting on and off, bad BackendData, other backend
+    types, nodes running either family or both: the same entries, each once, routes first, or the
+    same refusal; and the index keeps exactly what the general flattening gives."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ctxs = [rm.Context(backend_type="vxlan", dev=d4, ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
+                       direct_routing=dr, dev6=d6, local_nets6=(N6("fd00::/64"),))
+            for d4 in ("flannel.1", None) for d6 in ("flannel-v6.1", None) for dr in (False, True) if d4 or d6]
+    general = rm.flat_translation(lambda lz, c: vx.vxlan_entries(lz, c))   # not registered: the general path
+    assert rm.flat_translation(vx.vxlan_entries) is vx.vxlan_flat
+
+    @settings(max_examples=400, deadline=None)
+    @given(lease=st.composite(_random_lease)(), ctx=st.sampled_from(ctxs))
+    def check(lease: Lease, ctx: rm.Context) -> None:
+        st_ = _outcome(vx.vxlan_entries, lease, ctx)
+        flat = _outcome(vx.vxlan_flat, lease, ctx)
+        if not isinstance(st_, rm.KernelState):
+            assert flat == st_ == _outcome(general, lease, ctx)
+            return
+        routes, entries = flat
+        assert set(routes) == st_.routes and len(routes) == len(st_.routes)
+        assert entries[:len(routes)] == routes and len(set(entries)) == len(entries) == len(st_)
+        assert set(entries) == st_.routes | st_.neighs | st_.fdbs
+        g_routes, g_entries = general(lease, ctx)
+        assert set(g_routes) == set(routes) and set(g_entries) == set(entries)
+
+    check()
