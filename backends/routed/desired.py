@@ -129,10 +129,13 @@ class Index:
 
     # ---- leases ---------------------------------------------------------------------------
 
-    def put(self, lease: Lease, *, touch: bool = True) -> Touched:
-        """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild)."""
+    def put(self, lease: Lease, *, touch: bool = True, into: Touched | None = None) -> Touched:
+        """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild).
+        ``into``: collect them there (and return it) rather than in a new ``Touched``."""
         ident = lease.ident
-        touched = self.drop(ident) if ident in self.leases else Touched()
+        touched = Touched() if into is None else into
+        if ident in self.leases:
+            self.drop(ident, into=touched)
         self.generation += 1
         self.leases[ident] = lease
         flat = self._enter(ident, lease)
@@ -159,9 +162,9 @@ class Index:
         self._claim(ident, flat)
         return flat
 
-    def drop(self, ident: Ident) -> Touched:
-        """A lease went away (or is about to be replaced)."""
-        touched = Touched()
+    def drop(self, ident: Ident, *, into: Touched | None = None) -> Touched:
+        """A lease went away (or is about to be replaced). ``into``: as for ``put``."""
+        touched = Touched() if into is None else into
         if self.leases.pop(ident, None) is None:
             return touched
         self.generation += 1

@@ -123,6 +123,10 @@ class Netlink:
         self._init_nexthops()
 
     def _init_nexthops(self) -> None:
+        #: device name -> index, as found by ``apply`` since the last ``classifier`` (every full
+        #: reconcile, which a deleted or re-created device of ours triggers) or a write refused
+        #: with ENODEV: kernel indexes are not reused, so a stale one only fails a write
+        self._ifindex: dict[str, int | None] = {}
         self._nh_use = nexthops_wanted()
         self._nh_ok: bool | None = None             # the kernel has nexthop objects (None: not asked yet)
         self._nhs: dict[int, rtnl.NexthopMsg] = {}  # every nexthop object in the kernel, as last seen
@@ -253,6 +257,7 @@ class Netlink:
     # ---- entries ----------------------------------------------------------------------------
 
     def classifier(self, scope: Scope) -> rtnl.Classifier:
+        self._ifindex.clear()
         names: dict[int, str] = {}
         overlay: dict[int, str] = {}
         for name in scope.devs:
@@ -377,13 +382,15 @@ class Netlink:
         """Carry out ``plan`` (deletions first, then fdb → neighbour → route). Returns the entries
         the kernel refused, with the reason (empty = all done); deleting what is already gone is
         not a failure. A failing socket raises ``errors.BackendError``."""
-        index: dict[str, int | None] = {}
+        index: dict[str, int | None] = self._ifindex   # devices found before (a lease event: no ioctl)
         failed: list[tuple[object, str]] = []
 
         def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
-            if entry.dev not in index:
-                index[entry.dev] = self._rt.ifindex(entry.dev)
-            i = index[entry.dev]
+            i = index.get(entry.dev)
+            if i is None:
+                i = self._rt.ifindex(entry.dev)
+                if i is not None:
+                    index[entry.dev] = i
             if i is None and not deleting:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
@@ -405,8 +412,8 @@ class Netlink:
             for entries, encode, deleting in steps:
                 routes = encode is rtnl.route_set_msg or encode is rtnl.route_del_msg
                 for e in entries:
-                    i = known(e.dev, -1)   # (a dict hit per entry, the device looked up once)
-                    if i == -1 or i is None:
+                    i = known(e.dev)   # (a dict hit per entry, the device looked up once)
+                    if i is None:
                         i = dev(e, deleting)
                         if i is None:
                             continue
@@ -421,6 +428,8 @@ class Netlink:
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
         for tagged, code, text in refused:
+            if code == errno.ENODEV:
+                self._ifindex.clear()    # a device went away: look them up again next time
             entry, was_delete = tagged if isinstance(tagged, tuple) else (tagged, False)
             if was_delete and code in _GONE:
                 continue

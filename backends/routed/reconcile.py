@@ -224,13 +224,13 @@ class RoutedNetwork(Network):
             ident = ev.lease.ident
             if ev.type is EventType.ADDED:
                 if self.index is not None:
-                    touched.update(self.index.put(ev.lease))     # also updates self.peers (shared)
+                    self.index.put(ev.lease, into=touched)     # also updates self.peers (shared)
                     self._note_skip(ident)
                 else:
                     self.peers[ident] = ev.lease
             else:
                 if self.index is not None:
-                    touched.update(self.index.drop(ident))
+                    self.index.drop(ident, into=touched)
                 else:
                     self.peers.pop(ident, None)
                 self._skip_logged.pop(ident, None)
@@ -371,8 +371,8 @@ class RoutedNetwork(Network):
         deleted. An entry is taken out before it is written again, so someone else's deletion of
         the new entry is never taken for an echo."""
         cl = self._classifier
-        if self._monitor is None or cl is None:
-            return
+        if self._monitor is None or cl is None or not (self._echoes or p.del_fdbs or p.del_neighs):
+            return    # (nothing deleted, nothing to forget: an added lease's event)
         index = {name: i for i, name in cl.overlay.items()}
         written: tuple[model.Neigh | model.Fdb, ...] = (*p.set_fdbs, *p.set_neighs)
         deleted: tuple[model.Neigh | model.Fdb, ...] = (*p.del_fdbs, *p.del_neighs)
