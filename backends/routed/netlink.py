@@ -427,6 +427,12 @@ class Netlink:
             refused = self._after_routes(refused, fresh, routed)
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
+        if refused:
+            self._refusals(refused, failed)
+        return failed
+
+    def _refusals(self, refused: list[tuple[object, int, str]], failed: list[tuple[object, str]]) -> None:
+        """What the kernel refused, as ``apply`` reports it (deleting what is gone is no failure)."""
         for tagged, code, text in refused:
             if code == errno.ENODEV:
                 self._ifindex.clear()    # a device went away: look them up again next time
@@ -435,7 +441,6 @@ class Netlink:
                 continue
             metrics.netlink_error(f"{'delete' if was_delete else 'set'}_{type(entry).__name__}")  # metrics
             failed.append((entry, f"{'delete' if was_delete else 'set'} {entry}: {text} (errno {code})"))
-        return failed
 
     # ---- nexthop objects (IPv4 routes) ------------------------------------------------------
 
