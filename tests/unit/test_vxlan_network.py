@@ -321,3 +321,32 @@ def test_the_flat_twin_says_what_the_translation_says():
         assert set(g_routes) == set(routes) and set(g_entries) == set(entries)
 
     check()
+
+
+def test_entries_hash_by_their_addresses_integers_and_stay_consistent_with_equality():
+    """Route/Neigh/Fdb hash from the addresses' integers (not ``ipaddress``'s hashes): entries built
+    separately from equal values are equal, hash alike and find each other in sets -- a route's
+    protocol takes no part in either -- while an IPv4 and an IPv6 entry with the same integers
+    stay different."""
+    import random
+
+    rnd = random.Random(5)
+    for _ in range(300):
+        v6 = rnd.random() < 0.5
+        bits, net_t, addr_t = (128, N6, A6) if v6 else (32, N, A)
+        plen = rnd.randint(0, bits)
+        raw = rnd.getrandbits(bits) >> (bits - plen) << (bits - plen) if plen else 0
+        gw = rnd.getrandbits(bits)
+        mac = ":".join(f"{rnd.getrandbits(8):02x}" for _ in range(6))
+        onlink = rnd.random() < 0.5
+        r1 = rm.Route(net_t((raw, plen)), addr_t(gw), "flannel.1", onlink)
+        r2 = rm.Route(net_t(f"{net_t((raw, plen))}"), addr_t(str(addr_t(gw))), "flannel.1", onlink,
+                      proto=rm.PROTO_BOOT)
+        assert r1 == r2 and hash(r1) == hash(r2) and r2 in {r1} and r2.proto == rm.PROTO_BOOT
+        assert rm.Route(r1.dst, r1.gateway, "flannel.1", not onlink) != r1
+        n1, n2 = rm.Neigh(addr_t(gw), mac, "flannel.1"), rm.Neigh(addr_t(str(addr_t(gw))), mac, "flannel.1")
+        f1, f2 = rm.Fdb(mac, addr_t(gw), "flannel.1"), rm.Fdb(mac, addr_t(str(addr_t(gw))), "flannel.1")
+        assert n1 == n2 and hash(n1) == hash(n2) and f1 == f2 and hash(f1) == hash(f2)
+        assert frozenset({n1, f1}) == frozenset({n2, f2})
+    assert rm.Neigh(A(1), "02:00:00:00:00:01", "d") != rm.Neigh(A6(1), "02:00:00:00:00:01", "d")
+    assert rm.Route(N("0.0.0.1/32"), A(1), "d") != rm.Route(N6("::1/128"), A6(1), "d")
