@@ -301,7 +301,8 @@ class RoutedNetwork(Network):
         p = model.Plan(del_r, del_n, del_f, set_f, set_n, set_r)
         if p.empty:
             return
-        log.debug("%s: applying %d changes", self.ctx.backend_type, len(p))
+        if log.isEnabledFor(logging.DEBUG):     # (len(p): seven calls per lease event otherwise)
+            log.debug("%s: applying %d changes", self.ctx.backend_type, len(p))
         self._expect_echoes(p)
         try:
             failed = self.nl.apply(p)
