@@ -220,19 +220,21 @@ class RoutedNetwork(Network):
         touched = Touched()
         if batch is None:
             return touched, False
+        index, peers, added = self.index, self.peers, EventType.ADDED   # (the first snapshot: 5000 events)
         for ev in batch.events:
-            ident = ev.lease.ident
-            if ev.type is EventType.ADDED:
-                if self.index is not None:
-                    self.index.put(ev.lease, into=touched)     # also updates self.peers (shared)
+            lease = ev.lease
+            ident = lease.ident
+            if ev.type is added:
+                if index is not None:
+                    index.put(lease, into=touched)     # also updates self.peers (shared)
                     self._note_skip(ident)
                 else:
-                    self.peers[ident] = ev.lease
+                    peers[ident] = lease
             else:
-                if self.index is not None:
-                    self.index.drop(ident, into=touched)
+                if index is not None:
+                    index.drop(ident, into=touched)
                 else:
-                    self.peers.pop(ident, None)
+                    peers.pop(ident, None)
                 self._skip_logged.pop(ident, None)
         if not batch.synced:
             return touched, False
@@ -701,7 +703,8 @@ def _programmed(desired: model.KernelState, actual: model.KernelState) -> Progra
     for a in actual.routes:      # (a cold start: none; no lookup per desired route)
         if a in want:
             routes[a.dst] = a
-    return Programmed(routes, {neigh_key(n): n for n in desired.neighs}, {fdb_key(f): f for f in desired.fdbs})
+    # (the keys of neigh_key / fdb_key spelled out: no call per entry)
+    return Programmed(routes, {(n.dev, n.ip): n for n in desired.neighs}, {(f.dev, f.mac): f for f in desired.fdbs})
 
 
 def _is_programmed(cache: Programmed, desired: model.KernelState, actual: model.KernelState) -> bool:
