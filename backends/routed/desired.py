@@ -36,6 +36,7 @@ from flannel.backends.routed.model import (
     Route,
     Skip,
     Translate,
+    flat_translation,
 )
 from flannel.lease import Lease
 
@@ -100,7 +101,7 @@ class Index:
         """``leases``: the caller's table of current leases, shared (not copied): ``put``/``drop``
         keep it up to date, and ``rebuild`` translates what it holds."""
         self.ctx = ctx
-        self.translate = translate
+        self.translate = translate          # (and its flat twin: the setter)
         self.own = tuple(own)
         self._own_ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in self.own)
         self.devs = tuple(devs)             # devices our routes use: a proto-boot route there is adoptable
@@ -117,36 +118,53 @@ class Index:
         #: knows it is still current while the generation is the same
         self.generation = 0
 
+    @property
+    def translate(self) -> Translate:
+        return self._translate
+
+    @translate.setter
+    def translate(self, translate: Translate) -> None:
+        self._translate = translate
+        self._flat = flat_translation(translate)
+
     # ---- leases ---------------------------------------------------------------------------
 
-    def put(self, lease: Lease, *, touch: bool = True) -> Touched:
-        """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild)."""
+    def put(self, lease: Lease, *, touch: bool = True, into: Touched | None = None) -> Touched:
+        """A lease was added or changed. ``touch=False``: don't collect the touched keys (a rebuild).
+        ``into``: collect them there (and return it) rather than in a new ``Touched``."""
         ident = lease.ident
-        touched = self.drop(ident) if ident in self.leases else Touched()
+        touched = Touched() if into is None else into
+        if ident in self.leases:
+            self.drop(ident, into=touched)
         self.generation += 1
         self.leases[ident] = lease
-        try:
-            st = self.translate(lease, self.ctx)
-        except (Skip, errors.BadLeaseRecord) as e:
-            self.skipped[ident] = str(e)
-            return touched
-        flat = (*st.routes, *st.neighs, *st.fdbs)
-        self.entries[ident] = flat
-        reason = self._block_reason(lease, st.routes)
-        if reason is not None:
-            self.blocked.add(ident)
-            self.skipped[ident] = reason
-            for r in st.routes:
-                self._blocked_wants.setdefault(r.dst, set()).add(ident)
-            return touched
-        self._claim(ident, flat)
-        if touch:
+        flat = self._enter(ident, lease)
+        if touch and flat is not None:
             _touch(touched, flat)
         return touched
 
-    def drop(self, ident: Ident) -> Touched:
-        """A lease went away (or is about to be replaced)."""
-        touched = Touched()
+    def _enter(self, ident: Ident, lease: Lease) -> tuple[Any, ...] | None:
+        """Translate a lease already in ``leases`` and record its entries; returns those it
+        claims (None: skipped or blocked)."""
+        try:
+            routes, flat = self._flat(lease, self.ctx)
+        except (Skip, errors.BadLeaseRecord) as e:
+            self.skipped[ident] = str(e)
+            return None
+        self.entries[ident] = flat
+        reason = self._block_reason(lease, routes)
+        if reason is not None:
+            self.blocked.add(ident)
+            self.skipped[ident] = reason
+            for r in routes:
+                self._blocked_wants.setdefault(r.dst, set()).add(ident)
+            return None
+        self._claim(ident, flat)
+        return flat
+
+    def drop(self, ident: Ident, *, into: Touched | None = None) -> Touched:
+        """A lease went away (or is about to be replaced). ``into``: as for ``put``."""
+        touched = Touched() if into is None else into
         if self.leases.pop(ident, None) is None:
             return touched
         self.generation += 1
@@ -171,8 +189,6 @@ class Index:
             for f in foreign:
                 fr.setdefault(f.dst, []).append(f)
             self.foreign = {k: tuple(v) for k, v in fr.items()}
-        leases = list(self.leases.values())
-        self.leases.clear()
         self.entries.clear()
         self.skipped.clear()
         self.blocked.clear()
@@ -181,8 +197,9 @@ class Index:
             c.clear()
         self._many = self._claimed = 0
         self.generation += 1
-        for lease in leases:
-            self.put(lease, touch=False)
+        enter = self._enter
+        for ident, lease in self.leases.items():   # the table stays as it is: only the entries are new
+            enter(ident, lease)
 
     # ---- foreign routes (from a dump, or a kernel notification) ----------------------------
 
@@ -306,13 +323,20 @@ class Index:
 
     def _claim(self, ident: Ident, flat: tuple[Any, ...]) -> None:
         self._claimed += len(flat)
+        routes, neighs, fdbs = self._claims
         for e in flat:
-            kind = _KIND_OF[type(e)]
-            table, key = self._claims[kind], _KEYS[kind](e)
-            c = table.get(key)
-            if c is None:
-                table[key] = ident
-            elif type(c) is _Many:
+            # the keys of ``_KEYS`` spelled out (a cold start claims 15 000 entries at 5000 peers)
+            t = type(e)
+            if t is Route:
+                table, key = routes, e.dst
+            elif t is Neigh:
+                table, key = neighs, (e.dev, e.ip)
+            else:
+                table, key = fdbs, (e.dev, e.mac)
+            c = table.setdefault(key, ident)    # one hash of the key (an address object's: a Python call)
+            if c is ident:
+                continue
+            if type(c) is _Many:
                 c[ident] = None
             elif c != ident:
                 table[key] = _Many({c: None, ident: None})

@@ -123,6 +123,10 @@ class Netlink:
         self._init_nexthops()
 
     def _init_nexthops(self) -> None:
+        #: device name -> index, as found by ``apply`` since the last ``classifier`` (every full
+        #: reconcile, which a deleted or re-created device of ours triggers) or a write refused
+        #: with ENODEV: kernel indexes are not reused, so a stale one only fails a write
+        self._ifindex: dict[str, int | None] = {}
         self._nh_use = nexthops_wanted()
         self._nh_ok: bool | None = None             # the kernel has nexthop objects (None: not asked yet)
         self._nhs: dict[int, rtnl.NexthopMsg] = {}  # every nexthop object in the kernel, as last seen
@@ -253,6 +257,7 @@ class Netlink:
     # ---- entries ----------------------------------------------------------------------------
 
     def classifier(self, scope: Scope) -> rtnl.Classifier:
+        self._ifindex.clear()
         names: dict[int, str] = {}
         overlay: dict[int, str] = {}
         for name in scope.devs:
@@ -377,13 +382,15 @@ class Netlink:
         """Carry out ``plan`` (deletions first, then fdb → neighbour → route). Returns the entries
         the kernel refused, with the reason (empty = all done); deleting what is already gone is
         not a failure. A failing socket raises ``errors.BackendError``."""
-        index: dict[str, int | None] = {}
+        index: dict[str, int | None] = self._ifindex   # devices found before (a lease event: no ioctl)
         failed: list[tuple[object, str]] = []
 
         def dev(entry: Route | Neigh | Fdb, deleting: bool) -> int | None:
-            if entry.dev not in index:
-                index[entry.dev] = self._rt.ifindex(entry.dev)
-            i = index[entry.dev]
+            i = index.get(entry.dev)
+            if i is None:
+                i = self._rt.ifindex(entry.dev)
+                if i is not None:
+                    index[entry.dev] = i
             if i is None and not deleting:
                 failed.append((entry, f"set {entry}: no device {entry.dev}"))
             return i
@@ -400,12 +407,19 @@ class Netlink:
 
         def items() -> Iterator[tuple[object, rtnl.Encoder, Any, int]]:
             # a generator: only one chunk of encoded messages exists at a time (memory at 10k peers)
+            known = index.get
+            route_msgs = self._route_msgs
             for entries, encode, deleting in steps:
+                routes = encode is rtnl.route_set_msg or encode is rtnl.route_del_msg
                 for e in entries:
-                    i = dev(e, deleting)
-                    if i is not None and isinstance(e, Route):
-                        yield from self._route_msgs(e, i, deleting, fresh, routed)
-                    elif i is not None:
+                    i = known(e.dev)   # (a dict hit per entry, the device looked up once)
+                    if i is None:
+                        i = dev(e, deleting)
+                        if i is None:
+                            continue
+                    if routes:
+                        yield from route_msgs(e, i, deleting, fresh, routed)
+                    else:
                         yield (e, deleting), encode, e, i
 
         try:
@@ -413,13 +427,20 @@ class Netlink:
             refused = self._after_routes(refused, fresh, routed)
         except rtnl.NetlinkFailure as err:
             raise errors.BackendError(f"netlink apply: {err}") from err
+        if refused:
+            self._refusals(refused, failed)
+        return failed
+
+    def _refusals(self, refused: list[tuple[object, int, str]], failed: list[tuple[object, str]]) -> None:
+        """What the kernel refused, as ``apply`` reports it (deleting what is gone is no failure)."""
         for tagged, code, text in refused:
+            if code == errno.ENODEV:
+                self._ifindex.clear()    # a device went away: look them up again next time
             entry, was_delete = tagged if isinstance(tagged, tuple) else (tagged, False)
             if was_delete and code in _GONE:
                 continue
             metrics.netlink_error(f"{'delete' if was_delete else 'set'}_{type(entry).__name__}")  # metrics
             failed.append((entry, f"{'delete' if was_delete else 'set'} {entry}: {text} (errno {code})"))
-        return failed
 
     # ---- nexthop objects (IPv4 routes) ------------------------------------------------------
 
@@ -473,7 +494,8 @@ class Netlink:
         the second send (``_after_routes``): if the id was taken meanwhile, the route must not
         point at somebody else's nexthop."""
         tag = (r, deleting)
-        nhid = self._route_nh.get(r.dst) if r.dst.version == 4 else None
+        # (an empty table: a cold start; no hash of the destination to learn it)
+        nhid = self._route_nh.get(r.dst) if self._route_nh and r.dst.version == 4 else None
         if deleting:
             if nhid is None:
                 yield tag, rtnl.route_del_msg, r, oif
@@ -489,13 +511,13 @@ class Netlink:
             return
         if nhid is not None and self._owned(nhid):
             routed.append((tag, nhid, oif))
-            yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=False), 0
-            yield tag, rtnl.prebuilt, rtnl.route_set_nh(r, nhid), 0
+            yield tag, rtnl.nexthop_replace_msg, (r, nhid), oif
+            yield tag, rtnl.route_nh_msg, (r, nhid), 0
             return
         nhid = self._free_id(r.dst)
         self._taken.add(nhid)
         fresh.append((tag, oif, nhid))
-        yield tag, rtnl.prebuilt, rtnl.nexthop_set(r, oif, nhid, new=True), 0
+        yield tag, rtnl.nexthop_new_msg, (r, nhid), oif
 
     def _after_routes(self, refused: list[tuple[object, int, str]], fresh: list[tuple[tuple[Route, bool], int, int]],
                       routed: list[tuple[tuple[Route, bool], int | None, int]]) -> list[tuple[object, int, str]]:
@@ -545,7 +567,7 @@ class Netlink:
 
     def _send_later(self, later: list[tuple[tuple[Route, bool], int, int]]) -> list[tuple[object, int, str]]:
         """The second send: routes through their new nexthop (id 0: a plain route). Returns its refusals."""
-        refused2 = self._rt.send((tag, rtnl.prebuilt, rtnl.route_set_nh(tag[0], nhid), 0) if nhid
+        refused2 = self._rt.send((tag, rtnl.route_nh_msg, (tag[0], nhid), 0) if nhid
                                  else (tag, rtnl.route_set_msg, tag[0], oif) for tag, nhid, oif in later)
         bad2 = {id(tag) for tag, _code, _text in refused2}
         orphans = []

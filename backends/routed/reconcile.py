@@ -220,19 +220,21 @@ class RoutedNetwork(Network):
         touched = Touched()
         if batch is None:
             return touched, False
+        index, peers, added = self.index, self.peers, EventType.ADDED   # (the first snapshot: 5000 events)
         for ev in batch.events:
-            ident = ev.lease.ident
-            if ev.type is EventType.ADDED:
-                if self.index is not None:
-                    touched.update(self.index.put(ev.lease))     # also updates self.peers (shared)
+            lease = ev.lease
+            ident = lease.ident
+            if ev.type is added:
+                if index is not None:
+                    index.put(lease, into=touched)     # also updates self.peers (shared)
                     self._note_skip(ident)
                 else:
-                    self.peers[ident] = ev.lease
+                    peers[ident] = lease
             else:
-                if self.index is not None:
-                    touched.update(self.index.drop(ident))
+                if index is not None:
+                    index.drop(ident, into=touched)
                 else:
-                    self.peers.pop(ident, None)
+                    peers.pop(ident, None)
                 self._skip_logged.pop(ident, None)
         if not batch.synced:
             return touched, False
@@ -301,7 +303,8 @@ class RoutedNetwork(Network):
         p = model.Plan(del_r, del_n, del_f, set_f, set_n, set_r)
         if p.empty:
             return
-        log.debug("%s: applying %d changes", self.ctx.backend_type, len(p))
+        if log.isEnabledFor(logging.DEBUG):     # (len(p): seven calls per lease event otherwise)
+            log.debug("%s: applying %d changes", self.ctx.backend_type, len(p))
         self._expect_echoes(p)
         try:
             failed = self.nl.apply(p)
@@ -371,8 +374,8 @@ class RoutedNetwork(Network):
         deleted. An entry is taken out before it is written again, so someone else's deletion of
         the new entry is never taken for an echo."""
         cl = self._classifier
-        if self._monitor is None or cl is None:
-            return
+        if self._monitor is None or cl is None or not (self._echoes or p.del_fdbs or p.del_neighs):
+            return    # (nothing deleted, nothing to forget: an added lease's event)
         index = {name: i for i, name in cl.overlay.items()}
         written: tuple[model.Neigh | model.Fdb, ...] = (*p.set_fdbs, *p.set_neighs)
         deleted: tuple[model.Neigh | model.Fdb, ...] = (*p.del_fdbs, *p.del_neighs)
@@ -695,12 +698,13 @@ def batch_has_events(batch: Batch | None) -> bool:
 def _programmed(desired: model.KernelState, actual: model.KernelState) -> Programmed:
     """The cache after a full apply: the desired entries, carrying the protocol the kernel holds
     for routes that were already right (a Go flannel route adopted as is keeps ``proto boot``)."""
-    have = {r.dst: r for r in actual.routes}
-    routes = {}
-    for r in desired.routes:
-        a = have.get(r.dst)
-        routes[r.dst] = a if a is not None and a == r else r
-    return Programmed(routes, {neigh_key(n): n for n in desired.neighs}, {fdb_key(f): f for f in desired.fdbs})
+    routes = {r.dst: r for r in desired.routes}
+    want = desired.routes
+    for a in actual.routes:      # (a cold start: none; no lookup per desired route)
+        if a in want:
+            routes[a.dst] = a
+    # (the keys of neigh_key / fdb_key spelled out: no call per entry)
+    return Programmed(routes, {(n.dev, n.ip): n for n in desired.neighs}, {(f.dev, f.mac): f for f in desired.fdbs})
 
 
 def _is_programmed(cache: Programmed, desired: model.KernelState, actual: model.KernelState) -> bool:

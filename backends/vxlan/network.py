@@ -14,7 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from flannel import errors
-from flannel.backends.routed.model import ZERO_MAC, Addr, Context, Fdb, KernelState, Neigh, Net, Route, Skip, on_link
+from flannel.backends.routed.model import (
+    ZERO_MAC,
+    Addr,
+    Context,
+    Fdb,
+    Flat,
+    KernelState,
+    Neigh,
+    Net,
+    Route,
+    Skip,
+    on_link,
+    register_flat,
+)
 from flannel.lease import Lease
 
 TYPE = "vxlan"
@@ -179,17 +192,52 @@ def parse_backend_data(text: str | None) -> VtepData:
 # Lease → entries
 # --------------------------------------------------------------------------------------------
 
+def vtep_mac(text: str | None) -> str:
+    """``parse_backend_data(text).mac``, without building a ``VtepData`` for what every flannel
+    writes (the canonical form): the translation of a lease needs only the MAC.
+
+    :raises errors.BadLeaseRecord: as ``parse_backend_data``.
+    """
+    m = _CANONICAL.fullmatch(text) if text is not None else None
+    if m is not None:
+        mac = m.group(2)
+        if mac != ZERO_MAC and not int(mac[:2], 16) & 1:
+            return mac
+    return parse_backend_data(text).mac
+
+
 def _vxlan_family(subnet: Net, peer: Addr, data: str | None, dev: str, ext_dev: str, local_nets: Iterable[Net],
-                  direct_routing: bool) -> KernelState:
-    vtep = parse_backend_data(data)
+                  direct_routing: bool, routes: list[Route], rest: list[Neigh | Fdb]) -> None:
+    """Append one family's entries to the lists (no set or ``KernelState`` per family)."""
+    mac = vtep_mac(data)
     if direct_routing and on_link(peer, local_nets):
-        return KernelState(routes=frozenset({Route(subnet, peer, ext_dev)}))
+        routes.append(Route(subnet, peer, ext_dev))
+        return
     gw = subnet.network_address
-    return KernelState(
-        routes=frozenset({Route(subnet, gw, dev, onlink=True)}),
-        neighs=frozenset({Neigh(gw, vtep.mac, dev)}),
-        fdbs=frozenset({Fdb(vtep.mac, peer, dev)}),
-    )
+    routes.append(Route(subnet, gw, dev, True))
+    rest.append(Neigh(gw, mac, dev))
+    rest.append(Fdb(mac, peer, dev))
+
+
+def vxlan_flat(lease: Lease, ctx: Context) -> Flat:
+    """``vxlan_entries`` as the index keeps them (``model.register_flat``): the families' entries
+    are distinct (their devices or addresses differ), so none appears twice."""
+    attrs = lease.attrs
+    if attrs.backend_type != ctx.backend_type:
+        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: "
+                   f"type={attrs.backend_type or '<none>'}")
+    routes: list[Route] = []
+    rest: list[Neigh | Fdb] = []
+    if ctx.dev is not None and lease.subnet is not None:
+        _vxlan_family(lease.subnet, attrs.public_ip, attrs.backend_data, ctx.dev,
+                      ctx.ext_dev, ctx.local_nets, ctx.direct_routing, routes, rest)
+    if ctx.dev6 is not None and lease.ipv6_subnet is not None and attrs.public_ipv6 is not None:
+        _vxlan_family(lease.ipv6_subnet, attrs.public_ipv6, attrs.backend_v6_data,
+                      ctx.dev6, ctx.ext_dev, ctx.local_nets6, ctx.direct_routing, routes, rest)
+    if not routes:
+        raise Skip(f"lease {lease.describe()} has no subnet of an address family this node runs")
+    r = tuple(routes)
+    return r, (*r, *rest)
 
 
 def vxlan_entries(lease: Lease, ctx: Context) -> KernelState:
@@ -202,19 +250,10 @@ def vxlan_entries(lease: Lease, ctx: Context) -> KernelState:
     :raises Skip: other backend type, no subnet of an enabled family.
     :raises errors.BadLeaseRecord: bad BackendData / BackendV6Data (the whole lease is skipped).
     """
-    if lease.attrs.backend_type != ctx.backend_type:
-        raise Skip(f"ignoring non-{ctx.backend_type} subnet {lease.describe()}: "
-                   f"type={lease.attrs.backend_type or '<none>'}")
-    parts: list[KernelState] = []
-    if ctx.dev is not None and lease.subnet is not None:
-        parts.append(_vxlan_family(lease.subnet, lease.attrs.public_ip, lease.attrs.backend_data, ctx.dev,
-                                   ctx.ext_dev, ctx.local_nets, ctx.direct_routing))
-    if ctx.dev6 is not None and lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None:
-        parts.append(_vxlan_family(lease.ipv6_subnet, lease.attrs.public_ipv6, lease.attrs.backend_v6_data,
-                                   ctx.dev6, ctx.ext_dev, ctx.local_nets6, ctx.direct_routing))
-    if not parts:
-        raise Skip(f"lease {lease.describe()} has no subnet of an address family this node runs")
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.union(p)
-    return out
+    routes, flat = vxlan_flat(lease, ctx)
+    rest = flat[len(routes):]
+    return KernelState(frozenset(routes), frozenset(e for e in rest if type(e) is Neigh),
+                       frozenset(e for e in rest if type(e) is Fdb))
+
+
+register_flat(vxlan_entries, vxlan_flat)

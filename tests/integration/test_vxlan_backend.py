@@ -272,6 +272,28 @@ def test_device_deleted_under_running_agent_comes_back_with_all_peers(ns):
         agent.stop()
 
 
+def test_lease_events_after_the_device_was_re_created_program_the_new_device(ns):
+    """Lease events find the device's index without asking the kernel each time (``Netlink.apply``
+    keeps what it found): after the device is deleted and re-created under a new index, the next
+    events still program the new device, and removals leave nothing behind."""
+    agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
+    try:
+        peers = [vx_lease(i) for i in range(2, 5)]
+        agent.send(*added(*peers), synced=True)
+        agent.send(*added(vx_lease(5)))                     # an incremental apply: the index is now known
+        wait_for(lambda: state(ns) == expected_for(*peers, vx_lease(5)), what="peers programmed")
+        old = link(ns)["ifindex"]
+        ns.ip("link", "del", "flannel.1")
+        wait_for(lambda: "flannel.1" in ns.ip("link", "show") and link(ns)["ifindex"] != old,
+                 what="device re-created under a new index")
+        wait_for(lambda: state(ns) == expected_for(*peers, vx_lease(5)), what="peers re-programmed")
+        agent.send(*added(vx_lease(6)))
+        agent.send(*removed(vx_lease(2)))
+        wait_for(lambda: state(ns) == expected_for(*peers[1:], vx_lease(5), vx_lease(6)), what="events applied")
+    finally:
+        agent.stop()
+
+
 def test_config_change_updates_device_in_place(ns):
     agent = Agent(ns, VXLANBackend(ext_of(ns)), CFG, FakeLeases("10.5.1.0/24")).start()
     agent.stop()

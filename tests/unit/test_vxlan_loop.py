@@ -449,3 +449,27 @@ def test_only_echoes_of_entries_we_deleted_and_did_not_write_again_are_dropped()
     net._expect_echoes(rm.Plan(del_neighs=(n,)))
     net._expect_echoes(rm.Plan(set_neighs=(rm.Neigh(A("10.5.2.0"), "02:00:00:00:00:09", "flannel.1"),)))
     assert not net._only_echoes(n_echo)                                           # same key, written again
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=lease_ops())
+def test_the_index_with_the_flat_twin_wants_what_the_general_translation_wants(batches: list[list[LeaseEvent]]) -> None:
+    """Two indexes over the same events -- one translating with vxlan's flat twin (as the agent
+    does), one with the general flattening of ``vxlan_entries`` -- want the same kernel, skip the
+    same leases for the same reasons and report the same touched keys, also after a rebuild."""
+    ctx = rm.Context(backend_type="vxlan", dev="flannel.1", ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
+                     dev6="flannel-v6.1")
+    fast = Index(ctx, vx.vxlan_entries, own=(OWN,), devs=("flannel.1", "eth0"))
+    slow = Index(ctx, lambda lz, c: vx.vxlan_entries(lz, c), own=(OWN,), devs=("flannel.1", "eth0"))
+    for b in batches:
+        for ev in b:
+            if ev.type is EventType.ADDED:
+                t1, t2 = fast.put(ev.lease), slow.put(ev.lease)
+            else:
+                t1, t2 = fast.drop(ev.lease.ident), slow.drop(ev.lease.ident)
+            assert (t1.routes, t1.neighs, t1.fdbs) == (t2.routes, t2.neighs, t2.fdbs)
+        assert fast.state() == slow.state() == slow.winners()
+        assert fast.skipped == slow.skipped and fast.blocked == slow.blocked
+    fast.rebuild()
+    slow.rebuild()
+    assert fast.state() == slow.state() and fast.skipped == slow.skipped

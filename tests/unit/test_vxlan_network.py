@@ -242,3 +242,111 @@ def test_backend_data_fast_path_agrees_with_the_json_path(mac, vni):
         except errors.BadLeaseRecord as e:
             results.append(type(e))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("data", [None, "not json", "[]", '{"VNI":1}', '{"VtepMAC":5}', '{"VtepMAC":"zz"}',
+                                  '{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}', '{"VNI":1,"VtepMAC":"03:00:00:00:00:01"}',
+                                  '{"VNI":1,"VtepMAC":"02:aa:00:00:00:01"}', '{"VNI":7,"VtepMAC":"0a:ff:10:20:30:40"}',
+                                  '{"VNI":1,"VtepMAC":"0A:FF:10:20:30:40"}', '{"vtepmac":"02-aa-00-00-00-01"}'])
+def test_the_translations_mac_is_parse_backend_datas(data):
+    """``vtep_mac`` (what a lease's translation reads, no ``VtepData`` built) says what
+    ``parse_backend_data`` says: the same MAC, or the same kind of refusal."""
+    try:
+        want: object = vx.parse_backend_data(data).mac
+    except errors.BadLeaseRecord as e:
+        want = (type(e), str(e))
+    try:
+        got: object = vx.vtep_mac(data)
+    except errors.BadLeaseRecord as e:
+        got = (type(e), str(e))
+    assert got == want
+
+
+# ---- the index's flat twin of the translation ----------------------------------------------------
+
+def _random_lease(draw):  # type: ignore[no-untyped-def]
+    from hypothesis import strategies as st
+
+    i = draw(st.integers(1, 6))
+    v4 = draw(st.booleans())
+    v6 = draw(st.booleans())
+    mac = draw(st.sampled_from(["02:00:00:00:00:0a", "02:00:00:00:00:0b", "0A:FF:10:20:30:40"]))
+    data = draw(st.sampled_from([None, "{", '{"VNI":1}', '{"VtepMAC":"01:00:00:00:00:01"}',
+                                 f'{{"VNI":1,"VtepMAC":"{mac}"}}', f'{{"VNI":4096,"VtepMAC":"{mac}"}}',
+                                 f'{{"vtepmac":"{mac}"}}', f'{{"VNI":1,"VtepMAC":"{mac}"}}']))
+    data6 = draw(st.sampled_from([None, f'{{"VNI":1,"VtepMAC":"{mac}"}}', '{"VNI":1}']))
+    near = draw(st.booleans())   # the peer on our L2 network (DirectRouting applies)
+    return Lease(N(f"10.5.{i}.0/24") if v4 else None,
+                 LeaseAttrs(public_ip=A(f"198.18.{0 if near else 7}.{i + 1}"),
+                            public_ipv6=A6(f"fd00:{0 if near else 7}::{i + 1}") if draw(st.booleans()) else None,
+                            backend_type=draw(st.sampled_from(["vxlan", "vxlan", "host-gw", ""])),
+                            backend_data=data, backend_v6_data=data6),
+                 ipv6_subnet=N6(f"fd00:5:{i:x}::/64") if v6 else None)
+
+
+def _outcome(f, lease, ctx):  # type: ignore[no-untyped-def]
+    try:
+        return f(lease, ctx)
+    except (rm.Skip, errors.BadLeaseRecord) as e:
+        return (type(e), str(e))
+
+
+def test_the_flat_twin_says_what_the_translation_says():
+    """``vxlan_flat`` (what the index translates with) against ``vxlan_entries`` for random
+    leases -- IPv4, IPv6, dual stack, DirectRouting on and off, bad BackendData, other backend
+    types, nodes running either family or both: the same entries, each once, routes first, or the
+    same refusal; and the index keeps exactly what the general flattening gives."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ctxs = [rm.Context(backend_type="vxlan", dev=d4, ext_dev="eth0", local_nets=(N("198.18.0.0/24"),),
+                       direct_routing=dr, dev6=d6, local_nets6=(N6("fd00::/64"),))
+            for d4 in ("flannel.1", None) for d6 in ("flannel-v6.1", None) for dr in (False, True) if d4 or d6]
+    general = rm.flat_translation(lambda lz, c: vx.vxlan_entries(lz, c))   # not registered: the general path
+    assert rm.flat_translation(vx.vxlan_entries) is vx.vxlan_flat
+
+    @settings(max_examples=400, deadline=None)
+    @given(lease=st.composite(_random_lease)(), ctx=st.sampled_from(ctxs))
+    def check(lease: Lease, ctx: rm.Context) -> None:
+        st_ = _outcome(vx.vxlan_entries, lease, ctx)
+        flat = _outcome(vx.vxlan_flat, lease, ctx)
+        if not isinstance(st_, rm.KernelState):
+            assert flat == st_ == _outcome(general, lease, ctx)
+            return
+        routes, entries = flat
+        assert set(routes) == st_.routes and len(routes) == len(st_.routes)
+        assert entries[:len(routes)] == routes and len(set(entries)) == len(entries) == len(st_)
+        assert set(entries) == st_.routes | st_.neighs | st_.fdbs
+        g_routes, g_entries = general(lease, ctx)
+        assert set(g_routes) == set(routes) and set(g_entries) == set(entries)
+
+    check()
+
+
+def test_entries_hash_by_their_addresses_integers_and_stay_consistent_with_equality():
+    """Route/Neigh/Fdb hash from the addresses' integers (not ``ipaddress``'s hashes): entries built
+    separately from equal values are equal, hash alike and find each other in sets -- a route's
+    protocol takes no part in either -- while an IPv4 and an IPv6 entry with the same integers
+    stay different."""
+    import random
+
+    rnd = random.Random(5)
+    for _ in range(300):
+        v6 = rnd.random() < 0.5
+        bits, net_t, addr_t = (128, N6, A6) if v6 else (32, N, A)
+        plen = rnd.randint(0, bits)
+        raw = rnd.getrandbits(bits) >> (bits - plen) << (bits - plen) if plen else 0
+        gw = rnd.getrandbits(bits)
+        mac = ":".join(f"{rnd.getrandbits(8):02x}" for _ in range(6))
+        onlink = rnd.random() < 0.5
+        r1 = rm.Route(net_t((raw, plen)), addr_t(gw), "flannel.1", onlink)
+        r2 = rm.Route(net_t(f"{net_t((raw, plen))}"), addr_t(str(addr_t(gw))), "flannel.1", onlink,
+                      proto=rm.PROTO_BOOT)
+        assert r1 == r2 and hash(r1) == hash(r2) and r2 in {r1} and r2.proto == rm.PROTO_BOOT
+        assert rm.Route(r1.dst, r1.gateway, "flannel.1", not onlink) != r1
+        n1, n2 = rm.Neigh(addr_t(gw), mac, "flannel.1"), rm.Neigh(addr_t(str(addr_t(gw))), mac, "flannel.1")
+        f1, f2 = rm.Fdb(mac, addr_t(gw), "flannel.1"), rm.Fdb(mac, addr_t(str(addr_t(gw))), "flannel.1")
+        assert n1 == n2 and hash(n1) == hash(n2) and f1 == f2 and hash(f1) == hash(f2)
+        assert frozenset({n1, f1}) == frozenset({n2, f2})
+    assert rm.Neigh(A(1), "02:00:00:00:00:01", "d") != rm.Neigh(A6(1), "02:00:00:00:00:01", "d")
+    assert rm.Route(N("0.0.0.1/32"), A(1), "d") != rm.Route(N6("::1/128"), A6(1), "d")
