@@ -4,7 +4,17 @@ Startup follows reference §0 (kube-only steps live in the kube subnet manager):
 manager plugin → signal handlers → health server → wait for the network config (retry every
 second) → public IPs stored in the store override the flags → external interface → load and
 construct the backend → ``register_network`` (acquires the lease) → traffic rules → subnet.env
-→ "flannel is ready" → event pipeline → keep the lease alive.
+→ "flannel is ready" → keep the lease alive.
+
+One difference from flannel's order (docs/design-divergences.md): for the built-in backends that
+only program the kernel (``EARLY_PIPELINE_BACKENDS``) the event pipeline (watch + network threads)
+starts as soon as the lease is acquired, so the first reconcile of every peer (the bulk of a cold
+start at thousands of nodes) runs while the traffic rules go in and subnet.env is written.
+Readiness keeps its meaning: subnet.env, "flannel is ready", ``/readyz`` and systemd's READY=1
+still come only after the rules are in place, and a failure in the rules stops the agent (the
+started threads stop and are joined). Other backends (the extension backend runs the operator's
+commands per peer, which may read subnet.env; third-party plugins) start the pipeline after
+subnet.env, as flannel does.
 
 Concurrency (DESIGN §4): one stop ``threading.Event`` and plain threads. The main thread only
 waits: the startup and every loop run on worker threads, so SIGTERM is honoured within a few
@@ -70,6 +80,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: built-in backends whose network only programs the kernel: their pipeline starts before the traffic rules
+EARLY_PIPELINE_BACKENDS = frozenset({"vxlan", "host-gw", "udp", "wireguard", "alloc"})
 
 
 class _Stopped(Exception):
@@ -106,6 +118,13 @@ def load_subnet_manager(opts: AgentOptions) -> SubnetManager:
     cls = plugins.load(plugins.SUBNET_MANAGERS, opts.subnet_manager)
     manager: SubnetManager = cls(opts)
     return manager
+
+
+def starts_pipeline_early(backend_cls: type[Backend]) -> bool:
+    """Whether the lease pipeline may start before the traffic rules and subnet.env: only for our
+    own kernel-programming backends (a plugin of the same name from elsewhere keeps flannel's order)."""
+    return (backend_cls.type_name in EARLY_PIPELINE_BACKENDS
+            and backend_cls.__module__.startswith("flannel.backends."))
 
 
 def load_backend(config: NetworkConfig) -> type[Backend]:
@@ -228,14 +247,21 @@ class Daemon:
         config = self.config = self._wait_for_config(manager)
         ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
                                     ipv6=config.enable_ipv6)
-        backend = load_backend(config)(ext, self.opts)
+        backend_cls = load_backend(config)
+        backend = backend_cls(ext, self.opts)
         network = self.network = backend.register_network(config=config, leases=manager)
         self.lease = network.lease
         log.info("acquired lease %s", network.lease.describe())
         self._check_stop()
+        early = starts_pipeline_early(backend_cls)
+        if early:
+            self._start_pipeline(network)
         self._setup_traffic_rules(config=config, lease=network.lease, ext_iface=ext)
         self._write_subnet_file(config, network)
-        self._start_pipeline(network)
+        if not early:
+            self._start_pipeline(network)
+        self._spawn("lease", self._keep_lease)
+        sd_notify("READY=1")
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -304,11 +330,11 @@ class Daemon:
 
     # --- the running pipeline ------------------------------------------------------------------
     def _start_pipeline(self, network: Network) -> None:
-        self.watcher = LeaseWatcher(network.lease)
+        """The watch and network threads: leases from the store → batches → the backend."""
+        with self._lock:
+            self.watcher = LeaseWatcher(network.lease)
         self._spawn("network", lambda: network.run(self.batches, self.stop), until_stop=True)
         self._spawn("watch", self._watch, until_stop=True)
-        self._spawn("lease", self._keep_lease)
-        sd_notify("READY=1")
 
     def _watch(self) -> None:
         assert self.manager is not None and self.watcher is not None and self.config is not None
