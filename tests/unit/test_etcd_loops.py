@@ -271,3 +271,52 @@ def test_the_acquisitions_listing_is_not_the_first_snapshot_when_stale_or_when_t
     assert first.snapshot is not None and old not in first.snapshot and a in first.snapshot
     stop.set()
     gen.close()
+
+
+def test_a_prefetched_listing_serves_the_acquisition_and_the_first_snapshot(tmp_path, monkeypatch):
+    """prefetch_leases reads the listing on its own thread; the acquisition decides on it exactly
+    as on one it read itself, and the watch starts from it: one listing in all. A stale or failed
+    prefetch is not used (the acquisition lists for itself)."""
+    from flannel.subnet_managers.etcd import manager as etcd_manager
+    a = peer("10.5.1.0/24", "198.18.0.1")
+    mine = peer("10.5.7.0/24", "198.18.0.9")
+    reg = ScriptedRegistry(CONFIG, [a, mine], handles=[])
+    reg.revision = 20
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    m.prefetch_leases()   # once only
+    own = m.acquire_lease(running(), mine.attrs)
+    assert own.subnet == mine.subnet and reg.lists == 1   # reused our lease, found in the prefetched listing
+    stop = threading.Event()
+    gen = m.watch_leases(running(), stop)
+    assert next(gen).snapshot == (a, replace_expiration(mine))
+    assert reg.lists == 1
+    stop.set()
+    gen.close()
+
+    monkeypatch.setattr(etcd_manager, "PREFETCH_MAX_AGE", -1.0)
+    reg = ScriptedRegistry(CONFIG, [a, mine], handles=[])
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    assert m.acquire_lease(running(), mine.attrs).subnet == mine.subnet
+    assert reg.lists == 2   # the stale prefetch, then the acquisition's own
+
+    class Down(ScriptedRegistry):
+        def list_leases(self, *, ttl: bool = False) -> Any:
+            if self.lists == 0:
+                self.lists += 1
+                raise errors.StoreUnavailable("etcd is restarting")
+            return super().list_leases(ttl=ttl)
+    reg = Down(CONFIG, [a, mine], handles=[])
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    assert m.acquire_lease(running(), mine.attrs).subnet == mine.subnet
+    assert reg.lists == 2   # the failed prefetch, then the acquisition's own
+
+
+def replace_expiration(lease: Lease) -> Lease:
+    """``lease`` as a listing shows it (a leased key's TTL is not looked up)."""
+    import dataclasses
+
+    from flannel.subnet_managers.etcd.store import TTL_NOT_LOOKED_UP
+    return lease if lease.expiration is None else dataclasses.replace(lease, expiration=TTL_NOT_LOOKED_UP)
