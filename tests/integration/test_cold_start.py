@@ -215,7 +215,7 @@ def test_a_stale_acquisition_listing_is_not_used(etcd: EtcdServer, opts: AgentOp
 FAKE_NFT = """#!/bin/sh
 echo "$@" >> {dir}/nft.calls
 n=0
-while [ ! -e {dir}/go ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n + 1)); done
+while [ ! -e {dir}/go ] && [ $n -lt 1200 ]; do /bin/sleep 0.05; n=$((n + 1)); done
 echo "Error: Could not process rule: Operation not permitted (fake nft)" >&2
 exit 1
 """
