@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
 SHUTDOWN_GRACE_SECONDS = 5.0
-#: GIL switch interval (seconds) while startup runs next to the lease prefetch and the pipeline
+#: GIL switch interval (seconds) while the startup thread installs the rules next to the running pipeline
 STARTUP_SWITCH_INTERVAL = 0.0002
 #: built-in backends whose network only programs the kernel: their pipeline starts before the traffic rules
 EARLY_PIPELINE_BACKENDS = frozenset({"vxlan", "host-gw", "udp", "wireguard", "alloc"})
@@ -248,19 +248,18 @@ class Daemon:
         log.info("subnet manager: %s", manager.name)
         self._start_health()
         config = self.config = self._wait_for_config(manager)
-        with _quick_gil_handoffs():   # from here on startup shares the GIL with the prefetch, then the pipeline
-            manager.prefetch_leases()   # etcd: the lease listing, read while the interface and device are set up
-            ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
-                                        ipv6=config.enable_ipv6)
-            backend_cls = load_backend(config)
-            backend = backend_cls(ext, self.opts)
-            network = self.network = backend.register_network(config=config, leases=manager)
-            self.lease = network.lease
-            log.info("acquired lease %s", network.lease.describe())
-            self._check_stop()
-            early = starts_pipeline_early(backend_cls)
-            if early:
-                self._start_pipeline(network)
+        ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
+                                    ipv6=config.enable_ipv6)
+        backend_cls = load_backend(config)
+        backend = backend_cls(ext, self.opts)
+        network = self.network = backend.register_network(config=config, leases=manager)
+        self.lease = network.lease
+        log.info("acquired lease %s", network.lease.describe())
+        self._check_stop()
+        early = starts_pipeline_early(backend_cls)
+        if early:
+            self._start_pipeline(network)
+        with _quick_gil_handoffs(early):   # the rules go in next to the first reconcile
             self._setup_traffic_rules(config=config, lease=network.lease, ext_iface=ext)
             self._write_subnet_file(config, network)
         if not early:
@@ -413,17 +412,21 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def _quick_gil_handoffs() -> Iterator[None]:
-    """During startup, a shorter GIL switch interval (``STARTUP_SWITCH_INTERVAL``).
+def _quick_gil_handoffs(active: bool) -> Iterator[None]:
+    """While the rules go in next to the first reconcile: a shorter GIL switch interval
+    (``STARTUP_SWITCH_INTERVAL``).
 
-    Why: the startup thread mostly waits for the kernel and for ``nft``/``iptables`` subprocesses,
-    and after each wait it needs the GIL back from a thread busy in Python (the etcd listing being
-    decoded ahead of the acquisition, then the first reconcile of every peer), which lets go only
-    every ``sys.getswitchinterval()`` (5 ms by default). Measured: 8 ``nft`` calls next to a busy
-    thread took 150–200 ms at 5 ms, 45–70 ms at 0.2 ms (27–31 ms alone), i.e. readiness at 5000
-    peers would come later for nothing. A holder is asked to let go only when another thread
-    waits, so the busy thread pays for this only while the startup thread wants the GIL.
+    Why: the startup thread mostly waits for ``nft``/``iptables`` subprocesses, and after each
+    wait it needs the GIL back from the network thread, busy in Python with the first reconcile of
+    every peer, which lets go only every ``sys.getswitchinterval()`` (5 ms by default). Measured:
+    8 ``nft`` calls next to a busy thread took 150–200 ms at 5 ms, 45–70 ms at 0.2 ms (27–31 ms
+    alone), i.e. readiness at 5000 peers came ~0.15 s later. A holder is asked to let go only
+    when another thread waits, so the reconcile pays for this only while the startup thread
+    wants the GIL.
     """
+    if not active:
+        yield
+        return
     global _quick_users, _saved_interval
     with _interval_lock:   # several daemons in one process (tests): the first sets, the last restores
         if _quick_users == 0:

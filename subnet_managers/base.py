@@ -68,11 +68,5 @@ class SubnetManager(abc.ABC):
         kube: mark the node network available). ``on_lease`` is called with each new version of
         our lease (renewal or re-acquisition)."""
 
-    def prefetch_leases(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
-        """Start reading what ``acquire_lease`` will need, in the background, while the daemon
-        selects the interface and the backend sets up its device (etcd: the listing of every
-        lease, the part of a cold start that grows with the cluster). Never raises; a failed
-        prefetch leaves the acquisition to read for itself."""
-
     def close(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
         """Release connections. Idempotent."""

@@ -17,13 +17,6 @@ it is never re-read for an acquisition.
   cannot decode still occupy their subnets (``Listing.occupied``), so allocation picks another.
 * **reservations** (keys without an etcd lease) stay reservations when their owner takes them
   (§14.5): they are re-put without a lease and never renewed.
-* **prefetch_leases**: the daemon calls it once the config is read; the listing the first
-  acquisition needs is then read on a thread of its own while the interface is selected and the
-  backend sets up its device (~0.1–0.3 s each at 5000 leases), instead of after them. The
-  acquisition takes that listing (if at most ``PREFETCH_MAX_AGE`` old) exactly as it would take
-  one it read itself: the decisions are the same for the same store contents, and a store that
-  changed since is the race every acquisition already has (creates are create-if-absent; a
-  conflict lists afresh).
 * **complete_lease**: the ``LeaseKeeper`` (keeper.py): conditional renewals, re-acquisition.
 * **watch_leases**: snapshot, then events from the snapshot's revision + 1; a broken watch resumes
   from the last delivered event's revision + 1. A compaction (or a catch-up too large to receive)
@@ -43,7 +36,6 @@ cancels it when ``stop`` is set, so SIGTERM is honoured at once and an idle agen
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import random
@@ -53,7 +45,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel import errors, metrics, retry, stophooks, subnet_file, threadname
+from flannel import errors, metrics, retry, stophooks, subnet_file
 from flannel.config import NetworkConfig, deferred_changes, parse_network_config, restart_changes
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -80,9 +72,6 @@ MAX_FREE_CANDIDATES = 100
 #: watch thread restarted, a startup stalled) would make the watch replay a long backlog of
 #: events from an old revision, or hit a compaction, so it lists again instead.
 FIRST_SNAPSHOT_MAX_AGE = 10.0
-#: Seconds for which a prefetched listing may serve the first acquisition (it is read while the
-#: device is set up, well under a second before; an older one is read again).
-PREFETCH_MAX_AGE = 5.0
 
 
 class EtcdSubnetManager(SubnetManager):
@@ -107,8 +96,6 @@ class EtcdSubnetManager(SubnetManager):
         self._feed = KeyFeed()
         #: the listing our acquisition read and when (monotonic): the lease watch's first snapshot (taken once)
         self._listing: tuple[Listing, float] | None = None
-        #: the listing prefetch_leases is reading for the first acquisition (taken once)
-        self._prefetch: concurrent.futures.Future[tuple[Listing, float]] | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -206,76 +193,32 @@ class EtcdSubnetManager(SubnetManager):
 
     # -- acquire ---------------------------------------------------------------------------------
 
-    def prefetch_leases(self) -> None:
-        with self._lock:
-            if self._prefetch is not None:
-                return
-            future = self._prefetch = concurrent.futures.Future()
-        counting = metrics.current()   # records skipped by the listing count where the caller's do
-
-        def read() -> None:
-            threadname.name_this_thread("lease-prefetch")
-            with metrics.bound(counting):
-                try:
-                    listing = self._reg().list_leases()
-                except errors.FlannelError as e:
-                    log.info("reading the leases ahead of the acquisition failed (%s); it will list them itself", e)
-                    future.set_exception(e)
-                    return
-                except BaseException as e:  # a bug: the acquisition lists itself and meets it there
-                    log.exception("reading the leases ahead of the acquisition failed")
-                    future.set_exception(e)
-                    return
-            future.set_result((listing, time.monotonic()))
-        threading.Thread(target=read, name="lease-prefetch", daemon=True).start()
-
-    def _prefetched(self) -> Listing | None:
-        """The prefetched listing (waiting for it if it is still being read), once; None if there
-        is none, it failed, or it is older than PREFETCH_MAX_AGE."""
-        with self._lock:
-            future, self._prefetch = self._prefetch, None
-        if future is None or future.exception() is not None:
-            return None
-        listing, at = future.result()
-        age = time.monotonic() - at
-        if age > PREFETCH_MAX_AGE:
-            log.info("the leases read ahead of the acquisition are %.0fs old; listing them again", age)
-            return None
-        return listing
-
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         seen: list[Listing | None] = []
-        lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen, first=self._prefetched())
+        lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen)
         listing = seen[-1] if seen else None
         with self._lock:
             self._listing = None if listing is None else (listing, time.monotonic())
         return lease
 
     def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs, *, prefer: Hints | None,
-                 stop: threading.Event, seen: list[Listing | None] | None = None,
-                 first: Listing | None = None) -> Lease:
+                 stop: threading.Event, seen: list[Listing | None] | None = None) -> Lease:
         """``prefer``: the subnet to try first (None: the subnet.env hint). Subnets whose create
         failed are remembered across attempts, so no attempt repeats them. ``seen`` collects the
-        listings read (None for one the attempt made stale by deleting a lease). ``first``: a
-        listing for the first attempt to use instead of reading one (the prefetch); later
-        attempts read their own."""
+        listings read (None for one the attempt made stale by deleting a lease)."""
         tried: set[IPv4Network] = set()
-        given = [first] if first is not None else []
         for attempt in retry.store(stop, what="acquiring a subnet lease from etcd"):
             with attempt:
                 for race in retry.lease_race():
                     with race:
-                        return self._try_acquire(config, attrs, prefer, tried, seen,
-                                                 listing=given.pop() if given else None)
+                        return self._try_acquire(config, attrs, prefer, tried, seen)
         raise AssertionError("unreachable")
 
     def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None,
-                     tried: set[IPv4Network], seen: list[Listing | None] | None = None,
-                     listing: Listing | None = None) -> Lease:
+                     tried: set[IPv4Network], seen: list[Listing | None] | None = None) -> Lease:
         """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
-        if listing is None:
-            listing = reg.list_leases()
+        listing = reg.list_leases()
         if seen is not None:
             seen.append(listing)
         hint = prefer if prefer is not None else self._previous()
