@@ -194,18 +194,17 @@ class EtcdSubnetManager(SubnetManager):
     # -- acquire ---------------------------------------------------------------------------------
 
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
-        seen: list[Listing | None] = []
+        seen: list[tuple[Listing, float] | None] = []
         lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen)
-        listing = seen[-1] if seen else None
         with self._lock:
-            self._listing = None if listing is None else (listing, time.monotonic())
+            self._listing = seen[-1] if seen else None
         return lease
 
     def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs, *, prefer: Hints | None,
-                 stop: threading.Event, seen: list[Listing | None] | None = None) -> Lease:
+                 stop: threading.Event, seen: list[tuple[Listing, float] | None] | None = None) -> Lease:
         """``prefer``: the subnet to try first (None: the subnet.env hint). Subnets whose create
         failed are remembered across attempts, so no attempt repeats them. ``seen`` collects the
-        listings read (None for one the attempt made stale by deleting a lease)."""
+        listings read, with when (None for one the attempt made stale by deleting a lease)."""
         tried: set[IPv4Network] = set()
         for attempt in retry.store(stop, what="acquiring a subnet lease from etcd"):
             with attempt:
@@ -215,12 +214,12 @@ class EtcdSubnetManager(SubnetManager):
         raise AssertionError("unreachable")
 
     def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None,
-                     tried: set[IPv4Network], seen: list[Listing | None] | None = None) -> Lease:
+                     tried: set[IPv4Network], seen: list[tuple[Listing, float] | None] | None = None) -> Lease:
         """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
         listing = reg.list_leases()
         if seen is not None:
-            seen.append(listing)
+            seen.append((listing, time.monotonic()))
         hint = prefer if prefer is not None else self._previous()
         leases = listing.leases
         mine = self._find_own(leases, attrs, hint[0])
