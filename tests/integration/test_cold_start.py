@@ -243,3 +243,70 @@ def test_a_rules_failure_while_peers_are_programmed_stops_the_agent_cleanly(
     assert "fake nft" in str(a.result)
     assert not any(t.is_alive() for t in pipeline)
     assert not a.d.ready.is_set() and not Path(opts.subnet_file).exists()
+
+
+# --- a real agent (vxlan, its own namespace) whose rules fail while it programs 500 peers -------------
+
+VXLAN_PEERS = 500
+
+
+@pytest.mark.root
+def test_a_real_vxlan_agent_whose_rules_fail_while_it_programs_peers_exits_1_cleanly(tmp_path: Path) -> None:
+    """``python -m flannel`` with the vxlan backend in a host namespace of a lab underlay, etcd in
+    the hub, 500 peers (198.19.x.y, never answered). ``nft`` (the only fake on PATH; everything else
+    is real, inside the host namespace) hangs until the kernel holds peer routes, then fails: the
+    agent exits 1 naming the failure, within the shutdown grace, without a thread left behind,
+    and never wrote subnet.env."""
+    import os
+
+    from flannel.lab.agent import AgentProcess
+    from flannel.lab.etcd import b64
+    from flannel.lab.netns import cleanup_prefix, run_prefix
+    from flannel.lab.topology import Underlay
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces)")
+    prefix = run_prefix()
+    underlay = Underlay(prefix)
+    etcd = EtcdServer(str(tmp_path / "etcd"), host=str(underlay.hub_ip), netns=underlay.hub.name)
+    agent: AgentProcess | None = None
+    try:
+        etcd.start()
+        config = {"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}, "EnableNFTables": True}
+        etcd.etcdctl("put", f"{PREFIX}/config", json.dumps(config))
+        puts = []
+        for i in range(VXLAN_PEERS):
+            net = f"10.{1 + i // 250}.{i % 250}.0/24"
+            value = json.dumps({"PublicIP": f"198.19.{i // 250}.{1 + i % 250}", "BackendType": "vxlan",
+                                "BackendData": {"VNI": 1, "VtepMAC": f"02:00:00:00:{i // 256:02x}:{i % 256:02x}"}})
+            puts.append({"request_put": {"key": b64(key_of(net)), "value": b64(value)}})
+        for i in range(0, len(puts), 100):   # etcd takes at most 128 operations per transaction
+            etcd.v3("/v3/kv/txn", {"success": puts[i:i + 100]})
+        host = underlay.add_host("cold")
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        (bindir / "nft").write_text(FAKE_NFT.format(dir=bindir))
+        (bindir / "nft").chmod(0o755)
+        agent = AgentProcess("cold", netns=host.ns.name, workdir=tmp_path,
+                             env={"PATH": f"{bindir}:{os.environ['PATH']}"},
+                             args=["--etcd-endpoints", etcd.endpoint, "--etcd-prefix", PREFIX, "--iface", "eth0"])
+        agent.start()
+
+        def peer_routes() -> int:
+            return len(host.ns.exec("ip", "route", "show", "dev", "flannel.1", check=False).splitlines())
+        wait_for(lambda: not agent.running or ((bindir / "nft.calls").exists() and peer_routes() >= 1),
+                 "nft running and peer routes in the kernel", timeout=60, on_timeout=agent.log_tail)
+        assert agent.running, agent.log_tail()
+        assert not agent.subnet_file.exists()
+        (bindir / "go").touch()
+        assert agent.wait_exit(timeout=20) == 1, agent.log_tail()
+        log = agent.log_text()
+        assert "fake nft" in log, agent.log_tail()
+        assert "did not stop within" not in log and "did not finish within" not in log, agent.log_tail()
+        assert not agent.subnet_file.exists()
+    finally:
+        if agent is not None:
+            agent.kill()
+        etcd.close()
+        underlay.close()
+        cleanup_prefix(prefix)
