@@ -21,7 +21,10 @@ it is never re-read for an acquisition.
 * **watch_leases**: snapshot, then events from the snapshot's revision + 1; a broken watch resumes
   from the last delivered event's revision + 1. A compaction (or a catch-up too large to receive)
   means relist → a new snapshot, which the LeaseWatcher diffs. The first snapshot is the listing
-  the acquisition just read (not a second listing of every lease). The same watch follows the config
+  the acquisition just read (not a second listing of every lease: at 5000 leases that listing is
+  most of the startup time that grows with the cluster), when it is still fresh
+  (``FIRST_SNAPSHOT_MAX_AGE``) and describes what the watch continues from (an acquisition that
+  deleted our incompatible lease after listing discards it). The same watch follows the config
   key: an incompatible change raises ``errors.ConfigChanged`` (the agent exits 1 and its supervisor
   restarts it; flannel ignores it), and our own key, for the lease keeper (``KeyFeed``): one etcd
   watch per agent. Undecodable records never get this far (the registry counts, logs and drops
@@ -37,6 +40,7 @@ import functools
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -63,6 +67,11 @@ log = logging.getLogger(__name__)
 
 #: flannel collects at most this many free candidates and picks one at random.
 MAX_FREE_CANDIDATES = 100
+#: Seconds for which the acquisition's listing may serve as the lease watch's first snapshot.
+#: The watch starts right after the acquisition (well under a second); an older listing (the
+#: watch thread restarted, a startup stalled) would make the watch replay a long backlog of
+#: events from an old revision, or hit a compaction, so it lists again instead.
+FIRST_SNAPSHOT_MAX_AGE = 10.0
 
 
 class EtcdSubnetManager(SubnetManager):
@@ -85,8 +94,8 @@ class EtcdSubnetManager(SubnetManager):
         self._hints: Hints | None = None
         #: what the lease watch sees of our key, for the lease keeper
         self._feed = KeyFeed()
-        #: the listing our acquisition read: the lease watch's first snapshot (taken once)
-        self._listing: Listing | None = None
+        #: the listing our acquisition read and when (monotonic): the lease watch's first snapshot (taken once)
+        self._listing: tuple[Listing, float] | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -185,17 +194,17 @@ class EtcdSubnetManager(SubnetManager):
     # -- acquire ---------------------------------------------------------------------------------
 
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
-        seen: list[Listing] = []
+        seen: list[tuple[Listing, float] | None] = []
         lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen)
         with self._lock:
             self._listing = seen[-1] if seen else None
         return lease
 
     def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs, *, prefer: Hints | None,
-                 stop: threading.Event, seen: list[Listing] | None = None) -> Lease:
+                 stop: threading.Event, seen: list[tuple[Listing, float] | None] | None = None) -> Lease:
         """``prefer``: the subnet to try first (None: the subnet.env hint). Subnets whose create
         failed are remembered across attempts, so no attempt repeats them. ``seen`` collects the
-        listings read."""
+        listings read, with when (None for one the attempt made stale by deleting a lease)."""
         tried: set[IPv4Network] = set()
         for attempt in retry.store(stop, what="acquiring a subnet lease from etcd"):
             with attempt:
@@ -205,12 +214,12 @@ class EtcdSubnetManager(SubnetManager):
         raise AssertionError("unreachable")
 
     def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, prefer: Hints | None,
-                     tried: set[IPv4Network], seen: list[Listing] | None = None) -> Lease:
+                     tried: set[IPv4Network], seen: list[tuple[Listing, float] | None] | None = None) -> Lease:
         """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
         listing = reg.list_leases()
         if seen is not None:
-            seen.append(listing)
+            seen.append((listing, time.monotonic()))
         hint = prefer if prefer is not None else self._previous()
         leases = listing.leases
         mine = self._find_own(leases, attrs, hint[0])
@@ -224,6 +233,8 @@ class EtcdSubnetManager(SubnetManager):
                 return self._reuse(mine, attrs)
             if self._drop_incompatible(mine, attrs):
                 leases = [lease for lease in leases if lease is not mine]
+                if seen is not None:
+                    seen[-1] = None   # the listing still shows the lease we deleted: not a snapshot to watch from
 
         chosen = None if hint[0] in tried else usable_hint(config, leases, listing.occupied, hint)
         if chosen is None:
@@ -324,7 +335,14 @@ class EtcdSubnetManager(SubnetManager):
     def watch_leases(self, config: NetworkConfig, stop: threading.Event) -> Iterator[WatchResult]:
         reg = self._reg()
         with self._lock:
-            listing, self._listing = self._listing, None
+            acquired, self._listing = self._listing, None
+        listing = None
+        if acquired is not None:
+            age = time.monotonic() - acquired[1]
+            if age <= FIRST_SNAPSHOT_MAX_AGE:
+                listing = acquired[0]
+            else:
+                log.info("the acquisition's lease listing is %.0fs old; listing the leases again", age)
         current: list[WatchHandle] = []   # the open watch, for the stop hook to cancel
 
         def cancel() -> None:
@@ -346,10 +364,12 @@ class EtcdSubnetManager(SubnetManager):
             handle: WatchHandle | None = None
             try:
                 if rev is None:
+                    source = "the acquisition's listing"
                     if listing is None:
                         listing = _with_store_retry(stop, "listing leases", reg.list_leases)
+                        source = "listed"
                     rev = listing.revision
-                    log.info("lease snapshot: %d leases at revision %d%s", len(listing.leases), rev,
+                    log.info("lease snapshot: %d leases at revision %d (%s)%s", len(listing.leases), rev, source,
                              f" ({len(listing.occupied)} unreadable keys skipped)" if listing.occupied else "")
                     self._feed.snapshot(rev)
                     leases, listing = listing.leases, None

@@ -514,3 +514,41 @@ def test_public_ip_stored_in_the_store_overrides_the_flag(opts: AgentOptions) ->
     wait_for(lambda: manager.acquired, "lease acquired")
     assert manager.acquired[0].public_ip == IPv4Address("198.18.0.77")
     assert d.end() is None
+
+
+def test_only_built_in_kernel_backends_start_the_pipeline_before_the_rules() -> None:
+    from flannel import plugins
+    for name in ("vxlan", "host-gw", "udp", "wireguard", "alloc"):
+        assert daemon.starts_pipeline_early(plugins.load(plugins.BACKENDS, name)), name
+    assert not daemon.starts_pipeline_early(plugins.load(plugins.BACKENDS, "extension"))
+
+    class NotOurs(AllocBackend):   # same type name, another module: a third-party plugin
+        pass
+    assert not daemon.starts_pipeline_early(NotOurs)
+
+
+class SeesSubnetFile(FakeManager):
+    """Records whether subnet.env existed when the watch started."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(remote=(REMOTE,))
+        self.path = path
+        self.seen: list[bool] = []
+
+    def watch_leases(self, config: Any, stop: threading.Event) -> Iterator[WatchResult]:
+        self.seen.append(self.path.exists())
+        yield from super().watch_leases(config, stop)
+
+
+def test_other_backends_start_the_pipeline_after_subnet_env_as_flannel(opts: AgentOptions,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend outside EARLY_PIPELINE_BACKENDS (the extension backend runs the operator's
+    commands per peer, which may read subnet.env) sees its first peers only after subnet.env."""
+    class ThirdParty(AllocBackend):
+        pass
+    monkeypatch.setattr(daemon, "load_backend", lambda config: ThirdParty)
+    manager = SeesSubnetFile(Path(opts.subnet_file))
+    d = Running(opts, manager)
+    wait_for(lambda: manager.seen, "the watch to start")
+    assert manager.seen == [True]
+    assert d.end() is None

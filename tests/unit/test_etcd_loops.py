@@ -237,3 +237,37 @@ def test_the_first_snapshot_is_the_acquisitions_listing_and_a_too_large_catch_up
     assert second.snapshot is not None and set(second.snapshot) == {a, b, own}
     stop.set()
     gen.close()
+
+
+def test_the_acquisitions_listing_is_not_the_first_snapshot_when_stale_or_when_the_acquisition_deleted_a_lease(
+        tmp_path, monkeypatch):
+    """The watch lists again (a) when the acquisition's listing is older than FIRST_SNAPSHOT_MAX_AGE
+    (the watch would replay a backlog from an old revision), and (b) when the acquisition deleted
+    our incompatible lease after reading it (that listing still shows it: it would be handed to the
+    backend as a peer until the delete event came)."""
+    from flannel.subnet_managers.etcd import manager as etcd_manager
+    a = peer("10.5.1.0/24", "198.18.0.1")
+    me = LeaseAttrs(public_ip=IPv4Address("198.18.0.9"))
+    stale = ScriptedRegistry(CONFIG, [a], handles=[])
+    m = make(stale, tmp_path)
+    m.acquire_lease(running(), me)
+    monkeypatch.setattr(etcd_manager, "FIRST_SNAPSHOT_MAX_AGE", -1.0)
+    stop = threading.Event()
+    gen = m.watch_leases(running(), stop)
+    assert next(gen).snapshot is not None and stale.lists == 2
+    stop.set()
+    gen.close()
+    monkeypatch.undo()
+
+    old = Lease(subnet=IPv4Network("10.99.0.0/24"), attrs=me, expiration=time.time() + 600)  # outside 10.5/16
+    reg = ScriptedRegistry(CONFIG, [a, old], handles=[])
+    m = make(reg, tmp_path)
+    own = m.acquire_lease(running(), me)
+    assert reg.deletes == [(old.subnet, None)] and own.subnet != old.subnet and reg.lists == 1
+    stop = threading.Event()
+    gen = m.watch_leases(running(), stop)
+    first = next(gen)
+    assert reg.lists == 2
+    assert first.snapshot is not None and old not in first.snapshot and a in first.snapshot
+    stop.set()
+    gen.close()
