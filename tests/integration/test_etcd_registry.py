@@ -385,15 +385,20 @@ def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_s
 IDLE_WINDOW = 2.5
 
 
-def test_a_blocked_watch_read_sleeps_until_an_event_or_cancel(etcd_server):
+@pytest.mark.parametrize("mode", ["gateway", "grpc"])
+def test_a_blocked_watch_read_sleeps_until_an_event_or_cancel(etcd_server, monkeypatch, mode):
     """Issue 9 (idle CPU): the thread blocked in the watch's ``next()`` does not wake up while
-    nothing happens (gRPC's 200 ms signal-check slices are lengthened, see grpcwait), an event
-    still wakes it at once, and ``cancel()`` (the stop hook) still ends the read."""
+    nothing happens (gateway: it blocks in ``recv``; gRPC: its 200 ms signal-check slices are
+    lengthened, see grpcwait), an event still wakes it at once, and ``cancel()`` (the stop hook)
+    from another thread still ends the read."""
+    monkeypatch.setenv("FLANNEL_ETCD_WATCH", mode)
     reg = registry(etcd_server)
     try:
         reg.put_config(CONFIG)
         handle = reg.watch_leases(reg.list_leases().revision + 1)
-        assert grpcwait.signal_check_ms(cygrpc) == grpcwait.SIGNAL_CHECK_MS
+        assert type(handle).__name__ == ("_GatewayStream" if mode == "gateway" else "_Stream")
+        if mode == "grpc":
+            assert grpcwait.signal_check_ms(cygrpc) == grpcwait.SIGNAL_CHECK_MS
         chunks: list = []
         ended: list[BaseException] = []
 
