@@ -240,16 +240,17 @@ def parse_response(line: bytes, where: str) -> Response:
 
 class Watch:
     """One watch stream: created (connected, request sent, creation answer read) within
-    ``timeout``; then ``read`` blocks in ``recv`` without a timeout (keepalive notices a dead
-    peer) and ``cancel`` from any thread ends it.
+    ``timeout``; then ``read`` blocks in ``recv`` (keepalive notices a dead peer; ``silence``
+    seconds without a byte, longer than etcd's progress notifications ever leave it quiet, mean a
+    server alive to TCP but hung) and ``cancel`` from any thread ends it.
 
     :raises NotGateway, GatewayError, errors.StoreUnavailable: from the constructor.
     """
 
     def __init__(self, ep: Endpoint, request: dict[str, Any], token: str, *, timeout: float,
-                 keepalive: Keepalive, max_bytes: int, what: str) -> None:
+                 keepalive: Keepalive, max_bytes: int, silence: float, what: str) -> None:
         self.where = f"etcd ({ep.describe()}) {what}"
-        self._max = max_bytes
+        self._max, self._silence = max_bytes, silence
         self._lock = threading.Lock()
         self._cancelled = self._reading = self._closed = False
         try:
@@ -263,7 +264,7 @@ class Watch:
             if not self.created.created:
                 raise errors.StoreUnavailable(f"{self.where}: no creation answer")
             assert self._conn.sock is not None
-            self._conn.sock.settimeout(None)
+            self._conn.sock.settimeout(silence)   # one poll(2) per read: no wake-up before it expires
         except (NotGateway, errors.StoreError):
             self._conn.close()
             raise
@@ -287,6 +288,9 @@ class Watch:
         except Exception as e:  # the boundary: reset, TLS error, a malformed chunk, ...
             if self._read_done():
                 raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
+            if isinstance(e, TimeoutError):
+                raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
+                                              f"progress notification (a hung server or a dead connection)") from e
             raise _unavailable(self.where, e) from e
         if self._read_done():
             raise errors.StoreUnavailable(f"{self.where}: cancelled")

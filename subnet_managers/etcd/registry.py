@@ -94,6 +94,11 @@ WATCH_ENV = "FLANNEL_ETCD_WATCH"
 #: without a call: while it is open, gRPC's C threads cost an idle agent 0.6–0.9 ms/s of CPU, and
 #: renewals are hours apart. The next call connects (and authenticates) again.
 IDLE_CHANNEL_SECONDS = 20.0
+#: A gateway watch that receives nothing at all for this long is dropped and re-established. etcd
+#: sends a progress notification to a quiet watch every 10–11 min (its ticker; the first tick after an
+#: event only re-arms it, so up to 22 min apart): TCP keepalive notices a dead host or connection,
+#: this notices a server that still answers TCP but no longer serves (hung, stopped, a frozen proxy).
+WATCH_SILENCE_SECONDS = 25 * 60.0
 #: This many answers in a row of "connection closed without a byte" to a watch request make us
 #: treat the endpoint as one that does not speak HTTP/1.1 (a gRPC-only server or proxy).
 NO_ANSWER_FALLBACK = 3
@@ -883,7 +888,7 @@ class EtcdRegistry:
             try:
                 token = self._token(ep, stale)
                 w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
-                                  max_bytes=MAX_GATEWAY_LINE_BYTES, what=what)
+                                  max_bytes=MAX_GATEWAY_LINE_BYTES, silence=WATCH_SILENCE_SECONDS, what=what)
             except gateway.NoAnswer as e:
                 self._no_answers += 1
                 if self._no_answers >= NO_ANSWER_FALLBACK:
