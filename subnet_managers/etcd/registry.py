@@ -888,7 +888,7 @@ class EtcdRegistry:
             try:
                 token = self._token(ep, stale)
                 w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
-                                  max_bytes=MAX_GATEWAY_LINE_BYTES, silence=WATCH_SILENCE_SECONDS, what=what)
+                                  max_bytes=_gateway_line_limit(), silence=WATCH_SILENCE_SECONDS, what=what)
             except gateway.NoAnswer as e:
                 self._no_answers += 1
                 if self._no_answers >= NO_ANSWER_FALLBACK:
@@ -978,9 +978,12 @@ def _b64(data: bytes) -> str:
 
 #: gRPC status codes by number (the JSON gateway reports the number)
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
-#: The longest line of a gateway watch stream we read (one response as JSON): a response of
-#: MAX_RECEIVE_BYTES of keys and values is 4/3 of it in base64, plus the JSON around each event.
-MAX_GATEWAY_LINE_BYTES = MAX_RECEIVE_BYTES * 3 // 2
+
+
+def _gateway_line_limit() -> int:
+    """The longest line of a gateway watch stream we read (one response as JSON): a response of
+    MAX_RECEIVE_BYTES of keys and values is 4/3 of it in base64, plus the JSON around each event."""
+    return MAX_RECEIVE_BYTES * 3 // 2
 
 
 class _GatewayStream:

@@ -242,14 +242,14 @@ def test_a_malformed_stream_is_store_unavailable(etcd_server, name):
 
 def test_an_oversized_response_is_response_too_large_without_buffering_it(etcd_server, monkeypatch):
     proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
-    monkeypatch.setattr(registry_mod, "MAX_GATEWAY_LINE_BYTES", 4096)
+    monkeypatch.setattr(registry_mod, "MAX_RECEIVE_BYTES", 4096)   # a line of 6144 bytes (base64 and JSON)
     reg = registry(proxy.endpoint)
     try:
         big = _event_line(SUBNETS.encode() + b"10.1.8.0-24", b"x" * 8000, 8)
         proxy.script = [GatewayProxy.chunk(CREATED), GatewayProxy.chunk(big)]
         h = reg.watch_leases(1)
         try:
-            with pytest.raises(ResponseTooLarge, match="4096 bytes"):
+            with pytest.raises(ResponseTooLarge, match="6144 bytes"):
                 h.next()
         finally:
             h.cancel()
