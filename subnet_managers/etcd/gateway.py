@@ -103,6 +103,7 @@ def _set_keepalive(sock: socket.socket, ka: Keepalive) -> None:
     fails) once ``idle + timeout`` seconds passed with probes unanswered, as gRPC keepalive did."""
     idle = max(1, int(ka.idle))
     interval = max(1, int(ka.timeout / 3))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # http.client sends head and body apart
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", 3),
                         ("TCP_USER_TIMEOUT", int((ka.idle + ka.timeout) * 1000))):
