@@ -13,6 +13,11 @@ and logged at a bounded rate (``flannel.records``), so a garbage value can never
 pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
 a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
+Watches are read through etcd's JSON gateway (gateway.py: a plain socket per watch, no gRPC thread
+awake while nothing happens), or through gRPC where the endpoint does not serve it or
+$FLANNEL_ETCD_WATCH=grpc; unary calls use gRPC, and the gRPC client is closed after
+IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the next one.
+
 Two pyetcd facts shape the code (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
 and the client authenticates in its constructor, so the client is created lazily (the subnet
@@ -880,22 +885,13 @@ class EtcdRegistry:
         if range_end:
             request["range_end"] = _b64(range_end)
         eps = self._gateway_endpoints()
-        stale = ""
-        last: Exception | None = None
-        for attempt in range(len(eps) + 1):
-            index = (self._gw_next + attempt) % len(eps)
+        index, stale, failed = self._gw_next, "", 0
+        while True:
             ep = eps[index]
             try:
                 token = self._token(ep, stale)
                 w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
                                   max_bytes=_gateway_line_limit(), silence=WATCH_SILENCE_SECONDS, what=what)
-            except gateway.NoAnswer as e:
-                self._no_answers += 1
-                if self._no_answers >= NO_ANSWER_FALLBACK:
-                    raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing the "
-                                             f"connection") from e
-                last = e
-                continue
             except gateway.GatewayError as e:
                 err = self._gateway_error(e, what)
                 if isinstance(err, _Reauthenticate) and not stale and token:
@@ -904,8 +900,16 @@ class EtcdRegistry:
                     continue
                 raise err from e
             except errors.StoreUnavailable as e:
-                last = e
-                continue   # the next endpoint
+                if isinstance(e, gateway.NoAnswer):
+                    self._no_answers += 1
+                    if self._no_answers >= NO_ANSWER_FALLBACK:
+                        raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
+                                                 f"the connection") from e
+                failed += 1
+                if failed >= len(eps):
+                    raise
+                index = (index + 1) % len(eps)   # the next endpoint
+                continue
             self._no_answers = 0
             reason = w.created.cancel_reason
             if w.created.canceled and token and not stale and ("Unauthenticated" in reason
@@ -916,7 +920,6 @@ class EtcdRegistry:
                 continue
             self._gw_next = index
             return _GatewayStream(self, w, key)
-        raise last if last is not None else errors.StoreUnavailable(f"etcd ({','.join(self._urls)}) {what}: failed")
 
     def _chunk(self, revision: int, events: Iterable[gateway.Event]) -> WatchChunk:
         """One watch response's events → a WatchChunk (gRPC and gateway alike). ``revision``: the
