@@ -163,6 +163,9 @@ def _post(conn: http.client.HTTPConnection, path: str, body: dict[str, Any], tok
 def _unavailable(where: str, e: BaseException) -> errors.StoreUnavailable:
     if isinstance(e, ssl.SSLCertVerificationError):
         return errors.StoreUnavailable(f"{where}: TLS: etcd's server certificate was refused: {e.verify_message}")
+    if isinstance(e, TimeoutError) and e.errno is not None:
+        return errors.StoreUnavailable(f"{where}: the connection timed out (etcd stopped answering: TCP keepalive "
+                                       f"or TCP_USER_TIMEOUT)")
     if isinstance(e, TimeoutError):
         return errors.StoreUnavailable(f"{where}: timed out")
     return errors.StoreUnavailable(f"{where}: {type(e).__name__}: {str(e)[:200]}")
@@ -289,7 +292,7 @@ class Watch:
         except Exception as e:  # the boundary: reset, TLS error, a malformed chunk, ...
             if self._read_done():
                 raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
-            if isinstance(e, TimeoutError):
+            if isinstance(e, TimeoutError) and e.errno is None:   # the socket's timeout, not ETIMEDOUT
                 raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
                                               f"progress notification (a hung server or a dead connection)") from e
             raise _unavailable(self.where, e) from e
