@@ -1040,6 +1040,7 @@ class GatewayProxy:
 
     * ``"forward"``: forwarded like gRPC;
     * ``"404"``: ``HTTP/1.1 404 Not Found`` (an etcd < 3.4, a gateway switched off);
+    * ``"503"``: ``HTTP/1.1 503`` with an HTML page (a proxy in front of an etcd that is down);
     * ``"garbage"``: bytes that are not HTTP (a server that does not speak HTTP/1.1), then closed;
     * ``"close"``: closed without a byte;
     * ``"script"``: a 200 chunked JSON stream whose chunks are ``script`` (bytes, sent as is;
@@ -1105,6 +1106,9 @@ class GatewayProxy:
             if mode == "404":
                 client.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n"
                                b"Not Found\n")
+            elif mode == "503":
+                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
+                               b"Content-Length: 14\r\n\r\n<h1>busy</h1>\n")
             elif mode == "garbage":
                 client.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00garbage, not HTTP\r\n\r\n")
             elif mode == "script":

@@ -155,8 +155,10 @@ def _post(conn: http.client.HTTPConnection, path: str, body: dict[str, Any], tok
         err = json.loads(raw)
         code, message = int(err["code"]), str(err.get("message") or err.get("error"))
     except Exception:  # the boundary: anything but etcd's error object
-        raise NotGateway(f"it answered {path} with HTTP {resp.status} {resp.reason[:80]} and no etcd error "
-                         f"({raw[:80]!r})") from None
+        answer = f"HTTP {resp.status} {resp.reason[:80]} and no etcd error ({raw[:80]!r})"
+        if resp.status >= 500:   # a proxy in front of an etcd that is down, say: try again later
+            raise errors.StoreUnavailable(f"{where}: {answer}") from None
+        raise NotGateway(f"it answered {path} with {answer}") from None
     raise GatewayError(code, message, where)
 
 

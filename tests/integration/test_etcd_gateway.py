@@ -232,7 +232,7 @@ def test_a_malformed_stream_is_store_unavailable(etcd_server, name):
                 proxy.close()   # the connection ends inside the chunk
             with pytest.raises(errors.StoreUnavailable) as exc:
                 h.next()
-            assert type(exc.value) in (errors.StoreUnavailable,), type(exc.value)
+            assert type(exc.value) is errors.StoreUnavailable, type(exc.value)   # not a subclass with other handling
         finally:
             h.cancel()
     finally:
@@ -318,6 +318,24 @@ def test_an_endpoint_without_the_gateway_falls_back_to_grpc(etcd_server, caplog,
         assert proxy.http_requests == requests, "the gateway was tried again after falling back"
         falls = [r for r in caplog.records if "does not serve its JSON gateway" in r.getMessage()]
         assert len(falls) == 1 and falls[0].levelno == logging.INFO
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_a_proxy_error_page_is_an_outage_not_a_reason_to_fall_back(etcd_server):
+    """A 503 page that is not etcd's (a proxy whose etcd is down) is StoreUnavailable; once the
+    gateway answers again, watches go through it."""
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="503")
+    reg = registry(proxy.endpoint)
+    try:
+        for _ in range(registry_mod.NO_ANSWER_FALLBACK + 1):
+            with pytest.raises(errors.StoreUnavailable, match="HTTP 503"):
+                reg.watch_leases(1)
+        proxy.mode = "forward"
+        h = reg.watch_leases(1)
+        h.cancel()
+        assert is_gateway(h)
     finally:
         reg.close()
         proxy.close()
@@ -463,7 +481,7 @@ def test_the_grpc_channel_closes_when_idle_and_reconnects(etcd_server, monkeypat
         reg.close()
 
 
-def test_tls_and_auth_paths_are_built_from_the_same_flags(tmp_path):
+def test_an_unreadable_cafile_is_a_config_error_at_the_first_gateway_watch(tmp_path):
     """An unreadable --etcd-cafile is a ConfigError at the first gateway watch (not a crash)."""
     reg = EtcdRegistry(endpoints=["https://127.0.0.1:1"], prefix=PREFIX, cafile=str(tmp_path / "missing.crt"))
     try:
