@@ -18,9 +18,11 @@ Measured per N:
 * ``rss``     – VmRSS after the cold start;
 * ``event``   – agent CPU per single lease event (adds then deletes, one at a time, each waited
   for in the kernel), and the put → route latency p50/p99;
-* ``idle``    – agent CPU per second over ``--idle`` seconds with nothing happening (the periodic
-  full resync runs every 30 min ±20 %; its cost is measured separately, ``resync``, and added
-  amortised).
+* ``idle``    – agent CPU per second over ``--idle`` seconds with nothing happening, starting
+  ``--settle`` seconds (25) after the events, once the agent has closed its idle gRPC channel (the
+  periodic full resync runs every 30 min ±20 %; its cost is measured separately, ``resync``, and
+  added amortised). CPU is summed per thread between two snapshots, so a thread that exits in
+  between does not subtract its lifetime's CPU (threads that exited are listed).
 
 Usage (root):  .venv/bin/python bench/agent_scale.py [--n 0,1000,5000,10000] [--events 100] [--idle 30]
 """
@@ -214,6 +216,30 @@ def idle_by_thread(before: dict[str, tuple[str, int, int]], after: dict[str, tup
     return sorted(rows, key=lambda r: (-r[2], -r[1]))
 
 
+def children_ns(pid: int) -> int:
+    """CPU of ``pid``'s reaped children (ticks → ns)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) * (10 ** 9 // os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_between(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]]) -> tuple[int, int]:
+    """(CPU ns, context switches) of the threads between two ``threads`` snapshots. Per thread, so
+    that a thread that exits in between (gRPC's, when the agent closes its idle channel) does not
+    take its whole lifetime's CPU out of the total, as a difference of two ``cpu_ns`` sums would;
+    what an exiting thread spent between the first snapshot and its exit is not counted."""
+    cpu = sw = 0
+    for tid, (_name, c, w) in after.items():
+        _, c0, w0 = before.get(tid, ("", 0, 0))
+        cpu += c - c0
+        sw += w - w0
+    return cpu, sw
+
+
+def exited(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]]) -> list[str]:
+    return sorted(f"{name}/{tid}" for tid, (name, _, _) in before.items() if tid not in after)
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -325,7 +351,7 @@ def measure_events(agent: Agent, watch: RouteWatch, reg: Any, count: int, base: 
     lat_add, lat_del = [], []
     extra = [peer(base + 20000 + k) for k in range(count)]
     time.sleep(1.0)
-    c0, t0s = cpu_ns(agent.pid), threads(agent.pid)
+    k0, t0s = children_ns(agent.pid), threads(agent.pid)
     for net, attrs in extra:
         t0 = time.monotonic()
         reg.update_lease(net, None, attrs, None)
@@ -339,11 +365,13 @@ def measure_events(agent: Agent, watch: RouteWatch, reg: Any, count: int, base: 
             raise RuntimeError(f"route {net} never went")
         lat_del.append(watch.gone[net] - t0)
     time.sleep(0.3)
-    cpu = (cpu_ns(agent.pid) - c0) / 1e6 / (2 * count)
-    per_thread = [(name, ms_per_s, wake) for name, ms_per_s, wake in idle_by_thread(t0s, threads(agent.pid), 2 * count)]
+    t1s = threads(agent.pid)
+    cpu = (cpu_between(t0s, t1s)[0] + children_ns(agent.pid) - k0) / 1e6 / (2 * count)
+    per_thread = [(name, ms_per_s, wake) for name, ms_per_s, wake in idle_by_thread(t0s, t1s, 2 * count)]
     lat = sorted(lat_add + lat_del)
     return {"cpu_ms": cpu, "by_thread": sorted(per_thread, key=lambda r: -r[1]), "p50_ms": statistics.median(lat) * 1e3,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "max_ms": lat[-1] * 1e3}
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, "max_ms": lat[-1] * 1e3,
+            "threads_exited": exited(t0s, t1s)}
 
 
 def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: argparse.Namespace,
@@ -364,11 +392,15 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
         time.sleep(2.0)
         out["rss_mb"] = rss_mb(agent.pid)
         out["event"] = measure_events(agent, watch, reg, args.events, n)
-        c0, s0, t0s, w0 = cpu_ns(agent.pid), wakeups(agent.pid), threads(agent.pid), time.monotonic()
+        time.sleep(args.settle)
+        k0, t0s, w0 = children_ns(agent.pid), threads(agent.pid), time.monotonic()
         time.sleep(args.idle)
-        out["idle_ms_per_s"] = (cpu_ns(agent.pid) - c0) / 1e6 / (time.monotonic() - w0)
-        out["idle_wakeups_per_s"] = (wakeups(agent.pid) - s0) / (time.monotonic() - w0)
-        out["idle_by_thread"] = idle_by_thread(t0s, threads(agent.pid), time.monotonic() - w0)
+        t1s, seconds = threads(agent.pid), time.monotonic() - w0
+        cpu, switches = cpu_between(t0s, t1s)
+        out["idle_ms_per_s"] = (cpu + children_ns(agent.pid) - k0) / 1e6 / seconds
+        out["idle_wakeups_per_s"] = switches / seconds
+        out["idle_by_thread"] = idle_by_thread(t0s, t1s, seconds)
+        out["idle_threads_exited"] = exited(t0s, t1s)
         out["rss_after_mb"] = rss_mb(agent.pid)
     finally:
         agent.stop()
@@ -424,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", default="0,1000,5000,10000", help="peer counts (comma separated)")
     ap.add_argument("--events", type=int, default=100, help="adds (and as many deletes) per N")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement per N")
+    ap.add_argument("--settle", type=float, default=25.0,
+                    help="seconds to wait after the events before the idle measurement: the agent closes its "
+                         "gRPC channel 20 s after its last unary call (steady state)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--agent-log", help="copy the agents' log here at the end (e.g. with --agent-arg=-v to see phases)")
     ap.add_argument("--agent-arg", action="append", default=[], metavar="FLAG",
@@ -496,9 +531,12 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['resync_ms']:.0f} ({r['resync_ms'] / RESYNC_INTERVAL:.2f} ms/s) |")
     for r in results:
         busy = [f"{name} {ms:.2f} ms/s {w:.1f}/s" for name, ms, w in r["idle_by_thread"] if w >= 0.1 or ms >= 0.05]
-        print(f"idle by thread at N={r['n']} (wake-ups/s ≥ 0.1 or ≥ 0.05 ms/s): " + "; ".join(busy))
+        print(f"idle by thread at N={r['n']} (wake-ups/s ≥ 0.1 or ≥ 0.05 ms/s): " + "; ".join(busy)
+              + (f" (exited meanwhile: {', '.join(r['idle_threads_exited'])})" if r.get("idle_threads_exited") else ""))
         per_event = [f"{name} {ms:.3f} ms {w:.1f}" for name, ms, w in r["event"]["by_thread"] if ms >= 0.01]
-        print(f"CPU and wake-ups per event by thread at N={r['n']}: " + "; ".join(per_event))
+        gone = r["event"].get("threads_exited")
+        print(f"CPU and wake-ups per event by thread at N={r['n']}: " + "; ".join(per_event)
+              + (f" (exited meanwhile: {', '.join(gone)})" if gone else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"uptime": uptime, "results": results}, indent=1))
     return 0

@@ -1057,6 +1057,121 @@ class FreezableProxy:
                 b.close()
 
 
+class GatewayProxy:
+    """Forwards 127.0.0.1:<port> to etcd at ``target``, but decides what an HTTP/1.1 request (etcd's
+    JSON gateway) gets, while gRPC (HTTP/2: its connection preface) is always forwarded. ``mode``
+    (changeable at any time, for the next connection):
+
+    * ``"forward"``: forwarded like gRPC;
+    * ``"404"``: ``HTTP/1.1 404 Not Found`` (an etcd < 3.4, a gateway switched off);
+    * ``"503"``: ``HTTP/1.1 503`` with an HTML page (a proxy in front of an etcd that is down);
+    * ``"garbage"``: bytes that are not HTTP (a server that does not speak HTTP/1.1), then closed;
+    * ``"close"``: closed without a byte;
+    * ``"script"``: a 200 chunked JSON stream whose chunks are ``script`` (bytes, sent as is;
+      the stream then stays open until the proxy closes).
+
+    ``http_requests`` counts the HTTP/1.1 connections seen."""
+
+    PREFACE = b"PRI * HTTP/2.0"
+
+    def __init__(self, target_host: str, target_port: int, mode: str = "forward") -> None:
+        self.target = (target_host.strip("[]"), target_port)
+        self.mode = mode
+        self.script: list[bytes] = []
+        self.http_requests = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="gwproxy-accept", daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _keep(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._socks.extend(socks)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self._keep(client)
+            threading.Thread(target=self._serve, args=(client,), name="gwproxy-conn", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            head = b""
+            while len(head) < len(self.PREFACE) and b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    client.close()
+                    return
+                head += data
+            mode = "forward" if head.startswith(self.PREFACE) else self.mode
+            if not head.startswith(self.PREFACE):
+                with self._lock:
+                    self.http_requests += 1
+            if mode == "forward":
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+                self._keep(upstream)
+                upstream.sendall(head)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), name="gwproxy-pump", daemon=True).start()
+                return
+            if mode == "404":
+                client.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n"
+                               b"Not Found\n")
+            elif mode == "503":
+                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
+                               b"Content-Length: 14\r\n\r\n<h1>busy</h1>\n")
+            elif mode == "garbage":
+                client.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00garbage, not HTTP\r\n\r\n")
+            elif mode == "script":
+                client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(self.script))
+                return   # left open (a stream that stalls after its script)
+            client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    @staticmethod
+    def chunk(data: bytes) -> bytes:
+        """``data`` as one HTTP/1.1 chunk."""
+        return b"%x\r\n" % len(data) + data + b"\r\n"
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self.listener.close()
+        with self._lock:
+            for s in self._socks:
+                s.close()
+
+
 class ScriptedWatchRegistry(FakeRegistry):
     """A FakeRegistry whose lease watches play ``scripts`` (one list per watch started): a
     ``WatchChunk`` is returned, an exception raised; an exhausted script sets ``idle`` and blocks

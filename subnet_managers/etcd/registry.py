@@ -13,6 +13,11 @@ and logged at a bounded rate (``flannel.records``), so a garbage value can never
 pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
 a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
+Watches are read through etcd's JSON gateway (gateway.py: a plain socket per watch, no gRPC thread
+awake while nothing happens), or through gRPC where the endpoint does not serve it or
+$FLANNEL_ETCD_WATCH=grpc; unary calls use gRPC, and the gRPC client is closed after
+IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the next one.
+
 Two pyetcd facts shape the code (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
 and the client authenticates in its constructor, so the client is created lazily (the subnet
@@ -21,13 +26,15 @@ manager's constructor does no I/O) and re-created when etcd rejects the auth tok
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
 import posixpath
+import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -39,10 +46,10 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.etcdrpc import kv_pb2
 
-from flannel import errors, wire
+from flannel import errors, threadname, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.records import SkippedRecords
-from flannel.subnet_managers.etcd import grpcwait
+from flannel.subnet_managers.etcd import gateway, grpcwait
 from flannel.subnet_managers.etcd.store import (
     TTL_NOT_LOOKED_UP,
     Compacted,
@@ -53,6 +60,7 @@ from flannel.subnet_managers.etcd.store import (
     Stored,
     Subnets,
     WatchChunk,
+    WatchHandle,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +91,22 @@ KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
 KEEPALIVE_TIMEOUT_ENV = "FLANNEL_ETCD_KEEPALIVE_TIMEOUT"
+#: How watches are read. By default through etcd's JSON gateway (gateway.py: one plain socket per
+#: watch, no gRPC thread awake while nothing happens), falling back to gRPC where the endpoint does
+#: not serve it; ``grpc`` forces gRPC watches.
+WATCH_ENV = "FLANNEL_ETCD_WATCH"
+#: The gRPC channel (unary calls only, unless watches fell back to gRPC) is closed after this long
+#: without a call: while it is open, gRPC's C threads cost an idle agent 0.6–0.9 ms/s of CPU, and
+#: renewals are hours apart. The next call connects (and authenticates) again.
+IDLE_CHANNEL_SECONDS = 20.0
+#: A gateway watch that receives nothing at all for this long is dropped and re-established. etcd
+#: sends a progress notification to a quiet watch every 10–11 min (its ticker; the first tick after an
+#: event only re-arms it, so up to 22 min apart): TCP keepalive notices a dead host or connection,
+#: this notices a server that still answers TCP but no longer serves (hung, stopped, a frozen proxy).
+WATCH_SILENCE_SECONDS = 25 * 60.0
+#: This many answers in a row of "connection closed without a byte" to a watch request make us
+#: treat the endpoint as one that does not speak HTTP/1.1 (a gRPC-only server or proxy).
+NO_ANSWER_FALLBACK = 3
 
 #: The largest message we accept from etcd. gRPC's default (4 MiB) let ~70 leases of 60 KB, or
 #: four 1 MB garbage values under ``subnets/``, make the lease listing fail for ever: the agent
@@ -114,10 +138,25 @@ def _env_seconds(name: str, default: float, minimum: float) -> float:
     return value
 
 
+def keepalive_seconds() -> tuple[float, float]:
+    """(KEEPALIVE_TIME, KEEPALIVE_TIMEOUT) as the environment sets them."""
+    return (_env_seconds(KEEPALIVE_TIME_ENV, KEEPALIVE_TIME_SECONDS, 1.0),
+            _env_seconds(KEEPALIVE_TIMEOUT_ENV, KEEPALIVE_TIMEOUT_SECONDS, 0.5))
+
+
+def watch_mode() -> str:
+    """``gateway`` (etcd's JSON gateway, gRPC where it is not served) or ``grpc`` ($FLANNEL_ETCD_WATCH)."""
+    text = os.environ.get(WATCH_ENV, "").strip().lower()
+    if text in ("", "auto", "gateway"):
+        return "gateway"
+    if text == "grpc":
+        return "grpc"
+    raise errors.UsageError(f"${WATCH_ENV}: {text!r} is not one of: gateway, grpc")
+
+
 def grpc_options() -> list[tuple[str, int]]:
     """The gRPC channel options of every etcd connection (keepalive read from the environment)."""
-    time_s = _env_seconds(KEEPALIVE_TIME_ENV, KEEPALIVE_TIME_SECONDS, 1.0)
-    timeout_s = _env_seconds(KEEPALIVE_TIMEOUT_ENV, KEEPALIVE_TIMEOUT_SECONDS, 0.5)
+    time_s, timeout_s = keepalive_seconds()
     return [
         # reconnect quickly after etcd restarts (gRPC's default backoff grows to 120 s)
         ("grpc.initial_reconnect_backoff_ms", 200),
@@ -212,9 +251,21 @@ class EtcdRegistry:
         self._cafile, self._certfile, self._keyfile = cafile, certfile, keyfile
         self._username, self._password = username, password
         self._timeout = timeout
-        self._lock = threading.Lock()
+        #: guards the client and the idle bookkeeping; the idle closer waits on it
+        self._lock = threading.Condition(threading.Lock())
         self._client: Any = None
         self._closed = False
+        #: calls running and gRPC watch streams open on the client (it is not closed under them)
+        self._users = 0
+        self._last_used = time.monotonic()
+        self._idle_closer: threading.Thread | None = None
+        self._watch_mode = watch_mode()
+        #: the gateway's endpoints (built at the first gateway watch), the one to try first, the auth token
+        self._gw_endpoints: list[gateway.Endpoint] | None = None
+        self._gw_next = 0
+        self._gw_token = ""
+        self._gw_lock = threading.Lock()
+        self._no_answers = 0
         #: monotonic time of the first "unavailable" failure since the last successful call
         self._failing_since: float | None = None
         self._warned_insecure = not warn_insecure
@@ -248,31 +299,49 @@ class EtcdRegistry:
         return grpc.ssl_channel_credentials(ca, key, cert)
 
     def _connect(self) -> Any:
+        """The client, connecting if there is none; counted as in use until ``_release``."""
         with self._lock:
-            if self._closed:
-                raise errors.StoreUnavailable(f"{self.describe()}: client closed")
-            if self._client is not None:
-                return self._client
-            eps = []
-            options = grpc_options()
-            for url, (host, port, https) in zip(self._urls, self._endpoints):
-                creds = self._credentials(https, url)
-                eps.append(pyetcd.Endpoint(host, port, secure=creds is not None, creds=creds,
-                                           time_retry=ENDPOINT_RETRY_SECONDS, opts=options))
-            auth: dict[str, str] = {}
-            if self._username:
-                auth = {"user": self._username, "password": self._password}
-            try:
-                self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout,
-                                                               failover=True, **auth)
-            except _LIBRARY_ERRORS as e:
-                for ep in eps:
-                    ep.close()
-                raise self._convert(e, "connecting") from e
-            # pyetcd sends the auth token twice: as call credentials (which gRPC refuses on a
-            # plaintext channel) and as plain metadata, which is all etcd needs.
-            self._client.call_credentials = None
+            client = self._connect_locked()
+            self._users += 1
+            return client
+
+    def _release(self) -> None:
+        """A call or a gRPC watch stream is done with the client: the idle clock starts again."""
+        with self._lock:
+            self._users -= 1
+            self._last_used = time.monotonic()
+            if self._users == 0:
+                self._lock.notify_all()
+
+    def _connect_locked(self) -> Any:
+        if self._closed:
+            raise errors.StoreUnavailable(f"{self.describe()}: client closed")
+        if self._client is not None:
             return self._client
+        if self._idle_closer is None:
+            self._idle_closer = threading.Thread(target=self._close_when_idle, name="etcd-idle-close", daemon=True)
+            self._idle_closer.start()
+        self._lock.notify_all()
+        eps = []
+        options = grpc_options()
+        for url, (host, port, https) in zip(self._urls, self._endpoints):
+            creds = self._credentials(https, url)
+            eps.append(pyetcd.Endpoint(host, port, secure=creds is not None, creds=creds,
+                                       time_retry=ENDPOINT_RETRY_SECONDS, opts=options))
+        auth: dict[str, str] = {}
+        if self._username:
+            auth = {"user": self._username, "password": self._password}
+        try:
+            self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout,
+                                                           failover=True, **auth)
+        except _LIBRARY_ERRORS as e:
+            for ep in eps:
+                ep.close()
+            raise self._convert(e, "connecting") from e
+        # pyetcd sends the auth token twice: as call credentials (which gRPC refuses on a
+        # plaintext channel) and as plain metadata, which is all etcd needs.
+        self._client.call_credentials = None
+        return self._client
 
     def _drop_client(self, client: Any) -> None:
         with self._lock:
@@ -295,9 +364,41 @@ class EtcdRegistry:
                 except _LIBRARY_ERRORS as err:  # pyetcd's bookkeeping only
                     log.debug("marking the etcd endpoint failed: %s", err)
 
+    def _close_when_idle(self) -> None:
+        """The idle closer's thread: close the gRPC client once nothing used it for
+        IDLE_CHANNEL_SECONDS, so that gRPC's threads go quiet. It sleeps on the condition (no
+        periodic wake-up): one wake-up per call, one per close."""
+        threadname.name_this_thread()
+        while True:
+            with self._lock:
+                client = self._wait_idle_client()
+            if client is None:
+                return
+            log.debug("etcd client unused for %.0fs: closing its gRPC channel until the next call",
+                      IDLE_CHANNEL_SECONDS)
+            try:
+                client.close()
+            except _LIBRARY_ERRORS as e:
+                log.debug("closing the idle etcd client: %s", e)
+
+    def _wait_idle_client(self) -> Any:
+        """(under the lock) Wait until the client is idle, take it and return it; None once closed."""
+        while not self._closed:
+            if self._client is None or self._users:
+                self._lock.wait()
+                continue
+            idle = time.monotonic() - self._last_used
+            if idle < IDLE_CHANNEL_SECONDS:
+                self._lock.wait(IDLE_CHANNEL_SECONDS - idle)
+                continue
+            client, self._client = self._client, None
+            return client
+        return None
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._lock.notify_all()
             client, self._client = self._client, None
         if client is not None:
             try:
@@ -316,24 +417,7 @@ class EtcdRegistry:
             if tls is not None:
                 return tls
         if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-            code, details = e.code(), (e.details() or "")
-            if code == grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in details:
-                return _Reauthenticate(details)
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                return errors.PermissionDenied(f"{where}: permission denied for user "
-                                               f"{self._username or '(none)'}: {details}")
-            if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
-                return errors.PermissionDenied(f"{where}: authentication failed for user "
-                                               f"{self._username!r}: invalid user name or password")
-            if code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in details:
-                return errors.PermissionDenied(f"{where}: etcd requires authentication; set --etcd-username and "
-                                               f"--etcd-password")
-            if code == grpc.StatusCode.FAILED_PRECONDITION and "authentication is not enabled" in details:
-                return errors.ConfigError(f"{where}: --etcd-username given but etcd has authentication "
-                                          f"disabled")
-            if code in _UNAVAILABLE_CODES:
-                return errors.StoreUnavailable(f"{where}: {code.name.lower()}: {details}")
-            return errors.StoreError(f"{where}: {code.name}: {details}")
+            return self._convert_status(e.code(), e.details() or "", where)
         if isinstance(e, etcd_exc.NoServerAvailableError):
             return errors.StoreUnavailable(f"{where}: no endpoint reachable (each failed within the last "
                                            f"{ENDPOINT_RETRY_SECONDS:.0f}s)")
@@ -344,6 +428,26 @@ class EtcdRegistry:
         if isinstance(e, etcd_exc.PreconditionFailedError):
             return errors.StoreError(f"{where}: precondition failed")
         return errors.StoreError(f"{where}: {type(e).__name__}: {e}")
+
+    def _convert_status(self, code: grpc.StatusCode, details: str, where: str) -> Exception:
+        """A gRPC status (from gRPC, or etcd's JSON gateway's ``code``) → the flannel error."""
+        if code == grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in details:
+            return _Reauthenticate(details)
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return errors.PermissionDenied(f"{where}: permission denied for user "
+                                           f"{self._username or '(none)'}: {details}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
+            return errors.PermissionDenied(f"{where}: authentication failed for user "
+                                           f"{self._username!r}: invalid user name or password")
+        if code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in details:
+            return errors.PermissionDenied(f"{where}: etcd requires authentication; set --etcd-username and "
+                                           f"--etcd-password")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "authentication is not enabled" in details:
+            return errors.ConfigError(f"{where}: --etcd-username given but etcd has authentication "
+                                      f"disabled")
+        if code in _UNAVAILABLE_CODES:
+            return errors.StoreUnavailable(f"{where}: {code.name.lower()}: {details}")
+        return errors.StoreError(f"{where}: {code.name}: {details}")
 
     def _tls_problem(self, details: str) -> Exception | None:
         """gRPC's connection error text → what is most likely wrong with TLS, and which flag fixes it.
@@ -387,6 +491,7 @@ class EtcdRegistry:
             try:
                 result = fn(client)
             except _LIBRARY_ERRORS as e:
+                self._release()
                 err = self._convert(e, what)
                 if isinstance(err, errors.StoreUnavailable) and not isinstance(err, _Reauthenticate):
                     self._note_unavailable(client)
@@ -400,6 +505,10 @@ class EtcdRegistry:
                       and attempt + 1 < len(self._endpoints)):
                     continue  # another endpoint may work (pyetcd moves on to it)
                 raise err from e
+            except BaseException:
+                self._release()
+                raise
+            self._release()
             self._failing_since = None
             return result
         raise AssertionError("unreachable")
@@ -698,32 +807,231 @@ class EtcdRegistry:
 
     # -- watches ---------------------------------------------------------------------------------
 
-    def watch_leases(self, start_revision: int) -> _Stream:
+    def watch_leases(self, start_revision: int) -> WatchHandle:
         """One watch of everything under the prefix: every lease key and the config key."""
         root = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
         return self._watch(root, prefix=True, start_revision=start_revision)
 
-    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, start_revision: int) -> _Stream:
+    def watch_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
+                    start_revision: int) -> WatchHandle:
         return self._watch(self.lease_key(subnet, ipv6_subnet), prefix=False, start_revision=start_revision)
 
-    def _watch(self, key: str, *, prefix: bool, start_revision: int) -> _Stream:
+    def _watch(self, key: str, *, prefix: bool, start_revision: int) -> WatchHandle:
         raw = key.encode("utf-8")
-        create = etcdrpc.WatchCreateRequest(key=raw, start_revision=max(1, start_revision), progress_notify=True)
+        start = max(1, start_revision)
+        range_end = pyetcd.utils.prefix_range_end(raw) if prefix else b""
+        what = f"watching {key} from revision {start_revision}"
+        if self._watch_mode == "gateway":
+            try:
+                return self._gateway_watch(key, raw, range_end, start, what)
+            except gateway.NotGateway as e:
+                self._watch_mode = "grpc"
+                log.info("etcd (%s) does not serve its JSON gateway for watches (%s): watching through gRPC",
+                         ",".join(self._urls), e)
+        create = etcdrpc.WatchCreateRequest(key=raw, start_revision=start, progress_notify=True)
         if prefix:
-            create.range_end = pyetcd.utils.prefix_range_end(raw)
+            create.range_end = range_end
         request = etcdrpc.WatchRequest(create_request=create)
-        return self._call(f"watching {key} from revision {start_revision}", lambda c: _Stream(self, c, key, request))
+        return self._call(what, lambda c: _Stream(self, c, key, request))
         # (errors of the watch itself, e.g. a compacted start revision, are raised by its ``next``)
+
+    # -- watches through etcd's JSON gateway (gateway.py) ----------------------------------------
+
+    def _gateway_endpoints(self) -> list[gateway.Endpoint]:
+        if self._gw_endpoints is None:
+            tls: ssl.SSLContext | None = None
+            if any(https for _, _, https in self._endpoints):
+                client_cert = bool(self._certfile and self._keyfile)
+                try:
+                    tls = gateway.tls_context(self._cafile, self._certfile if client_cert else "",
+                                              self._keyfile if client_cert else "")
+                except (OSError, ssl.SSLError) as e:
+                    raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
+                                             f"files: {e}") from None
+            self._gw_endpoints = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
+                                  for host, port, https in self._endpoints]
+        return self._gw_endpoints
+
+    def _keepalive(self) -> gateway.Keepalive:
+        return gateway.Keepalive(*keepalive_seconds())
+
+    def _token(self, ep: gateway.Endpoint, stale: str) -> str:
+        """The auth token for gateway requests ("" without --etcd-username): the one we have,
+        or a new one when we have none or ``stale`` (the one etcd just rejected) is current."""
+        if not self._username:
+            return ""
+        with self._gw_lock:
+            if self._gw_token and self._gw_token != stale:
+                return self._gw_token
+            what = f"authenticating as {self._username}"
+            try:
+                self._gw_token = gateway.authenticate(ep, self._username, self._password, timeout=self._timeout,
+                                                      keepalive=self._keepalive())
+            except gateway.GatewayError as e:
+                raise self._gateway_error(e, what) from None
+            return self._gw_token
+
+    def _gateway_error(self, e: gateway.GatewayError, what: str) -> Exception:
+        code = _STATUS_CODES.get(e.code, grpc.StatusCode.UNKNOWN)
+        return self._convert_status(code, e.message, f"etcd ({','.join(self._urls)}) {what}")
+
+    def _gateway_watch(self, key: str, raw: bytes, range_end: bytes, start: int, what: str) -> _GatewayStream:
+        """A watch through the gateway, on the first endpoint that takes it (starting from the one
+        that last did); re-authenticates once when etcd rejects the token.
+
+        :raises gateway.NotGateway: the endpoint does not serve the gateway (use gRPC).
+        """
+        request: dict[str, Any] = {"key": _b64(raw), "start_revision": str(start), "progress_notify": True}
+        if range_end:
+            request["range_end"] = _b64(range_end)
+        eps = self._gateway_endpoints()
+        index, stale, failed = self._gw_next, "", 0
+        while True:
+            ep = eps[index]
+            try:
+                token = self._token(ep, stale)
+                w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
+                                  max_bytes=_gateway_line_limit(), silence=WATCH_SILENCE_SECONDS, what=what)
+            except gateway.GatewayError as e:
+                err = self._gateway_error(e, what)
+                if isinstance(err, _Reauthenticate) and not stale and token:
+                    stale = token
+                    log.info("etcd rejected our auth token (%s); authenticating again", err)
+                    continue
+                raise err from e
+            except errors.StoreUnavailable as e:
+                if isinstance(e, gateway.NoAnswer):
+                    self._no_answers += 1
+                    if self._no_answers >= NO_ANSWER_FALLBACK:
+                        raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
+                                                 f"the connection") from e
+                failed += 1
+                if failed >= len(eps):
+                    raise
+                index = (index + 1) % len(eps)   # the next endpoint
+                continue
+            self._no_answers = 0
+            reason = w.created.cancel_reason
+            if w.created.canceled and token and not stale and ("Unauthenticated" in reason
+                                                               or "auth store is old" in reason):
+                w.cancel()
+                stale = token
+                log.info("etcd refused our watch with the auth token (%s); authenticating again", reason)
+                continue
+            self._gw_next = index
+            return _GatewayStream(self, w, key)
+
+    def _chunk(self, revision: int, events: Iterable[gateway.Event]) -> WatchChunk:
+        """One watch response's events → a WatchChunk (gRPC and gateway alike). ``revision``: the
+        header's, which a response without events (a progress notification) brings us to."""
+        out: list[LeaseEvent] = []
+        touched: list[tuple[Subnets, int]] = []
+        config: ConfigUpdate | None = None
+        subnets = self._subnets_prefix_bytes
+        config_key = self._config_key_bytes
+        record = self._record
+        for deleted, key, value, mod_revision, lease_id in events:
+            revision = int(mod_revision)  # events arrive in revision order
+            if not key.startswith(subnets):
+                if key == config_key:
+                    config = self._config_update(deleted, value)
+                continue  # something else under the prefix: not ours to read
+            if deleted:
+                nets = self._key_subnets(key)
+                if nets is not None:
+                    touched.append((nets, revision))
+                    out.append(LeaseEvent(EventType.REMOVED, Lease(subnet=nets[0], ipv6_subnet=nets[1],
+                                                                   attrs=_NO_ATTRS)))
+                continue
+            lease, skipped = record(key, value, None if lease_id == 0 else TTL_NOT_LOOKED_UP)
+            if lease is not None:
+                touched.append(((lease.subnet, lease.ipv6_subnet), revision))  # type: ignore[arg-type]
+                out.append(LeaseEvent(EventType.ADDED, lease))
+            elif skipped is not None:
+                touched.append((skipped, revision))
+        return WatchChunk(revision=revision, events=tuple(out), config=config, touched=tuple(touched))
+
+    def _config_update(self, deleted: bool, value: Any) -> ConfigUpdate | None:
+        if deleted:
+            return ConfigUpdate(None)
+        try:
+            return ConfigUpdate(self._config_text(value))
+        except errors.ConfigError as e:
+            log.error("%s; keeping the running config", e)
+            return None
+
+    def _watch_ended(self, key: str, canceled: bool, reason: str, compact_revision: int) -> Exception | None:
+        """What a compacted or cancelled watch response means (None for a normal one)."""
+        if compact_revision:
+            return Compacted(int(compact_revision))
+        if canceled:
+            reason = reason or "no reason given"
+            if "permission denied" in reason:
+                return errors.PermissionDenied(f"etcd watch on {key}: {reason} (user {self._username or '(none)'})")
+            if "user name is empty" in reason:
+                return errors.PermissionDenied(f"etcd watch on {key}: etcd requires authentication; set "
+                                               f"--etcd-username and --etcd-password")
+            return errors.StoreUnavailable(f"etcd cancelled the watch on {key}: {reason}")
+        return None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+#: gRPC status codes by number (the JSON gateway reports the number)
+_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _gateway_line_limit() -> int:
+    """The longest line of a gateway watch stream we read (one response as JSON): a response of
+    MAX_RECEIVE_BYTES of keys and values is 4/3 of it in base64, plus the JSON around each event."""
+    return MAX_RECEIVE_BYTES * 3 // 2
+
+
+class _GatewayStream:
+    """One etcd watch read through the JSON gateway (gateway.Watch), with the same contract as
+    ``_Stream``: ``next()`` → WatchChunk, ``cancel()`` from any thread."""
+
+    def __init__(self, reg: EtcdRegistry, watch: gateway.Watch, key: str) -> None:
+        self._reg, self._watch, self._key = reg, watch, key
+        created = watch.created
+        #: a refusal that came with the creation answer (permission denied, ...): raised by ``next``
+        self._refused = reg._watch_ended(key, created.canceled, created.cancel_reason, created.compact_revision)
+
+    def next(self) -> WatchChunk:
+        """The next response's events, decoded (blocks until there is one); raises as ``_Stream.next``."""
+        if self._refused is not None:
+            self.cancel()
+            raise self._refused
+        try:
+            resp = self._watch.read()
+        except gateway.GatewayError as e:
+            err = self._reg._gateway_error(e, f"watch on {self._key}")
+            if not isinstance(err, errors.StoreUnavailable):
+                err = errors.StoreUnavailable(str(err))
+            raise err from e
+        ended = self._reg._watch_ended(self._key, resp.canceled, resp.cancel_reason, resp.compact_revision)
+        if ended is not None:
+            self.cancel()
+            raise ended
+        return self._reg._chunk(resp.revision, resp.events)
+
+    def cancel(self) -> None:
+        """Stop the watch (idempotent, never raises; any thread)."""
+        self._watch.cancel()
 
 
 class _Stream:
-    """One etcd watch, read on the thread that asked for it.
+    """One etcd watch through gRPC, read on the thread that asked for it (the fallback when the
+    endpoint does not serve etcd's JSON gateway, or with $FLANNEL_ETCD_WATCH=grpc).
 
     It is a server stream (one create request, then responses; etcd keeps a watch whose client
     has half-closed its side), on a channel with gRPC's single-threaded unary-stream option: the
     caller's ``next()`` waits in gRPC's C core for the next response, with no Python thread of
     pyetcd's polling a queue, no channel thread and no hand-off per response. ``cancel()`` may be
     called from any thread (a stop hook): a ``next()`` waiting then raises StoreUnavailable.
+    While it is open the client counts it as a user (the idle closer leaves the channel open).
     """
 
     def __init__(self, reg: EtcdRegistry, client: Any, key: str, request: Any) -> None:
@@ -735,14 +1043,27 @@ class _Stream:
         self._call = method(request, metadata=client.metadata)
         self._responses = iter(self._call)
         self._created = False   # the first response answers the creation (``next`` reads it)
+        self._release_lock = threading.Lock()
+        self._holds_client = True
+        with reg._lock:
+            reg._users += 1
+
+    def _let_go(self) -> None:
+        """The stream no longer needs the client (once)."""
+        with self._release_lock:
+            holds, self._holds_client = self._holds_client, False
+        if holds:
+            self._reg._release()
 
     def _receive(self) -> Any:
         """The next response; a gRPC error or the end of the stream as flannel errors."""
         try:
             resp = next(self._responses)
         except StopIteration:
+            self._let_go()
             raise errors.StoreUnavailable(f"etcd watch on {self._key} ended") from None
         except grpc.RpcError as e:
+            self._let_go()
             if self._cancelled:
                 raise errors.StoreUnavailable(f"etcd watch on {self._key} cancelled") from None
             if _too_large(e):
@@ -755,16 +1076,10 @@ class _Stream:
                 self._reg._drop_client(self._client)  # the next watch authenticates again
                 err = errors.StoreUnavailable(f"etcd watch on {self._key}: auth token rejected ({err})")
             raise err from e
-        if resp.compact_revision:
+        ended = self._reg._watch_ended(self._key, resp.canceled, resp.cancel_reason, resp.compact_revision)
+        if ended is not None:
             self.cancel()
-            raise Compacted(int(resp.compact_revision))
-        if resp.canceled:
-            self.cancel()
-            reason = resp.cancel_reason or "no reason given"
-            if "permission denied" in reason:
-                raise errors.PermissionDenied(f"etcd watch on {self._key}: {reason} (user "
-                                              f"{self._reg._username or '(none)'})")
-            raise errors.StoreUnavailable(f"etcd cancelled the watch on {self._key}: {reason}")
+            raise ended
         return resp
 
     def next(self) -> WatchChunk:
@@ -774,55 +1089,21 @@ class _Stream:
         :raises ResponseTooLarge: a response was over MAX_RECEIVE_BYTES (relist).
         :raises errors.StoreUnavailable: the stream broke or was cancelled (re-watch).
         """
-        reg = self._reg
         resp = self._receive()
         if not self._created:  # the creation answer (a compacted start revision raised above)
             if not resp.created:
                 raise errors.StoreUnavailable(f"etcd watch on {self._key}: no creation answer")
             self._created = True
             resp = self._receive()
-        out: list[LeaseEvent] = []
-        touched: list[tuple[Subnets, int]] = []
-        config: ConfigUpdate | None = None
-        revision = int(resp.header.revision)  # a progress notification: everything up to it was sent
-        subnets = reg._subnets_prefix_bytes
-        config_key = reg._config_key_bytes
-        for ev in resp.events:
-            kv = ev.kv
-            revision = int(kv.mod_revision)  # events arrive in revision order
-            key = kv.key
-            if not key.startswith(subnets):
-                if key == config_key:
-                    config = self._config_update(ev)
-                continue  # something else under the prefix: not ours to read
-            if ev.type == _DELETE:
-                nets = reg._key_subnets(key)
-                if nets is not None:
-                    touched.append((nets, revision))
-                    out.append(LeaseEvent(EventType.REMOVED, Lease(subnet=nets[0], ipv6_subnet=nets[1],
-                                                                   attrs=_NO_ATTRS)))
-                continue
-            lease, skipped = reg._record(key, kv.value, None if kv.lease == 0 else TTL_NOT_LOOKED_UP)
-            if lease is not None:
-                touched.append(((lease.subnet, lease.ipv6_subnet), revision))  # type: ignore[arg-type]
-                out.append(LeaseEvent(EventType.ADDED, lease))
-            elif skipped is not None:
-                touched.append((skipped, revision))
-        return WatchChunk(revision=revision, events=tuple(out), config=config, touched=tuple(touched))
-
-    def _config_update(self, ev: Any) -> ConfigUpdate | None:
-        if ev.type == _DELETE:
-            return ConfigUpdate(None)
-        try:
-            return ConfigUpdate(self._reg._config_text(ev.kv.value))
-        except errors.ConfigError as e:
-            log.error("%s; keeping the running config", e)
-            return None
+        return self._reg._chunk(int(resp.header.revision),
+                                ((ev.type == _DELETE, ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease)
+                                 for ev in resp.events))
 
     def cancel(self) -> None:
         """Stop the watch (idempotent, never raises; any thread)."""
         self._cancelled = True
         self._call.cancel()
+        self._let_go()
 
 
 def _show_key(key: Any) -> str:

@@ -212,6 +212,18 @@ class TLSEtcdServer(EtcdServer):
     pki: Path
 
 
+def assert_watch_works(reg: EtcdRegistry, n: int, transport: str) -> None:
+    """A watch (through etcd's JSON gateway: TLS with the same files, the token if any) delivers a lease."""
+    handle = reg.watch_leases(reg.list_leases().revision + 1)
+    try:
+        assert type(handle).__name__ == transport
+        sn = IPv4Network(f"10.1.{n}.0/24")
+        reg.update_lease(sn, None, LeaseAttrs(public_ip=IPv4Address(f"1.2.3.{n}")), None)
+        assert [e.lease.subnet for e in collect(handle, 1)] == [sn]
+    finally:
+        handle.cancel()
+
+
 def test_tls_with_client_certificate(pki, tmp_path):
     srv = tls_etcd(pki, tmp_path)
     srv.start()
@@ -221,6 +233,7 @@ def test_tls_with_client_certificate(pki, tmp_path):
         try:
             reg.put_config(CONFIG)
             assert reg.get_config() == CONFIG
+            assert_watch_works(reg, 5, "_GatewayStream")
         finally:
             reg.close()
         opts = AgentOptions(etcd_endpoints=(srv.endpoint,), etcd_cafile=tls["cafile"], etcd_certfile=tls["certfile"],
@@ -238,6 +251,9 @@ def test_tls_with_client_certificate(pki, tmp_path):
         both = registry(srv, username="root", password="tls-pw", **tls)
         try:
             assert both.get_config() == CONFIG
+            # etcd refuses gateway requests with a client certificate once auth is on ("CommonName
+            # of client sending a request against gateway will be ignored"): the watch uses gRPC
+            assert_watch_works(both, 6, "_Stream")
         finally:
             both.close()
     finally:
@@ -385,15 +401,20 @@ def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_s
 IDLE_WINDOW = 2.5
 
 
-def test_a_blocked_watch_read_sleeps_until_an_event_or_cancel(etcd_server):
+@pytest.mark.parametrize("mode", ["gateway", "grpc"])
+def test_a_blocked_watch_read_sleeps_until_an_event_or_cancel(etcd_server, monkeypatch, mode):
     """Issue 9 (idle CPU): the thread blocked in the watch's ``next()`` does not wake up while
-    nothing happens (gRPC's 200 ms signal-check slices are lengthened, see grpcwait), an event
-    still wakes it at once, and ``cancel()`` (the stop hook) still ends the read."""
+    nothing happens (gateway: it blocks in ``recv``; gRPC: its 200 ms signal-check slices are
+    lengthened, see grpcwait), an event still wakes it at once, and ``cancel()`` (the stop hook)
+    from another thread still ends the read."""
+    monkeypatch.setenv("FLANNEL_ETCD_WATCH", mode)
     reg = registry(etcd_server)
     try:
         reg.put_config(CONFIG)
         handle = reg.watch_leases(reg.list_leases().revision + 1)
-        assert grpcwait.signal_check_ms(cygrpc) == grpcwait.SIGNAL_CHECK_MS
+        assert type(handle).__name__ == ("_GatewayStream" if mode == "gateway" else "_Stream")
+        if mode == "grpc":
+            assert grpcwait.signal_check_ms(cygrpc) == grpcwait.SIGNAL_CHECK_MS
         chunks: list = []
         ended: list[BaseException] = []
 

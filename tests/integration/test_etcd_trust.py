@@ -270,7 +270,10 @@ def test_a_watch_whose_server_vanished_without_a_reset_is_noticed(reg, make_mana
     """The connection to etcd goes silent (no FIN, no RST: a crashed host, a failover, dropped
     packets). gRPC keepalive pings go unanswered, the channel is closed, the watch re-established
     on a new connection and resumed: a lease written meanwhile arrives. Keepalive is shortened with
-    the documented knobs (etcd refuses pings more often than every 5 s)."""
+    the documented knobs (etcd refuses pings more often than every 5 s). gRPC watches (the
+    fallback): the proxy's kernel still answers TCP, which only gRPC's pings see through; gateway
+    watches are covered in test_etcd_gateway.py (TCP keepalive, the silence limit)."""
+    monkeypatch.setenv(registry_mod.WATCH_ENV, "grpc")
     monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "5")
     monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "2")
     host, port, _ = registry_mod._split_endpoint(etcd_server.endpoint)

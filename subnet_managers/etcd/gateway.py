@@ -1,0 +1,343 @@
+"""etcd watches through etcd's JSON gateway (``POST /v3/watch``) over a plain socket.
+
+Why: a gRPC channel costs an idle agent 0.6–0.9 ms/s of CPU in gRPC's C threads (event engine
+pollers waking ~10 times a second, a global timer, a lifeguard), and a lease event costs another
+~0.2 ms in them; the issue 9 target is 1 ms/s for the whole agent. The watches are the only
+long-lived etcd traffic, so they are read here from one TCP (or TLS) socket per watch, blocking in
+``recv`` on the reading thread: no thread of ours or of a library wakes while nothing happens,
+and the gRPC channel the unary calls use can be closed between them (registry.py).
+
+What etcd serves (checked against 3.4.23, ``embed/serve.go``): grpc-gateway on the client port,
+HTTP/1.1 next to gRPC (cmux on plaintext, ALPN/content-type on TLS). ``POST /v3/watch`` with
+``{"create_request": {...}}`` answers ``200`` with a chunked stream of JSON objects, one per
+watch response, each followed by ``\\n``: ``{"result": WatchResponse}`` or, if the stream breaks,
+``{"error": {"grpc_code", "http_code", "message", ...}}``. Field names are the proto names,
+int64s are strings, bytes are base64, zero values are omitted (a PUT event has no ``type``).
+An error before the stream (a malformed request, etcd's gateway unable to reach itself) is an
+HTTP status with ``{"error", "message", "code"}``. etcd's HTTP server has no read, write or
+idle timeout, so an idle stream stays open for as long as the TCP connection lives; whether it
+lives is what TCP keepalive and ``TCP_USER_TIMEOUT`` find out, in the kernel (``_set_keepalive``).
+
+Everything read here is untrusted bytes: one response line is bounded (``max_bytes``, never
+buffered beyond it), and any failure of the HTTP or JSON layer (a reset, a truncated chunk,
+non-JSON, bad base64, a missing field) becomes ``errors.StoreUnavailable`` (or
+``ResponseTooLarge``) at this boundary. An endpoint that answers, but not as etcd's gateway
+(404, another HTTP version, bytes that are not HTTP), raises ``NotGateway``: registry.py then
+uses gRPC watches.
+"""
+
+from __future__ import annotations
+
+import binascii
+import http.client
+import json
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from flannel import errors
+from flannel.subnet_managers.etcd.store import ResponseTooLarge
+
+WATCH_PATH = "/v3/watch"
+AUTH_PATH = "/v3/auth/authenticate"
+#: the most we read of an answer that is not a watch stream (an error, a token)
+MAX_SMALL_BODY = 64 * 1024
+#: HTTP statuses that mean "no gateway here" (etcd < 3.4 has no ``/v3/``; --enable-grpc-gateway=false)
+_NO_GATEWAY_STATUS = (404, 405, 501)
+
+#: one watch event: (deleted, key, value, mod_revision, etcd lease id)
+Event = tuple[bool, bytes, bytes, int, int]
+
+
+class NotGateway(Exception):
+    """The endpoint answered, but not as etcd's JSON gateway: use gRPC watches (the message says why)."""
+
+
+class GatewayError(errors.StoreError):
+    """etcd's gateway answered with an error: ``code`` is the gRPC status code (an int), ``message`` etcd's text."""
+
+    def __init__(self, code: int, message: str, where: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(f"{where}: gRPC code {code}: {message}")
+
+
+class NoAnswer(errors.StoreUnavailable):
+    """The connection was closed without a byte of answer: etcd restarting, or a server that does
+    not speak HTTP/1.1 and hangs up (registry.py falls back after several in a row)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str                        # without brackets
+    port: int
+    tls: ssl.SSLContext | None
+
+    def describe(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """When a silent connection is declared dead: a probe after ``idle`` seconds without traffic,
+    and the connection is aborted once ``idle + timeout`` seconds passed without an answer."""
+
+    idle: float
+    timeout: float
+
+
+def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
+    """As the gRPC credentials: the CA bundle (system roots if empty), and the client certificate
+    only when both files are given; the server's name (or IP) is checked."""
+    ctx = ssl.create_default_context(cafile=cafile or None)
+    if certfile and keyfile:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+def _set_keepalive(sock: socket.socket, ka: Keepalive) -> None:
+    """Dead-peer detection in the kernel, costing this process nothing: keepalive probes after
+    ``idle`` seconds of silence, and TCP_USER_TIMEOUT aborts the connection (the blocked ``recv``
+    fails) once ``idle + timeout`` seconds passed with probes unanswered, as gRPC keepalive did."""
+    idle = max(1, int(ka.idle))
+    interval = max(1, int(ka.timeout / 3))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # http.client sends head and body apart
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", int((ka.idle + ka.timeout) * 1000))):
+        opt = getattr(socket, name, None)
+        if opt is not None:   # Linux has all four
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+def _connect(ep: Endpoint, timeout: float, ka: Keepalive) -> http.client.HTTPConnection:
+    conn: http.client.HTTPConnection
+    if ep.tls is not None:
+        conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout, context=ep.tls)
+    else:
+        conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        _set_keepalive(conn.sock, ka)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: dict[str, Any], token: str,
+          where: str) -> http.client.HTTPResponse:
+    """Send one request and read the answer's head: a 200 from etcd's gateway, or the error raised."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = token   # etcd reads the token from "authorization" as from "token"
+    conn.request("POST", path, body=json.dumps(body).encode("ascii"), headers=headers)
+    try:
+        resp = conn.getresponse()
+    except http.client.RemoteDisconnected as e:
+        raise NoAnswer(f"{where}: the connection was closed without an answer") from e
+    except (http.client.BadStatusLine, http.client.LineTooLong) as e:
+        raise NotGateway(f"it does not answer HTTP/1.1 ({type(e).__name__}: {str(e)[:80]!r})") from e
+    if resp.version != 11:
+        raise NotGateway(f"it answered with HTTP version {resp.version / 10:.1f}, not 1.1")
+    if resp.status == 200:
+        ctype = resp.getheader("Content-Type", "")
+        if not ctype.startswith("application/json"):
+            raise NotGateway(f"it answered {path} with Content-Type {ctype[:80]!r}, not etcd's JSON")
+        return resp
+    if resp.status in _NO_GATEWAY_STATUS:
+        raise NotGateway(f"it answered {path} with HTTP {resp.status} {resp.reason[:80]}")
+    raw = resp.read(MAX_SMALL_BODY)
+    try:
+        err = json.loads(raw)
+        code, message = int(err["code"]), str(err.get("message") or err.get("error"))
+    except Exception:  # the boundary: anything but etcd's error object
+        answer = f"HTTP {resp.status} {resp.reason[:80]} and no etcd error ({raw[:80]!r})"
+        if resp.status >= 500:   # a proxy in front of an etcd that is down, say: try again later
+            raise errors.StoreUnavailable(f"{where}: {answer}") from None
+        raise NotGateway(f"it answered {path} with {answer}") from None
+    raise GatewayError(code, message, where)
+
+
+def _unavailable(where: str, e: BaseException) -> errors.StoreUnavailable:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return errors.StoreUnavailable(f"{where}: TLS: etcd's server certificate was refused: {e.verify_message}")
+    if isinstance(e, TimeoutError) and e.errno is not None:
+        return errors.StoreUnavailable(f"{where}: the connection timed out (etcd stopped answering: TCP keepalive "
+                                       f"or TCP_USER_TIMEOUT)")
+    if isinstance(e, TimeoutError):
+        return errors.StoreUnavailable(f"{where}: timed out")
+    return errors.StoreUnavailable(f"{where}: {type(e).__name__}: {str(e)[:200]}")
+
+
+def authenticate(ep: Endpoint, name: str, password: str, *, timeout: float, keepalive: Keepalive) -> str:
+    """A token for ``name`` (``POST /v3/auth/authenticate``).
+
+    :raises GatewayError: etcd refused (wrong password: code 3; auth not enabled: code 9).
+    :raises NotGateway: no gateway at ``ep``.
+    :raises errors.StoreUnavailable: anything else.
+    """
+    where = f"etcd ({ep.describe()}) authenticating as {name}"
+    try:
+        conn = _connect(ep, timeout, keepalive)
+        try:
+            resp = _post(conn, AUTH_PATH, {"name": name, "password": password}, "", where)
+            token = json.loads(resp.read(MAX_SMALL_BODY))["token"]
+        finally:
+            conn.close()
+        if not isinstance(token, str) or not token:
+            raise ValueError("no token in the answer")
+        return token
+    except (NotGateway, errors.StoreError):
+        raise
+    except Exception as e:  # the boundary: whatever the socket, HTTP or JSON layer raised
+        raise _unavailable(where, e) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One watch response, decoded from JSON (nothing of it trusted beyond its types)."""
+
+    revision: int          # the header's (store) revision
+    created: bool
+    canceled: bool
+    cancel_reason: str
+    compact_revision: int
+    events: tuple[Event, ...]
+
+
+def _b64(text: Any) -> bytes:
+    return binascii.a2b_base64(text, strict_mode=True) if text else b""
+
+
+def _event(ev: Any) -> Event:
+    kind = ev.get("type", "PUT")
+    if kind not in ("PUT", "DELETE"):
+        raise ValueError(f"unknown event type {str(kind)[:40]!r}")
+    kv = ev["kv"]
+    return (kind == "DELETE", _b64(kv["key"]), _b64(kv.get("value")), int(kv["mod_revision"]), int(kv.get("lease", 0)))
+
+
+def parse_response(line: bytes, where: str) -> Response:
+    """One line of the stream → a Response.
+
+    :raises GatewayError: the line is etcd's ``{"error": ...}`` (the stream broke).
+    :raises errors.StoreUnavailable: anything malformed (not JSON, a wrong type, bad base64, ...).
+    """
+    try:
+        msg = json.loads(line)
+        if "error" in msg:
+            err = msg["error"]
+            raise GatewayError(int(err.get("grpc_code", 2)), str(err.get("message", ""))[:500], where)
+        res = msg["result"]
+        header = res.get("header") or {}
+        return Response(int(header.get("revision", 0)), res.get("created") is True, res.get("canceled") is True,
+                        str(res.get("cancel_reason", ""))[:500], int(res.get("compact_revision", 0)),
+                        tuple(map(_event, res.get("events", ()))))
+    except GatewayError:
+        raise
+    except Exception as e:  # the boundary: a malformed response is a broken stream, never a crash
+        raise errors.StoreUnavailable(f"{where}: malformed watch response ({type(e).__name__}: "
+                                      f"{str(e)[:200]})") from None
+
+
+class Watch:
+    """One watch stream: created (connected, request sent, creation answer read) within
+    ``timeout``; then ``read`` blocks in ``recv`` (keepalive notices a dead peer; ``silence``
+    seconds without a byte, longer than etcd's progress notifications ever leave it quiet, mean a
+    server alive to TCP but hung) and ``cancel`` from any thread ends it.
+
+    :raises NotGateway, GatewayError, errors.StoreUnavailable: from the constructor.
+    """
+
+    def __init__(self, ep: Endpoint, request: dict[str, Any], token: str, *, timeout: float,
+                 keepalive: Keepalive, max_bytes: int, silence: float, what: str) -> None:
+        self.where = f"etcd ({ep.describe()}) {what}"
+        self._max, self._silence = max_bytes, silence
+        self._lock = threading.Lock()
+        self._cancelled = self._reading = self._closed = False
+        try:
+            self._conn = _connect(ep, timeout, keepalive)
+        except Exception as e:  # the boundary
+            raise _unavailable(self.where, e) from e
+        try:
+            self._resp = _post(self._conn, WATCH_PATH, {"create_request": request}, token, self.where)
+            #: the creation answer (``created``; ``canceled`` with the reason if etcd refused the watch)
+            self.created = self.read()
+            if not self.created.created:
+                raise errors.StoreUnavailable(f"{self.where}: no creation answer")
+            assert self._conn.sock is not None
+            self._conn.sock.settimeout(silence)   # one poll(2) per read: no wake-up before it expires
+        except (NotGateway, errors.StoreError):
+            self._conn.close()
+            raise
+        except Exception as e:  # the boundary
+            self._conn.close()
+            raise _unavailable(self.where, e) from e
+
+    def read(self) -> Response:
+        """The next response (blocks).
+
+        :raises ResponseTooLarge: a response line over ``max_bytes`` (the stream is unusable after it).
+        :raises GatewayError: etcd ended the stream with an error.
+        :raises errors.StoreUnavailable: cancelled, closed, reset, truncated, malformed.
+        """
+        with self._lock:
+            if self._cancelled:
+                raise errors.StoreUnavailable(f"{self.where}: cancelled")
+            self._reading = True
+        try:
+            line = self._resp.readline(self._max + 1)
+        except Exception as e:  # the boundary: reset, TLS error, a malformed chunk, ...
+            if self._read_done():
+                raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
+            if isinstance(e, TimeoutError) and e.errno is None:   # the socket's timeout, not ETIMEDOUT
+                raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
+                                              f"progress notification (a hung server or a dead connection)") from e
+            raise _unavailable(self.where, e) from e
+        if self._read_done():
+            raise errors.StoreUnavailable(f"{self.where}: cancelled")
+        if not line.endswith(b"\n"):
+            if len(line) > self._max:
+                raise ResponseTooLarge(f"{self.where}: a response was larger than the {self._max} bytes we accept")
+            if not line:
+                raise errors.StoreUnavailable(f"{self.where}: the stream ended")
+            raise errors.StoreUnavailable(f"{self.where}: the stream ended inside a response")
+        return parse_response(line, self.where)
+
+    def _read_done(self) -> bool:
+        """A read ended: whether the watch was cancelled meanwhile (then the connection is closed here)."""
+        with self._lock:
+            self._reading = False
+            if self._cancelled:
+                self._close()
+            return self._cancelled
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            resp = getattr(self, "_resp", None)
+            if resp is not None:
+                resp.close()
+            self._conn.close()
+
+    def cancel(self) -> None:
+        """End the watch (idempotent, never raises; any thread). A ``read`` blocked meanwhile wakes
+        up (the socket is shut down under it) and closes the connection itself: closing a socket
+        another thread reads could hand its descriptor number to a new one."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            if not self._reading:
+                self._close()
+                return
+            sock = self._conn.sock
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
+                except OSError:
+                    pass

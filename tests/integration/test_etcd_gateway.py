@@ -1,0 +1,492 @@
+"""Watches through etcd's JSON gateway (gateway.py) against a real etcd: the same chunks as gRPC
+watches, compaction, auth, a garbage or oversized stream, the fallback to gRPC where no gateway is
+served, a dead connection noticed by TCP keepalive; and the gRPC channel closed when idle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from flannel import errors
+from flannel.lab.etcd import EtcdServer
+from flannel.lab.netns import Blackhole, NetNS, in_netns
+from flannel.lease import EventType, LeaseAttrs
+from flannel.options import AgentOptions
+from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import registry as registry_mod
+from flannel.subnet_managers.etcd.registry import EtcdRegistry
+from flannel.subnet_managers.etcd.store import Compacted, ResponseTooLarge
+from tests.support import GatewayProxy, acquire, read_watch, wait_for
+
+pytestmark = pytest.mark.etcd
+
+PREFIX = "/coreos.com/network"
+SUBNETS = f"{PREFIX}/subnets/"
+CONFIG = '{ "Network": "10.1.0.0/16", "Backend": { "Type": "host-gw" } }'
+
+
+def registry(endpoint: str, **kw: Any) -> EtcdRegistry:
+    return EtcdRegistry(endpoints=[endpoint], prefix=PREFIX, **kw)
+
+
+def lease_value(ip: str) -> str:
+    return json.dumps({"PublicIP": ip, "PublicIPv6": None})
+
+
+def summary(chunks: list[Any]) -> list[Any]:
+    """What a watch delivered, comparable between the two transports."""
+    out = []
+    for c in chunks:
+        out.append(([(e.type, str(e.lease.subnet), str(e.lease.attrs.public_ip)) for e in c.events],
+                    None if c.config is None else ("config", c.config.text),
+                    [(str(nets[0]), rev) for nets, rev in c.touched], c.revision))
+    return out
+
+
+def until_revision(rev: int) -> Any:
+    return lambda chunks: bool(chunks) and chunks[-1].revision >= rev
+
+
+def is_gateway(handle: Any) -> bool:
+    return type(handle).__name__ == "_GatewayStream"
+
+
+def test_gateway_watch_delivers_what_the_grpc_watch_does(etcd_server, monkeypatch):
+    """Puts (leased and not), deletes, a garbage value (skipped: only that record), a config
+    change and a config delete, read through both transports from the same revision: the same chunks."""
+    reg = registry(etcd_server.endpoint)
+    try:
+        reg.put_config(CONFIG)
+        start = reg.list_leases().revision + 1
+        reg.create_lease(IPv4Network("10.1.5.0/24"), None, LeaseAttrs(public_ip=IPv4Address("1.2.3.5")), 600)
+        etcd_server.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+        etcd_server.etcdctl("put", SUBNETS + "10.1.7.0-24", "{not json")
+        etcd_server.etcdctl("put", f"{PREFIX}/config", CONFIG.replace("host-gw", "vxlan"))
+        etcd_server.etcdctl("del", SUBNETS + "10.1.6.0-24")
+        etcd_server.etcdctl("put", f"{PREFIX}/unrelated", "x")
+        etcd_server.etcdctl("del", f"{PREFIX}/config")
+        last = reg.list_leases().revision
+        got = {}
+        for mode in ("gateway", "grpc"):
+            monkeypatch.setenv(registry_mod.WATCH_ENV, mode)
+            r = registry(etcd_server.endpoint)
+            try:
+                h = r.watch_leases(start)
+                assert is_gateway(h) == (mode == "gateway")
+                try:
+                    chunks = read_watch(h, until_revision(last))
+                finally:
+                    h.cancel()
+                got[mode] = (summary(chunks), r.skipped.snapshot())
+            finally:
+                r.close()
+        assert got["gateway"] == got["grpc"]
+        chunks_seen, skipped = got["gateway"]
+        events = [ev for evs, _, _, _ in chunks_seen for ev in evs]
+        assert events == [(EventType.ADDED, "10.1.5.0/24", "1.2.3.5"), (EventType.ADDED, "10.1.6.0/24", "1.2.3.6"),
+                          (EventType.REMOVED, "10.1.6.0/24", "0.0.0.0")]
+        configs = [cfg for _, cfg, _, _ in chunks_seen if cfg is not None]
+        assert configs[-1] == ("config", None)   # the latest change in a response: the delete
+        touched = [s for _, _, ts, _ in chunks_seen for s, _ in ts]
+        assert touched == ["10.1.5.0/24", "10.1.6.0/24", "10.1.7.0/24", "10.1.6.0/24"]
+        assert sum(skipped.values()) == 1   # the garbage value: that record only
+        assert chunks_seen[-1][3] == last
+    finally:
+        reg.close()
+
+
+def test_single_key_watch_and_compaction(etcd_server):
+    reg = registry(etcd_server.endpoint)
+    try:
+        sn = IPv4Network("10.1.9.0/24")
+        reg.create_lease(sn, None, LeaseAttrs(public_ip=IPv4Address("1.2.3.9")), 600)
+        first = reg.get_lease(sn, None).revision
+        etcd_server.etcdctl("put", SUBNETS + "10.1.10.0-24", lease_value("1.2.3.10"))   # another key
+        reg.update_lease(sn, None, LeaseAttrs(public_ip=IPv4Address("1.2.3.99")), 600)
+        h = reg.watch_lease(sn, None, first + 1)
+        assert is_gateway(h)
+        try:
+            chunks = read_watch(h, lambda cs: any(c.events for c in cs))
+        finally:
+            h.cancel()
+        assert [(str(e.lease.subnet), str(e.lease.attrs.public_ip)) for c in chunks for e in c.events] == \
+            [("10.1.9.0/24", "1.2.3.99")]
+        now = reg.list_leases().revision
+        etcd_server.etcdctl("compact", str(now))
+        h = reg.watch_leases(first)
+        try:
+            with pytest.raises(Compacted) as exc:
+                h.next()
+            assert exc.value.compacted_revision == now
+        finally:
+            h.cancel()
+    finally:
+        reg.close()
+
+
+def test_rejected_token_is_renewed_and_a_wrong_user_is_permission_denied(tmp_path, caplog):
+    """etcd's simple tokens expire (here after 1 s): the gateway watch authenticates again by itself."""
+    srv = EtcdServer(str(tmp_path / "etcd"), extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
+    srv.start()
+    try:
+        srv.etcdctl("put", f"{PREFIX}/config", CONFIG)
+        srv.etcdctl("user", "add", "root:s3cret-pw")
+        srv.etcdctl("user", "add", "nobody:pw2")
+        srv.etcdctl("auth", "enable")
+        reg = registry(srv.endpoint, username="root", password="s3cret-pw")
+        try:
+            rev = reg.list_leases().revision
+            h = reg.watch_leases(rev + 1)
+            assert is_gateway(h)
+            h.cancel()
+            token = reg._gw_token
+            assert token
+            time.sleep(2.5)  # let the token expire (no condition to poll: expiry is server-internal)
+            caplog.set_level(logging.INFO)
+            h = reg.watch_leases(rev + 1)
+            try:
+                assert "authenticating again" in caplog.text
+                assert reg._gw_token and reg._gw_token != token
+                srv.etcdctl("--user", "root:s3cret-pw", "put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+                chunks = read_watch(h, lambda cs: any(c.events for c in cs))
+                assert [e.lease.subnet for c in chunks for e in c.events] == [IPv4Network("10.1.6.0/24")]
+            finally:
+                h.cancel()
+        finally:
+            reg.close()
+        wrong = registry(srv.endpoint, username="root", password="wrong")
+        try:
+            with pytest.raises(errors.PermissionDenied, match="authentication failed for user 'root'"):
+                wrong.watch_leases(1)
+        finally:
+            wrong.close()
+        nobody = registry(srv.endpoint, username="nobody", password="pw2")   # no role: may not read the prefix
+        try:
+            h = nobody.watch_leases(1)
+            with pytest.raises(errors.PermissionDenied, match="permission denied"):
+                h.next()
+            h.cancel()
+        finally:
+            nobody.close()
+        anon = registry(srv.endpoint)
+        try:
+            h = anon.watch_leases(1)
+            with pytest.raises(errors.PermissionDenied, match="--etcd-username"):
+                h.next()
+            h.cancel()
+        finally:
+            anon.close()
+        assert "s3cret-pw" not in caplog.text
+    finally:
+        srv.close()
+
+
+# -- a stream that is not what etcd sends ----------------------------------------------------------
+
+CREATED = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
+
+
+def _event_line(key: bytes, value: bytes, rev: int) -> bytes:
+    import base64
+    kv = {"key": base64.b64encode(key).decode(), "value": base64.b64encode(value).decode(), "mod_revision": str(rev)}
+    return json.dumps({"result": {"header": {"revision": str(rev)}, "events": [{"kv": kv}]}}).encode() + b"\n"
+
+
+BAD_STREAMS = {
+    "not JSON": [CREATED, b"{not json\n"],
+    "a list": [CREATED, b"[1, 2]\n"],
+    "bad base64": [CREATED, b'{"result":{"events":[{"kv":{"key":"@@@","mod_revision":"8"}}]}}\n'],
+    "no mod_revision": [CREATED, b'{"result":{"events":[{"kv":{"key":"YQ=="}}]}}\n'],
+    "unknown event type": [CREATED, b'{"result":{"events":[{"type":"EXPLODE","kv":{"key":"YQ==",'
+                                    b'"mod_revision":"8"}}]}}\n'],
+    "a stream error": [CREATED, b'{"error":{"grpc_code":14,"http_code":503,"message":"transport is closing"}}\n'],
+    "truncated": [CREATED, b'{"result":{"header":'],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STREAMS))
+def test_a_malformed_stream_is_store_unavailable(etcd_server, name):
+    """Every failure of the HTTP/JSON layer becomes StoreUnavailable at the boundary; a good
+    response before it is still delivered."""
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
+    reg = registry(proxy.endpoint)
+    try:
+        good = _event_line(SUBNETS.encode() + b"10.1.8.0-24", lease_value("1.2.3.8").encode(), 8)
+        lines = BAD_STREAMS[name]
+        proxy.script = [GatewayProxy.chunk(lines[0]), GatewayProxy.chunk(good)]
+        if name == "truncated":
+            proxy.script.append(b"%x\r\n" % 100 + lines[1])   # a chunk announced longer than what comes
+        else:
+            proxy.script.append(GatewayProxy.chunk(lines[1]))
+        h = reg.watch_leases(1)
+        assert is_gateway(h)
+        try:
+            assert [str(e.lease.subnet) for e in h.next().events] == ["10.1.8.0/24"]
+            if name == "truncated":
+                proxy.close()   # the connection ends inside the chunk
+            with pytest.raises(errors.StoreUnavailable) as exc:
+                h.next()
+            assert type(exc.value) is errors.StoreUnavailable, type(exc.value)   # not a subclass with other handling
+        finally:
+            h.cancel()
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_an_oversized_response_is_response_too_large_without_buffering_it(etcd_server, monkeypatch):
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
+    monkeypatch.setattr(registry_mod, "MAX_RECEIVE_BYTES", 4096)   # a line of 6144 bytes (base64 and JSON)
+    reg = registry(proxy.endpoint)
+    try:
+        big = _event_line(SUBNETS.encode() + b"10.1.8.0-24", b"x" * 8000, 8)
+        proxy.script = [GatewayProxy.chunk(CREATED), GatewayProxy.chunk(big)]
+        h = reg.watch_leases(1)
+        try:
+            with pytest.raises(ResponseTooLarge, match="6144 bytes"):
+                h.next()
+        finally:
+            h.cancel()
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_the_agent_keeps_watching_after_a_garbage_stream(etcd_server, tmp_path, caplog):
+    """The manager's lease watch through a proxy that first answers the gateway watch with garbage:
+    the watch is re-established (StoreUnavailable, retried) and a lease written later arrives."""
+    caplog.set_level(logging.INFO)
+    etcd_server.etcdctl("put", f"{PREFIX}/config", CONFIG)
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
+    proxy.script = [GatewayProxy.chunk(CREATED), GatewayProxy.chunk(b'{"result":{"events":[{"kv":"?"}]}}\n')]
+    m = EtcdSubnetManager(AgentOptions(etcd_endpoints=(proxy.endpoint,), subnet_file=str(tmp_path / "subnet.env")))
+    stop = threading.Event()
+    seen: list[str] = []
+    try:
+        config = m.get_network_config()
+        acquire(m, LeaseAttrs(public_ip=IPv4Address("1.2.3.4")))
+
+        def watch() -> None:
+            for result in m.watch_leases(config, stop):
+                seen.extend(str(e.lease.subnet) for e in result.events)
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        wait_for(lambda: "malformed watch response" in caplog.text, "the garbage stream to be read", timeout=30)
+        proxy.mode = "forward"
+        etcd_server.etcdctl("put", SUBNETS + "10.1.77.0-24", lease_value("198.18.0.77"))
+        wait_for(lambda: "10.1.77.0/24" in seen, "the lease written after the garbage", timeout=60)
+        assert t.is_alive()
+    finally:
+        stop.set()
+        m.close()
+        proxy.close()
+
+
+# -- fallback to gRPC -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["404", "garbage", "close"])
+def test_an_endpoint_without_the_gateway_falls_back_to_grpc(etcd_server, caplog, mode):
+    """The proxy forwards gRPC to etcd but answers HTTP/1.1 with a 404, with bytes that are not
+    HTTP, or by hanging up: the watch goes through gRPC, said once at INFO, and delivers events."""
+    caplog.set_level(logging.INFO, logger=registry_mod.__name__)
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode=mode)
+    reg = registry(proxy.endpoint)
+    try:
+        rev = reg.list_leases().revision
+        handles = []
+        for _ in range(registry_mod.NO_ANSWER_FALLBACK if mode == "close" else 1):
+            try:
+                handles.append(reg.watch_leases(rev + 1))
+            except errors.StoreUnavailable:
+                continue   # "close": an answer-less hang-up counts as unavailable until it happened enough
+        h = handles[-1]
+        try:
+            assert not is_gateway(h)
+            etcd_server.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+            chunks = read_watch(h, lambda cs: any(c.events for c in cs))
+            assert [str(e.lease.subnet) for c in chunks for e in c.events] == ["10.1.6.0/24"]
+        finally:
+            h.cancel()
+        requests = proxy.http_requests
+        reg.watch_leases(rev + 1).cancel()
+        assert proxy.http_requests == requests, "the gateway was tried again after falling back"
+        falls = [r for r in caplog.records if "does not serve its JSON gateway" in r.getMessage()]
+        assert len(falls) == 1 and falls[0].levelno == logging.INFO
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_a_proxy_error_page_is_an_outage_not_a_reason_to_fall_back(etcd_server):
+    """A 503 page that is not etcd's (a proxy whose etcd is down) is StoreUnavailable; once the
+    gateway answers again, watches go through it."""
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="503")
+    reg = registry(proxy.endpoint)
+    try:
+        for _ in range(registry_mod.NO_ANSWER_FALLBACK + 1):
+            with pytest.raises(errors.StoreUnavailable, match="HTTP 503"):
+                reg.watch_leases(1)
+        proxy.mode = "forward"
+        h = reg.watch_leases(1)
+        h.cancel()
+        assert is_gateway(h)
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_grpc_is_forced_by_the_environment_and_the_value_is_checked(etcd_server, monkeypatch):
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2])
+    monkeypatch.setenv(registry_mod.WATCH_ENV, "grpc")
+    reg = registry(proxy.endpoint)
+    try:
+        h = reg.watch_leases(reg.list_leases().revision + 1)
+        h.cancel()
+        assert not is_gateway(h) and proxy.http_requests == 0
+    finally:
+        reg.close()
+        proxy.close()
+    monkeypatch.setenv(registry_mod.WATCH_ENV, "websocket")
+    with pytest.raises(errors.UsageError, match="FLANNEL_ETCD_WATCH"):
+        registry(etcd_server.endpoint)
+
+
+# -- the connection -----------------------------------------------------------------------------------
+
+@pytest.mark.root
+def test_a_dead_connection_is_noticed_by_tcp_keepalive(tmp_path, ns_prefix, monkeypatch):
+    """etcd in a namespace of its own; the watch's packets are dropped (no FIN, no RST) and stay
+    dropped: the blocked read fails within keepalive time + timeout (shortened with the documented
+    knobs) instead of waiting forever, and a new watch over a new connection gets what was written."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "2")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "2")
+    ns = NetNS(ns_prefix + "gw")
+    try:
+        srv = EtcdServer(str(tmp_path / "etcd"), netns=ns.name)
+        srv.start()
+        try:
+            reg = registry(srv.endpoint)
+            with in_netns(ns.name):   # the watch's socket is created by this thread: in the namespace
+                h = reg.watch_leases(1)
+            assert is_gateway(h)
+            ended: list[BaseException] = []
+
+            def read() -> None:
+                try:
+                    while True:
+                        h.next()
+                except errors.StoreError as e:
+                    ended.append(e)
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            bh = Blackhole(ns.name, "127.0.0.1", srv.client_port)
+            try:
+                ours = h._watch._conn.sock.getsockname()[1]
+                assert ours in bh.cut(), "the watch's connection was not seen"
+                # new connections pass; the watch's stays dead (etcd's own connection to its port,
+                # which its gateway uses, is healed: a vanished host would not have cut that)
+                bh.old_ports = [ours]
+                bh.heal()
+                t0 = time.monotonic()
+                wait_for(lambda: bool(ended), "the dead connection to be noticed", timeout=60)
+                assert isinstance(ended[0], errors.StoreUnavailable) and "connection timed out" in str(ended[0])
+                assert time.monotonic() - t0 < 30
+                srv.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+                with in_netns(ns.name):
+                    h2 = reg.watch_leases(1)
+                try:
+                    chunks = read_watch(h2, lambda cs: any(c.events for c in cs))
+                    assert [str(e.lease.subnet) for c in chunks for e in c.events] == ["10.1.6.0/24"]
+                finally:
+                    h2.cancel()
+            finally:
+                bh.close()
+                h.cancel()
+                reg.close()
+        finally:
+            srv.close()
+    finally:
+        ns.delete()
+
+
+def test_a_server_that_goes_silent_is_left_after_the_silence_limit(tmp_path, monkeypatch):
+    """A server alive to TCP but sending nothing (hung; here a proxy that stalls after its script):
+    with progress notifications every second, a read that gets nothing for WATCH_SILENCE_SECONDS
+    ends with StoreUnavailable."""
+    srv = EtcdServer(str(tmp_path / "etcd"), extra_args=["--experimental-watch-progress-notify-interval", "1s"])
+    srv.start()
+    monkeypatch.setattr(registry_mod, "WATCH_SILENCE_SECONDS", 3.0)
+    proxy = GatewayProxy(*registry_mod._split_endpoint(srv.endpoint)[:2], mode="forward")
+    reg = registry(proxy.endpoint)
+    try:
+        h = reg.watch_leases(1)
+        try:
+            chunks = read_watch(h, lambda cs: len(cs) >= 3, timeout=30)   # progress notifications keep it alive
+            assert all(not c.events for c in chunks)
+        finally:
+            h.cancel()
+        proxy.mode = "script"
+        proxy.script = [GatewayProxy.chunk(CREATED)]
+        h = reg.watch_leases(1)
+        try:
+            with pytest.raises(errors.StoreUnavailable, match="nothing received for 3s"):
+                h.next()
+        finally:
+            h.cancel()
+    finally:
+        reg.close()
+        proxy.close()
+        srv.close()
+
+
+def test_the_grpc_channel_closes_when_idle_and_reconnects(etcd_server, monkeypatch):
+    """No unary call for IDLE_CHANNEL_SECONDS: the client (its gRPC channel) is closed, with a
+    gateway watch running; the next call connects again. An open gRPC watch keeps the channel."""
+    monkeypatch.setattr(registry_mod, "IDLE_CHANNEL_SECONDS", 0.5)
+    reg = registry(etcd_server.endpoint)
+    try:
+        reg.put_config(CONFIG)
+        h = reg.watch_leases(reg.list_leases().revision + 1)
+        assert is_gateway(h)
+        try:
+            assert reg._client is not None
+            wait_for(lambda: reg._client is None, "the idle channel to close", timeout=30)
+            assert reg.get_config() == CONFIG   # a later call connects again
+            etcd_server.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+            chunks = read_watch(h, lambda cs: any(c.events for c in cs))
+            assert [str(e.lease.subnet) for c in chunks for e in c.events] == ["10.1.6.0/24"]
+        finally:
+            h.cancel()
+        wait_for(lambda: reg._client is None, "the idle channel to close again", timeout=30)
+        monkeypatch.setenv(registry_mod.WATCH_ENV, "grpc")
+        greg = registry(etcd_server.endpoint)
+        try:
+            gh = greg.watch_leases(1)
+            try:
+                first = greg._client
+                time.sleep(2)   # the measuring window: four idle periods with the gRPC watch open
+                assert greg._client is first and first is not None
+            finally:
+                gh.cancel()
+            wait_for(lambda: greg._client is None, "the channel to close once the gRPC watch ended", timeout=30)
+        finally:
+            greg.close()
+    finally:
+        reg.close()
+
+
+def test_an_unreadable_cafile_is_a_config_error_at_the_first_gateway_watch(tmp_path):
+    """An unreadable --etcd-cafile is a ConfigError at the first gateway watch (not a crash)."""
+    reg = EtcdRegistry(endpoints=["https://127.0.0.1:1"], prefix=PREFIX, cafile=str(tmp_path / "missing.crt"))
+    try:
+        with pytest.raises(errors.ConfigError, match="cannot load the TLS files"):
+            reg.watch_leases(1)
+    finally:
+        reg.close()
+
