@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 
-from flannel import __version__, daemon, errors, logsetup
+from flannel import __version__, daemon, errors, logsetup, memory
 from flannel import options as options_mod
 from flannel.options import AgentOptions
 
@@ -280,6 +280,7 @@ def command(ctx: click.Context, /, **kw: Any) -> None:
     opts = build_options(dict(kw, vmodule=vmodule))
     logsetup.setup(opts.verbosity, vmodule=vmodule)
     log.info("flannel %s; CLI flags config: %s", __version__, opts.loggable())
+    memory.limit_malloc_arenas()   # before the daemon starts its threads
     ctx.exit(run_agent(opts, **(ctx.obj or {})))
 
 
