@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1249,3 +1250,25 @@ def lease_ops() -> Any:
         return LeaseEvent(kind, lz)
 
     return st.lists(st.lists(one(), min_size=1, max_size=6), min_size=1, max_size=8)
+
+
+# ---- test certificates (openssl) ---------------------------------------------------------------
+
+def make_pki(d: Path, certs: tuple[tuple[str, str, str], ...], cas: tuple[str, ...] = ("ca", "other-ca")) -> Path:
+    """Make test CAs (``<ca>.crt``/``.key``, CN flannel-test-<ca>) and certificates in ``d`` with openssl.
+
+    ``certs``: (name, signing CA, openssl extension lines), e.g. ``("server", "ca",
+    "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")`` → ``server.crt``/``server.key``.
+    Valid two days: long enough for any run, short enough that nothing outlives it."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+    for ca in cas:
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-days", "2", "-subj", f"/CN=flannel-test-{ca}")
+    for name, ca, ext in certs:
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=flannel-test-{name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return d

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import threading
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager, grpcwait
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from tests.support import acquire, read_watch, wait_for, wakeups
+from tests.support import acquire, make_pki, read_watch, wait_for, wakeups
 
 pytestmark = pytest.mark.etcd
 
@@ -161,28 +160,17 @@ def test_username_password_auth(etcd_server, caplog):
 
 # -- TLS --------------------------------------------------------------------------------------------
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """Made by openssl: a CA with a server cert for 127.0.0.1 and a client cert; a server cert for
     another name (etcd.example.com); another CA with its own client cert."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                 "-days", "2", "-subj", f"/CN=flannel-test-{ca}", cwd=d)
-    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
-                          ("client", "ca", "extendedKeyUsage=clientAuth"),
-                          ("wrong-name", "ca", "subjectAltName=DNS:etcd.example.com\nextendedKeyUsage=serverAuth"),
-                          ("other-client", "other-ca", "extendedKeyUsage=clientAuth")):
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=flannel-test-{name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), (
+        ("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+        ("client", "ca", "extendedKeyUsage=clientAuth"),
+        ("wrong-name", "ca", "subjectAltName=DNS:etcd.example.com\nextendedKeyUsage=serverAuth"),
+        ("other-client", "other-ca", "extendedKeyUsage=clientAuth"),
+    ))
 
 
 def tls_etcd(pki: Path, tmp_path: Path, server: str = "server") -> TLSEtcdServer:

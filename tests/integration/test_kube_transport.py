@@ -32,35 +32,24 @@ from flannel.lease import LeaseAttrs
 from flannel.subnet_managers.kube import KubeSubnetManager
 from flannel.subnet_managers.kube import kubeconfig as kcfg
 from flannel.subnet_managers.kube.client import END, Expired, KubeClient, NotFound
-from tests.support import Follower, acquire, make_env, wait_for
+from tests.support import Follower, acquire, make_env, make_pki, wait_for
 
 TOKEN = "tls-test-token"
 P = "flannel.alpha.coreos.com/"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA; a server certificate for 127.0.0.1; one only for the name kube.example; a client
     certificate; and another CA with its own client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                 "-days", "2", "-subj", f"/CN=flannel-test-{ca}", cwd=d)
-    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
-                          ("named", "ca", "subjectAltName=DNS:kube.example\nextendedKeyUsage=serverAuth"),
-                          ("client", "ca", "extendedKeyUsage=clientAuth"),
-                          ("other-client", "other-ca", "extendedKeyUsage=clientAuth")):
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=flannel-test-{name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), (
+        ("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("named", "ca", "subjectAltName=DNS:kube.example\nextendedKeyUsage=serverAuth"),
+        ("client", "ca", "extendedKeyUsage=clientAuth"),
+        ("other-client", "other-ca", "extendedKeyUsage=clientAuth"),
+    ))
 
 
 class TLSFront:
