@@ -8,7 +8,6 @@ import base64
 import json
 import logging
 import ssl
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,13 @@ from flannel import errors
 from flannel.subnet_managers.kube import client as kc
 from flannel.subnet_managers.kube import kubeconfig as kcfg
 from flannel.subnet_managers.kube.rest import NativeCoreV1
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+from tests.support import make_pki
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """Made by openssl: a CA and a client certificate signed by it."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=flannel-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
-             "-subj", "/CN=flannel-test-client", cwd=d)
-    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "client.crt", "-days", "2", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), (("client", "ca", "extendedKeyUsage=clientAuth"),), cas=("ca",))
 
 
 def b64(data: bytes) -> str:
