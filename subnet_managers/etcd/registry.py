@@ -919,7 +919,16 @@ class EtcdRegistry:
                 log.info("etcd refused our watch with the auth token (%s); authenticating again", reason)
                 continue
             self._gw_next = index
-            return _GatewayStream(self, w, key)
+            return _GatewayStream(self, w, key, index)
+
+    def _gateway_stream_failed(self, index: int) -> None:
+        """A gateway watch through endpoint ``index`` broke (a hung etcd, a dead connection, a
+        stream error): the next watch tries the next endpoint first. Without this, re-watching would
+        start at the same member, and a hung one accepts the connection and lets the creation
+        time out (RPC_TIMEOUT_SECONDS) before we move on; its liveness probe already failed."""
+        eps = self._gw_endpoints or []
+        if len(eps) > 1 and self._gw_next == index:
+            self._gw_next = (index + 1) % len(eps)
 
     def _chunk(self, revision: int, events: Iterable[gateway.Event]) -> WatchChunk:
         """One watch response's events → a WatchChunk (gRPC and gateway alike). ``revision``: the
@@ -993,8 +1002,8 @@ class _GatewayStream:
     """One etcd watch read through the JSON gateway (gateway.Watch), with the same contract as
     ``_Stream``: ``next()`` → WatchChunk, ``cancel()`` from any thread."""
 
-    def __init__(self, reg: EtcdRegistry, watch: gateway.Watch, key: str) -> None:
-        self._reg, self._watch, self._key = reg, watch, key
+    def __init__(self, reg: EtcdRegistry, watch: gateway.Watch, key: str, index: int) -> None:
+        self._reg, self._watch, self._key, self._index = reg, watch, key, index
         created = watch.created
         #: a refusal that came with the creation answer (permission denied, ...): raised by ``next``
         self._refused = reg._watch_ended(key, created.canceled, created.cancel_reason, created.compact_revision)
@@ -1007,10 +1016,15 @@ class _GatewayStream:
         try:
             resp = self._watch.read()
         except gateway.GatewayError as e:
+            self._reg._gateway_stream_failed(self._index)
             err = self._reg._gateway_error(e, f"watch on {self._key}")
             if not isinstance(err, errors.StoreUnavailable):
                 err = errors.StoreUnavailable(str(err))
             raise err from e
+        except errors.StoreUnavailable:
+            if not self._watch.cancelled:
+                self._reg._gateway_stream_failed(self._index)
+            raise
         ended = self._reg._watch_ended(self._key, resp.canceled, resp.cancel_reason, resp.compact_revision)
         if ended is not None:
             self.cancel()

@@ -377,10 +377,11 @@ def test_a_dead_connection_is_noticed_by_tcp_keepalive(tmp_path, ns_prefix, monk
             assert is_gateway(h)
             ended: list[BaseException] = []
 
-            def read() -> None:
+            def read() -> None:   # in the namespace: the liveness probe must reach etcd (and it does)
                 try:
-                    while True:
-                        h.next()
+                    with in_netns(ns.name):
+                        while True:
+                            h.next()
                 except errors.StoreError as e:
                     ended.append(e)
             t = threading.Thread(target=read, daemon=True)
