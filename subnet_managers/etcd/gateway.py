@@ -265,11 +265,15 @@ def parse_response(line: bytes, where: str) -> Response:
                                       f"{str(e)[:200]})") from None
 
 
-def probe(ep: Endpoint, token: str, *, timeout: float, keepalive: Keepalive) -> int:
+def probe(ep: Endpoint, token: str, *, timeout: float, keepalive: Keepalive,
+          connected: Any = None) -> int:
     """One liveness probe of the etcd process behind ``ep`` (``POST /v3/maintenance/status``) on a
     new connection: the HTTP status of its answer, whatever it is (a 401/403 under auth, a 5xx,
     still comes from a live process). Connecting and reading the answer's head both fit in
     ``timeout`` (roughly: each step gets what is left of it).
+
+    ``connected(sock)``, if given, is called with the connected socket (so that another thread
+    can shut it down: a watch cancelled meanwhile).
 
     :raises Exception: whatever the socket, TLS or HTTP layer raised (refused, timed out, closed):
         the process did not answer.
@@ -278,6 +282,8 @@ def probe(ep: Endpoint, token: str, *, timeout: float, keepalive: Keepalive) -> 
     conn = _connect(ep, timeout, keepalive)
     try:
         assert conn.sock is not None
+        if connected is not None:
+            connected(conn.sock)
         conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
         headers = {"Content-Type": "application/json"}
         if token:
@@ -394,6 +400,7 @@ class Watch:
         self._cancelled = self._reading = self._closed = False
         #: liveness probes sent (each answered: an unanswered one ends the watch)
         self.probes = 0
+        self._probe_sock: socket.socket | None = None
         try:
             self._conn = _connect(ep, timeout, keepalive)
         except Exception as e:  # the boundary
@@ -463,14 +470,28 @@ class Watch:
                 raise errors.StoreUnavailable(f"{self.where}: cancelled")
         timeout = self._ka.timeout
         try:
-            status = probe(self._ep, self._token, timeout=timeout, keepalive=self._ka)
+            status = probe(self._ep, self._token, timeout=timeout, keepalive=self._ka, connected=self._probing)
         except Exception as e:  # the boundary: refused, timed out, closed, TLS, ...
+            with self._lock:
+                self._probe_sock = None
+                if self._cancelled:
+                    raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
             detail = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {str(e)[:120]}"
             raise errors.StoreUnavailable(f"{self.where}: nothing received for {silent:.0f}s and etcd did not answer "
                                           f"a liveness probe within {timeout:g}s ({detail}): a hung or "
                                           f"unreachable etcd") from None
+        with self._lock:
+            self._probe_sock = None
         self.probes += 1
         log.debug("%s: quiet for %.0fs; etcd answered a liveness probe (HTTP %s)", self.where, silent, status)
+
+    def _probing(self, sock: socket.socket) -> None:
+        """The probe's socket, for ``cancel`` to shut down (a stop must not wait out its timeout)."""
+        with self._lock:
+            self._probe_sock = sock
+            cancelled = self._cancelled
+        if cancelled:
+            raise errors.StoreUnavailable(f"{self.where}: cancelled")
 
     def _read_done(self) -> bool:
         """A read ended: whether the watch was cancelled meanwhile (then the connection is closed here)."""
@@ -503,9 +524,9 @@ class Watch:
             if not self._reading:
                 self._close()
                 return
-            sock = self._conn.sock
-            if sock is not None:
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
-                except OSError:
-                    pass
+            for sock in (self._conn.sock, self._probe_sock):
+                if sock is not None:
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
+                    except OSError:
+                        pass

@@ -529,6 +529,29 @@ def test_a_hung_etcd_is_noticed_by_the_liveness_probe(etcd_server, monkeypatch):
         reg.close()
 
 
+def test_cancelling_a_watch_during_a_probe_of_a_hung_etcd_does_not_wait_for_the_probe(etcd_server, monkeypatch):
+    """The agent stops (the stream is cancelled) while the probe waits for a hung etcd: the read
+    ends as cancelled at once, not when the probe's 60 s timeout runs out."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "2")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "60")
+    reg = registry(etcd_server.endpoint)
+    try:
+        h = reg.watch_leases(1)
+        r = Reader(h)
+        pid = etcd_server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: h._watch._probe_sock is not None, "a probe waiting for the hung etcd", timeout=30)
+            h.cancel()
+            wait_for(lambda: r.ended, "the cancelled read to end (well before the probe's timeout)", timeout=20)
+            assert "cancelled" in str(r.ended[0]), r.ended
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            r.stop()
+    finally:
+        reg.close()
+
+
 def test_a_watch_moves_off_a_hung_member_to_a_live_one(tmp_path, monkeypatch):
     """A 3-member cluster, the registry given every endpoint: the member the watch reads from is
     SIGSTOPped; the watch ends (liveness probe), the re-watch from the last revision goes to
