@@ -86,7 +86,8 @@ MAX_CONFIG_BYTES = 64 * 1024
 #: default; before the ping-timeout and pings-without-data options below it took 90 s or more).
 #: Overridable (seconds) with $FLANNEL_ETCD_KEEPALIVE_TIME / $FLANNEL_ETCD_KEEPALIVE_TIMEOUT, e.g.
 #: for fault tests. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time):
-#: a smaller TIME gets the connection closed with "too_many_pings".
+#: a smaller TIME gets the connection closed with "too_many_pings". Gateway watches use the same
+#: two timings for TCP keepalive and for their liveness probe (gateway.py).
 KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
@@ -101,8 +102,10 @@ WATCH_ENV = "FLANNEL_ETCD_WATCH"
 IDLE_CHANNEL_SECONDS = 20.0
 #: A gateway watch that receives nothing at all for this long is dropped and re-established. etcd
 #: sends a progress notification to a quiet watch every 10–11 min (its ticker; the first tick after an
-#: event only re-arms it, so up to 22 min apart): TCP keepalive notices a dead host or connection,
-#: this notices a server that still answers TCP but no longer serves (hung, stopped, a frozen proxy).
+#: event only re-arms it, so up to 22 min apart). TCP keepalive notices a dead host or connection and
+#: the liveness probe (gateway.Watch: KEEPALIVE_TIME of silence, KEEPALIVE_TIMEOUT for an answer) a
+#: hung etcd process, both within ~40 s; this is the backstop for what the probe cannot see: a process
+#: that answers it while this watch's stream is stuck (a proxy that froze one stream, a wedged watch).
 WATCH_SILENCE_SECONDS = 25 * 60.0
 #: This many answers in a row of "connection closed without a byte" to a watch request make us
 #: treat the endpoint as one that does not speak HTTP/1.1 (a gRPC-only server or proxy).
