@@ -552,6 +552,38 @@ def test_cancelling_a_watch_during_a_probe_of_a_hung_etcd_does_not_wait_for_the_
         reg.close()
 
 
+def test_the_probe_works_under_auth_with_a_user_that_is_not_root(tmp_path, monkeypatch):
+    """Auth on, a user whose role may read only the prefix: its watch is kept across probes (the
+    probe needs no permission beyond the token the watch has)."""
+    short_keepalive(monkeypatch)
+    srv = EtcdServer(str(tmp_path / "etcd"))
+    srv.start()
+    try:
+        srv.etcdctl("user", "add", "root:rootpw")
+        srv.etcdctl("user", "add", "agent:agentpw")
+        srv.etcdctl("role", "add", "flannel")
+        srv.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", PREFIX + "/")
+        srv.etcdctl("user", "grant-role", "agent", "flannel")
+        srv.etcdctl("auth", "enable")
+        reg = registry(srv.endpoint, username="agent", password="agentpw")
+        try:
+            h = reg.watch_leases(1)
+            assert is_gateway(h)
+            r = Reader(h)
+            try:
+                wait_for(lambda: h._watch.probes >= 2 or r.ended, "two liveness probes under auth", timeout=60)
+                assert not r.ended, f"the watch ended: {r.ended}"
+                srv.etcdctl("--user", "agent:agentpw", "put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+                wait_for(lambda: r.chunks or r.ended, "the lease to arrive", timeout=30)
+                assert [str(e.lease.subnet) for c in r.chunks for e in c.events] == ["10.1.6.0/24"], r.ended
+            finally:
+                r.stop()
+        finally:
+            reg.close()
+    finally:
+        srv.close()
+
+
 def test_a_watch_moves_off_a_hung_member_to_a_live_one(tmp_path, monkeypatch):
     """A 3-member cluster, the registry given every endpoint: the member the watch reads from is
     SIGSTOPped; the watch ends (liveness probe), the re-watch from the last revision goes to
