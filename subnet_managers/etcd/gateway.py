@@ -413,8 +413,10 @@ class Watch:
             assert self._conn.sock is not None
             self._body = _Body(self._conn.sock, first, bool(self._resp.chunked), max_bytes)
             self._last = time.monotonic()
+            self._creating = True   # a socket timeout now is the creation's: no probe, give up (_quiet)
             #: the creation answer (``created``; ``canceled`` with the reason if etcd refused the watch)
             self.created = self.read()
+            self._creating = False
             if not self.created.created:
                 raise errors.StoreUnavailable(f"{self.where}: no creation answer")
             # one poll(2) per recv: no wake-up before it expires, one per idle period of silence
@@ -463,6 +465,8 @@ class Watch:
         """The socket was silent for its timeout: give up after ``silence`` seconds without a
         response, else probe the etcd process (StoreUnavailable if it does not answer)."""
         silent = time.monotonic() - self._last
+        if self._creating:
+            raise errors.StoreUnavailable(f"{self.where}: timed out waiting for the creation answer")
         if silent >= self._silence:
             raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
                                           f"progress notification (a hung server or a dead connection)")

@@ -584,6 +584,46 @@ def test_the_probe_works_under_auth_with_a_user_that_is_not_root(tmp_path, monke
         srv.close()
 
 
+def test_creating_a_watch_on_a_hung_etcd_times_out_without_probing(etcd_server, monkeypatch):
+    """A hung etcd accepts the connection (its kernel does) but never answers the watch request;
+    a stalled server sends the answer's head and a part of the creation answer: either way the creation fails
+    after the request timeout, as a timeout (the failover then moves on), without a liveness probe
+    (its 60 s here; a stalled proxy would even answer it and keep us waiting)."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "30")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "60")
+    reg = registry(etcd_server.endpoint, timeout=1)
+    try:
+        reg.put_config(CONFIG)
+        pid = etcd_server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(errors.StoreUnavailable, match="timed out") as got:
+                reg.watch_leases(1)
+            assert "liveness probe" not in str(got.value)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        reg.close()
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
+    proxy.script = [GatewayProxy.chunk(b'{"result":')]   # the 200 head, a part of the creation answer, nothing more
+    reg = registry(proxy.endpoint, timeout=1)
+    try:
+        done: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                reg.watch_leases(1).cancel()
+            except errors.StoreError as e:
+                done.append(e)
+        threading.Thread(target=create, daemon=True).start()
+        wait_for(lambda: done, "the creation to fail (not to wait for a probe)", timeout=30)
+        assert isinstance(done[0], errors.StoreUnavailable), done
+        assert "timed out waiting for the creation answer" in str(done[0]), done
+    finally:
+        reg.close()
+        proxy.close()
+
+
 def test_a_watch_moves_off_a_hung_member_to_a_live_one(tmp_path, monkeypatch):
     """A 3-member cluster, the registry given every endpoint: the member the watch reads from is
     SIGSTOPped; the watch ends (liveness probe), the re-watch from the last revision goes to
