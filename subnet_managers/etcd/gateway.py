@@ -4,8 +4,9 @@ Why: a gRPC channel costs an idle agent 0.6–0.9 ms/s of CPU in gRPC's C thread
 pollers waking ~10 times a second, a global timer, a lifeguard), and a lease event costs another
 ~0.2 ms in them; the issue 9 target is 1 ms/s for the whole agent. The watches are the only
 long-lived etcd traffic, so they are read here from one TCP (or TLS) socket per watch, blocking in
-``recv`` on the reading thread: no thread of ours or of a library wakes while nothing happens,
-and the gRPC channel the unary calls use can be closed between them (registry.py).
+``recv`` on the reading thread: no thread of ours or of a library wakes while nothing happens
+(but for the liveness probe below, once per KEEPALIVE_TIME of silence: measured ~0.04 ms/s), and
+the gRPC channel the unary calls use can be closed between them (registry.py).
 
 What etcd serves (checked against 3.4.23, ``embed/serve.go``): grpc-gateway on the client port,
 HTTP/1.1 next to gRPC (cmux on plaintext, ALPN/content-type on TLS). ``POST /v3/watch`` with
@@ -17,6 +18,14 @@ An error before the stream (a malformed request, etcd's gateway unable to reach 
 HTTP status with ``{"error", "message", "code"}``. etcd's HTTP server has no read, write or
 idle timeout, so an idle stream stays open for as long as the TCP connection lives; whether it
 lives is what TCP keepalive and ``TCP_USER_TIMEOUT`` find out, in the kernel (``_set_keepalive``).
+A *hung* etcd process (SIGSTOP, a deadlock, a frozen VM whose kernel still ACKs) answers TCP
+keepalives, so the watch also probes the process itself, as gRPC's HTTP/2 pings did: after
+``Keepalive.idle`` seconds without a byte (the read's socket timeout: one wake-up per period of
+silence, none while responses arrive) it sends ``POST /v3/maintenance/status`` to the same
+endpoint on a short-lived connection; no HTTP answer within ``Keepalive.timeout`` ends the watch
+(``Watch.read``). The stream's chunked body is decoded here (``_Body``), not by http.client,
+because a socket timeout in http.client's readers loses the bytes of a half-read line and makes
+the socket file unusable; ours keeps its state across the wake-up.
 
 Everything read here is untrusted bytes: one response line is bounded (``max_bytes``, never
 buffered beyond it), and any failure of the HTTP or JSON layer (a reset, a truncated chunk,
@@ -31,17 +40,30 @@ from __future__ import annotations
 import binascii
 import http.client
 import json
+import logging
+import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from flannel import errors
 from flannel.subnet_managers.etcd.store import ResponseTooLarge
 
+log = logging.getLogger(__name__)
+
 WATCH_PATH = "/v3/watch"
 AUTH_PATH = "/v3/auth/authenticate"
+#: the liveness probe: answered by the etcd process itself, without raft (no leader needed) and
+#: cheap; under auth it may be refused (a user that is not root), which still proves the process alive
+PROBE_PATH = "/v3/maintenance/status"
+#: bytes asked of the socket per ``recv`` of a watch stream
+RECV_BYTES = 64 * 1024
+#: the longest chunk-size line of a chunked body we accept (a hex number and maybe extensions)
+MAX_CHUNK_LINE = 1024
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 #: the most we read of an answer that is not a watch stream (an error, a token)
 MAX_SMALL_BODY = 64 * 1024
 #: HTTP statuses that mean "no gateway here" (etcd < 3.4 has no ``/v3/``; --enable-grpc-gateway=false)
@@ -244,11 +266,128 @@ def parse_response(line: bytes, where: str) -> Response:
                                       f"{str(e)[:200]})") from None
 
 
+def probe(ep: Endpoint, token: str, *, timeout: float, keepalive: Keepalive,
+          connected: Any = None) -> int:
+    """One liveness probe of the etcd process behind ``ep`` (``POST /v3/maintenance/status``) on a
+    new connection: the HTTP status of its answer, whatever it is (a 401/403 under auth, a 5xx,
+    still comes from a live process). Connecting and reading the answer's head both fit in
+    ``timeout`` (roughly: each step gets what is left of it).
+
+    ``connected(sock)``, if given, is called with the connected socket (so that another thread
+    can shut it down: a watch cancelled meanwhile).
+
+    :raises Exception: whatever the socket, TLS or HTTP layer raised (refused, timed out, closed):
+        the process did not answer.
+    """
+    deadline = time.monotonic() + timeout
+    conn = _connect(ep, timeout, keepalive)
+    try:
+        assert conn.sock is not None
+        if connected is not None:
+            connected(conn.sock)
+        conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token
+        conn.request("POST", PROBE_PATH, body=b"{}", headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+class _Body:
+    """The body of the watch answer as lines, read straight from the socket: HTTP/1.1 chunked
+    (what etcd sends) or, without Transfer-Encoding, bytes up to the connection's end. The state
+    (undecoded bytes, the chunk being read, the body bytes not yet a line) lives here, so a socket
+    timeout between two ``recv`` loses nothing and reading can go on after it.
+
+    Untrusted bytes: a chunk-size line is at most MAX_CHUNK_LINE bytes, a line at most ``max_bytes``
+    (+ one ``recv``), and a malformed chunk is a ValueError."""
+
+    _SIZE, _DATA, _CRLF, _END = range(4)
+
+    def __init__(self, sock: socket.socket, first: bytes, chunked: bool, max_bytes: int) -> None:
+        self._sock, self._max = sock, max_bytes
+        self._raw = bytearray(first)     # received, not yet de-chunked
+        self._data = bytearray()         # de-chunked body bytes, not yet returned as a line
+        self._scanned = 0                # bytes of _data known to hold no newline
+        self._state = self._SIZE if chunked else self._DATA
+        self._left = -1 if not chunked else 0   # data bytes left in the chunk (-1: unbounded)
+        self._eof = False
+        self._decode()
+
+    def readline(self, on_timeout: Any) -> bytes:
+        """The next line with its ``\\n``; without it at the body's end (b"" if nothing is left),
+        or longer than ``max_bytes`` (the caller refuses it). A socket timeout calls ``on_timeout()``
+        (which raises to give up) and reading goes on."""
+        while True:
+            i = self._data.find(b"\n", self._scanned)
+            if i >= 0:
+                line = bytes(self._data[:i + 1])
+                del self._data[:i + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._data)
+            if self._scanned > self._max or self._eof or self._state == self._END:
+                line = bytes(self._data)
+                self._data.clear()
+                self._scanned = 0
+                return line
+            try:
+                got = self._sock.recv(RECV_BYTES)
+            except TimeoutError as e:
+                if e.errno is not None:   # ETIMEDOUT: TCP keepalive / TCP_USER_TIMEOUT aborted the connection
+                    raise
+                on_timeout()
+                continue
+            if not got:
+                self._eof = True
+                continue
+            self._raw += got
+            self._decode()
+
+    def _decode(self) -> None:
+        raw = self._raw
+        while raw:
+            if self._state == self._DATA:
+                take = len(raw) if self._left < 0 else min(self._left, len(raw))
+                self._data += raw[:take]
+                del raw[:take]
+                if self._left > 0:
+                    self._left -= take
+                    if self._left == 0:
+                        self._state = self._CRLF
+            elif self._state == self._CRLF:
+                if len(raw) < 2:
+                    return
+                if raw[:2] != b"\r\n":
+                    raise ValueError("a chunk does not end with CRLF")
+                del raw[:2]
+                self._state = self._SIZE
+            elif self._state == self._SIZE:
+                end = raw.find(b"\n", 0, MAX_CHUNK_LINE + 1)
+                if end < 0:
+                    if len(raw) > MAX_CHUNK_LINE:
+                        raise ValueError("a chunk-size line is too long")
+                    return
+                text = bytes(raw[:end]).rstrip(b"\r").split(b";", 1)[0].strip()
+                del raw[:end + 1]
+                if not _CHUNK_SIZE.fullmatch(text):
+                    raise ValueError(f"a bad chunk size {text[:40]!r}")
+                self._left = int(text, 16)
+                self._state = self._DATA if self._left else self._END
+            else:   # the last chunk was read: trailers and what follows are not ours
+                raw.clear()
+
+
 class Watch:
     """One watch stream: created (connected, request sent, creation answer read) within
-    ``timeout``; then ``read`` blocks in ``recv`` (keepalive notices a dead peer; ``silence``
-    seconds without a byte, longer than etcd's progress notifications ever leave it quiet, mean a
-    server alive to TCP but hung) and ``cancel`` from any thread ends it.
+    ``timeout``; then ``read`` blocks in ``recv``. A dead peer is noticed by TCP keepalive; a
+    hung etcd process (alive to TCP) by a liveness probe (``probe``) after ``keepalive.idle``
+    seconds of silence that gets no answer within ``keepalive.timeout``; and ``silence`` seconds
+    without a byte (longer than etcd's progress notifications ever leave a watch quiet) end it as
+    a backstop: a process that answers the probe but whose watch stream is stuck (a proxy that
+    froze the stream, a wedged watch). ``cancel`` from any thread ends it.
 
     :raises NotGateway, GatewayError, errors.StoreUnavailable: from the constructor.
     """
@@ -256,21 +395,32 @@ class Watch:
     def __init__(self, ep: Endpoint, request: dict[str, Any], token: str, *, timeout: float,
                  keepalive: Keepalive, max_bytes: int, silence: float, what: str) -> None:
         self.where = f"etcd ({ep.describe()}) {what}"
+        self._ep, self._token, self._ka = ep, token, keepalive
         self._max, self._silence = max_bytes, silence
         self._lock = threading.Lock()
         self._cancelled = self._reading = self._closed = False
+        #: liveness probes sent (each answered: an unanswered one ends the watch)
+        self.probes = 0
+        self._probe_sock: socket.socket | None = None
         try:
             self._conn = _connect(ep, timeout, keepalive)
         except Exception as e:  # the boundary
             raise _unavailable(self.where, e) from e
         try:
             self._resp = _post(self._conn, WATCH_PATH, {"create_request": request}, token, self.where)
+            # what http.client read beyond the head (read1: the buffered bytes, or one recv if none)
+            first = self._resp.fp.read1(RECV_BYTES)
+            assert self._conn.sock is not None
+            self._body = _Body(self._conn.sock, first, bool(self._resp.chunked), max_bytes)
+            self._last = time.monotonic()
+            self._creating = True   # a socket timeout now is the creation's: no probe, give up (_quiet)
             #: the creation answer (``created``; ``canceled`` with the reason if etcd refused the watch)
             self.created = self.read()
+            self._creating = False
             if not self.created.created:
                 raise errors.StoreUnavailable(f"{self.where}: no creation answer")
-            assert self._conn.sock is not None
-            self._conn.sock.settimeout(silence)   # one poll(2) per read: no wake-up before it expires
+            # one poll(2) per recv: no wake-up before it expires, one per idle period of silence
+            self._conn.sock.settimeout(min(keepalive.idle, silence))
         except (NotGateway, errors.StoreError):
             self._conn.close()
             raise
@@ -283,23 +433,26 @@ class Watch:
 
         :raises ResponseTooLarge: a response line over ``max_bytes`` (the stream is unusable after it).
         :raises GatewayError: etcd ended the stream with an error.
-        :raises errors.StoreUnavailable: cancelled, closed, reset, truncated, malformed.
+        :raises errors.StoreUnavailable: cancelled, closed, reset, truncated, malformed, silent
+            with an unanswered liveness probe, silent for ``silence`` seconds.
         """
         with self._lock:
             if self._cancelled:
                 raise errors.StoreUnavailable(f"{self.where}: cancelled")
             self._reading = True
         try:
-            line = self._resp.readline(self._max + 1)
+            line = self._body.readline(self._quiet)
+        except errors.StoreUnavailable:
+            if self._read_done():
+                raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
+            raise
         except Exception as e:  # the boundary: reset, TLS error, a malformed chunk, ...
             if self._read_done():
                 raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
-            if isinstance(e, TimeoutError) and e.errno is None:   # the socket's timeout, not ETIMEDOUT
-                raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
-                                              f"progress notification (a hung server or a dead connection)") from e
             raise _unavailable(self.where, e) from e
         if self._read_done():
             raise errors.StoreUnavailable(f"{self.where}: cancelled")
+        self._last = time.monotonic()
         if not line.endswith(b"\n"):
             if len(line) > self._max:
                 raise ResponseTooLarge(f"{self.where}: a response was larger than the {self._max} bytes we accept")
@@ -307,6 +460,43 @@ class Watch:
                 raise errors.StoreUnavailable(f"{self.where}: the stream ended")
             raise errors.StoreUnavailable(f"{self.where}: the stream ended inside a response")
         return parse_response(line, self.where)
+
+    def _quiet(self) -> None:
+        """The socket was silent for its timeout: give up after ``silence`` seconds without a
+        response, else probe the etcd process (StoreUnavailable if it does not answer)."""
+        silent = time.monotonic() - self._last
+        if self._creating:
+            raise errors.StoreUnavailable(f"{self.where}: timed out waiting for the creation answer")
+        if silent >= self._silence:
+            raise errors.StoreUnavailable(f"{self.where}: nothing received for {self._silence:.0f}s, not even a "
+                                          f"progress notification (a hung server or a dead connection)")
+        with self._lock:
+            if self._cancelled:
+                raise errors.StoreUnavailable(f"{self.where}: cancelled")
+        timeout = self._ka.timeout
+        try:
+            status = probe(self._ep, self._token, timeout=timeout, keepalive=self._ka, connected=self._probing)
+        except Exception as e:  # the boundary: refused, timed out, closed, TLS, ...
+            with self._lock:
+                self._probe_sock = None
+                if self._cancelled:
+                    raise errors.StoreUnavailable(f"{self.where}: cancelled") from None
+            detail = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {str(e)[:120]}"
+            raise errors.StoreUnavailable(f"{self.where}: nothing received for {silent:.0f}s and etcd did not answer "
+                                          f"a liveness probe within {timeout:g}s ({detail}): a hung or "
+                                          f"unreachable etcd") from None
+        with self._lock:
+            self._probe_sock = None
+        self.probes += 1
+        log.debug("%s: quiet for %.0fs; etcd answered a liveness probe (HTTP %s)", self.where, silent, status)
+
+    def _probing(self, sock: socket.socket) -> None:
+        """The probe's socket, for ``cancel`` to shut down (a stop must not wait out its timeout)."""
+        with self._lock:
+            self._probe_sock = sock
+            cancelled = self._cancelled
+        if cancelled:
+            raise errors.StoreUnavailable(f"{self.where}: cancelled")
 
     def _read_done(self) -> bool:
         """A read ended: whether the watch was cancelled meanwhile (then the connection is closed here)."""
@@ -324,6 +514,10 @@ class Watch:
                 resp.close()
             self._conn.close()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
         """End the watch (idempotent, never raises; any thread). A ``read`` blocked meanwhile wakes
         up (the socket is shut down under it) and closes the connection itself: closing a socket
@@ -335,9 +529,9 @@ class Watch:
             if not self._reading:
                 self._close()
                 return
-            sock = self._conn.sock
-            if sock is not None:
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
-                except OSError:
-                    pass
+            for sock in (self._conn.sock, self._probe_sock):
+                if sock is not None:
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
+                    except OSError:
+                        pass

@@ -86,7 +86,8 @@ MAX_CONFIG_BYTES = 64 * 1024
 #: default; before the ping-timeout and pings-without-data options below it took 90 s or more).
 #: Overridable (seconds) with $FLANNEL_ETCD_KEEPALIVE_TIME / $FLANNEL_ETCD_KEEPALIVE_TIMEOUT, e.g.
 #: for fault tests. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time):
-#: a smaller TIME gets the connection closed with "too_many_pings".
+#: a smaller TIME gets the connection closed with "too_many_pings". Gateway watches use the same
+#: two timings for TCP keepalive and for their liveness probe (gateway.py).
 KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
@@ -101,8 +102,10 @@ WATCH_ENV = "FLANNEL_ETCD_WATCH"
 IDLE_CHANNEL_SECONDS = 20.0
 #: A gateway watch that receives nothing at all for this long is dropped and re-established. etcd
 #: sends a progress notification to a quiet watch every 10–11 min (its ticker; the first tick after an
-#: event only re-arms it, so up to 22 min apart): TCP keepalive notices a dead host or connection,
-#: this notices a server that still answers TCP but no longer serves (hung, stopped, a frozen proxy).
+#: event only re-arms it, so up to 22 min apart). TCP keepalive notices a dead host or connection and
+#: the liveness probe (gateway.Watch: KEEPALIVE_TIME of silence, KEEPALIVE_TIMEOUT for an answer) a
+#: hung etcd process, both within ~40 s; this is the backstop for what the probe cannot see: a process
+#: that answers it while this watch's stream is stuck (a proxy that froze one stream, a wedged watch).
 WATCH_SILENCE_SECONDS = 25 * 60.0
 #: This many answers in a row of "connection closed without a byte" to a watch request make us
 #: treat the endpoint as one that does not speak HTTP/1.1 (a gRPC-only server or proxy).
@@ -919,7 +922,16 @@ class EtcdRegistry:
                 log.info("etcd refused our watch with the auth token (%s); authenticating again", reason)
                 continue
             self._gw_next = index
-            return _GatewayStream(self, w, key)
+            return _GatewayStream(self, w, key, index)
+
+    def _gateway_stream_failed(self, index: int) -> None:
+        """A gateway watch through endpoint ``index`` broke (a hung etcd, a dead connection, a
+        stream error): the next watch tries the next endpoint first. Without this, re-watching would
+        start at the same member, and a hung one accepts the connection and lets the creation
+        time out (RPC_TIMEOUT_SECONDS) before we move on; its liveness probe already failed."""
+        eps = self._gw_endpoints or []
+        if len(eps) > 1 and self._gw_next == index:
+            self._gw_next = (index + 1) % len(eps)
 
     def _chunk(self, revision: int, events: Iterable[gateway.Event]) -> WatchChunk:
         """One watch response's events → a WatchChunk (gRPC and gateway alike). ``revision``: the
@@ -993,8 +1005,8 @@ class _GatewayStream:
     """One etcd watch read through the JSON gateway (gateway.Watch), with the same contract as
     ``_Stream``: ``next()`` → WatchChunk, ``cancel()`` from any thread."""
 
-    def __init__(self, reg: EtcdRegistry, watch: gateway.Watch, key: str) -> None:
-        self._reg, self._watch, self._key = reg, watch, key
+    def __init__(self, reg: EtcdRegistry, watch: gateway.Watch, key: str, index: int) -> None:
+        self._reg, self._watch, self._key, self._index = reg, watch, key, index
         created = watch.created
         #: a refusal that came with the creation answer (permission denied, ...): raised by ``next``
         self._refused = reg._watch_ended(key, created.canceled, created.cancel_reason, created.compact_revision)
@@ -1007,10 +1019,15 @@ class _GatewayStream:
         try:
             resp = self._watch.read()
         except gateway.GatewayError as e:
+            self._reg._gateway_stream_failed(self._index)
             err = self._reg._gateway_error(e, f"watch on {self._key}")
             if not isinstance(err, errors.StoreUnavailable):
                 err = errors.StoreUnavailable(str(err))
             raise err from e
+        except errors.StoreUnavailable:
+            if not self._watch.cancelled:
+                self._reg._gateway_stream_failed(self._index)
+            raise
         ended = self._reg._watch_ended(self._key, resp.canceled, resp.cancel_reason, resp.compact_revision)
         if ended is not None:
             self.cancel()

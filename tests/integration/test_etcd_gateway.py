@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from flannel import errors
-from flannel.lab.etcd import EtcdServer
+from flannel.lab.etcd import EtcdCluster, EtcdServer
 from flannel.lab.netns import Blackhole, NetNS, in_netns
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
@@ -377,10 +379,11 @@ def test_a_dead_connection_is_noticed_by_tcp_keepalive(tmp_path, ns_prefix, monk
             assert is_gateway(h)
             ended: list[BaseException] = []
 
-            def read() -> None:
+            def read() -> None:   # in the namespace: the liveness probe must reach etcd (and it does)
                 try:
-                    while True:
-                        h.next()
+                    with in_netns(ns.name):
+                        while True:
+                            h.next()
                 except errors.StoreError as e:
                     ended.append(e)
             t = threading.Thread(target=read, daemon=True)
@@ -443,6 +446,233 @@ def test_a_server_that_goes_silent_is_left_after_the_silence_limit(tmp_path, mon
         reg.close()
         proxy.close()
         srv.close()
+
+
+class Reader:
+    """Reads a watch handle on a thread of its own: the chunks, and the error that ended it."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.chunks: list[Any] = []
+        self.ended: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.chunks.append(self.handle.next())
+        except errors.StoreError as e:
+            self.ended.append(e)
+
+    def stop(self) -> None:
+        self.handle.cancel()
+        self.thread.join(30)
+
+
+def short_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe after 2 s of silence, 1 s for the answer (the silence backstop stays at 25 min)."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "2")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "1")
+
+
+def test_a_quiet_healthy_etcd_keeps_the_watch_across_liveness_probes(etcd_server, monkeypatch):
+    """No traffic for several probe periods: each probe is answered, the watch stays open, and a
+    lease written afterwards still arrives through the same stream (the reader keeps its place
+    across the wake-ups)."""
+    short_keepalive(monkeypatch)
+    reg = registry(etcd_server.endpoint)
+    try:
+        reg.put_config(CONFIG)
+        h = reg.watch_leases(reg.list_leases().revision + 1)
+        assert is_gateway(h)
+        r = Reader(h)
+        try:
+            wait_for(lambda: h._watch.probes >= 3 or r.ended, "three liveness probes", timeout=60)
+            assert not r.ended, f"the watch of a healthy etcd ended: {r.ended}"
+            assert h._watch.probes >= 3 and not r.chunks
+            etcd_server.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+            wait_for(lambda: r.chunks or r.ended, "the lease to arrive", timeout=30)
+            assert not r.ended, f"the watch ended: {r.ended}"
+            assert [str(e.lease.subnet) for c in r.chunks for e in c.events] == ["10.1.6.0/24"]
+        finally:
+            r.stop()
+    finally:
+        reg.close()
+
+
+def test_a_hung_etcd_is_noticed_by_the_liveness_probe(etcd_server, monkeypatch):
+    """etcd SIGSTOPped: its kernel still accepts connections and answers TCP keepalives, so only
+    the probe can tell; the watch ends with StoreUnavailable saying so, long before the 25 min
+    silence limit (the wait below is 30 s)."""
+    short_keepalive(monkeypatch)
+    reg = registry(etcd_server.endpoint)
+    try:
+        h = reg.watch_leases(1)
+        assert is_gateway(h)
+        r = Reader(h)
+        pid = etcd_server.proc.pid
+        try:
+            wait_for(lambda: h._watch.probes >= 1, "a first (answered) liveness probe", timeout=60)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                wait_for(lambda: r.ended, "the hung etcd to be noticed", timeout=30)
+                assert isinstance(r.ended[0], errors.StoreUnavailable), r.ended
+                assert "did not answer a liveness probe within 1s" in str(r.ended[0]), r.ended
+                print(f"hung etcd noticed after {time.monotonic() - t0:.1f}s")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        finally:
+            r.stop()
+    finally:
+        reg.close()
+
+
+def test_cancelling_a_watch_during_a_probe_of_a_hung_etcd_does_not_wait_for_the_probe(etcd_server, monkeypatch):
+    """The agent stops (the stream is cancelled) while the probe waits for a hung etcd: the read
+    ends as cancelled at once, not when the probe's 60 s timeout runs out."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "2")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "60")
+    reg = registry(etcd_server.endpoint)
+    try:
+        h = reg.watch_leases(1)
+        r = Reader(h)
+        pid = etcd_server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: h._watch._probe_sock is not None, "a probe waiting for the hung etcd", timeout=30)
+            h.cancel()
+            wait_for(lambda: r.ended, "the cancelled read to end (well before the probe's timeout)", timeout=20)
+            assert "cancelled" in str(r.ended[0]), r.ended
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            r.stop()
+    finally:
+        reg.close()
+
+
+def test_the_probe_works_under_auth_with_a_user_that_is_not_root(tmp_path, monkeypatch):
+    """Auth on, a user whose role may read only the prefix: its watch is kept across probes (the
+    probe needs no permission beyond the token the watch has)."""
+    short_keepalive(monkeypatch)
+    srv = EtcdServer(str(tmp_path / "etcd"))
+    srv.start()
+    try:
+        srv.etcdctl("user", "add", "root:rootpw")
+        srv.etcdctl("user", "add", "agent:agentpw")
+        srv.etcdctl("role", "add", "flannel")
+        srv.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", PREFIX + "/")
+        srv.etcdctl("user", "grant-role", "agent", "flannel")
+        srv.etcdctl("auth", "enable")
+        reg = registry(srv.endpoint, username="agent", password="agentpw")
+        try:
+            h = reg.watch_leases(1)
+            assert is_gateway(h)
+            r = Reader(h)
+            try:
+                wait_for(lambda: h._watch.probes >= 2 or r.ended, "two liveness probes under auth", timeout=60)
+                assert not r.ended, f"the watch ended: {r.ended}"
+                srv.etcdctl("--user", "agent:agentpw", "put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+                wait_for(lambda: r.chunks or r.ended, "the lease to arrive", timeout=30)
+                assert [str(e.lease.subnet) for c in r.chunks for e in c.events] == ["10.1.6.0/24"], r.ended
+            finally:
+                r.stop()
+        finally:
+            reg.close()
+    finally:
+        srv.close()
+
+
+def test_creating_a_watch_on_a_hung_etcd_times_out_without_probing(etcd_server, monkeypatch):
+    """A hung etcd accepts the connection (its kernel does) but never answers the watch request;
+    a stalled server sends the answer's head and a part of the creation answer: either way the creation fails
+    after the request timeout, as a timeout (the failover then moves on), without a liveness probe
+    (its 60 s here; a stalled proxy would even answer it and keep us waiting)."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "30")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "60")
+    reg = registry(etcd_server.endpoint, timeout=1)
+    try:
+        reg.put_config(CONFIG)
+        pid = etcd_server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(errors.StoreUnavailable, match="timed out") as got:
+                reg.watch_leases(1)
+            assert "liveness probe" not in str(got.value)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        reg.close()
+    proxy = GatewayProxy(*registry_mod._split_endpoint(etcd_server.endpoint)[:2], mode="script")
+    proxy.script = [GatewayProxy.chunk(b'{"result":')]   # the 200 head, a part of the creation answer, nothing more
+    reg = registry(proxy.endpoint, timeout=1)
+    try:
+        done: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                reg.watch_leases(1).cancel()
+            except errors.StoreError as e:
+                done.append(e)
+        threading.Thread(target=create, daemon=True).start()
+        wait_for(lambda: done, "the creation to fail (not to wait for a probe)", timeout=30)
+        assert isinstance(done[0], errors.StoreUnavailable), done
+        assert "timed out waiting for the creation answer" in str(done[0]), done
+    finally:
+        reg.close()
+        proxy.close()
+
+
+def test_a_watch_moves_off_a_hung_member_to_a_live_one(tmp_path, monkeypatch):
+    """A 3-member cluster, the registry given every endpoint: the member the watch reads from is
+    SIGSTOPped; the watch ends (liveness probe), the re-watch from the last revision goes to
+    another member at once, and a lease written through a live member arrives."""
+    short_keepalive(monkeypatch)
+    c = EtcdCluster(str(tmp_path / "cluster"), [(None, "127.0.0.1")] * 3).start()
+    try:
+        reg = EtcdRegistry(endpoints=c.endpoints, prefix=PREFIX)
+        try:
+            reg.put_config(CONFIG)
+            rev = reg.list_leases().revision
+            h = reg.watch_leases(rev + 1)
+            assert is_gateway(h)
+            used = c.members[h._index]
+            r = Reader(h)
+            pid = used.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: r.ended, "the hung member to be noticed", timeout=30)
+                assert "liveness probe" in str(r.ended[0]), r.ended
+                r.stop()
+                # the next watch starts at another member (not waiting for the hung one to let the creation time out)
+                assert reg._gw_next != h._index
+                h2 = reg.watch_leases(rev + 1)   # what the manager does: from the last revision
+                assert c.members[h2._index] is not used
+                live = c.members[h2._index]
+                r2 = Reader(h2)
+                try:
+                    wait_for(lambda: put_through(live), "a live member to take a write", timeout=60, interval=0.5)
+                    wait_for(lambda: any(c.events for c in r2.chunks) or r2.ended, "the lease to arrive", timeout=30)
+                    assert not r2.ended, r2.ended
+                    assert [str(e.lease.subnet) for ch in r2.chunks for e in ch.events] == ["10.1.6.0/24"]
+                finally:
+                    r2.stop()
+            finally:
+                r.stop()
+                os.kill(pid, signal.SIGCONT)
+        finally:
+            reg.close()
+    finally:
+        c.close()
+
+
+def put_through(member: EtcdServer) -> bool:
+    try:
+        member.etcdctl("put", SUBNETS + "10.1.6.0-24", lease_value("1.2.3.6"))
+        return True
+    except RuntimeError:   # no leader yet (the stopped member led)
+        return False
 
 
 def test_the_grpc_channel_closes_when_idle_and_reconnects(etcd_server, monkeypatch):

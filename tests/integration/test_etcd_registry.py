@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -19,6 +21,7 @@ from flannel.lab.etcd import EtcdServer
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager, grpcwait
+from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
 from tests.support import acquire, make_pki, read_watch, wait_for, wakeups
 
@@ -302,6 +305,47 @@ def test_tls_wrong_server_name(pki, tmp_path):
                 time.sleep(0.2)
             finally:
                 reg.close()
+    finally:
+        srv.close()
+
+
+def test_the_gateway_watch_probes_a_tls_etcd_with_its_client_certificate(pki, tmp_path, monkeypatch):
+    """With --client-cert-auth, the liveness probe's connection must present the same client
+    certificate as the watch (etcd refuses the handshake otherwise): a quiet TLS etcd keeps the
+    watch across probes; SIGSTOPped, the probe gets no answer and the watch ends."""
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIME_ENV, "2")
+    monkeypatch.setenv(registry_mod.KEEPALIVE_TIMEOUT_ENV, "1")
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    try:
+        reg = registry(srv, cafile=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),
+                       keyfile=str(pki / "client.key"))
+        try:
+            h = reg.watch_leases(1)
+            assert type(h).__name__ == "_GatewayStream"
+            ended: list[BaseException] = []
+
+            def read() -> None:
+                try:
+                    while True:
+                        h.next()
+                except errors.StoreError as e:
+                    ended.append(e)
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            wait_for(lambda: h._watch.probes >= 2 or ended, "two liveness probes over TLS", timeout=60)
+            assert not ended, f"the watch of a healthy TLS etcd ended: {ended}"
+            pid = srv.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: ended, "the hung TLS etcd to be noticed", timeout=30)
+                assert "did not answer a liveness probe" in str(ended[0]), ended
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                h.cancel()
+                t.join(30)
+        finally:
+            reg.close()
     finally:
         srv.close()
 

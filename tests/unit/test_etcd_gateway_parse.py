@@ -70,3 +70,53 @@ def test_keepalive_options_follow_time_and_timeout():
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 40000
     finally:
         s.close()
+
+
+def test_the_chunked_body_reader_keeps_its_place_across_socket_timeouts():
+    """Lines split across chunks, chunk heads split across recvs, and a socket timeout in the
+    middle of a line (the liveness probe's wake-up): nothing is lost or repeated."""
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(0.05)
+        body = gateway._Body(a, b"5\r\nhel", True, 1000)
+        b.sendall(b"lo\r\n")
+        wakeups: list[int] = []
+
+        def on_timeout() -> None:   # the wake-up: send the rest of the line only now
+            wakeups.append(1)
+            if len(wakeups) == 1:
+                b.sendall(b"4;ext=1\r\n wor\r\n3\r\nld\n\r\n6\r\nsecond\r\n2\r\n!\n\r\n0\r\n\r\n")
+        assert body.readline(on_timeout) == b"hello world\n"
+        assert len(wakeups) == 1
+        assert body.readline(on_timeout) == b"second!\n"
+        assert body.readline(on_timeout) == b""   # the last chunk: the body ended
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"-1\r\n", b"0x5\r\nhello\r\n", b"3\r\nabcXY", b"1" * 2000])
+def test_a_malformed_chunk_is_a_value_error(data):
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(1)
+        b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+        body = gateway._Body(a, b"", True, 1000)
+        with pytest.raises(ValueError):
+            body.readline(lambda: None)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_long_line_is_returned_unfinished_and_not_buffered_further():
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(1)
+        b.sendall(b"%x\r\n%s\r\n" % (3000, b"x" * 3000))
+        line = gateway._Body(a, b"", True, 1000).readline(lambda: None)
+        assert len(line) > 1000 and not line.endswith(b"\n")
+    finally:
+        a.close()
+        b.close()
