@@ -8,6 +8,7 @@ Test modules import from here and never from each other. Nothing installed impor
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from flannel.backends.udp.proxy import Proxy, open_socket
 from flannel.config import NetworkConfig, parse_network_config
 from flannel.lab import podtraffic as pt
 from flannel.lab.cluster import ETCD_PREFIX, Lab, LabConfig
-from flannel.lab.etcd import b64
+from flannel.lab.etcd import EtcdServer, b64
 from flannel.lab.kubeapi.kubeconfig import write_kubeconfig
 from flannel.lab.kubeapi.server import KubeAPIServer
 from flannel.lab.netns import NetNS, cleanup_prefix, in_netns, run_prefix
@@ -1272,3 +1273,23 @@ def make_pki(d: Path, certs: tuple[tuple[str, str, str], ...], cas: tuple[str, .
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
     return d
+
+
+# ---- etcd with auth and short-lived tokens -------------------------------------------------------
+
+@contextlib.contextmanager
+def short_token_etcd(directory: Path, config_key: str, config: str, users: tuple[str, ...]) -> Iterator[EtcdServer]:
+    """A fresh etcd whose simple auth tokens expire after 1 s, holding ``config`` at ``config_key``,
+    with ``users`` (``"name:password"``; the first must be root) added and auth enabled. Stopped on exit.
+
+    Why 1 s: a test of "the client authenticates again by itself" needs a token that expires during it."""
+    srv = EtcdServer(str(directory), extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
+    srv.start()
+    try:
+        srv.etcdctl("put", config_key, config)
+        for user in users:
+            srv.etcdctl("user", "add", user)
+        srv.etcdctl("auth", "enable")
+        yield srv
+    finally:
+        srv.close()

@@ -24,7 +24,7 @@ from flannel.subnet_managers.etcd import EtcdSubnetManager
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
 from flannel.subnet_managers.etcd.store import Compacted, ResponseTooLarge
-from tests.support import GatewayProxy, acquire, read_watch, wait_for
+from tests.support import GatewayProxy, acquire, read_watch, short_token_etcd, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -132,15 +132,25 @@ def test_single_key_watch_and_compaction(etcd_server):
         reg.close()
 
 
+def refused(reg: Any, match: str, *, at_creation: bool = False) -> None:
+    """``reg``'s watch is refused with PermissionDenied matching ``match``: when it is created, or
+    at its first ``next()``. ``reg`` is closed."""
+    try:
+        if at_creation:
+            with pytest.raises(errors.PermissionDenied, match=match):
+                reg.watch_leases(1)
+            return
+        h = reg.watch_leases(1)
+        with pytest.raises(errors.PermissionDenied, match=match):
+            h.next()
+        h.cancel()
+    finally:
+        reg.close()
+
+
 def test_rejected_token_is_renewed_and_a_wrong_user_is_permission_denied(tmp_path, caplog):
     """etcd's simple tokens expire (here after 1 s): the gateway watch authenticates again by itself."""
-    srv = EtcdServer(str(tmp_path / "etcd"), extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
-    srv.start()
-    try:
-        srv.etcdctl("put", f"{PREFIX}/config", CONFIG)
-        srv.etcdctl("user", "add", "root:s3cret-pw")
-        srv.etcdctl("user", "add", "nobody:pw2")
-        srv.etcdctl("auth", "enable")
+    with short_token_etcd(tmp_path / "etcd", f"{PREFIX}/config", CONFIG, ("root:s3cret-pw", "nobody:pw2")) as srv:
         reg = registry(srv.endpoint, username="root", password="s3cret-pw")
         try:
             rev = reg.list_leases().revision
@@ -162,31 +172,11 @@ def test_rejected_token_is_renewed_and_a_wrong_user_is_permission_denied(tmp_pat
                 h.cancel()
         finally:
             reg.close()
-        wrong = registry(srv.endpoint, username="root", password="wrong")
-        try:
-            with pytest.raises(errors.PermissionDenied, match="authentication failed for user 'root'"):
-                wrong.watch_leases(1)
-        finally:
-            wrong.close()
-        nobody = registry(srv.endpoint, username="nobody", password="pw2")   # no role: may not read the prefix
-        try:
-            h = nobody.watch_leases(1)
-            with pytest.raises(errors.PermissionDenied, match="permission denied"):
-                h.next()
-            h.cancel()
-        finally:
-            nobody.close()
-        anon = registry(srv.endpoint)
-        try:
-            h = anon.watch_leases(1)
-            with pytest.raises(errors.PermissionDenied, match="--etcd-username"):
-                h.next()
-            h.cancel()
-        finally:
-            anon.close()
+        refused(registry(srv.endpoint, username="root", password="wrong"), "authentication failed for user 'root'",
+                at_creation=True)
+        refused(registry(srv.endpoint, username="nobody", password="pw2"), "permission denied")  # no role
+        refused(registry(srv.endpoint), "--etcd-username")
         assert "s3cret-pw" not in caplog.text
-    finally:
-        srv.close()
 
 
 # -- a stream that is not what etcd sends ----------------------------------------------------------

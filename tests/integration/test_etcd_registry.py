@@ -23,7 +23,7 @@ from flannel.options import AgentOptions
 from flannel.subnet_managers.etcd import EtcdSubnetManager, grpcwait
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
-from tests.support import acquire, make_pki, read_watch, wait_for, wakeups
+from tests.support import acquire, make_pki, read_watch, short_token_etcd, wait_for, wakeups
 
 pytestmark = pytest.mark.etcd
 
@@ -367,12 +367,7 @@ def test_agent_without_client_certificate_exits_with_the_cause(pki, tmp_path):
 
 def test_expired_auth_token_is_renewed(tmp_path, caplog):
     """etcd's simple tokens expire (here after 1 s): the registry authenticates again by itself."""
-    srv = EtcdServer(str(tmp_path / "etcd"), extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
-    srv.start()
-    try:
-        srv.etcdctl("put", f"{PREFIX}/config", CONFIG)
-        srv.etcdctl("user", "add", "root:s3cret-pw")
-        srv.etcdctl("auth", "enable")
+    with short_token_etcd(tmp_path / "etcd", f"{PREFIX}/config", CONFIG, ("root:s3cret-pw",)) as srv:
         reg = registry(srv, username="root", password="s3cret-pw")
         try:
             assert reg.get_config() == CONFIG
@@ -390,8 +385,6 @@ def test_expired_auth_token_is_renewed(tmp_path, caplog):
                 handle.cancel()
         finally:
             reg.close()
-    finally:
-        srv.close()
 
 
 def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_server, caplog, monkeypatch):
