@@ -32,20 +32,18 @@ Kernel state is left in place on ``close`` so that a restart does not interrupt 
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
-import gc
 import logging
 import queue
 import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flannel import errors, metrics, threadname
+from flannel import errors, memory, metrics, threadname
 from flannel.backends.base import ExternalInterface, Network
 from flannel.backends.routed import model, rtnl
 from flannel.backends.routed.desired import FdbKey, Ident, Index, NeighKey, Touched, fdb_key, neigh_key
@@ -250,7 +248,7 @@ class RoutedNetwork(Network):
         ~100 000 objects (leases' entries, the plan, the cache), which would trigger collections
         that walk the whole heap again and again (~1/4 of the cold start's Python time) to find
         no cycles -- these objects are freed by reference counting."""
-        with _gc_paused():
+        with memory.gc_paused():
             self._sync_full()
 
     def _sync_full(self) -> None:
@@ -631,30 +629,6 @@ class RoutedNetwork(Network):
         else:
             self._skip_suppressed += 1
         self._skip_window = (start, n)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic collector for a full reconcile, then freeze what is alive.
-
-    Why the freeze (process-wide, ``gc.freeze``): after a full reconcile the process holds the
-    cluster's state for a long time -- every lease, the index, the programmed cache: ~100 000
-    objects at 5000 peers. Each later collection of the oldest generation walked all of them, and
-    one lease event's few allocations trigger such collections often enough that the CPU of an
-    event at 5000 peers was 1.4-1.6 ms against 0.8 at 0 peers, most of the difference in the
-    collector (measured: 0.91 ms with the freeze, the same as at 0 peers; docs/benchmarks.md).
-    Frozen objects are still freed by reference counting as usual; only a reference cycle among
-    them would outlive its last use, so the young generations are collected first (cheap), and
-    the state we keep holds no cycles. The next full reconcile freezes what was added since."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-            gc.collect(1)
-            gc.freeze()
 
 
 def _echo_key(e: model.Neigh | model.Fdb, ifindex: int | None) -> tuple[object, ...]:

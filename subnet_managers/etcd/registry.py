@@ -46,7 +46,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.etcdrpc import kv_pb2
 
-from flannel import errors, threadname, wire
+from flannel import errors, memory, threadname, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.records import SkippedRecords
 from flannel.subnet_managers.etcd import gateway, grpcwait
@@ -683,7 +683,8 @@ class EtcdRegistry:
                              self.subnets_prefix)
             raise errors.StoreUnavailable(f"listing {self.subnets_prefix}: etcd compacted the listing's revision "
                                           f"{LIST_ATTEMPTS} times in a row")
-        return self._call(f"listing {self.subnets_prefix}", op)
+        with memory.gc_paused():   # thousands of leases, kept: no full collection in the middle of them
+            return self._call(f"listing {self.subnets_prefix}", op)
 
     def _list_pages(self, c: Any, ttl: bool) -> Listing:
         start = self.subnets_prefix.encode("utf-8")

@@ -44,3 +44,37 @@ def test_with_the_cap_every_thread_shares_one_arena() -> None:
 def test_an_operators_malloc_arena_max_is_left_alone() -> None:
     capped, arenas = run("cap", dict(clean_env(), MALLOC_ARENA_MAX="4"))
     assert capped == "False" and arenas == 2
+
+
+def test_gc_paused_stops_the_collector_inside_and_freezes_what_lives_after():
+    import gc
+
+    from flannel import memory
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with memory.gc_paused():
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]          # long-lived objects made meanwhile
+            with memory.gc_paused():                   # a nested pause leaves the collector to the outer one
+                pass
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_gc_paused_enables_the_collector_again_when_its_body_raises():
+    import gc
+
+    import pytest
+
+    from flannel import memory
+
+    with pytest.raises(RuntimeError), memory.gc_paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.unfreeze()
