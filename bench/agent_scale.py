@@ -61,6 +61,8 @@ from flannel.lease import LeaseAttrs
 
 LOCAL = "198.18.0.1"
 PREFIX = "/coreos.com/network"
+#: the paired baseline's prefix: the same config, no peers (``--cold-runs``)
+EMPTY_PREFIX = "/bench-empty/network"
 CONFIG = {"Network": "10.0.0.0/8", "SubnetLen": 24, "SubnetMin": "10.0.1.0", "SubnetMax": "10.0.255.0",
           "Backend": {"Type": "vxlan"}}
 
@@ -295,11 +297,11 @@ def rss_mb(pid: int) -> float:
 # ---- the agent ------------------------------------------------------------------------------------
 
 class Agent:
-    def __init__(self, workdir: Path, endpoint: str, extra: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: Path, endpoint: str, extra: Sequence[str] = (), prefix: str = PREFIX) -> None:
         self.workdir = workdir
         self.subnet_file = workdir / "subnet.env"
         self.log = workdir / "agent.log"
-        self.args = [sys.executable, "-m", "flannel", f"--etcd-endpoints={endpoint}", f"--etcd-prefix={PREFIX}",
+        self.args = [sys.executable, "-m", "flannel", f"--etcd-endpoints={endpoint}", f"--etcd-prefix={prefix}",
                      "--iface=eth0", f"--subnet-file={self.subnet_file}", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -448,8 +450,12 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
         out["rss_after_mb"] = rss_mb(agent.pid)
     finally:
         agent.stop()
-    if n and args.cold_runs > 1:   # one start is noisy (imports, a busy core): the median of several
+    if n and args.cold_runs > 1:
+        # One start varies by ±0.1 s here (imports, a busy core), as much as the whole N-dependent
+        # part at N = 1000. So: K starts, each followed at once by a 0-peer start (same config, an
+        # empty prefix of the same etcd) -- pairs measured at the same moment -- and the medians.
         colds, readies, cold_cpus = [out["cold_s"]], [out["ready_s"]], [out["cold_cpu_s"]]
+        base = [baseline_start(workdir, endpoint, args)]
         for _ in range(args.cold_runs - 1):
             flush_kernel()
             watch.reset()
@@ -463,9 +469,13 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
                 cold_cpus.append(cpu_ns(again.pid) / 1e9)
             finally:
                 again.stop()
+            base.append(baseline_start(workdir, endpoint, args))
         out["cold_runs"], out["ready_runs"] = colds, readies
         out["cold_s"], out["ready_s"] = statistics.median(colds), statistics.median(readies)
         out["cold_cpu_s"] = statistics.median(cold_cpus)
+        out["paired_ready0_runs"] = [w for w, _ in base]
+        out["paired_ready0_s"] = statistics.median(w for w, _ in base)
+        out["paired_ready0_cpu_s"] = statistics.median(c for _, c in base)
     if not n:   # the baseline everything is compared with: the median of (at least) three starts
         readies, cpus = [out["ready_s"]], [out["ready_cpu_s"]]
         for _ in range(max(3, args.cold_runs) - 1):
@@ -479,6 +489,18 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
         out["ready_s"], out["ready_cpu_s"] = statistics.median(readies), statistics.median(cpus)
         out["ready_runs"] = readies
     return out
+
+
+def baseline_start(workdir: Path, endpoint: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One 0-peer start (``EMPTY_PREFIX``): (start → ready, CPU by then)."""
+    flush_kernel()
+    agent = Agent(workdir, endpoint, args.agent_arg, prefix=EMPTY_PREFIX)
+    try:
+        t0 = agent.start()
+        ready = agent.wait_ready() - t0
+        return ready, cpu_ns(agent.pid) / 1e9
+    finally:
+        agent.stop()
 
 
 def resync_cost_ms(n: int) -> float:
@@ -546,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         from flannel.subnet_managers.etcd.registry import EtcdRegistry
         reg = EtcdRegistry(endpoints=[etcd.endpoint], prefix=PREFIX)
         reg.put_config(json.dumps(CONFIG))
+        empty = EtcdRegistry(endpoints=[etcd.endpoint], prefix=EMPTY_PREFIX)
+        empty.put_config(json.dumps(CONFIG))
+        empty.close()
         watch = RouteWatch()
         have = 0
         for n in counts:
@@ -585,15 +610,17 @@ def main(argv: list[str] | None = None) -> int:
           "| event→kernel p50 / p99 ms | idle ms/s | idle wake-ups/s | full resync ms (amortised) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = ((r["cold_s"] - base["ready_s"]) / r["ip_batch_s"]) if base and r["ip_batch_s"] else float("nan")
-        ratio_nh = ((r["cold_s"] - base["ready_s"]) / r["ip_batch_nh_s"]) if base and r["ip_batch_nh_s"] \
-            else float("nan")
-        cratio = ((r["cold_cpu_s"] - base["ready_cpu_s"]) / r["ip_batch_cpu_s"]) if base and r["ip_batch_cpu_s"] \
-            else float("nan")
-        cratio_nh = ((r["cold_cpu_s"] - base["ready_cpu_s"]) / r["ip_batch_nh_cpu_s"]) \
-            if base and r.get("ip_batch_nh_cpu_s") else float("nan")
+        # ready₀: the paired 0-peer starts of this N when measured (--cold-runs), else the 0-peer row's
+        r0 = r.get("paired_ready0_s", base["ready_s"] if base else float("nan"))
+        c0 = r.get("paired_ready0_cpu_s", base["ready_cpu_s"] if base else float("nan"))
+        ratio = ((r["cold_s"] - r0) / r["ip_batch_s"]) if r["ip_batch_s"] else float("nan")
+        ratio_nh = ((r["cold_s"] - r0) / r["ip_batch_nh_s"]) if r["ip_batch_nh_s"] else float("nan")
+        cratio = ((r["cold_cpu_s"] - c0) / r["ip_batch_cpu_s"]) if r["ip_batch_cpu_s"] else float("nan")
+        cratio_nh = ((r["cold_cpu_s"] - c0) / r["ip_batch_nh_cpu_s"]) if r.get("ip_batch_nh_cpu_s") else float("nan")
         ev = r["event"]
-        print(f"| {r['n']} | {r['ready_s']:.2f} | {r['cold_s']:.2f} | {r['ip_batch_s']:.2f} / {r['ip_batch_nh_s']:.2f} "
+        paired = f" (paired ready₀ {r0:.2f})" if "paired_ready0_s" in r else ""
+        print(f"| {r['n']} | {r['ready_s']:.2f} | {r['cold_s']:.2f}{paired} "
+              f"| {r['ip_batch_s']:.2f} / {r['ip_batch_nh_s']:.2f} "
               f"| {ratio:.2f}× / {cratio:.2f}× | {ratio_nh:.2f}× / {cratio_nh:.2f}× | {r['rss_mb']:.1f} "
               f"| {ev['cpu_ms']:.2f} "
               f"| {ev['p50_ms']:.1f} / {ev['p99_ms']:.1f} | {r['idle_ms_per_s']:.2f} | {r['idle_wakeups_per_s']:.1f} "
