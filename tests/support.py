@@ -1043,6 +1043,17 @@ class FreezableProxy:
                     except OSError:
                         pass
 
+    def drop(self, index: int) -> None:
+        """Close the ``index``-th connection accepted (0 = the first) on both sides, as a server or a
+        proxy closing an idle connection does (FIN to each end)."""
+        with self._lock:
+            client, upstream, _ = self.connections[index]
+        for sock in (client, upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def freeze(self) -> int:
         """Freeze every open connection; returns how many."""
         with self._lock:

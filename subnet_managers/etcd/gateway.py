@@ -22,7 +22,8 @@ A *hung* etcd process (SIGSTOP, a deadlock, a frozen VM whose kernel still ACKs)
 keepalives, so the watch also probes the process itself, as gRPC's HTTP/2 pings did: after
 ``Keepalive.idle`` seconds without a byte (the read's socket timeout: one wake-up per period of
 silence, none while responses arrive) it sends ``POST /v3/maintenance/status`` to the same
-endpoint on a short-lived connection; no HTTP answer within ``Keepalive.timeout`` ends the watch
+endpoint on a second connection kept open for the probes (``Prober``); no HTTP answer within
+``Keepalive.timeout`` ends the watch
 (``Watch.read``). The stream's chunked body is decoded here (``_Body``), not by http.client,
 because a socket timeout in http.client's readers loses the bytes of a half-read line and makes
 the socket file unusable; ours keeps its state across the wake-up.
@@ -266,33 +267,78 @@ def parse_response(line: bytes, where: str) -> Response:
                                       f"{str(e)[:200]})") from None
 
 
-def probe(ep: Endpoint, token: str, *, timeout: float, keepalive: Keepalive,
-          connected: Any = None) -> int:
-    """One liveness probe of the etcd process behind ``ep`` (``POST /v3/maintenance/status``) on a
-    new connection: the HTTP status of its answer, whatever it is (a 401/403 under auth, a 5xx,
-    still comes from a live process). Connecting and reading the answer's head both fit in
-    ``timeout`` (roughly: each step gets what is left of it).
+class Prober:
+    """Liveness probes of the etcd process behind ``ep`` (``POST /v3/maintenance/status``), over one
+    HTTP/1.1 connection kept open between them.
 
-    ``connected(sock)``, if given, is called with the connected socket (so that another thread
-    can shut it down: a watch cancelled meanwhile).
-
-    :raises Exception: whatever the socket, TLS or HTTP layer raised (refused, timed out, closed):
-        the process did not answer.
+    Why kept open: a quiet cluster probes once per ``Keepalive.idle`` (30 s) per watch, and 5000
+    agents each opening a fresh TCP (and TLS) connection per probe made ~170 connection set-ups a
+    second on etcd, where gRPC's keepalive pings travelled on the open connection. A connection
+    that went stale meanwhile (closed by etcd or a proxy: the request cannot be sent, or the
+    answer is a close) is replaced once, at once, within the same timeout; a probe that gets no
+    answer in time is never retried -- that is the hung process it looks for.
     """
-    deadline = time.monotonic() + timeout
-    conn = _connect(ep, timeout, keepalive)
-    try:
+
+    def __init__(self, ep: Endpoint, token: str, keepalive: Keepalive) -> None:
+        self._ep, self._token, self._ka = ep, token, keepalive
+        self._conn: http.client.HTTPConnection | None = None
+        #: TCP connections opened for probes (one, unless etcd or a proxy closed one)
+        self.connections = 0
+
+    def probe(self, timeout: float, connected: Any = None) -> int:
+        """One probe: the HTTP status of its answer, whatever it is (a 401/403 under auth, a 5xx,
+        still comes from a live process). Connecting and reading the answer both fit in
+        ``timeout`` (roughly: each step gets what is left of it).
+
+        ``connected(sock)``, if given, is called with the socket the probe uses (so that another
+        thread can shut it down: a watch cancelled meanwhile).
+
+        :raises Exception: whatever the socket, TLS or HTTP layer raised (refused, timed out,
+            closed): the process did not answer. The connection is dropped then.
+        """
+        deadline = time.monotonic() + timeout
+        reused = self._conn is not None
+        try:
+            return self._ask(deadline, connected)
+        except (http.client.RemoteDisconnected, http.client.CannotSendRequest, BrokenPipeError,
+                ConnectionResetError) as e:
+            self.close()
+            if not reused or time.monotonic() >= deadline:
+                raise
+            log.debug("etcd (%s): the kept probe connection was closed (%s); probing on a new one",
+                      self._ep.describe(), type(e).__name__)
+            try:
+                return self._ask(deadline, connected)
+            except BaseException:
+                self.close()
+                raise
+        except BaseException:
+            self.close()
+            raise
+
+    def _ask(self, deadline: float, connected: Any) -> int:
+        if self._conn is None:
+            self._conn = _connect(self._ep, max(0.01, deadline - time.monotonic()), self._ka)
+            self.connections += 1
+        conn = self._conn
         assert conn.sock is not None
         if connected is not None:
             connected(conn.sock)
         conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
         headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = token
+        if self._token:
+            headers["Authorization"] = self._token
         conn.request("POST", PROBE_PATH, body=b"{}", headers=headers)
-        return conn.getresponse().status
-    finally:
-        conn.close()
+        resp = conn.getresponse()
+        resp.read(MAX_SMALL_BODY)   # the whole (small) answer, so that the connection can carry the next
+        if not resp.isclosed() or resp.will_close:
+            self.close()             # a larger answer, or the server closes: the next probe connects again
+        return resp.status
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class _Body:
@@ -402,6 +448,7 @@ class Watch:
         #: liveness probes sent (each answered: an unanswered one ends the watch)
         self.probes = 0
         self._probe_sock: socket.socket | None = None
+        self.prober = Prober(ep, token, keepalive)
         try:
             self._conn = _connect(ep, timeout, keepalive)
         except Exception as e:  # the boundary
@@ -475,7 +522,7 @@ class Watch:
                 raise errors.StoreUnavailable(f"{self.where}: cancelled")
         timeout = self._ka.timeout
         try:
-            status = probe(self._ep, self._token, timeout=timeout, keepalive=self._ka, connected=self._probing)
+            status = self.prober.probe(timeout, connected=self._probing)
         except Exception as e:  # the boundary: refused, timed out, closed, TLS, ...
             with self._lock:
                 self._probe_sock = None
@@ -513,6 +560,7 @@ class Watch:
             if resp is not None:
                 resp.close()
             self._conn.close()
+            self.prober.close()
 
     @property
     def cancelled(self) -> bool:

@@ -1,5 +1,6 @@
-"""Write a kubeconfig that points the ``kubernetes`` client (and ``flannel --kubeconfig-file``) at
-the stand-in server with a bearer token."""
+"""Write a kubeconfig that points an agent (``flannel --kubeconfig-file``: read by the agent's own loader,
+``flannel.subnet_managers.kube.kubeconfig``) or a test's ``kubernetes`` client at the stand-in server,
+with a bearer token."""
 
 from __future__ import annotations
 
