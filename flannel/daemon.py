@@ -248,6 +248,7 @@ class Daemon:
         log.info("subnet manager: %s", manager.name)
         self._start_health()
         config = self.config = self._wait_for_config(manager)
+        manager.prefetch_leases()   # the store's side of the acquisition overlaps the backend's setup
         ext = self.select_interface(self._with_stored_public_ips(manager), ipv4=config.enable_ipv4,
                                     ipv6=config.enable_ipv6)
         backend_cls = load_backend(config)

@@ -66,6 +66,36 @@ def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None
     return v4, v6
 
 
+def _network_from_int(n: int, prefixlen: int) -> IPv4Network:
+    """``IPv4Network((n, prefixlen), strict=True)`` for a network address ``n`` (no host bits) and a
+    prefix length 0–30, built without the general constructor: ~3 µs instead of ~8 µs, and a cold
+    start builds one per lease in the cluster (10 000 keys: 50 ms). It sets exactly the attributes
+    the constructor sets for such a network (checked at import: ``_NETWORK_FROM_INT``)."""
+    net: Any = object.__new__(IPv4Network)
+    net.network_address = IPv4Address(n)
+    net.netmask, net._prefixlen = _make_netmask(prefixlen)
+    return cast(IPv4Network, net)
+
+
+_make_netmask: Any = getattr(IPv4Network, "_make_netmask", None)
+
+
+def _same_as_constructor() -> bool:
+    """Whether ``_network_from_int`` builds what the constructor builds (this Python's ipaddress)."""
+    try:
+        for text in ("10.5.34.0/24", "0.0.0.0/0", "192.168.0.0/30", "10.0.0.0/8"):
+            want = IPv4Network(text)
+            got = _network_from_int(int(want.network_address), want.prefixlen)
+            if vars(got) != vars(want) or got != want or hash(got) != hash(want) or str(got) != text:
+                return False
+    except Exception:  # another ipaddress: use its constructor
+        return False
+    return True
+
+
+#: whether ``parse_subnet_key_bytes`` may use ``_network_from_int``
+_NETWORK_FROM_INT = _same_as_constructor()
+
 #: the common keys as bytes (what etcd hands us); see ``parse_subnet_key_bytes``
 _KEY_BYTES = re.compile(rb"([0-9.]{7,15})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")
 
@@ -83,7 +113,12 @@ def parse_subnet_key_bytes(name: bytes) -> tuple[IPv4Network, IPv6Network | None
     if v4len > 31:
         return None
     try:
-        v4 = IPv4Network((socket.inet_pton(socket.AF_INET, addr.decode("ascii")), v4len), strict=True)
+        packed = socket.inet_pton(socket.AF_INET, addr.decode("ascii"))
+        n = int.from_bytes(packed, "big")
+        if _NETWORK_FROM_INT and v4len <= 30 and n & (0xFFFFFFFF ^ (0xFFFFFFFF >> v4len)) == n:
+            v4 = _network_from_int(n, v4len)
+        else:   # host bits (refused), /31 (the constructor adds ``hosts``), or another ipaddress
+            v4 = IPv4Network((packed, v4len), strict=True)
         if addr6 is None:
             return v4, None
         v6len = int(prefixlen6)

@@ -39,6 +39,11 @@ class SubnetManager(abc.ABC):
         :raises errors.StoreUnavailable: the store cannot be reached (retried).
         """
 
+    def prefetch_leases(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the right default)
+        """The daemon has the network config and goes on to set up the backend (its interface,
+        devices) before it asks for a lease: a store may start reading what the acquisition will
+        need now, so that the store's side of it overlaps that setup (etcd: the lease listing)."""
+
     @abc.abstractmethod
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         """Get this node's lease in ``config``'s network, publishing ``attrs``. Retries transient

@@ -17,6 +17,11 @@ it is never re-read for an acquisition.
   cannot decode still occupy their subnets (``Listing.occupied``), so allocation picks another.
 * **reservations** (keys without an etcd lease) stay reservations when their owner takes them
   (§14.5): they are re-put without a lease and never renewed.
+* **prefetch**: the daemon calls ``prefetch_leases`` once it has the config; the listing the
+  acquisition needs starts then, on a thread, while the backend sets itself up (its devices: ~0.1 s),
+  and the first acquisition attempt takes it (``_Prefetch``). A listing a little older than the
+  attempt is as good as a fresh one: the create-if-absent transaction settles every race, and the
+  watch continues from the listing's revision. A failed prefetch only means the attempt lists itself.
 * **complete_lease**: the ``LeaseKeeper`` (keeper.py): conditional renewals, re-acquisition.
 * **watch_leases**: snapshot, then events from the snapshot's revision + 1; a broken watch resumes
   from the last delivered event's revision + 1. A compaction (or a catch-up too large to receive)
@@ -45,7 +50,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel import errors, metrics, retry, stophooks, subnet_file
+from flannel import errors, metrics, retry, stophooks, subnet_file, threadname
 from flannel.config import NetworkConfig, deferred_changes, parse_network_config, restart_changes
 from flannel.lease import Lease, LeaseAttrs, WatchResult
 from flannel.options import AgentOptions
@@ -96,6 +101,9 @@ class EtcdSubnetManager(SubnetManager):
         self._feed = KeyFeed()
         #: the listing our acquisition read and when (monotonic): the lease watch's first snapshot (taken once)
         self._listing: tuple[Listing, float] | None = None
+        #: the listing started by ``prefetch_leases``, for the first acquisition attempt (taken once)
+        self._prefetch: _Prefetch | None = None
+        self._prefetch_started = False
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -193,6 +201,28 @@ class EtcdSubnetManager(SubnetManager):
 
     # -- acquire ---------------------------------------------------------------------------------
 
+    def prefetch_leases(self) -> None:
+        """Once per manager (a startup): a later re-acquisition lists afresh."""
+        with self._lock:
+            if self._prefetch_started:
+                return
+            self._prefetch_started = True
+        prefetch = _Prefetch(self._reg)
+        with self._lock:
+            self._prefetch = prefetch
+
+    def _take_prefetched(self) -> tuple[Listing, float] | None:
+        """The prefetched listing and when it was read, once (waiting for it if still running);
+        None if there is none, it failed, or it is older than FIRST_SNAPSHOT_MAX_AGE (a stalled
+        startup): the caller lists."""
+        with self._lock:
+            prefetch, self._prefetch = self._prefetch, None
+        out = prefetch.result() if prefetch is not None else None
+        if out is not None and time.monotonic() - out[1] > FIRST_SNAPSHOT_MAX_AGE:
+            log.info("the lease listing read ahead is %.0fs old; listing again", time.monotonic() - out[1])
+            return None
+        return out
+
     def acquire_lease(self, config: NetworkConfig, attrs: LeaseAttrs) -> Lease:
         seen: list[tuple[Listing, float] | None] = []
         lease = self._acquire(config, attrs, prefer=None, stop=self._closed, seen=seen)
@@ -217,9 +247,10 @@ class EtcdSubnetManager(SubnetManager):
                      tried: set[IPv4Network], seen: list[tuple[Listing, float] | None] | None = None) -> Lease:
         """One round of flannel's tryAcquireLease. Raises LeaseConflict when a create fails."""
         reg = self._reg()
-        listing = reg.list_leases()
+        prefetched = self._take_prefetched()
+        listing, read_at = prefetched if prefetched is not None else (reg.list_leases(), time.monotonic())
         if seen is not None:
-            seen.append((listing, time.monotonic()))
+            seen.append((listing, read_at))
         hint = prefer if prefer is not None else self._previous()
         leases = listing.leases
         mine = self._find_own(leases, attrs, hint[0])
@@ -405,6 +436,30 @@ class EtcdSubnetManager(SubnetManager):
                 if handle is not None:
                     current.remove(handle)
                     handle.cancel()
+
+
+class _Prefetch:
+    """A lease listing read on a thread of its own (``prefetch_leases``), for the first acquisition
+    attempt. Any failure is only logged: the attempt then lists itself and reports what fails."""
+
+    def __init__(self, reg: Callable[[], Registry]) -> None:
+        self._reg = reg
+        self._out: tuple[Listing, float] | None = None
+        self._thread = threading.Thread(target=self._run, name="lease-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        threadname.name_this_thread()
+        try:
+            listing = self._reg().list_leases()
+        except Exception as e:  # an optimisation only: whatever failed, the acquisition lists again
+            log.debug("listing the leases ahead of the acquisition failed (%s); the acquisition lists them", e)
+            return
+        self._out = (listing, time.monotonic())
+
+    def result(self) -> tuple[Listing, float] | None:
+        self._thread.join()
+        return self._out
 
 
 def carries_our_ip(lease: Lease, attrs: LeaseAttrs) -> bool:

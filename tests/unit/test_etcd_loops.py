@@ -271,3 +271,82 @@ def test_the_acquisitions_listing_is_not_the_first_snapshot_when_stale_or_when_t
     assert first.snapshot is not None and old not in first.snapshot and a in first.snapshot
     stop.set()
     gen.close()
+
+
+class GatedRegistry(ScriptedRegistry):
+    """Listings wait for ``gate`` (etcd still answering) and the first ``fail`` of them raise."""
+
+    def __init__(self, leases: list[Lease], *, fail: int = 0) -> None:
+        super().__init__(CONFIG, leases, handles=[])
+        self.gate = threading.Event()
+        self.fail = fail
+        self.listing_threads: list[str] = []
+
+    def list_leases(self, *, ttl: bool = False) -> Any:
+        self.listing_threads.append(threading.current_thread().name)
+        assert self.gate.wait(30)
+        if self.fail:
+            self.fail -= 1
+            self.lists += 1
+            raise errors.StoreUnavailable("connection refused")
+        return super().list_leases(ttl=ttl)
+
+
+def test_a_prefetched_listing_serves_the_acquisition_and_the_first_snapshot(tmp_path):
+    """prefetch_leases lists on a thread of its own while the caller goes on (here: while etcd has
+    not answered yet); the acquisition waits for that listing instead of listing again, and the
+    watch starts from it. A second prefetch_leases does nothing."""
+    a = peer("10.5.1.0/24", "198.18.0.1")
+    reg = GatedRegistry([a])
+    reg.revision = 10
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    m.prefetch_leases()
+    assert reg.gate.wait(0) is False  # the caller was not held up by the listing
+    got: list[Lease] = []
+    acquiring = threading.Thread(target=lambda: got.append(m.acquire_lease(running(), LeaseAttrs(
+        public_ip=IPv4Address("198.18.0.9")))))
+    acquiring.start()
+    reg.gate.set()
+    acquiring.join(30)
+    assert got and got[0].subnet != a.subnet
+    assert reg.lists == 1 and reg.listing_threads == ["lease-prefetch"]
+    stop = threading.Event()
+    gen = m.watch_leases(running(), stop)
+    assert next(gen).snapshot == (a,)
+    assert reg.lists == 1
+    stop.set()
+    gen.close()
+
+
+def test_a_failed_or_stale_prefetch_makes_the_acquisition_list_itself(tmp_path, monkeypatch):
+    from flannel.subnet_managers.etcd import manager as etcd_manager
+    me = LeaseAttrs(public_ip=IPv4Address("198.18.0.9"))
+    reg = GatedRegistry([peer("10.5.1.0/24", "198.18.0.1")], fail=1)
+    reg.gate.set()
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    own = m.acquire_lease(running(), me)   # the prefetch failed: no error, a listing of its own
+    assert own.subnet is not None and reg.lists == 2
+    assert reg.listing_threads[0] == "lease-prefetch" and reg.listing_threads[1] != "lease-prefetch"
+
+    stale = GatedRegistry([])
+    stale.gate.set()
+    m = make(stale, tmp_path)
+    m.prefetch_leases()
+    monkeypatch.setattr(etcd_manager, "FIRST_SNAPSHOT_MAX_AGE", -1.0)
+    m.acquire_lease(running(), me)
+    assert stale.lists == 2 and stale.listing_threads[1] != "lease-prefetch"
+
+
+def test_only_the_first_acquisition_takes_the_prefetch(tmp_path):
+    """A later acquisition (the keeper re-acquiring a lost lease, hours later) lists afresh."""
+    reg = GatedRegistry([])
+    reg.gate.set()
+    m = make(reg, tmp_path)
+    m.prefetch_leases()
+    me = LeaseAttrs(public_ip=IPv4Address("198.18.0.9"))
+    m.acquire_lease(running(), me)
+    m.prefetch_leases()   # not again
+    m.acquire_lease(running(), me)
+    assert reg.lists == 2 and reg.listing_threads == ["lease-prefetch", "MainThread"]
