@@ -45,6 +45,17 @@ def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     return ok
 
 
+def trim_heap() -> None:
+    """Give the memory a big burst of work used (a full reconcile's dump, desired state and plan)
+    back to the system: glibc keeps freed heap pages otherwise, and RSS at 5000 peers would carry
+    the cold start's peak. Best effort: nothing happens without glibc's ``malloc_trim``."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass   # not glibc: nothing to do
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic collector while a burst of long-lived objects is made (a lease listing, a

@@ -32,7 +32,6 @@ Kernel state is left in place on ``close`` so that a restart does not interrupt 
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import queue
 import random
@@ -288,7 +287,7 @@ class RoutedNetwork(Network):
         self._record(failed, self._cache, p, actual)
         if len(actual) + len(p) > TRIM_AFTER:
             del desired, actual, p
-            _trim_heap()
+            memory.trim_heap()
 
     def sync_keys(self, touched: Touched) -> None:
         """Write only what changed for ``touched`` keys, against the cache (no dump)."""
@@ -636,16 +635,6 @@ def _echo_key(e: model.Neigh | model.Fdb, ifindex: int | None) -> tuple[object, 
     if isinstance(e, model.Fdb):
         return (rtnl.AF_BRIDGE, ifindex, e.dst.packed, e.mac)
     return (socket.AF_INET6 if e.ip.version == 6 else socket.AF_INET, ifindex, e.ip.packed)
-
-
-def _trim_heap() -> None:
-    """Give the memory a big full reconcile used (dump, desired state, plan) back to the system:
-    glibc keeps freed heap pages otherwise, and RSS at 5000 peers would carry the cold start's peak."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass   # not glibc: nothing to do
 
 
 def _route_key(r: model.Route) -> model.Net:
