@@ -32,19 +32,13 @@ import logging
 import os
 import posixpath
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
-
-import grpc
-import pyetcd
-from grpc._cython import cygrpc
-from pyetcd import etcdrpc
-from pyetcd import exceptions as etcd_exc
-from pyetcd.etcdrpc import kv_pb2
 
 from flannel import errors, memory, threadname, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
@@ -92,9 +86,12 @@ KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
 KEEPALIVE_TIMEOUT_ENV = "FLANNEL_ETCD_KEEPALIVE_TIMEOUT"
-#: How watches are read. By default through etcd's JSON gateway (gateway.py: one plain socket per
-#: watch, no gRPC thread awake while nothing happens), falling back to gRPC where the endpoint does
-#: not serve it; ``grpc`` forces gRPC watches.
+#: How the agent talks to etcd. By default through etcd's JSON gateway (gateway.py: unary calls on
+#: one kept-alive HTTP/1.1 connection per endpoint, one plain socket per watch; grpc and pyetcd are
+#: never imported), falling back to gRPC for everything where the endpoint does not serve it;
+#: ``grpc`` forces gRPC. $FLANNEL_ETCD_WATCH is its older name (it forced gRPC watches only, when
+#: unary calls always used gRPC) and still works; the new name wins when both are set.
+TRANSPORT_ENV = "FLANNEL_ETCD_TRANSPORT"
 WATCH_ENV = "FLANNEL_ETCD_WATCH"
 #: The gRPC channel (unary calls only, unless watches fell back to gRPC) is closed after this long
 #: without a call: while it is open, gRPC's C threads cost an idle agent 0.6–0.9 ms/s of CPU, and
@@ -123,7 +120,7 @@ LIST_PAGE_KEYS = 1000
 #: A listing whose revision is compacted between two of its pages starts over, this many times.
 LIST_ATTEMPTS = 3
 _WATCH_METHOD = "/etcdserverpb.Watch/Watch"
-_DELETE = kv_pb2.Event.DELETE
+_DELETE = 1   # kv_pb2.Event.DELETE
 #: the attributes of a REMOVED event (a delete has no value; the LeaseWatcher passes on what it tracked)
 _NO_ATTRS = LeaseAttrs()
 
@@ -147,18 +144,21 @@ def keepalive_seconds() -> tuple[float, float]:
             _env_seconds(KEEPALIVE_TIMEOUT_ENV, KEEPALIVE_TIMEOUT_SECONDS, 0.5))
 
 
-def watch_mode() -> str:
-    """``gateway`` (etcd's JSON gateway, gRPC where it is not served) or ``grpc`` ($FLANNEL_ETCD_WATCH)."""
-    text = os.environ.get(WATCH_ENV, "").strip().lower()
+def transport_mode() -> str:
+    """``gateway`` (etcd's JSON gateway, gRPC where it is not served) or ``grpc``
+    ($FLANNEL_ETCD_TRANSPORT, or its older name $FLANNEL_ETCD_WATCH)."""
+    name = TRANSPORT_ENV if os.environ.get(TRANSPORT_ENV, "").strip() else WATCH_ENV
+    text = os.environ.get(name, "").strip().lower()
     if text in ("", "auto", "gateway"):
         return "gateway"
     if text == "grpc":
         return "grpc"
-    raise errors.UsageError(f"${WATCH_ENV}: {text!r} is not one of: gateway, grpc")
+    raise errors.UsageError(f"${name}: {text!r} is not one of: gateway, grpc")
 
 
 def grpc_options() -> list[tuple[str, int]]:
     """The gRPC channel options of every etcd connection (keepalive read from the environment)."""
+    import grpc  # only on the gRPC path (see the module docstring)
     time_s, timeout_s = keepalive_seconds()
     return [
         # reconnect quickly after etcd restarts (gRPC's default backoff grows to 120 s)
@@ -180,23 +180,60 @@ def grpc_options() -> list[tuple[str, int]]:
     ]
 
 
-_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                      grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                      grpc.StatusCode.UNKNOWN}
-_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (etcd_exc.Etcd3Exception, grpc.RpcError, ValueError)
+#: gRPC status codes (``grpc.StatusCode``'s numbers, which etcd's JSON gateway reports as ``code``):
+#: the gateway path converts errors without importing grpc
+_CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+               6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+               10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+               15: "DATA_LOSS", 16: "UNAUTHENTICATED"}
+_CANCELLED, _UNKNOWN, _INVALID_ARGUMENT, _DEADLINE_EXCEEDED = 1, 2, 3, 4
+_PERMISSION_DENIED, _RESOURCE_EXHAUSTED, _FAILED_PRECONDITION, _ABORTED, _OUT_OF_RANGE = 7, 8, 9, 10, 11
+_INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 13, 14, 16
+_UNAVAILABLE_CODES = {_UNAVAILABLE, _DEADLINE_EXCEEDED, _CANCELLED, _INTERNAL, _RESOURCE_EXHAUSTED, _ABORTED, _UNKNOWN}
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """What pyetcd and gRPC raise (imports them: the gRPC path only)."""
+    import grpc
+    from pyetcd import exceptions as etcd_exc
+    return (etcd_exc.Etcd3Exception, grpc.RpcError, ValueError)
+
+
+def _grpc_status(e: BaseException) -> tuple[int, str] | None:
+    """(code, details) of a gRPC error; None for anything else. Never imports grpc: if it was never
+    imported, ``e`` cannot be one of its errors."""
+    grpc = sys.modules.get("grpc")
+    if grpc is None or not isinstance(e, grpc.RpcError) or not hasattr(e, "code"):
+        return None
+    return int(e.code().value[0]), str(e.details() or "")
 
 
 def _too_large(e: BaseException) -> bool:
-    """gRPC refused a response over MAX_RECEIVE_BYTES (etcd's own RESOURCE_EXHAUSTED answers, a full
-    database or too many requests, say something else)."""
-    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and "larger than max" in (e.details() or ""))
+    """A response over MAX_RECEIVE_BYTES was refused: by the gateway client (gateway.TooLarge) or by
+    gRPC (etcd's own RESOURCE_EXHAUSTED answers, a full database or too many requests, say something else)."""
+    if isinstance(e, gateway.TooLarge):
+        return True
+    status = _grpc_status(e)
+    return status is not None and status[0] == _RESOURCE_EXHAUSTED and "larger than max" in status[1]
 
 
 def _compacted_range(e: BaseException) -> bool:
-    """A range at a revision etcd has compacted away (etcd's ErrGRPCCompacted)."""
-    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.OUT_OF_RANGE
-            and "compacted" in (e.details() or ""))
+    """A range at a revision etcd has compacted away (etcd's ErrGRPCCompacted), through either transport."""
+    if isinstance(e, gateway.GatewayError):
+        return e.code == _OUT_OF_RANGE and "compacted" in e.message
+    status = _grpc_status(e)
+    return status is not None and status[0] == _OUT_OF_RANGE and "compacted" in status[1]
+
+
+def _prefix_range_end(prefix: bytes) -> bytes:
+    """The end of the range of every key starting with ``prefix`` (as etcd's clientv3.GetPrefixRangeEnd)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"   # every key
 
 
 class _Restart(Exception):
@@ -262,9 +299,12 @@ class EtcdRegistry:
         self._users = 0
         self._last_used = time.monotonic()
         self._idle_closer: threading.Thread | None = None
-        self._watch_mode = watch_mode()
-        #: the gateway's endpoints (built at the first gateway watch), the one to try first, the auth token
+        #: ``gateway`` until an endpoint turns out not to serve it (then ``grpc``, for good), or forced
+        self._mode = transport_mode()
+        #: the gateway's endpoints and their unary clients (built at the first call), the one to try
+        #: first, the auth token
         self._gw_endpoints: list[gateway.Endpoint] | None = None
+        self._gw_unary: list[gateway.Unary] = []
         self._gw_next = 0
         self._gw_token = ""
         self._gw_lock = threading.Lock()
@@ -281,7 +321,7 @@ class EtcdRegistry:
         who = f" as user {self._username}" if self._username else ""
         return f"etcd at {','.join(self._urls)}{who} (prefix {self.prefix})"
 
-    def _credentials(self, secure: bool, url: str) -> grpc.ChannelCredentials | None:
+    def _credentials(self, secure: bool, url: str) -> Any:
         """As etcd's Go client: the URL scheme decides (http → plaintext, https → TLS); the client
         certificate is used only when both --etcd-certfile and --etcd-keyfile are set."""
         client_cert = bool(self._certfile and self._keyfile)
@@ -299,6 +339,7 @@ class EtcdRegistry:
         ca = _read(self._cafile, "--etcd-cafile") if self._cafile else None
         key = _read(self._keyfile, "--etcd-keyfile") if client_cert else None
         cert = _read(self._certfile, "--etcd-certfile") if client_cert else None
+        import grpc
         return grpc.ssl_channel_credentials(ca, key, cert)
 
     def _connect(self) -> Any:
@@ -325,6 +366,7 @@ class EtcdRegistry:
             self._idle_closer = threading.Thread(target=self._close_when_idle, name="etcd-idle-close", daemon=True)
             self._idle_closer.start()
         self._lock.notify_all()
+        import pyetcd  # the gRPC path only: importing it (and grpc) costs the agent ~12 MB of RSS
         eps = []
         options = grpc_options()
         for url, (host, port, https) in zip(self._urls, self._endpoints):
@@ -337,7 +379,7 @@ class EtcdRegistry:
         try:
             self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout,
                                                            failover=True, **auth)
-        except _LIBRARY_ERRORS as e:
+        except _library_errors() as e:
             for ep in eps:
                 ep.close()
             raise self._convert(e, "connecting") from e
@@ -352,19 +394,19 @@ class EtcdRegistry:
                 self._client = None
         try:
             client.close()
-        except _LIBRARY_ERRORS:
+        except _library_errors():
             pass
 
     def _endpoint_failed(self, client: Any, e: BaseException) -> None:
         """What pyetcd does after a unary call fails this way: the endpoint is marked failed, so the
         next call goes to another one (or, with one endpoint, waits ENDPOINT_RETRY_SECONDS)."""
-        if isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL):
+        status = _grpc_status(e)
+        if status is not None and status[0] in (_UNAVAILABLE, _DEADLINE_EXCEEDED, _INTERNAL):
             with self._lock:
                 try:
                     client.endpoint_in_use.fail()
                     client._clear_old_stubs()
-                except _LIBRARY_ERRORS as err:  # pyetcd's bookkeeping only
+                except _library_errors() as err:  # pyetcd's bookkeeping only
                     log.debug("marking the etcd endpoint failed: %s", err)
 
     def _close_when_idle(self) -> None:
@@ -381,7 +423,7 @@ class EtcdRegistry:
                       IDLE_CHANNEL_SECONDS)
             try:
                 client.close()
-            except _LIBRARY_ERRORS as e:
+            except _library_errors() as e:
                 log.debug("closing the idle etcd client: %s", e)
 
     def _wait_idle_client(self) -> Any:
@@ -403,24 +445,29 @@ class EtcdRegistry:
             self._closed = True
             self._lock.notify_all()
             client, self._client = self._client, None
+        for unary in self._gw_unary:
+            unary.close()
         if client is not None:
             try:
                 client.close()
-            except _LIBRARY_ERRORS:
+            except _library_errors():
                 pass
 
     def _convert(self, e: BaseException, what: str) -> Exception:
         """A pyetcd / gRPC exception → the flannel error callers handle."""
+        from pyetcd import exceptions as etcd_exc  # the gRPC path only
         where = f"etcd ({','.join(self._urls)}) {what}"
         if isinstance(e, etcd_exc.RevisionCompactedError):
             return Compacted(e.compacted_revision)
         cause = e.__context__ if isinstance(e, etcd_exc.Etcd3Exception) else e  # pyetcd hides the gRPC error
-        if isinstance(cause, grpc.RpcError) and hasattr(cause, "details"):
-            tls = self._tls_problem(cause.details() or "")
+        cause_status = _grpc_status(cause) if cause is not None else None
+        if cause_status is not None:
+            tls = self._tls_problem(cause_status[1])
             if tls is not None:
                 return tls
-        if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-            return self._convert_status(e.code(), e.details() or "", where)
+        status = _grpc_status(e)
+        if status is not None:
+            return self._convert_status(*status, where)
         if isinstance(e, etcd_exc.NoServerAvailableError):
             return errors.StoreUnavailable(f"{where}: no endpoint reachable (each failed within the last "
                                            f"{ENDPOINT_RETRY_SECONDS:.0f}s)")
@@ -432,25 +479,26 @@ class EtcdRegistry:
             return errors.StoreError(f"{where}: precondition failed")
         return errors.StoreError(f"{where}: {type(e).__name__}: {e}")
 
-    def _convert_status(self, code: grpc.StatusCode, details: str, where: str) -> Exception:
-        """A gRPC status (from gRPC, or etcd's JSON gateway's ``code``) → the flannel error."""
-        if code == grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in details:
+    def _convert_status(self, code: int, details: str, where: str) -> Exception:
+        """A gRPC status code (from gRPC, or etcd's JSON gateway's ``code``) → the flannel error."""
+        if code == _UNAUTHENTICATED or "auth store is old" in details:
             return _Reauthenticate(details)
-        if code == grpc.StatusCode.PERMISSION_DENIED:
+        if code == _PERMISSION_DENIED:
             return errors.PermissionDenied(f"{where}: permission denied for user "
                                            f"{self._username or '(none)'}: {details}")
-        if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
+        if code == _INVALID_ARGUMENT and "authentication failed" in details:
             return errors.PermissionDenied(f"{where}: authentication failed for user "
                                            f"{self._username!r}: invalid user name or password")
-        if code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in details:
+        if code == _INVALID_ARGUMENT and "user name is empty" in details:
             return errors.PermissionDenied(f"{where}: etcd requires authentication; set --etcd-username and "
                                            f"--etcd-password")
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "authentication is not enabled" in details:
+        if code == _FAILED_PRECONDITION and "authentication is not enabled" in details:
             return errors.ConfigError(f"{where}: --etcd-username given but etcd has authentication "
                                       f"disabled")
-        if code in _UNAVAILABLE_CODES:
-            return errors.StoreUnavailable(f"{where}: {code.name.lower()}: {details}")
-        return errors.StoreError(f"{where}: {code.name}: {details}")
+        name = _CODE_NAMES.get(code, f"code {code}")
+        if code in _UNAVAILABLE_CODES or code not in _CODE_NAMES:
+            return errors.StoreUnavailable(f"{where}: {name.lower()}: {details}")
+        return errors.StoreError(f"{where}: {name}: {details}")
 
     def _tls_problem(self, details: str) -> Exception | None:
         """gRPC's connection error text → what is most likely wrong with TLS, and which flag fixes it.
@@ -485,15 +533,96 @@ class EtcdRegistry:
                 f"address, use an http:// endpoint{got}")
         return None
 
-    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(client)``, converting errors. Re-authenticates once on a rejected token and
-        moves on to the next endpoint when one is down (pyetcd fails over, but does not retry)."""
+    def _call(self, what: str, fn: Callable[[_KV], T]) -> T:
+        """Run ``fn(kv)`` through etcd's JSON gateway, or through gRPC once an endpoint turned out not
+        to serve the gateway (or $FLANNEL_ETCD_TRANSPORT=grpc), converting errors."""
+        if self._mode == "gateway":
+            try:
+                return self._gateway_call(what, fn)
+            except gateway.NotGateway as e:
+                self._fall_back(e)
+        return self._grpc_call(what, lambda client: fn(_GrpcKV(client)))
+
+    def _fall_back(self, e: BaseException) -> None:
+        """Use gRPC for every call and watch from now on (said once, at INFO)."""
+        with self._gw_lock:
+            if self._mode == "grpc":
+                return
+            self._mode = "grpc"
+        for unary in self._gw_unary:
+            unary.close()
+        log.info("etcd (%s) does not serve its JSON gateway (%s): using gRPC for its calls and watches",
+                 ",".join(self._urls), e)
+
+    def _gateway_call(self, what: str, fn: Callable[[_KV], T]) -> T:
+        """Run ``fn(kv)`` on the gateway, starting at the endpoint that last worked: re-authenticates
+        once on a rejected token, and moves on to the next endpoint when one is down (refused, timed
+        out, closed, an "unavailable" answer); the next call starts at the one that worked.
+
+        :raises gateway.NotGateway: the endpoint does not serve the gateway (use gRPC).
+        """
+        eps = self._gateway_endpoints()
+        attempts = max(2, len(eps))
+        index, stale, token = self._gw_next, "", ""
+        for attempt in range(attempts):
+            more_endpoints = attempt + 1 < len(eps)
+            try:
+                token = self._token(eps[index], stale)
+                result = fn(_GatewayKV(self._gw_unary[index], token, what))
+            except gateway.GatewayError as e:
+                err = self._gateway_error(e, what)
+                if isinstance(err, _Reauthenticate):
+                    if attempt + 1 < attempts and token and not stale:
+                        log.info("etcd rejected our auth token (%s); authenticating again", err)
+                        stale = token
+                        continue
+                    err = errors.PermissionDenied(f"etcd {what}: authentication token rejected: {err}")
+                elif isinstance(err, errors.StoreUnavailable) and more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise err from e
+            except gateway.TLSFailure as e:
+                tls = self._tls_problem(e.details)
+                if more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise (tls or e) from e
+            except errors.StoreUnavailable as e:
+                if isinstance(e, _Reauthenticate):
+                    raise
+                self._count_no_answer(e)
+                if more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise
+            self._no_answers = 0
+            self._gw_next = index
+            return result
+        raise AssertionError("unreachable")
+
+    def _count_no_answer(self, e: errors.StoreUnavailable) -> None:
+        """NO_ANSWER_FALLBACK answers in a row of "closed without a byte" (calls and watches alike):
+        the endpoint does not speak HTTP/1.1 (a gRPC-only server or proxy).
+
+        :raises gateway.NotGateway: that many in a row.
+        """
+        if isinstance(e, gateway.NoAnswer):
+            self._no_answers += 1
+            if self._no_answers >= NO_ANSWER_FALLBACK:
+                raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
+                                         f"the connection") from e
+
+    def _grpc_call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(client)`` with the gRPC client, converting errors. Re-authenticates once on a
+        rejected token and moves on to the next endpoint when one is down (pyetcd fails over, but
+        does not retry)."""
+        library_errors = _library_errors()
         attempts = max(2, len(self._endpoints))
         for attempt in range(attempts):
             client = self._connect()
             try:
                 result = fn(client)
-            except _LIBRARY_ERRORS as e:
+            except library_errors as e:
                 self._release()
                 err = self._convert(e, what)
                 if isinstance(err, errors.StoreUnavailable) and not isinstance(err, _Reauthenticate):
@@ -541,13 +670,12 @@ class EtcdRegistry:
     def lease_key(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> str:
         return self.subnets_prefix + wire.format_subnet_key(subnet, ipv6_subnet)
 
-    def _expiration(self, client: Any, lease_id: int, ttl: bool) -> float | None:
+    def _expiration(self, kv: _KV, lease_id: int, ttl: bool) -> float | None:
         if lease_id == 0:
             return None  # a reservation: no etcd lease, never expires
         if not ttl:
             return TTL_NOT_LOOKED_UP
-        remaining = int(client.get_lease_info(lease_id).TTL)
-        return time.time() + max(remaining, 0)
+        return time.time() + max(kv.time_to_live(lease_id), 0)
 
     def _untrusted(self, key: Any, decode: Callable[[], T]) -> T | None:
         """Run ``decode`` on one untrusted record; on any failure skip the record (None).
@@ -630,17 +758,18 @@ class EtcdRegistry:
             raise errors.BadLeaseRecord(f"{name[:80]!r} is not a subnet key (expected like 10.5.34.0-24)", "key")
         return nets
 
-    def _get_one(self, c: Any, key: str) -> tuple[Any, int, bool]:
+    def _get_one(self, c: _KV, key: str) -> tuple[Any, int, bool]:
         """One key: ``(kv or None, header revision, whether its value was too large to receive)``.
         A value over MAX_RECEIVE_BYTES is read again without it (``kv.value`` is then empty)."""
+        raw = key.encode("utf-8")
         try:
-            resp = c.get_response(key)
-        except grpc.RpcError as e:
+            resp = c.range(raw, b"")
+        except Exception as e:   # only a too-large answer is handled here: anything else is re-raised
             if not _too_large(e):
                 raise
-            resp = c.get_response(key, keys_only=True)
-            return (resp.kvs[0] if resp.count else None), int(resp.header.revision), bool(resp.count)
-        return (resp.kvs[0] if resp.count else None), int(resp.header.revision), False
+            resp = c.range(raw, b"", keys_only=True)
+            return (resp.kvs[0] if resp.kvs else None), resp.revision, bool(resp.kvs)
+        return (resp.kvs[0] if resp.kvs else None), resp.revision, False
 
     # -- config ----------------------------------------------------------------------------------
 
@@ -666,7 +795,7 @@ class EtcdRegistry:
             raise errors.ConfigError(f"invalid network config in etcd key {self.config_key}: not UTF-8: {e}") from None
 
     def put_config(self, text: str) -> None:
-        self._call(f"writing {self.config_key}", lambda c: c.put(self.config_key, text.encode("utf-8")))
+        self._call(f"writing {self.config_key}", lambda c: c.put(self._config_key_bytes, text.encode("utf-8")))
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -686,17 +815,17 @@ class EtcdRegistry:
         with memory.gc_paused():   # thousands of leases, kept: no full collection in the middle of them
             return self._call(f"listing {self.subnets_prefix}", op)
 
-    def _list_pages(self, c: Any, ttl: bool) -> Listing:
+    def _list_pages(self, c: _KV, ttl: bool) -> Listing:
         start = self.subnets_prefix.encode("utf-8")
-        end = pyetcd.utils.prefix_range_end(start)
+        end = _prefix_range_end(start)
         revision = 0
         limit = LIST_PAGE_KEYS
         out: list[Lease] = []
         occupied: list[Subnets] = []
         while True:
             try:
-                resp = c.get_range_response(start, end, limit=limit, revision=revision or None)
-            except grpc.RpcError as e:
+                resp = c.range(start, end, limit=limit, revision=revision)
+            except Exception as e:   # compaction and a too-large page are handled: anything else is re-raised
                 if _compacted_range(e):
                     raise _Restart() from e
                 if not _too_large(e):
@@ -704,8 +833,8 @@ class EtcdRegistry:
                 if limit > 1:
                     limit = max(1, limit // 4)
                     continue
-                resp = c.get_range_response(start, end, limit=1, revision=revision or None, keys_only=True)
-                revision = revision or int(resp.header.revision)
+                resp = c.range(start, end, limit=1, revision=revision, keys_only=True)
+                revision = revision or resp.revision
                 if not resp.kvs:
                     break
                 nets = self._too_large_record(resp.kvs[0].key)
@@ -715,7 +844,7 @@ class EtcdRegistry:
                 if not resp.more:
                     break
                 continue
-            revision = revision or int(resp.header.revision)
+            revision = revision or resp.revision
             record = self._record
             for kv in resp.kvs:
                 lease_id = kv.lease
@@ -737,7 +866,7 @@ class EtcdRegistry:
     def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, *, ttl: bool = True) -> Stored:
         key = self.lease_key(subnet, ipv6_subnet)
 
-        def op(c: Any) -> Stored:
+        def op(c: _KV) -> Stored:
             kv, rev, too_large = self._get_one(c, key)
             if kv is None:
                 return Stored(None, False, 0, rev)
@@ -755,59 +884,51 @@ class EtcdRegistry:
                      ttl: int) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
-            grant = c.lease(ttl)
+        def op(c: _KV) -> Lease:
+            grant, granted = c.grant(ttl)
             # An error here is ambiguous (a timeout: the key may now exist, attached to ``grant``):
             # revoking would delete it. The grant expires on its own; the caller re-lists and finds
             # the key by our public IP if the create did happen.
-            ok, _ = c.transaction(compare=[c.transactions.version(key) == 0],
-                                  success=[c.transactions.put(key, value, lease=grant.id)], failure=[])
-            if not ok:
-                self._revoke(c, grant.id)  # certain: nothing was written, nothing is attached to it
+            if not c.put_if(raw, value, grant, version=0):
+                c.revoke_quietly(grant)  # certain: nothing was written, nothing is attached to it
                 raise errors.LeaseConflict(f"subnet {subnet} is already taken (key {key} exists)")
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"creating {key}", op)
 
     def update_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs,
                      ttl: int | None) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
+        def op(c: _KV) -> Lease:
             if ttl is None:
-                c.put(key, value)
+                c.put(raw, value)
                 return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=None)
-            grant = c.lease(ttl)
-            c.put(key, value, lease=grant.id)  # a failure may be a put that happened: never revoke
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            grant, granted = c.grant(ttl)
+            c.put(raw, value, lease=grant)  # a failure may be a put that happened: never revoke
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"writing {key}", op)
 
     def renew_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs,
                     ttl: int, *, mod_revision: int) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
-            grant = c.lease(ttl)
-            ok, _ = c.transaction(compare=[c.transactions.mod(key) == mod_revision],
-                                  success=[c.transactions.put(key, value, lease=grant.id)], failure=[])
-            if not ok:
-                self._revoke(c, grant.id)
+        def op(c: _KV) -> Lease:
+            grant, granted = c.grant(ttl)
+            if not c.put_if(raw, value, grant, mod_revision=mod_revision):
+                c.revoke_quietly(grant)
                 raise KeyChanged(f"{key} changed since revision {mod_revision} (deleted, expired or rewritten)")
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"renewing {key}", op)
 
     def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> None:
         key = self.lease_key(subnet, ipv6_subnet)
-        self._call(f"deleting {key}", lambda c: c.delete(key))
-
-    @staticmethod
-    def _revoke(c: Any, lease_id: int) -> None:
-        try:
-            c.revoke_lease(lease_id)
-        except _LIBRARY_ERRORS as e:  # it expires on its own; nothing is attached to it
-            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+        self._call(f"deleting {key}", lambda c: c.delete(key.encode("utf-8")))
 
     # -- watches ---------------------------------------------------------------------------------
 
@@ -823,20 +944,19 @@ class EtcdRegistry:
     def _watch(self, key: str, *, prefix: bool, start_revision: int) -> WatchHandle:
         raw = key.encode("utf-8")
         start = max(1, start_revision)
-        range_end = pyetcd.utils.prefix_range_end(raw) if prefix else b""
+        range_end = _prefix_range_end(raw) if prefix else b""
         what = f"watching {key} from revision {start_revision}"
-        if self._watch_mode == "gateway":
+        if self._mode == "gateway":
             try:
                 return self._gateway_watch(key, raw, range_end, start, what)
             except gateway.NotGateway as e:
-                self._watch_mode = "grpc"
-                log.info("etcd (%s) does not serve its JSON gateway for watches (%s): watching through gRPC",
-                         ",".join(self._urls), e)
+                self._fall_back(e)
+        from pyetcd import etcdrpc  # the gRPC path only
         create = etcdrpc.WatchCreateRequest(key=raw, start_revision=start, progress_notify=True)
         if prefix:
             create.range_end = range_end
         request = etcdrpc.WatchRequest(create_request=create)
-        return self._call(what, lambda c: _Stream(self, c, key, request))
+        return self._grpc_call(what, lambda c: _Stream(self, c, key, request))
         # (errors of the watch itself, e.g. a compacted start revision, are raised by its ``next``)
 
     # -- watches through etcd's JSON gateway (gateway.py) ----------------------------------------
@@ -852,8 +972,12 @@ class EtcdRegistry:
                 except (OSError, ssl.SSLError) as e:
                     raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
                                              f"files: {e}") from None
-            self._gw_endpoints = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
-                                  for host, port, https in self._endpoints]
+            eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
+                   for host, port, https in self._endpoints]
+            ka = self._keepalive()
+            self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka, max_bytes=_gateway_line_limit())
+                              for ep in eps]
+            self._gw_endpoints = eps
         return self._gw_endpoints
 
     def _keepalive(self) -> gateway.Keepalive:
@@ -876,8 +1000,7 @@ class EtcdRegistry:
             return self._gw_token
 
     def _gateway_error(self, e: gateway.GatewayError, what: str) -> Exception:
-        code = _STATUS_CODES.get(e.code, grpc.StatusCode.UNKNOWN)
-        return self._convert_status(code, e.message, f"etcd ({','.join(self._urls)}) {what}")
+        return self._convert_status(e.code, e.message, f"etcd ({','.join(self._urls)}) {what}")
 
     def _gateway_watch(self, key: str, raw: bytes, range_end: bytes, start: int, what: str) -> _GatewayStream:
         """A watch through the gateway, on the first endpoint that takes it (starting from the one
@@ -904,11 +1027,7 @@ class EtcdRegistry:
                     continue
                 raise err from e
             except errors.StoreUnavailable as e:
-                if isinstance(e, gateway.NoAnswer):
-                    self._no_answers += 1
-                    if self._no_answers >= NO_ANSWER_FALLBACK:
-                        raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
-                                                 f"the connection") from e
+                self._count_no_answer(e)
                 failed += 1
                 if failed >= len(eps):
                     raise
@@ -992,14 +1111,109 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-#: gRPC status codes by number (the JSON gateway reports the number)
-_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _gateway_line_limit() -> int:
     """The longest line of a gateway watch stream we read (one response as JSON): a response of
     MAX_RECEIVE_BYTES of keys and values is 4/3 of it in base64, plus the JSON around each event."""
     return MAX_RECEIVE_BYTES * 3 // 2
+
+
+class _KV(Protocol):
+    """The unary calls the registry's operations make, over either transport (``_GatewayKV``,
+    ``_GrpcKV``): raising that transport's errors, which ``EtcdRegistry._call`` converts."""
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult: ...
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool: ...
+
+    def grant(self, ttl: int) -> tuple[int, int]: ...
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        """Revoke an etcd lease nothing is attached to; a failure is only logged (it expires on its own)."""
+
+    def time_to_live(self, lease_id: int) -> int: ...
+
+
+class _GatewayKV:
+    """``_KV`` over etcd's JSON gateway: one endpoint's kept connection (gateway.Unary) and our token."""
+
+    def __init__(self, unary: gateway.Unary, token: str, what: str) -> None:
+        self._u, self._token, self._what = unary, token, what
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        return self._u.range(key, range_end, self._token, self._what, limit=limit, revision=revision,
+                             keys_only=keys_only)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._u.put(key, value, lease, self._token, self._what)
+
+    def delete(self, key: bytes) -> None:
+        self._u.delete(key, self._token, self._what)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        return self._u.put_if(key, value, lease, self._token, self._what, version=version, mod_revision=mod_revision)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return self._u.grant(ttl, self._token, self._what)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._u.revoke(lease_id, self._token, self._what)
+        except (errors.StoreError, gateway.NotGateway) as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return self._u.time_to_live(lease_id, self._token, self._what)
+
+
+class _GrpcKV:
+    """``_KV`` over pyetcd's gRPC client (the fallback)."""
+
+    def __init__(self, client: Any) -> None:
+        self._c = client
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        if range_end:
+            resp = self._c.get_range_response(key, range_end, limit=limit, revision=revision or None,
+                                              keys_only=keys_only)
+        else:
+            resp = self._c.get_response(key, keys_only=keys_only)
+        # the protobuf KeyValues have the attributes the registry reads (key, value, mod_revision, lease)
+        return gateway.RangeResult(list(resp.kvs), bool(resp.more), int(resp.count), int(resp.header.revision))
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._c.put(key, value, lease=lease or None)
+
+    def delete(self, key: bytes) -> None:
+        self._c.delete(key)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        t = self._c.transactions
+        compare = t.version(key) == version if version is not None else t.mod(key) == mod_revision
+        ok, _ = self._c.transaction(compare=[compare], success=[t.put(key, value, lease=lease or None)], failure=[])
+        return bool(ok)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        grant = self._c.lease(ttl)
+        return int(grant.id), int(grant.ttl)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._c.revoke_lease(lease_id)
+        except _library_errors() as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return int(self._c.get_lease_info(lease_id).TTL)
 
 
 class _GatewayStream:
@@ -1055,6 +1269,8 @@ class _Stream:
     def __init__(self, reg: EtcdRegistry, client: Any, key: str, request: Any) -> None:
         self._reg, self._client, self._key = reg, client, key
         self._cancelled = False
+        from grpc._cython import cygrpc  # the gRPC path only
+        from pyetcd import etcdrpc
         grpcwait.lengthen_signal_checks(cygrpc)   # a blocked next() sleeps instead of waking 5×/s (see grpcwait)
         method = client.channel.unary_stream(_WATCH_METHOD, request_serializer=etcdrpc.WatchRequest.SerializeToString,
                                              response_deserializer=etcdrpc.WatchResponse.FromString)
@@ -1080,7 +1296,7 @@ class _Stream:
         except StopIteration:
             self._let_go()
             raise errors.StoreUnavailable(f"etcd watch on {self._key} ended") from None
-        except grpc.RpcError as e:
+        except _library_errors() as e:
             self._let_go()
             if self._cancelled:
                 raise errors.StoreUnavailable(f"etcd watch on {self._key} cancelled") from None
