@@ -600,7 +600,7 @@ class TLSFailure(errors.StoreUnavailable):
     certificate) failed: ``details`` is the ssl error's text, with a marker registry.py recognises
     (``Hostname Verification`` for a wrong server name, as gRPC says it)."""
 
-    def __init__(self, where: str, e: ssl.SSLError) -> None:
+    def __init__(self, where: str, e: OSError) -> None:
         self.details = _ssl_details(e)
         super().__init__(f"{where}: TLS: {self.details}")
 
@@ -609,7 +609,13 @@ class TLSFailure(errors.StoreUnavailable):
 _NAME_MISMATCH = (62, 64)
 
 
-def _ssl_details(e: ssl.SSLError) -> str:
+def _ssl_details(e: OSError) -> str:
+    """The ssl error as text, with the marker of gRPC's own text for the same failure."""
+    if isinstance(e, ssl.SSLEOFError | ConnectionResetError):
+        # etcd (--client-cert-auth) refuses the client certificate, or its absence, by an alert that
+        # may arrive as a plain close or reset right after the handshake (TLS 1.3: the client's side
+        # of the handshake is already done): gRPC calls it TSI_DATA_CORRUPTED
+        return f"BAD_CERTIFICATE? etcd closed the TLS connection during or right after the handshake ({e})"
     if isinstance(e, ssl.SSLCertVerificationError) and e.verify_code in _NAME_MISMATCH:
         return f"Hostname Verification Check failed: {e.verify_message}"
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -695,6 +701,11 @@ class Unary:
             except ssl.SSLError as e:
                 self._drop()
                 raise TLSFailure(where, e) from e
+            except ConnectionResetError as e:
+                self._drop()
+                if self._ep.tls is not None and not reused:   # a new TLS connection, reset before an answer
+                    raise TLSFailure(where, e) from e
+                raise _unavailable(where, e) from e
             except Exception as e:  # the boundary: whatever the socket, HTTP or JSON layer raised
                 self._drop()
                 raise _unavailable(where, e) from e

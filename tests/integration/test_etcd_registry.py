@@ -396,6 +396,7 @@ def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_s
 
     caplog.set_level(logging.INFO, logger=registry_mod.__name__)
     monkeypatch.setattr(registry_mod, "FRESH_CONNECTION_AFTER_SECONDS", 0.5)
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "grpc")   # about the gRPC channel
     reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX, timeout=1)
     try:
         reg.put_config(CONFIG)
