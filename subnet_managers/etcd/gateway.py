@@ -620,7 +620,8 @@ def _ssl_details(e: OSError) -> str:
         return f"Hostname Verification Check failed: {e.verify_message}"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"CERTIFICATE_VERIFY_FAILED: {e.verify_message}"
-    return f"{e.reason or ''}: {str(e)[:200]}"
+    reason = getattr(e, "reason", None) or ""
+    return f"{reason}: {str(e)[:200]}"
 
 
 @dataclass(frozen=True, slots=True)
