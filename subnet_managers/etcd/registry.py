@@ -1,9 +1,10 @@
-"""etcd storage for flannel's keys (reference §4.1–4.5, §4.8): the only module that imports pyetcd.
+"""etcd storage for flannel's keys (reference §4.1–4.5, §4.8): the only module that imports pyetcd,
+and only when it falls back to gRPC.
 
 What lives here: connecting (endpoints, TLS, username/password), flannel's key layout and values
 (through ``flannel.wire``), create-if-absent as a transaction on ``version(key) == 0``, updates,
-reservations (puts without an etcd lease), deletes, and watches from a revision. Every pyetcd or
-gRPC error is converted at this boundary into ``flannel.errors`` (``StoreUnavailable``,
+reservations (puts without an etcd lease), deletes, and watches from a revision. Every gateway,
+pyetcd or gRPC error is converted at this boundary into ``flannel.errors`` (``StoreUnavailable``,
 ``PermissionDenied``, ``LeaseConflict``, ...) with ``raise ... from``; nothing above this module
 ever sees a library exception.
 
@@ -13,12 +14,18 @@ and logged at a bounded rate (``flannel.records``), so a garbage value can never
 pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
 a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
-Watches are read through etcd's JSON gateway (gateway.py: a plain socket per watch, no gRPC thread
-awake while nothing happens), or through gRPC where the endpoint does not serve it or
-$FLANNEL_ETCD_WATCH=grpc; unary calls use gRPC, and the gRPC client is closed after
-IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the next one.
+Everything goes through etcd's JSON gateway (gateway.py): unary calls on one kept-alive HTTP/1.1
+connection per endpoint (``gateway.Unary``, behind the ``_KV`` calls the operations use), a plain
+socket per watch (no thread awake while nothing happens). This module keeps the policy: the trust
+boundary, paging, too-large answers, compaction restarts, re-authentication, failover across
+endpoints. ``grpc``, ``pyetcd`` and their protobuf modules are imported only on the gRPC path
+(their C library alone was ~10 MB of the agent's RSS): taken for good once an endpoint turns out
+not to serve the gateway (``gateway.NotGateway``: a 404, not HTTP/1.1, etcd refusing a client
+certificate with auth on), or forced by $FLANNEL_ETCD_TRANSPORT=grpc ($FLANNEL_ETCD_WATCH, its
+older name). There, the gRPC client is closed after IDLE_CHANNEL_SECONDS without a call (its C
+threads then sleep), to be re-created by the next one.
 
-Two pyetcd facts shape the code (dependency-facts §2): an endpoint is marked dead for
+Two pyetcd facts shape the gRPC path (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
 and the client authenticates in its constructor, so the client is created lazily (the subnet
 manager's constructor does no I/O) and re-created when etcd rejects the auth token.
@@ -561,6 +568,8 @@ class EtcdRegistry:
 
         :raises gateway.NotGateway: the endpoint does not serve the gateway (use gRPC).
         """
+        if self._closed:
+            raise errors.StoreUnavailable(f"{self.describe()}: client closed")
         eps = self._gateway_endpoints()
         attempts = max(2, len(eps))
         index, stale, token = self._gw_next, "", ""
@@ -963,22 +972,28 @@ class EtcdRegistry:
 
     def _gateway_endpoints(self) -> list[gateway.Endpoint]:
         if self._gw_endpoints is None:
-            tls: ssl.SSLContext | None = None
-            if any(https for _, _, https in self._endpoints):
-                client_cert = bool(self._certfile and self._keyfile)
-                try:
-                    tls = gateway.tls_context(self._cafile, self._certfile if client_cert else "",
-                                              self._keyfile if client_cert else "")
-                except (OSError, ssl.SSLError) as e:
-                    raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
-                                             f"files: {e}") from None
-            eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
-                   for host, port, https in self._endpoints]
-            ka = self._keepalive()
-            self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka, max_bytes=_gateway_line_limit())
-                              for ep in eps]
-            self._gw_endpoints = eps
+            with self._gw_lock:
+                if self._gw_endpoints is None:
+                    self._gw_endpoints = self._make_gateway_endpoints()
         return self._gw_endpoints
+
+    def _make_gateway_endpoints(self) -> list[gateway.Endpoint]:
+        """(under _gw_lock) The endpoints and their unary clients (``_gw_unary``), built once."""
+        tls: ssl.SSLContext | None = None
+        if any(https for _, _, https in self._endpoints):
+            client_cert = bool(self._certfile and self._keyfile)
+            try:
+                tls = gateway.tls_context(self._cafile, self._certfile if client_cert else "",
+                                          self._keyfile if client_cert else "")
+            except (OSError, ssl.SSLError) as e:
+                raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
+                                         f"files: {e}") from None
+        eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
+               for host, port, https in self._endpoints]
+        ka = self._keepalive()
+        self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka, max_bytes=_gateway_line_limit())
+                          for ep in eps]
+        return eps
 
     def _keepalive(self) -> gateway.Keepalive:
         return gateway.Keepalive(*keepalive_seconds())
