@@ -689,7 +689,9 @@ class Unary:
             try:
                 try:
                     return self._ask(path, body, token, where)
-                except (NoAnswer, http.client.CannotSendRequest, BrokenPipeError, ConnectionResetError) as e:
+                except (NoAnswer, http.client.CannotSendRequest, BrokenPipeError, ConnectionResetError,
+                        ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+                    # (a TLS connection closed meanwhile: its close_notify or EOF as an ssl error)
                     self._drop()
                     if not reused:
                         raise

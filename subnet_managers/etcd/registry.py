@@ -507,7 +507,7 @@ class EtcdRegistry:
             return errors.StoreUnavailable(f"{where}: {name.lower()}: {details}")
         return errors.StoreError(f"{where}: {name}: {details}")
 
-    def _tls_problem(self, details: str) -> Exception | None:
+    def _tls_problem(self, details: str, via: str = "gRPC") -> Exception | None:
         """gRPC's connection error text → what is most likely wrong with TLS, and which flag fixes it.
 
         gRPC reports a refused client certificate as ``Unwrap failed (TSI_DATA_CORRUPTED)`` (the
@@ -515,7 +515,7 @@ class EtcdRegistry:
         and a name mismatch as ``Hostname Verification Check failed``; retrying fixes none of them.
         """
         where = f"TLS handshake with etcd ({','.join(self._urls)}) failed"
-        got = f" (gRPC: {details[:300]})" if details else ""
+        got = f" ({via}: {details[:300]})" if details else ""
         if any(m in details for m in ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                       "UNKNOWN_CA", "CERTIFICATE_EXPIRED")) and "VERIFY_FAILED" not in details:
             if not (self._certfile and self._keyfile):
@@ -591,7 +591,7 @@ class EtcdRegistry:
                     continue
                 raise err from e
             except gateway.TLSFailure as e:
-                tls = self._tls_problem(e.details)
+                tls = self._tls_problem(e.details, "ssl")
                 if more_endpoints:
                     index = (index + 1) % len(eps)
                     continue
