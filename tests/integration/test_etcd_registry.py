@@ -327,7 +327,10 @@ def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_
             with proxy._lock:
                 socks = list(proxy._socks)
             for s in socks:
-                s.shutdown(2)
+                try:
+                    s.shutdown(2)
+                except OSError:   # already shut down by the proxy (closing one end closes the other)
+                    pass
             assert reg.get_config() == CONFIG
             assert unary.connections == 2 and reg._mode == "gateway"
         finally:
