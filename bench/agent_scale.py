@@ -458,17 +458,10 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
         base = [baseline_start(workdir, endpoint, args)]
         for _ in range(args.cold_runs - 1):
             flush_kernel()
-            watch.reset()
-            again = Agent(workdir, endpoint, args.agent_arg)
-            try:
-                t0 = again.start()
-                readies.append(again.wait_ready() - t0)
-                if not watch.wait(lambda: watch.count >= n, 300):
-                    raise RuntimeError(f"only {watch.count} of {n} routes after 300 s")
-                colds.append(max(watch.added.values()) - t0)
-                cold_cpus.append(cpu_ns(again.pid) / 1e9)
-            finally:
-                again.stop()
+            ready, cold, cpu = one_start(workdir, endpoint, args, watch=watch, n=n)
+            readies.append(ready)
+            colds.append(cold)
+            cold_cpus.append(cpu)
             base.append(baseline_start(workdir, endpoint, args))
         out["cold_runs"], out["ready_runs"] = colds, readies
         out["cold_s"], out["ready_s"] = statistics.median(colds), statistics.median(readies)
@@ -479,28 +472,38 @@ def run_n(prefix: str, reg: Any, endpoint: str, workdir: Path, n: int, args: arg
     if not n:   # the baseline everything is compared with: the median of (at least) three starts
         readies, cpus = [out["ready_s"]], [out["ready_cpu_s"]]
         for _ in range(max(3, args.cold_runs) - 1):
-            again = Agent(workdir, endpoint, args.agent_arg)
-            try:
-                t0 = again.start()
-                readies.append(again.wait_ready() - t0)
-                cpus.append(cpu_ns(again.pid) / 1e9)
-            finally:
-                again.stop()
+            ready, _cold, cpu = one_start(workdir, endpoint, args)
+            readies.append(ready)
+            cpus.append(cpu)
         out["ready_s"], out["ready_cpu_s"] = statistics.median(readies), statistics.median(cpus)
         out["ready_runs"] = readies
     return out
 
 
-def baseline_start(workdir: Path, endpoint: str, args: argparse.Namespace) -> tuple[float, float]:
-    """One 0-peer start (``EMPTY_PREFIX``): (start → ready, CPU by then)."""
-    flush_kernel()
-    agent = Agent(workdir, endpoint, args.agent_arg, prefix=EMPTY_PREFIX)
+def one_start(workdir: Path, endpoint: str, args: argparse.Namespace, *, watch: RouteWatch | None = None,
+              n: int = 0, prefix: str = PREFIX) -> tuple[float, float, float]:
+    """Start an agent and stop it once it is done: (start → ready, start → the last of ``n`` routes
+    in the kernel as ``watch`` saw them (ready when ``n`` is 0), the agent's CPU by then)."""
+    if watch is not None:
+        watch.reset()
+    agent = Agent(workdir, endpoint, args.agent_arg, prefix=prefix)
     try:
         t0 = agent.start()
         ready = agent.wait_ready() - t0
-        return ready, cpu_ns(agent.pid) / 1e9
+        if not n or watch is None:
+            return ready, ready, cpu_ns(agent.pid) / 1e9
+        if not watch.wait(lambda: watch.count >= n, 300):
+            raise RuntimeError(f"only {watch.count} of {n} routes after 300 s")
+        return ready, max(watch.added.values()) - t0, cpu_ns(agent.pid) / 1e9
     finally:
         agent.stop()
+
+
+def baseline_start(workdir: Path, endpoint: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One 0-peer start (``EMPTY_PREFIX``) on a flushed kernel: (start → ready, CPU by then)."""
+    flush_kernel()
+    ready, _cold, cpu = one_start(workdir, endpoint, args, prefix=EMPTY_PREFIX)
+    return ready, cpu
 
 
 def resync_cost_ms(n: int) -> float:

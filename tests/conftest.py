@@ -27,10 +27,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def etcd_server(tmp_path):
-    """A fresh real etcd on a free loopback port, with a temp data dir."""
+    """A fresh real etcd on a free loopback port, with a temp data dir (its WAL and database on
+    tmpfs: tests lease for seconds, and a slow shared disk must not make a lease expire)."""
     if not etcd_mod.etcd_available():
         pytest.skip("etcd not installed")
-    srv = etcd_mod.EtcdServer(str(tmp_path / "etcd"))
+    srv = etcd_mod.EtcdServer(str(tmp_path / "etcd"), memory=True)
     os.makedirs(srv.data_dir, exist_ok=True)
     srv.start()
     yield srv

@@ -34,15 +34,25 @@ def etcd_available() -> bool:
     return Path(ETCD_BIN).exists()
 
 
+#: where ``EtcdServer(memory=True)`` keeps etcd's WAL and database (a tmpfs), if it exists
+MEMORY_DIR = "/dev/shm"
+
+
 class EtcdServer:
     """One single-member etcd. ``stop()`` keeps the data dir so ``start()`` resumes it."""
 
     def __init__(self, data_dir: str | None = None, *, host: str = "127.0.0.1", log_path: str | None = None,
-                 netns: str | None = None, extra_args: Sequence[str] = (), name: str = "flannel-test") -> None:
+                 netns: str | None = None, extra_args: Sequence[str] = (), name: str = "flannel-test",
+                 memory: bool = False) -> None:
         """``netns``: run etcd inside that network namespace, listening on ``host`` there (agents in
         other namespaces reach it over the test underlay; the root namespace is not involved).
         ``extra_args``: more etcd flags (e.g. TLS: ``--cert-file ... --client-cert-auth``).
-        ``name``: the member name (``EtcdCluster`` sets it and ``initial_cluster``)."""
+        ``name``: the member name (``EtcdCluster`` sets it and ``initial_cluster``).
+        ``memory``: keep etcd's WAL and database on tmpfs (``MEMORY_DIR``; the log stays in
+        ``data_dir``), removed by ``close()``. For tests whose leases live a few seconds: on a shared
+        machine a disk can hold etcd's fsync for seconds, and every grant and put waits for it, so a
+        4 s lease can expire while its renewal waits in etcd. ``stop()``/``start()`` keep the data
+        (a restarted process finds it); a crash of the machine does not, which no test needs."""
         self.netns = netns
         self.name = name
         #: ``--initial-cluster`` for a multi-member cluster; None = a cluster of this member alone
@@ -56,6 +66,10 @@ class EtcdServer:
         self.log_path = log_path or os.path.join(self.data_dir, "etcd.log")
         self.proc: subprocess.Popen[bytes] | None = None
         os.makedirs(self.data_dir, exist_ok=True)
+        self._memory_dir: str | None = None
+        if memory and os.path.isdir(MEMORY_DIR):
+            self._memory_dir = tempfile.mkdtemp(prefix="flannel-etcd-", dir=MEMORY_DIR)
+        self.store_dir = os.path.join(self._memory_dir or self.data_dir, "data")
 
     @property
     def endpoint(self) -> str:
@@ -71,7 +85,7 @@ class EtcdServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         cluster = self.initial_cluster or f"{self.name}={self.peer_url}"
-        cmd = [ETCD_BIN, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
+        cmd = [ETCD_BIN, "--name", self.name, "--data-dir", self.store_dir,
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                "--initial-cluster", cluster, "--log-level", "warn", *self.extra_args]
@@ -166,8 +180,20 @@ class EtcdServer:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {res.stderr.decode().strip()}")
         return res.stdout.decode()
 
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of etcd's log (for a failing test's message: etcd warns about slow disks and
+        slow requests there, e.g. "slow fdatasync", "apply request took too long")."""
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError as e:
+            return f"(no etcd log at {self.log_path}: {e})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last {lines} lines of etcd's log {self.log_path} ---\n{tail}"
+
     def close(self) -> None:
         self.stop()
+        if self._memory_dir:
+            shutil.rmtree(self._memory_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

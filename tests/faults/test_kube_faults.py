@@ -11,6 +11,7 @@ plain HTTP requests, so bodies of any size go through.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -80,7 +81,7 @@ def api_up(lab: Lab) -> bool:
     try:
         api(lab, "GET", "/version", timeout=2)
         return True
-    except (OSError, AssertionError):
+    except (OSError, AssertionError, http.client.HTTPException):   # refused, reset, cut mid-answer (going down)
         return False
 
 
@@ -127,6 +128,8 @@ def test_api_server_down_10s_loses_no_packets_and_a_later_node_arrives(lab: Lab,
                wait_routed(lab, cidr, "the node added after the outage"), "s")
     finally:
         results = stop_pingers(ps)
+        # the outage runs its 10 s whatever failed here: the next scenarios need the API server back
+        wait_for(lambda: api_up(lab), "the API server to be back", timeout=30)
         delete_fakes(lab)
     agents_alive(lab)
     assert report_echoes(figure, results) == 0, f"pods lost echoes during the outage: {results}"
