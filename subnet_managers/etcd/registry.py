@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 from flannel import errors, memory, threadname, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.records import SkippedRecords
-from flannel.subnet_managers.etcd import gateway, grpcwait
+from flannel.subnet_managers.etcd import gateway, grpcwait, h2grpc
 from flannel.subnet_managers.etcd.store import (
     TTL_NOT_LOOKED_UP,
     Compacted,
@@ -152,15 +152,16 @@ def keepalive_seconds() -> tuple[float, float]:
 
 
 def transport_mode() -> str:
-    """``gateway`` (etcd's JSON gateway, gRPC where it is not served) or ``grpc``
-    ($FLANNEL_ETCD_TRANSPORT, or its older name $FLANNEL_ETCD_WATCH)."""
+    """How unary calls go ($FLANNEL_ETCD_TRANSPORT, or its older name $FLANNEL_ETCD_WATCH): ``h2``
+    (gRPC over our own HTTP/2 client, the default), ``gateway`` (etcd's JSON gateway) or ``grpc``
+    (grpcio, watches too)."""
     name = TRANSPORT_ENV if os.environ.get(TRANSPORT_ENV, "").strip() else WATCH_ENV
     text = os.environ.get(name, "").strip().lower()
-    if text in ("", "auto", "gateway"):
-        return "gateway"
-    if text == "grpc":
-        return "grpc"
-    raise errors.UsageError(f"${name}: {text!r} is not one of: gateway, grpc")
+    if text in ("", "auto", "h2"):
+        return "h2"
+    if text in ("gateway", "grpc"):
+        return text
+    raise errors.UsageError(f"${name}: {text!r} is not one of: h2, gateway, grpc")
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -306,12 +307,16 @@ class EtcdRegistry:
         self._users = 0
         self._last_used = time.monotonic()
         self._idle_closer: threading.Thread | None = None
-        #: ``gateway`` until an endpoint turns out not to serve it (then ``grpc``, for good), or forced
+        #: how unary calls go: ``h2`` (h2grpc.py, for good), ``gateway`` until an endpoint turns out not
+        #: to serve it (then ``grpc``, for good), or ``grpc`` forced
         self._mode = transport_mode()
-        #: the gateway's endpoints and their unary clients (built at the first call), the one to try
-        #: first, the auth token
+        #: watches through gRPC: forced, or an endpoint does not serve the gateway (for good)
+        self._watch_grpc = self._mode == "grpc"
+        #: the endpoints and their unary clients (built at the first call: ``_h2_unary`` for ``h2``,
+        #: ``_gw_unary`` for ``gateway``), the one to try first, the auth token
         self._gw_endpoints: list[gateway.Endpoint] | None = None
         self._gw_unary: list[gateway.Unary] = []
+        self._h2_unary: list[h2grpc.Unary] = []
         self._gw_next = 0
         self._gw_token = ""
         self._gw_lock = threading.Lock()
@@ -454,6 +459,8 @@ class EtcdRegistry:
             client, self._client = self._client, None
         for unary in self._gw_unary:
             unary.close()
+        for h2unary in self._h2_unary:
+            h2unary.close()
         if client is not None:
             try:
                 client.close()
@@ -541,30 +548,43 @@ class EtcdRegistry:
         return None
 
     def _call(self, what: str, fn: Callable[[_KV], T]) -> T:
-        """Run ``fn(kv)`` through etcd's JSON gateway, or through gRPC once an endpoint turned out not
-        to serve the gateway (or $FLANNEL_ETCD_TRANSPORT=grpc), converting errors."""
-        if self._mode == "gateway":
+        """Run ``fn(kv)`` as gRPC over our HTTP/2 client (the default), through etcd's JSON gateway
+        ($FLANNEL_ETCD_TRANSPORT=gateway) until an endpoint turns out not to serve it, or through
+        grpcio ($FLANNEL_ETCD_TRANSPORT=grpc, or after that fallback), converting errors."""
+        if self._mode != "grpc":
             try:
                 return self._gateway_call(what, fn)
-            except gateway.NotGateway as e:
+            except gateway.NotGateway as e:   # (the gateway transport only)
                 self._fall_back(e)
         return self._grpc_call(what, lambda client: fn(_GrpcKV(client)))
 
     def _fall_back(self, e: BaseException) -> None:
-        """Use gRPC for every call and watch from now on (said once, at INFO)."""
+        """The endpoint does not serve the JSON gateway: watches go through gRPC from now on, and so
+        do unary calls if they went through the gateway (said once, at INFO). Unary calls over h2
+        need no fallback: they are gRPC already."""
         with self._gw_lock:
-            if self._mode == "grpc":
+            if self._watch_grpc:
                 return
-            self._mode = "grpc"
-        for unary in self._gw_unary:
-            unary.close()
-        log.info("etcd (%s) does not serve its JSON gateway (%s): using gRPC for its calls and watches",
-                 ",".join(self._urls), e)
+            self._watch_grpc = True
+            unary_too = self._mode == "gateway"
+            if unary_too:
+                self._mode = "grpc"
+        if unary_too:
+            for unary in self._gw_unary:
+                unary.close()
+        log.info("etcd (%s) does not serve its JSON gateway (%s): using gRPC for its %s",
+                 ",".join(self._urls), e, "calls and watches" if unary_too else "watches")
+
+    def _kv(self, index: int, token: str, what: str) -> _KV:
+        if self._mode == "h2":
+            return _H2KV(self._h2_unary[index], token, what)
+        return _GatewayKV(self._gw_unary[index], token, what)
 
     def _gateway_call(self, what: str, fn: Callable[[_KV], T]) -> T:
-        """Run ``fn(kv)`` on the gateway, starting at the endpoint that last worked: re-authenticates
-        once on a rejected token, and moves on to the next endpoint when one is down (refused, timed
-        out, closed, an "unavailable" answer); the next call starts at the one that worked.
+        """Run ``fn(kv)`` over h2 or the gateway, starting at the endpoint that last worked:
+        re-authenticates once on a rejected token, and moves on to the next endpoint when one is
+        down (refused, timed out, closed, an "unavailable" answer); the next call starts at the one
+        that worked. A call that timed out is not sent again to the same endpoint.
 
         :raises gateway.NotGateway: the endpoint does not serve the gateway (use gRPC).
         """
@@ -576,8 +596,8 @@ class EtcdRegistry:
         for attempt in range(attempts):
             more_endpoints = attempt + 1 < len(eps)
             try:
-                token = self._token(eps[index], stale)
-                result = fn(_GatewayKV(self._gw_unary[index], token, what))
+                token = self._token(index, stale)
+                result = fn(self._kv(index, token, what))
             except gateway.GatewayError as e:
                 err = self._gateway_error(e, what)
                 if isinstance(err, _Reauthenticate):
@@ -974,7 +994,7 @@ class EtcdRegistry:
         start = max(1, start_revision)
         range_end = _prefix_range_end(raw) if prefix else b""
         what = f"watching {key} from revision {start_revision}"
-        if self._mode == "gateway":
+        if not self._watch_grpc:
             try:
                 return self._gateway_watch(key, raw, range_end, start, what)
             except gateway.NotGateway as e:
@@ -999,27 +1019,35 @@ class EtcdRegistry:
     def _make_gateway_endpoints(self) -> list[gateway.Endpoint]:
         """(under _gw_lock) The endpoints and their unary clients (``_gw_unary``), built once."""
         tls: ssl.SSLContext | None = None
+        h2tls: ssl.SSLContext | None = None
         if any(https for _, _, https in self._endpoints):
             client_cert = bool(self._certfile and self._keyfile)
+            files = (self._cafile, self._certfile if client_cert else "", self._keyfile if client_cert else "")
             try:
-                tls = gateway.tls_context(self._cafile, self._certfile if client_cert else "",
-                                          self._keyfile if client_cert else "")
+                tls = gateway.tls_context(*files)
+                h2tls = h2grpc.tls_context(*files) if self._mode == "h2" else None   # (ALPN h2, for HTTP/2)
             except (OSError, ssl.SSLError) as e:
                 raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
                                          f"files: {e}") from None
         eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
                for host, port, https in self._endpoints]
         ka = self._keepalive()
-        self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka, max_bytes=_gateway_line_limit())
-                          for ep in eps]
+        if self._mode == "h2":
+            self._h2_unary = [h2grpc.Unary(gateway.Endpoint(ep.host, ep.port, h2tls if ep.tls else None),
+                                           timeout=self._timeout, keepalive=ka, max_bytes=MAX_RECEIVE_BYTES)
+                              for ep in eps]
+        else:
+            self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka,
+                                            max_bytes=_gateway_line_limit()) for ep in eps]
         return eps
 
     def _keepalive(self) -> gateway.Keepalive:
         return gateway.Keepalive(*keepalive_seconds())
 
-    def _token(self, ep: gateway.Endpoint, stale: str) -> str:
-        """The auth token for gateway requests ("" without --etcd-username): the one we have,
-        or a new one when we have none or ``stale`` (the one etcd just rejected) is current."""
+    def _token(self, index: int, stale: str) -> str:
+        """The auth token for h2 and gateway requests ("" without --etcd-username): the one we have,
+        or a new one from endpoint ``index`` (over h2 when unary calls go that way, else through
+        the gateway) when we have none or ``stale`` (the one etcd just rejected) is current."""
         if not self._username:
             return ""
         with self._gw_lock:
@@ -1027,8 +1055,13 @@ class EtcdRegistry:
                 return self._gw_token
             what = f"authenticating as {self._username}"
             try:
-                self._gw_token = gateway.authenticate(ep, self._username, self._password, timeout=self._timeout,
-                                                      keepalive=self._keepalive())
+                if self._mode == "h2":
+                    self._gw_token = self._h2_unary[index].authenticate(self._username, self._password)
+                else:
+                    assert self._gw_endpoints is not None   # (built before any call asks for a token)
+                    self._gw_token = gateway.authenticate(self._gw_endpoints[index], self._username,
+                                                          self._password, timeout=self._timeout,
+                                                          keepalive=self._keepalive())
             except gateway.GatewayError as e:
                 raise self._gateway_error(e, what) from None
             return self._gw_token
@@ -1050,7 +1083,7 @@ class EtcdRegistry:
         while True:
             ep = eps[index]
             try:
-                token = self._token(ep, stale)
+                token = self._token(index, stale)
                 w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
                                   max_bytes=_gateway_line_limit(), silence=WATCH_SILENCE_SECONDS, what=what)
             except gateway.GatewayError as e:
@@ -1237,8 +1270,42 @@ class _GatewayKV:
         return self._u.time_to_live(lease_id, self._token, self._what)
 
 
+class _H2KV:
+    """``_KV`` as gRPC over our HTTP/2 client (h2grpc.Unary: one endpoint's kept connection) and our token."""
+
+    def __init__(self, unary: h2grpc.Unary, token: str, what: str) -> None:
+        self._u, self._token, self._what = unary, token, what
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        return self._u.range(key, range_end, self._token, self._what, limit=limit, revision=revision,
+                             keys_only=keys_only)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._u.put(key, value, lease, self._token, self._what)
+
+    def delete(self, key: bytes) -> None:
+        self._u.delete(key, self._token, self._what)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        return self._u.put_if(key, value, lease, self._token, self._what, version=version, mod_revision=mod_revision)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return self._u.grant(ttl, self._token, self._what)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._u.revoke(lease_id, self._token, self._what)
+        except errors.StoreError as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return self._u.time_to_live(lease_id, self._token, self._what)
+
+
 class _GrpcKV:
-    """``_KV`` over pyetcd's gRPC client (the fallback)."""
+    """``_KV`` over pyetcd's gRPC client (FLANNEL_ETCD_TRANSPORT=grpc, or the gateway's fallback)."""
 
     def __init__(self, client: Any) -> None:
         self._c = client
