@@ -1,5 +1,5 @@
-"""The registry's unary calls through etcd's JSON gateway (gateway.Unary), against a real etcd:
-grpc/pyetcd never imported on the common path, a kept connection that went stale is replaced, a
+"""The registry's unary calls through etcd's JSON gateway (gateway.Unary, $FLANNEL_ETCD_TRANSPORT=gateway:
+every test here forces it), against a real etcd: grpc/pyetcd never imported but with the grpc transport, a kept connection that went stale is replaced, a
 timeout is never retried, a too-large answer is refused without being read past the bound, a
 listing restarts over a compaction, a failed endpoint is left for the next, a malformed answer is
 StoreUnavailable, and an endpoint without the gateway makes everything fall back to gRPC."""
@@ -30,6 +30,12 @@ from flannel.subnet_managers.etcd.registry import EtcdRegistry
 from tests.support import FreezableProxy, GatewayProxy
 
 pytestmark = pytest.mark.etcd
+
+
+@pytest.fixture(autouse=True)
+def gateway_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unary calls through the JSON gateway (the default is gRPC over h2: test_etcd_h2.py)."""
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "gateway")
 
 PREFIX = "/coreos.com/network"
 SUBNETS = PREFIX + "/subnets/"
@@ -82,25 +88,32 @@ def run_registry(etcd_server: Any, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize("env", [{}, {registry_mod.TRANSPORT_ENV: "grpc"}, {registry_mod.WATCH_ENV: "grpc"}],
-                         ids=["gateway", "transport=grpc", "watch=grpc (the older name)"])
+@pytest.mark.parametrize("env", [{}, {registry_mod.TRANSPORT_ENV: "h2"}, {registry_mod.TRANSPORT_ENV: "gateway"},
+                                 {registry_mod.TRANSPORT_ENV: "grpc"}, {registry_mod.WATCH_ENV: "grpc"}],
+                         ids=["default (h2)", "transport=h2", "transport=gateway", "transport=grpc",
+                              "watch=grpc (the older name)"])
 def test_grpc_and_pyetcd_are_imported_only_for_the_grpc_transport(etcd_server, env):
-    """Config, listing (with TTLs), create, read, renew, watch, delete: through the gateway,
-    without ever importing grpc or pyetcd (their C library alone is ~10 MB of the agent's RSS);
-    forcing gRPC (by either name) does import them, and works the same."""
+    """Config, listing (with TTLs), create, read, renew, watch, delete: as gRPC over our HTTP/2
+    client (the default) or through the gateway, without ever importing grpc or pyetcd (their C
+    library alone is ~10 MB of the agent's RSS); forcing grpcio (by either name) does import them,
+    and works the same."""
     got = run_registry(etcd_server, env)
     assert got["events"] and set(got["events"]) == {"10.1.5.0/24"}   # the create (and maybe the renewal)
-    if env:
+    if "grpc" in env.values():
         assert got["grpc"] and got["pyetcd"] and got["handle"] == "_Stream"
     else:
         assert not got["grpc"] and not got["pyetcd"] and got["handle"] == "_GatewayStream"
 
 
 def test_the_transport_switch_is_checked_and_the_new_name_wins(monkeypatch):
+    monkeypatch.delenv(registry_mod.TRANSPORT_ENV)
+    assert registry_mod.transport_mode() == "h2"
     monkeypatch.setenv(registry_mod.WATCH_ENV, "grpc")
     assert registry_mod.transport_mode() == "grpc"
     monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "gateway")
     assert registry_mod.transport_mode() == "gateway"
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "h2")
+    assert registry_mod.transport_mode() == "h2"
     monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "http2")
     with pytest.raises(errors.UsageError, match="FLANNEL_ETCD_TRANSPORT: 'http2'"):
         registry_mod.transport_mode()

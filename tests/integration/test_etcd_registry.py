@@ -309,11 +309,14 @@ def test_tls_wrong_server_name(pki, tmp_path):
         srv.close()
 
 
-def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_refused_certificate(pki, tmp_path):
+@pytest.mark.parametrize("transport", ["h2", "gateway"])
+def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_refused_certificate(
+        pki, tmp_path, monkeypatch, transport):
     """A TLS etcd (--client-cert-auth) behind a TCP proxy that drops the idle kept connection: the
     next unary call asks again on a new TLS connection and succeeds (a close after the handshake on a
     *new* connection is how etcd refuses a certificate; on a kept one it is only a stale connection)."""
     from tests.support import GatewayProxy
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, transport)
     srv = tls_etcd(pki, tmp_path)
     srv.start()
     proxy = GatewayProxy(srv.host, srv.client_port)   # TLS bytes are forwarded as they are
@@ -322,7 +325,7 @@ def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_
                            certfile=str(pki / "client.crt"), keyfile=str(pki / "client.key"))
         try:
             reg.put_config(CONFIG)
-            unary = reg._gw_unary[0]
+            unary = reg._h2_unary[0] if transport == "h2" else reg._gw_unary[0]
             assert unary.connections == 1
             with proxy._lock:
                 socks = list(proxy._socks)
@@ -332,7 +335,7 @@ def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_
                 except OSError:   # already shut down by the proxy (closing one end closes the other)
                     pass
             assert reg.get_config() == CONFIG
-            assert unary.connections == 2 and reg._mode == "gateway"
+            assert unary.connections == 2 and reg._mode == transport
         finally:
             reg.close()
     finally:

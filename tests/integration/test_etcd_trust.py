@@ -16,7 +16,7 @@ import pytest
 from flannel import errors, wire
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.subnet_managers.etcd import EtcdSubnetManager, gateway
+from flannel.subnet_managers.etcd import EtcdSubnetManager, gateway, h2grpc
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
 from tests.support import Follower, FreezableProxy, acquire, read_watch, wait_for
@@ -194,16 +194,28 @@ def test_watch_resumes_after_the_last_delivered_event_during_catch_up(reg, etcd_
     assert [str(s) for s in seen] == [str(wire.parse_subnet_key(k[len(SUBNETS):])[0]) for k in keys]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("transport", ["gateway", "grpc"])
+@pytest.mark.parametrize("transport", ["h2", "gateway", "grpc"])
 @pytest.mark.parametrize("write", ["update", "renew"])
-def test_an_ambiguous_write_failure_never_deletes_our_key(reg, write, transport, monkeypatch):
+def test_an_ambiguous_write_failure_never_deletes_our_key(etcd_server, write, transport, monkeypatch, request):
     """The put is applied, then the call times out: flannel revoked the new etcd lease, which
     deleted the key it had just renewed. We leave everything as it is; the caller re-reads."""
     import grpc
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, transport)
+    reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX)
+    request.addfinalizer(reg.close)
     sn = IPv4Network("10.8.5.0/24")
     lease = reg.create_lease(sn, None, attrs("192.0.2.1"), 600)
     mod = reg.get_lease(sn, None).mod_revision
-    if transport == "gateway":
+    if transport == "h2":
+        real_h2_call = h2grpc.Unary.call
+
+        def h2_call_then_time_out(self: h2grpc.Unary, method: str, *a: Any) -> Any:
+            answer = real_h2_call(self, method, *a)
+            if method in (h2grpc.PUT, h2grpc.TXN):
+                raise errors.StoreUnavailable("timed out")   # what Unary.call raises when the answer is late
+            return answer
+        monkeypatch.setattr(h2grpc.Unary, "call", h2_call_then_time_out)
+    elif transport == "gateway":
         real_call = gateway.Unary.call
 
         def call_then_time_out(self: gateway.Unary, path: str, *a: Any) -> Any:
