@@ -100,6 +100,10 @@ class _Connection:
     """One HTTP/2 connection (socket and h2 state machine)."""
 
     def __init__(self, ep: gateway.Endpoint, timeout: float, ka: gateway.Keepalive) -> None:
+        #: a GOAWAY was received, or the socket reached EOF: no new call on this connection
+        self.closed = False
+        #: any byte received at all (a TLS error before the first one is a refused handshake)
+        self.heard = False
         raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
         sock: socket.socket = raw
         try:
@@ -123,10 +127,6 @@ class _Connection:
         except BaseException:
             sock.close()
             raise
-        #: a GOAWAY was received, or the socket reached EOF: no new call on this connection
-        self.closed = False
-        #: any frame received at all (a TLS error before the first one is a refused handshake)
-        self.heard = False
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -139,6 +139,10 @@ class _Connection:
         if not data:
             self.closed = True
             raise _Stale("the connection was closed")
+        if not self.heard and len(data) >= 9 and (data[3] != 4 or data[5:9] != b"\0\0\0\0"):
+            # an HTTP/2 server's first frame is its SETTINGS (RFC 9113 3.4); h2 would wait for the
+            # rest of whatever "frame" an HTTP/1.1 answer or junk seems to start
+            raise _Broken(f"not an HTTP/2 server: it answered {bytes(data[:40])!r}")
         self.heard = True
         events = self.h2.receive_data(data)
         for ev in events:
@@ -338,10 +342,9 @@ class Unary:
         while True:
             for ev in self._wait(conn, deadline):
                 if isinstance(ev, h2.events.ConnectionTerminated):
-                    if reply.head is None and (ev.last_stream_id is None or ev.last_stream_id < sid):
+                    if ev.last_stream_id is None or ev.last_stream_id < sid:   # not processed: safe to send again
                         raise _Stale(f"etcd closed the connection (GOAWAY, HTTP/2 error {ev.error_code})")
-                    raise _Broken(f"etcd closed the connection during the call (GOAWAY, HTTP/2 error "
-                                  f"{ev.error_code})")
+                    continue   # a graceful GOAWAY: our call is still answered (no new one goes here)
                 if getattr(ev, "stream_id", sid) != sid:
                     continue
                 if isinstance(ev, h2.events.ResponseReceived):
@@ -352,8 +355,9 @@ class Unary:
                     conn.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
                     length = reply.data(ev.data or b"")
                     if length > self._max:
-                        conn.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-                        conn.flush()
+                        if conn.h2.streams.get(sid) is not None and not conn.h2.streams[sid].closed:
+                            conn.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)   # (the connection is dropped too)
+                            conn.flush()
                         raise gateway.TooLarge(f"{where}: the answer is {length} bytes, more than the "
                                                f"{self._max} we accept")
                     conn.flush()
