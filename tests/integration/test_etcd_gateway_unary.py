@@ -1,8 +1,9 @@
 """The registry's unary calls through etcd's JSON gateway (gateway.Unary, forced here by
-$FLANNEL_ETCD_TRANSPORT=gateway), against a real etcd: grpc/pyetcd never imported but with the grpc
-transport, a kept connection that went stale is replaced, a timeout is never retried, a too-large answer is refused without being read past the bound, a
-listing restarts over a compaction, a failed endpoint is left for the next, a malformed answer is
-StoreUnavailable, and an endpoint without the gateway makes everything fall back to gRPC."""
+$FLANNEL_ETCD_TRANSPORT=gateway), against a real etcd: grpc/pyetcd never imported but with the grpc transport,
+a kept connection that went stale is replaced, a timeout is never retried, a too-large answer is refused
+without being read past the bound, a listing restarts over a compaction, a failed endpoint is left for the
+next, a malformed answer is StoreUnavailable, and an endpoint without the gateway makes everything fall back
+to gRPC."""
 
 from __future__ import annotations
 
