@@ -1,5 +1,5 @@
 """etcd storage for flannel's keys (reference §4.1–4.5, §4.8): the only module that imports pyetcd,
-and only when it falls back to gRPC.
+and only on the grpcio path.
 
 What lives here: connecting (endpoints, TLS, username/password), flannel's key layout and values
 (through ``flannel.wire``), create-if-absent as a transaction on ``version(key) == 0``, updates,
@@ -14,16 +14,19 @@ and logged at a bounded rate (``flannel.records``), so a garbage value can never
 pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
 a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
-Everything goes through etcd's JSON gateway (gateway.py): unary calls on one kept-alive HTTP/1.1
-connection per endpoint (``gateway.Unary``, behind the ``_KV`` calls the operations use), a plain
-socket per watch (no thread awake while nothing happens). This module keeps the policy: the trust
-boundary, paging, too-large answers, compaction restarts, re-authentication, failover across
-endpoints. ``grpc``, ``pyetcd`` and their protobuf modules are imported only on the gRPC path
-(their C library alone was ~10 MB of the agent's RSS): taken for good once an endpoint turns out
-not to serve the gateway (``gateway.NotGateway``: a 404, not HTTP/1.1, etcd refusing a client
-certificate with auth on), or forced by $FLANNEL_ETCD_TRANSPORT=grpc ($FLANNEL_ETCD_WATCH, its
-older name). There, the gRPC client is closed after IDLE_CHANNEL_SECONDS without a call (its C
-threads then sleep), to be re-created by the next one.
+Unary calls (behind the ``_KV`` calls the operations use) are gRPC over our own HTTP/2 client
+(h2grpc.py: one kept connection per endpoint, etcd's protobuf messages loaded without pyetcd's
+package by etcdpb.py); watches go through etcd's JSON gateway (gateway.py: a plain socket per
+watch, no thread awake while nothing happens). This module keeps the policy: the trust boundary,
+paging, too-large answers, compaction restarts, re-authentication, failover across endpoints.
+``grpc`` and the ``pyetcd`` package are imported only on the grpcio path (their C library alone was
+~10 MB of the agent's RSS): for watches once an endpoint turns out not to serve the gateway
+(``gateway.NotGateway``: a 404, not HTTP/1.1, etcd refusing a client certificate with auth on), for
+everything when forced by $FLANNEL_ETCD_TRANSPORT=grpc ($FLANNEL_ETCD_WATCH, its older name).
+$FLANNEL_ETCD_TRANSPORT=gateway sends the unary calls through the JSON gateway too (``gateway.Unary``,
+falling back to grpcio for everything where it is not served). On the grpcio path the client is
+closed after IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the
+next one.
 
 Two pyetcd facts shape the gRPC path (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
@@ -93,11 +96,12 @@ KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
 KEEPALIVE_TIMEOUT_ENV = "FLANNEL_ETCD_KEEPALIVE_TIMEOUT"
-#: How the agent talks to etcd. By default through etcd's JSON gateway (gateway.py: unary calls on
-#: one kept-alive HTTP/1.1 connection per endpoint, one plain socket per watch; grpc and pyetcd are
-#: never imported), falling back to gRPC for everything where the endpoint does not serve it;
-#: ``grpc`` forces gRPC. $FLANNEL_ETCD_WATCH is its older name (it forced gRPC watches only, when
-#: unary calls always used gRPC) and still works; the new name wins when both are set.
+#: How the agent talks to etcd. ``h2`` (the default): unary calls as gRPC over our HTTP/2 client
+#: (h2grpc.py), watches through etcd's JSON gateway (gateway.py, one plain socket per watch), falling
+#: back to grpcio for the watches where the endpoint does not serve the gateway; grpc and pyetcd are
+#: never imported otherwise. ``gateway``: unary calls through the JSON gateway too (falling back to
+#: grpcio for everything). ``grpc``: grpcio for everything. $FLANNEL_ETCD_WATCH is its older name (it
+#: forced gRPC watches only, when unary calls always used gRPC) and still works; the new name wins.
 TRANSPORT_ENV = "FLANNEL_ETCD_TRANSPORT"
 WATCH_ENV = "FLANNEL_ETCD_WATCH"
 #: The gRPC channel (unary calls only, unless watches fell back to gRPC) is closed after this long
@@ -277,7 +281,7 @@ def _read(path: str, flag: str) -> bytes:
 
 
 class EtcdRegistry:
-    """Lease and config storage under one prefix. Thread-safe: one gRPC client shared by all callers.
+    """Lease and config storage under one prefix. Thread-safe: one connection per endpoint shared by all callers.
 
     :param endpoints: ``http://`` (plaintext) or ``https://`` (TLS) URLs; one that fails is skipped.
     :param cafile: CA bundle to verify the server (system roots if empty).
