@@ -159,10 +159,12 @@ class _Connection:
             elif not select.select([self.sock], [], [], 0)[0]:
                 return True
             try:
+                self.sock.settimeout(1.0)   # (readable: only the rest of a TLS record may be awaited)
                 self.receive()
-            except _Stale:
+                self.flush()   # (a PING's answer, a SETTINGS ack)
+            except Exception as e:  # closed, reset, garbage: whatever it is, this connection is done
+                log.debug("the kept HTTP/2 connection is not usable: %s: %s", type(e).__name__, e)
                 return False
-            self.flush()   # (a PING's answer, a SETTINGS ack)
         return False
 
     def close(self) -> None:
