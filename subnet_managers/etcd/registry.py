@@ -342,13 +342,7 @@ class EtcdRegistry:
         certificate is used only when both --etcd-certfile and --etcd-keyfile are set."""
         client_cert = bool(self._certfile and self._keyfile)
         if not secure:
-            if not self._warned_insecure:
-                if client_cert:
-                    log.warning("etcd endpoint %s is http://: the client certificate is not used. This is "
-                                "insecure (use https:// endpoints)", url)
-                else:
-                    log.warning("no certificate provided: connecting to etcd with http. This is insecure")
-                self._warned_insecure = True
+            self._warn_insecure(url)
             return None
         if bool(self._certfile) != bool(self._keyfile):
             log.warning("only one of --etcd-certfile/--etcd-keyfile is set: connecting without a client certificate")
@@ -357,6 +351,16 @@ class EtcdRegistry:
         cert = _read(self._certfile, "--etcd-certfile") if client_cert else None
         import grpc
         return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def _warn_insecure(self, url: str) -> None:
+        """Said once, as flannel does, whichever transport connects to a plaintext endpoint first."""
+        if not self._warned_insecure:
+            if self._certfile and self._keyfile:
+                log.warning("etcd endpoint %s is http://: the client certificate is not used. This is "
+                            "insecure (use https:// endpoints)", url)
+            else:
+                log.warning("no certificate provided: connecting to etcd with http. This is insecure")
+            self._warned_insecure = True
 
     def _connect(self) -> Any:
         """The client, connecting if there is none; counted as in use until ``_release``."""
@@ -1035,6 +1039,9 @@ class EtcdRegistry:
                                          f"files: {e}") from None
         eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
                for host, port, https in self._endpoints]
+        for url, (_, _, https) in zip(self._urls, self._endpoints):
+            if not https:
+                self._warn_insecure(url)
         ka = self._keepalive()
         if self._mode == "h2":
             self._h2_unary = [h2grpc.Unary(gateway.Endpoint(ep.host, ep.port, h2tls if ep.tls else None),

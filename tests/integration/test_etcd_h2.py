@@ -65,10 +65,13 @@ def shut_down_all(proxy: GatewayProxy) -> None:
 
 # -- against a real etcd ----------------------------------------------------------------------------
 
-def test_every_call_goes_over_one_kept_http2_connection(etcd_server):
+def test_every_call_goes_over_one_kept_http2_connection(etcd_server, caplog):
+    caplog.set_level(logging.WARNING, logger=registry_mod.__name__)
     reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX)
     try:
         reg.put_config(CONFIG)
+        # flannel's warning for an http:// endpoint, once, whichever transport connects
+        assert caplog.text.count("no certificate provided: connecting to etcd with http. This is insecure") == 1
         sn = IPv4Network("10.1.5.0/24")
         reg.create_lease(sn, None, attrs("198.18.0.5"), 600)
         stored = reg.get_lease(sn, None, ttl=True)
@@ -82,6 +85,7 @@ def test_every_call_goes_over_one_kept_http2_connection(etcd_server):
         assert not reg.get_lease(sn, None).exists
         assert reg._mode == "h2" and not reg._gw_unary and reg._client is None
         assert reg._h2_unary[0].connections == 1
+        assert caplog.text.count("This is insecure") == 1
         assert etcd_server.etcdctl("get", PREFIX + "/config", "--print-value-only").strip() == CONFIG
     finally:
         reg.close()
