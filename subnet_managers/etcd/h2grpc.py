@@ -342,7 +342,13 @@ class Unary:
     def _answer(self, conn: _Connection, sid: int, where: str, deadline: float) -> bytes:
         reply = _Reply()
         while True:
-            for ev in self._wait(conn, deadline):
+            try:
+                events = self._wait(conn, deadline)
+            except (_Stale, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+                if reply.head is not None:   # not a stale connection: it broke in the middle of our answer
+                    raise _Broken(f"the connection was closed during the answer ({e or type(e).__name__})") from None
+                raise
+            for ev in events:
                 if isinstance(ev, h2.events.ConnectionTerminated):
                     if ev.last_stream_id is None or ev.last_stream_id < sid:   # not processed: safe to send again
                         raise _Stale(f"etcd closed the connection (GOAWAY, HTTP/2 error {ev.error_code})")

@@ -450,3 +450,27 @@ def test_a_goaway_on_the_kept_connection_between_calls_is_replaced(fake):
         assert reg._h2_unary[0].connections == 3
     finally:
         reg.close()
+
+
+def test_a_connection_that_breaks_during_the_answer_is_not_asked_again(fake):
+    """Headers of the answer arrived, then the connection closed: etcd had the call (it may have
+    been applied), so it is an outage, not a stale connection to send it again on."""
+    good = answer_with(message(CONFIG_KV), STATUS_0)
+    calls: list[int] = []
+
+    def second_breaks(conn: h2.connection.H2Connection, sid: int) -> None:
+        calls.append(sid)
+        if len(calls) == 1:
+            good(conn, sid)
+        else:
+            goaway_mid_call(conn, sid)
+    srv = fake(second_breaks)
+    reg = EtcdRegistry(endpoints=[srv.endpoint], prefix=PREFIX, timeout=3)
+    try:
+        assert reg.get_config() == CONFIG
+        with pytest.raises(errors.StoreUnavailable, match="closed during the answer|reset"):
+            reg.get_config()
+        assert len(calls) == 2, "the broken call was sent again"
+        assert srv.connections == 1
+    finally:
+        reg.close()
