@@ -468,7 +468,7 @@ def test_a_connection_that_breaks_during_the_answer_is_not_asked_again(fake):
     reg = EtcdRegistry(endpoints=[srv.endpoint], prefix=PREFIX, timeout=3)
     try:
         assert reg.get_config() == CONFIG
-        with pytest.raises(errors.StoreUnavailable, match="closed during the answer|reset"):
+        with pytest.raises(errors.StoreUnavailable, match=r"closed during the answer|reset"):
             reg.get_config()
         assert len(calls) == 2, "the broken call was sent again"
         assert srv.connections == 1
