@@ -1080,8 +1080,9 @@ class GatewayProxy:
     * ``"503"``: ``HTTP/1.1 503`` with an HTML page (a proxy in front of an etcd that is down);
     * ``"garbage"``: bytes that are not HTTP (a server that does not speak HTTP/1.1), then closed;
     * ``"close"``: closed without a byte;
-    * ``"script"``: a 200 chunked JSON stream whose chunks are ``script`` (bytes, sent as is;
-      the stream then stays open until the proxy closes).
+    * ``"script"``: a watch request (``POST /v3/watch``) gets a 200 chunked JSON stream whose
+      chunks are ``script`` (bytes, sent as is; the stream then stays open until the proxy
+      closes); other requests (unary calls) are forwarded.
 
     ``http_requests`` counts the HTTP/1.1 connections seen."""
 
@@ -1129,6 +1130,8 @@ class GatewayProxy:
                     return
                 head += data
             mode = "forward" if head.startswith(self.PREFACE) else self.mode
+            if mode == "script" and not head.startswith(b"POST /v3/watch"):
+                mode = "forward"   # the script is a watch stream's: unary calls go to etcd
             if not head.startswith(self.PREFACE):
                 with self._lock:
                     self.http_requests += 1

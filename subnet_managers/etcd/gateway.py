@@ -216,6 +216,8 @@ def authenticate(ep: Endpoint, name: str, password: str, *, timeout: float, keep
         return token
     except (NotGateway, errors.StoreError):
         raise
+    except ssl.SSLError as e:
+        raise TLSFailure(where, e) from e
     except Exception as e:  # the boundary: whatever the socket, HTTP or JSON layer raised
         raise _unavailable(where, e) from e
 
@@ -583,3 +585,244 @@ class Watch:
                         socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the TCP socket under a TLS one too
                     except OSError:
                         pass
+
+
+# -- unary calls ------------------------------------------------------------------------------------
+
+
+class TooLarge(errors.StoreError):
+    """An answer to a unary call was larger than we accept (``Unary``'s ``max_bytes``): it was not
+    read beyond that bound. The gateway's counterpart of gRPC's "larger than max" RESOURCE_EXHAUSTED."""
+
+
+class TLSFailure(errors.StoreUnavailable):
+    """The TLS handshake (or the first read after it, where TLS 1.3 reports a refused client
+    certificate) failed: ``details`` is the ssl error's text, with a marker registry.py recognises
+    (``Hostname Verification`` for a wrong server name, as gRPC says it)."""
+
+    def __init__(self, where: str, e: OSError) -> None:
+        self.details = _ssl_details(e)
+        super().__init__(f"{where}: TLS: {self.details}")
+
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
+
+
+def _ssl_details(e: OSError) -> str:
+    """The ssl error as text, with the marker of gRPC's own text for the same failure."""
+    if isinstance(e, ssl.SSLEOFError | ConnectionResetError):
+        # etcd (--client-cert-auth) refuses the client certificate, or its absence, by an alert that
+        # may arrive as a plain close or reset right after the handshake (TLS 1.3: the client's side
+        # of the handshake is already done): gRPC calls it TSI_DATA_CORRUPTED
+        return f"BAD_CERTIFICATE? etcd closed the TLS connection during or right after the handshake ({e})"
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_code in _NAME_MISMATCH:
+        return f"Hostname Verification Check failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"CERTIFICATE_VERIFY_FAILED: {e.verify_message}"
+    reason = getattr(e, "reason", None) or ""
+    return f"{reason}: {str(e)[:200]}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key of a range answer (the attributes registry.py reads of a gRPC ``KeyValue`` too)."""
+
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    """A range answer: its keys, whether more are left (a limit), how many matched, the header revision."""
+
+    kvs: list[KeyValue]
+    more: bool
+    count: int
+    revision: int
+
+
+def _kv(raw: Any) -> KeyValue:
+    return KeyValue(_b64(raw["key"]), _b64(raw.get("value")), int(raw.get("mod_revision", 0)),
+                    int(raw.get("lease", 0)))
+
+
+def _enc(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+class Unary:
+    """Unary calls (``POST /v3/kv/range``, ``/v3/kv/put``, ...) to one endpoint over one HTTP/1.1
+    connection kept open between them, guarded by a lock (the registry is called from several threads).
+
+    Why kept open: a call costs one request, not a TCP (and TLS) set-up. A connection that went
+    stale meanwhile (closed by etcd or a proxy: the request cannot be sent, or the answer is a close
+    without a byte) is replaced once, at once, as ``Prober`` does; a call that gets no answer within
+    ``timeout`` is never retried. The retried request is one etcd closed the connection on: it may
+    have been carried out (a put, a txn), which is the same ambiguity as a timeout; callers already
+    treat an outcome they did not see that way (a create that finds the key, a renewal that finds it
+    changed, re-read it).
+
+    An answer is read up to ``max_bytes`` and no further (``TooLarge``). Every failure of the
+    socket, TLS, HTTP or JSON layer is converted here: ``GatewayError`` (etcd's error, with its
+    gRPC code), ``TooLarge``, ``NotGateway``, ``TLSFailure``, ``errors.StoreUnavailable``.
+    """
+
+    def __init__(self, ep: Endpoint, *, timeout: float, keepalive: Keepalive, max_bytes: int) -> None:
+        self._ep, self._timeout, self._ka, self._max = ep, timeout, keepalive, max_bytes
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        #: TCP connections opened (one, unless etcd or a proxy closed one)
+        self.connections = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._ep
+
+    def call(self, path: str, body: dict[str, Any], token: str, what: str) -> dict[str, Any]:
+        """``POST path`` with ``body``: etcd's answer as a JSON object."""
+        where = f"etcd ({self._ep.describe()}) {what}"
+        with self._lock:
+            reused = self._conn is not None
+            try:
+                try:
+                    return self._ask(path, body, token, where)
+                except (NoAnswer, http.client.CannotSendRequest, BrokenPipeError, ConnectionResetError,
+                        ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+                    # (a TLS connection closed meanwhile: its close_notify or EOF as an ssl error)
+                    self._drop()
+                    if not reused:
+                        raise
+                    log.debug("%s: the kept connection was closed (%s); asking on a new one", where,
+                              type(e).__name__)
+                    return self._ask(path, body, token, where)
+            except (NotGateway, errors.StoreError):
+                self._drop()
+                raise
+            except ssl.SSLError as e:
+                self._drop()
+                raise TLSFailure(where, e) from e
+            except ConnectionResetError as e:
+                self._drop()
+                if self._ep.tls is not None and not reused:   # a new TLS connection, reset before an answer
+                    raise TLSFailure(where, e) from e
+                raise _unavailable(where, e) from e
+            except Exception as e:  # the boundary: whatever the socket, HTTP or JSON layer raised
+                self._drop()
+                raise _unavailable(where, e) from e
+
+    def _ask(self, path: str, body: dict[str, Any], token: str, where: str) -> dict[str, Any]:
+        if self._conn is None:
+            self._conn = _connect(self._ep, self._timeout, self._ka)
+            self.connections += 1
+        conn = self._conn
+        assert conn.sock is not None
+        conn.sock.settimeout(self._timeout)
+        resp = _post(conn, path, body, token, where)
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._max:
+            raise TooLarge(f"{where}: the answer is {length} bytes, more than the {self._max} we accept")
+        raw = resp.read(self._max + 1)
+        if len(raw) > self._max:
+            raise TooLarge(f"{where}: the answer is larger than the {self._max} bytes we accept")
+        if not resp.isclosed() or resp.will_close:   # (all read: the connection can carry the next call)
+            self._drop()
+        answer = json.loads(raw)
+        if not isinstance(answer, dict):
+            raise ValueError(f"the answer is a JSON {type(answer).__name__}, not an object")
+        return answer
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # -- the calls (request and answer in etcd's proto3 JSON: proto field names, int64 as strings,
+    #    bytes as base64, zero values omitted) ---------------------------------------------------
+
+    def range(self, key: bytes, range_end: bytes, token: str, what: str, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> RangeResult:
+        body: dict[str, Any] = {"key": _enc(key)}
+        if range_end:
+            body["range_end"] = _enc(range_end)
+        if limit:
+            body["limit"] = str(limit)
+        if revision:
+            body["revision"] = str(revision)
+        if keys_only:
+            body["keys_only"] = True
+        ans = self.call(RANGE_PATH, body, token, what)
+        try:
+            return RangeResult([_kv(kv) for kv in ans.get("kvs", ())], ans.get("more") is True,
+                               int(ans.get("count", 0)), int((ans.get("header") or {}).get("revision", 0)))
+        except Exception as e:  # the boundary: a malformed answer
+            raise _malformed(self._ep, what, e) from None
+
+    def put(self, key: bytes, value: bytes, lease: int, token: str, what: str) -> None:
+        body: dict[str, Any] = {"key": _enc(key), "value": _enc(value)}
+        if lease:
+            body["lease"] = str(lease)
+        self.call(PUT_PATH, body, token, what)
+
+    def delete(self, key: bytes, token: str, what: str) -> None:
+        self.call(DELETE_PATH, {"key": _enc(key)}, token, what)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, token: str, what: str, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        """A txn: put ``key`` (attached to ``lease``) only if its version (0: absent) or mod revision is
+        the one given. Whether it was put."""
+        compare: dict[str, Any] = {"key": _enc(key), "result": "EQUAL"}
+        if version is not None:
+            compare.update(target="VERSION", version=str(version))
+        else:
+            compare.update(target="MOD", mod_revision=str(mod_revision))
+        put: dict[str, Any] = {"key": _enc(key), "value": _enc(value)}
+        if lease:
+            put["lease"] = str(lease)
+        ans = self.call(TXN_PATH, {"compare": [compare], "success": [{"request_put": put}]}, token, what)
+        succeeded = ans.get("succeeded", False)
+        if not isinstance(succeeded, bool):
+            raise _malformed(self._ep, what, ValueError(f"succeeded is {succeeded!r}"))
+        return succeeded
+
+    def grant(self, ttl: int, token: str, what: str) -> tuple[int, int]:
+        """A new etcd lease: (its id, its TTL in seconds)."""
+        ans = self.call(GRANT_PATH, {"TTL": str(ttl)}, token, what)
+        try:
+            lease_id, granted = int(ans["ID"]), int(ans.get("TTL", 0))
+            if ans.get("error"):
+                raise ValueError(str(ans["error"])[:200])
+        except Exception as e:  # the boundary
+            raise _malformed(self._ep, what, e) from None
+        return lease_id, granted
+
+    def revoke(self, lease_id: int, token: str, what: str) -> None:
+        self.call(REVOKE_PATH, {"ID": str(lease_id)}, token, what)
+
+    def time_to_live(self, lease_id: int, token: str, what: str) -> int:
+        """The lease's remaining seconds (-1: expired or unknown)."""
+        ans = self.call(TTL_PATH, {"ID": str(lease_id)}, token, what)
+        try:
+            return int(ans.get("TTL", 0))
+        except Exception as e:  # the boundary
+            raise _malformed(self._ep, what, e) from None
+
+
+RANGE_PATH = "/v3/kv/range"
+PUT_PATH = "/v3/kv/put"
+DELETE_PATH = "/v3/kv/deleterange"
+TXN_PATH = "/v3/kv/txn"
+GRANT_PATH = "/v3/lease/grant"
+REVOKE_PATH = "/v3/lease/revoke"
+TTL_PATH = "/v3/lease/timetolive"
+
+
+def _malformed(ep: Endpoint, what: str, e: BaseException) -> errors.StoreUnavailable:
+    return errors.StoreUnavailable(f"etcd ({ep.describe()}) {what}: malformed answer ({type(e).__name__}: "
+                                   f"{str(e)[:200]})")

@@ -1,9 +1,10 @@
-"""etcd storage for flannel's keys (reference §4.1–4.5, §4.8): the only module that imports pyetcd.
+"""etcd storage for flannel's keys (reference §4.1–4.5, §4.8): the only module that imports pyetcd,
+and only on the grpcio path.
 
 What lives here: connecting (endpoints, TLS, username/password), flannel's key layout and values
 (through ``flannel.wire``), create-if-absent as a transaction on ``version(key) == 0``, updates,
-reservations (puts without an etcd lease), deletes, and watches from a revision. Every pyetcd or
-gRPC error is converted at this boundary into ``flannel.errors`` (``StoreUnavailable``,
+reservations (puts without an etcd lease), deletes, and watches from a revision. Every gateway,
+pyetcd or gRPC error is converted at this boundary into ``flannel.errors`` (``StoreUnavailable``,
 ``PermissionDenied``, ``LeaseConflict``, ...) with ``raise ... from``; nothing above this module
 ever sees a library exception.
 
@@ -13,12 +14,21 @@ and logged at a bounded rate (``flannel.records``), so a garbage value can never
 pipeline or stop a thread. Writes are never undone after an ambiguous failure (a timeout may hide
 a write that happened): only a certain refusal revokes the etcd lease we granted for it.
 
-Watches are read through etcd's JSON gateway (gateway.py: a plain socket per watch, no gRPC thread
-awake while nothing happens), or through gRPC where the endpoint does not serve it or
-$FLANNEL_ETCD_WATCH=grpc; unary calls use gRPC, and the gRPC client is closed after
-IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the next one.
+Unary calls (behind the ``_KV`` calls the operations use) are gRPC over our own HTTP/2 client
+(h2grpc.py: one kept connection per endpoint, etcd's protobuf messages loaded without pyetcd's
+package by etcdpb.py); watches go through etcd's JSON gateway (gateway.py: a plain socket per
+watch, no thread awake while nothing happens). This module keeps the policy: the trust boundary,
+paging, too-large answers, compaction restarts, re-authentication, failover across endpoints.
+``grpc`` and the ``pyetcd`` package are imported only on the grpcio path (their C library alone was
+~10 MB of the agent's RSS): for watches once an endpoint turns out not to serve the gateway
+(``gateway.NotGateway``: a 404, not HTTP/1.1, etcd refusing a client certificate with auth on), for
+everything when forced by $FLANNEL_ETCD_TRANSPORT=grpc ($FLANNEL_ETCD_WATCH, its older name).
+$FLANNEL_ETCD_TRANSPORT=gateway sends the unary calls through the JSON gateway too (``gateway.Unary``,
+falling back to grpcio for everything where it is not served). On the grpcio path the client is
+closed after IDLE_CHANNEL_SECONDS without a call (its C threads then sleep), to be re-created by the
+next one.
 
-Two pyetcd facts shape the code (dependency-facts §2): an endpoint is marked dead for
+Two pyetcd facts shape the gRPC path (dependency-facts §2): an endpoint is marked dead for
 ``Endpoint.time_retry`` seconds after one failure (default 300 s, so we set it to about a second),
 and the client authenticates in its constructor, so the client is created lazily (the subnet
 manager's constructor does no I/O) and re-created when etcd rejects the auth token.
@@ -32,24 +42,18 @@ import logging
 import os
 import posixpath
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
-
-import grpc
-import pyetcd
-from grpc._cython import cygrpc
-from pyetcd import etcdrpc
-from pyetcd import exceptions as etcd_exc
-from pyetcd.etcdrpc import kv_pb2
 
 from flannel import errors, memory, threadname, wire
 from flannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from flannel.records import SkippedRecords
-from flannel.subnet_managers.etcd import gateway, grpcwait
+from flannel.subnet_managers.etcd import gateway, grpcwait, h2grpc
 from flannel.subnet_managers.etcd.store import (
     TTL_NOT_LOOKED_UP,
     Compacted,
@@ -92,9 +96,13 @@ KEEPALIVE_TIME_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_TIME_ENV = "FLANNEL_ETCD_KEEPALIVE_TIME"
 KEEPALIVE_TIMEOUT_ENV = "FLANNEL_ETCD_KEEPALIVE_TIMEOUT"
-#: How watches are read. By default through etcd's JSON gateway (gateway.py: one plain socket per
-#: watch, no gRPC thread awake while nothing happens), falling back to gRPC where the endpoint does
-#: not serve it; ``grpc`` forces gRPC watches.
+#: How the agent talks to etcd. ``h2`` (the default): unary calls as gRPC over our HTTP/2 client
+#: (h2grpc.py), watches through etcd's JSON gateway (gateway.py, one plain socket per watch), falling
+#: back to grpcio for the watches where the endpoint does not serve the gateway; grpc and pyetcd are
+#: never imported otherwise. ``gateway``: unary calls through the JSON gateway too (falling back to
+#: grpcio for everything). ``grpc``: grpcio for everything. $FLANNEL_ETCD_WATCH is its older name (it
+#: forced gRPC watches only, when unary calls always used gRPC) and still works; the new name wins.
+TRANSPORT_ENV = "FLANNEL_ETCD_TRANSPORT"
 WATCH_ENV = "FLANNEL_ETCD_WATCH"
 #: The gRPC channel (unary calls only, unless watches fell back to gRPC) is closed after this long
 #: without a call: while it is open, gRPC's C threads cost an idle agent 0.6–0.9 ms/s of CPU, and
@@ -123,7 +131,7 @@ LIST_PAGE_KEYS = 1000
 #: A listing whose revision is compacted between two of its pages starts over, this many times.
 LIST_ATTEMPTS = 3
 _WATCH_METHOD = "/etcdserverpb.Watch/Watch"
-_DELETE = kv_pb2.Event.DELETE
+_DELETE = 1   # kv_pb2.Event.DELETE
 #: the attributes of a REMOVED event (a delete has no value; the LeaseWatcher passes on what it tracked)
 _NO_ATTRS = LeaseAttrs()
 
@@ -147,18 +155,22 @@ def keepalive_seconds() -> tuple[float, float]:
             _env_seconds(KEEPALIVE_TIMEOUT_ENV, KEEPALIVE_TIMEOUT_SECONDS, 0.5))
 
 
-def watch_mode() -> str:
-    """``gateway`` (etcd's JSON gateway, gRPC where it is not served) or ``grpc`` ($FLANNEL_ETCD_WATCH)."""
-    text = os.environ.get(WATCH_ENV, "").strip().lower()
-    if text in ("", "auto", "gateway"):
-        return "gateway"
-    if text == "grpc":
-        return "grpc"
-    raise errors.UsageError(f"${WATCH_ENV}: {text!r} is not one of: gateway, grpc")
+def transport_mode() -> str:
+    """How unary calls go ($FLANNEL_ETCD_TRANSPORT, or its older name $FLANNEL_ETCD_WATCH): ``h2``
+    (gRPC over our own HTTP/2 client, the default), ``gateway`` (etcd's JSON gateway) or ``grpc``
+    (grpcio, watches too)."""
+    name = TRANSPORT_ENV if os.environ.get(TRANSPORT_ENV, "").strip() else WATCH_ENV
+    text = os.environ.get(name, "").strip().lower()
+    if text in ("", "auto", "h2"):
+        return "h2"
+    if text in ("gateway", "grpc"):
+        return text
+    raise errors.UsageError(f"${name}: {text!r} is not one of: h2, gateway, grpc")
 
 
 def grpc_options() -> list[tuple[str, int]]:
     """The gRPC channel options of every etcd connection (keepalive read from the environment)."""
+    import grpc  # only on the gRPC path (see the module docstring)
     time_s, timeout_s = keepalive_seconds()
     return [
         # reconnect quickly after etcd restarts (gRPC's default backoff grows to 120 s)
@@ -180,23 +192,60 @@ def grpc_options() -> list[tuple[str, int]]:
     ]
 
 
-_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                      grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                      grpc.StatusCode.UNKNOWN}
-_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (etcd_exc.Etcd3Exception, grpc.RpcError, ValueError)
+#: gRPC status codes (``grpc.StatusCode``'s numbers, which etcd's JSON gateway reports as ``code``):
+#: the gateway path converts errors without importing grpc
+_CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+               6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+               10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+               15: "DATA_LOSS", 16: "UNAUTHENTICATED"}
+_CANCELLED, _UNKNOWN, _INVALID_ARGUMENT, _DEADLINE_EXCEEDED = 1, 2, 3, 4
+_PERMISSION_DENIED, _RESOURCE_EXHAUSTED, _FAILED_PRECONDITION, _ABORTED, _OUT_OF_RANGE = 7, 8, 9, 10, 11
+_INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 13, 14, 16
+_UNAVAILABLE_CODES = {_UNAVAILABLE, _DEADLINE_EXCEEDED, _CANCELLED, _INTERNAL, _RESOURCE_EXHAUSTED, _ABORTED, _UNKNOWN}
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """What pyetcd and gRPC raise (imports them: the gRPC path only)."""
+    import grpc
+    from pyetcd import exceptions as etcd_exc
+    return (etcd_exc.Etcd3Exception, grpc.RpcError, ValueError)
+
+
+def _grpc_status(e: BaseException) -> tuple[int, str] | None:
+    """(code, details) of a gRPC error; None for anything else. Never imports grpc: if it was never
+    imported, ``e`` cannot be one of its errors."""
+    grpc = sys.modules.get("grpc")
+    if grpc is None or not isinstance(e, grpc.RpcError) or not hasattr(e, "code"):
+        return None
+    return int(e.code().value[0]), str(e.details() or "")
 
 
 def _too_large(e: BaseException) -> bool:
-    """gRPC refused a response over MAX_RECEIVE_BYTES (etcd's own RESOURCE_EXHAUSTED answers, a full
-    database or too many requests, say something else)."""
-    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and "larger than max" in (e.details() or ""))
+    """A response over MAX_RECEIVE_BYTES was refused: by the gateway client (gateway.TooLarge) or by
+    gRPC (etcd's own RESOURCE_EXHAUSTED answers, a full database or too many requests, say something else)."""
+    if isinstance(e, gateway.TooLarge):
+        return True
+    status = _grpc_status(e)
+    return status is not None and status[0] == _RESOURCE_EXHAUSTED and "larger than max" in status[1]
 
 
 def _compacted_range(e: BaseException) -> bool:
-    """A range at a revision etcd has compacted away (etcd's ErrGRPCCompacted)."""
-    return (isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() == grpc.StatusCode.OUT_OF_RANGE
-            and "compacted" in (e.details() or ""))
+    """A range at a revision etcd has compacted away (etcd's ErrGRPCCompacted), through either transport."""
+    if isinstance(e, gateway.GatewayError):
+        return e.code == _OUT_OF_RANGE and "compacted" in e.message
+    status = _grpc_status(e)
+    return status is not None and status[0] == _OUT_OF_RANGE and "compacted" in status[1]
+
+
+def _prefix_range_end(prefix: bytes) -> bytes:
+    """The end of the range of every key starting with ``prefix`` (as etcd's clientv3.GetPrefixRangeEnd)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"   # every key
 
 
 class _Restart(Exception):
@@ -232,7 +281,7 @@ def _read(path: str, flag: str) -> bytes:
 
 
 class EtcdRegistry:
-    """Lease and config storage under one prefix. Thread-safe: one gRPC client shared by all callers.
+    """Lease and config storage under one prefix. Thread-safe: one connection per endpoint shared by all callers.
 
     :param endpoints: ``http://`` (plaintext) or ``https://`` (TLS) URLs; one that fails is skipped.
     :param cafile: CA bundle to verify the server (system roots if empty).
@@ -262,9 +311,16 @@ class EtcdRegistry:
         self._users = 0
         self._last_used = time.monotonic()
         self._idle_closer: threading.Thread | None = None
-        self._watch_mode = watch_mode()
-        #: the gateway's endpoints (built at the first gateway watch), the one to try first, the auth token
+        #: how unary calls go: ``h2`` (h2grpc.py, for good), ``gateway`` until an endpoint turns out not
+        #: to serve it (then ``grpc``, for good), or ``grpc`` forced
+        self._mode = transport_mode()
+        #: watches through gRPC: forced, or an endpoint does not serve the gateway (for good)
+        self._watch_grpc = self._mode == "grpc"
+        #: the endpoints and their unary clients (built at the first call: ``_h2_unary`` for ``h2``,
+        #: ``_gw_unary`` for ``gateway``), the one to try first, the auth token
         self._gw_endpoints: list[gateway.Endpoint] | None = None
+        self._gw_unary: list[gateway.Unary] = []
+        self._h2_unary: list[h2grpc.Unary] = []
         self._gw_next = 0
         self._gw_token = ""
         self._gw_lock = threading.Lock()
@@ -281,25 +337,30 @@ class EtcdRegistry:
         who = f" as user {self._username}" if self._username else ""
         return f"etcd at {','.join(self._urls)}{who} (prefix {self.prefix})"
 
-    def _credentials(self, secure: bool, url: str) -> grpc.ChannelCredentials | None:
+    def _credentials(self, secure: bool, url: str) -> Any:
         """As etcd's Go client: the URL scheme decides (http → plaintext, https → TLS); the client
         certificate is used only when both --etcd-certfile and --etcd-keyfile are set."""
         client_cert = bool(self._certfile and self._keyfile)
         if not secure:
-            if not self._warned_insecure:
-                if client_cert:
-                    log.warning("etcd endpoint %s is http://: the client certificate is not used. This is "
-                                "insecure (use https:// endpoints)", url)
-                else:
-                    log.warning("no certificate provided: connecting to etcd with http. This is insecure")
-                self._warned_insecure = True
+            self._warn_insecure(url)
             return None
         if bool(self._certfile) != bool(self._keyfile):
             log.warning("only one of --etcd-certfile/--etcd-keyfile is set: connecting without a client certificate")
         ca = _read(self._cafile, "--etcd-cafile") if self._cafile else None
         key = _read(self._keyfile, "--etcd-keyfile") if client_cert else None
         cert = _read(self._certfile, "--etcd-certfile") if client_cert else None
+        import grpc
         return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def _warn_insecure(self, url: str) -> None:
+        """Said once, as flannel does, whichever transport connects to a plaintext endpoint first."""
+        if not self._warned_insecure:
+            if self._certfile and self._keyfile:
+                log.warning("etcd endpoint %s is http://: the client certificate is not used. This is "
+                            "insecure (use https:// endpoints)", url)
+            else:
+                log.warning("no certificate provided: connecting to etcd with http. This is insecure")
+            self._warned_insecure = True
 
     def _connect(self) -> Any:
         """The client, connecting if there is none; counted as in use until ``_release``."""
@@ -325,6 +386,7 @@ class EtcdRegistry:
             self._idle_closer = threading.Thread(target=self._close_when_idle, name="etcd-idle-close", daemon=True)
             self._idle_closer.start()
         self._lock.notify_all()
+        import pyetcd  # the gRPC path only: importing it (and grpc) costs the agent ~12 MB of RSS
         eps = []
         options = grpc_options()
         for url, (host, port, https) in zip(self._urls, self._endpoints):
@@ -337,7 +399,7 @@ class EtcdRegistry:
         try:
             self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout,
                                                            failover=True, **auth)
-        except _LIBRARY_ERRORS as e:
+        except _library_errors() as e:
             for ep in eps:
                 ep.close()
             raise self._convert(e, "connecting") from e
@@ -352,19 +414,19 @@ class EtcdRegistry:
                 self._client = None
         try:
             client.close()
-        except _LIBRARY_ERRORS:
+        except _library_errors():
             pass
 
     def _endpoint_failed(self, client: Any, e: BaseException) -> None:
         """What pyetcd does after a unary call fails this way: the endpoint is marked failed, so the
         next call goes to another one (or, with one endpoint, waits ENDPOINT_RETRY_SECONDS)."""
-        if isinstance(e, grpc.RpcError) and hasattr(e, "code") and e.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL):
+        status = _grpc_status(e)
+        if status is not None and status[0] in (_UNAVAILABLE, _DEADLINE_EXCEEDED, _INTERNAL):
             with self._lock:
                 try:
                     client.endpoint_in_use.fail()
                     client._clear_old_stubs()
-                except _LIBRARY_ERRORS as err:  # pyetcd's bookkeeping only
+                except _library_errors() as err:  # pyetcd's bookkeeping only
                     log.debug("marking the etcd endpoint failed: %s", err)
 
     def _close_when_idle(self) -> None:
@@ -381,7 +443,7 @@ class EtcdRegistry:
                       IDLE_CHANNEL_SECONDS)
             try:
                 client.close()
-            except _LIBRARY_ERRORS as e:
+            except _library_errors() as e:
                 log.debug("closing the idle etcd client: %s", e)
 
     def _wait_idle_client(self) -> Any:
@@ -403,24 +465,31 @@ class EtcdRegistry:
             self._closed = True
             self._lock.notify_all()
             client, self._client = self._client, None
+        for unary in self._gw_unary:
+            unary.close()
+        for h2unary in self._h2_unary:
+            h2unary.close()
         if client is not None:
             try:
                 client.close()
-            except _LIBRARY_ERRORS:
+            except _library_errors():
                 pass
 
     def _convert(self, e: BaseException, what: str) -> Exception:
         """A pyetcd / gRPC exception → the flannel error callers handle."""
+        from pyetcd import exceptions as etcd_exc  # the gRPC path only
         where = f"etcd ({','.join(self._urls)}) {what}"
         if isinstance(e, etcd_exc.RevisionCompactedError):
             return Compacted(e.compacted_revision)
         cause = e.__context__ if isinstance(e, etcd_exc.Etcd3Exception) else e  # pyetcd hides the gRPC error
-        if isinstance(cause, grpc.RpcError) and hasattr(cause, "details"):
-            tls = self._tls_problem(cause.details() or "")
+        cause_status = _grpc_status(cause) if cause is not None else None
+        if cause_status is not None:
+            tls = self._tls_problem(cause_status[1])
             if tls is not None:
                 return tls
-        if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-            return self._convert_status(e.code(), e.details() or "", where)
+        status = _grpc_status(e)
+        if status is not None:
+            return self._convert_status(*status, where)
         if isinstance(e, etcd_exc.NoServerAvailableError):
             return errors.StoreUnavailable(f"{where}: no endpoint reachable (each failed within the last "
                                            f"{ENDPOINT_RETRY_SECONDS:.0f}s)")
@@ -432,27 +501,28 @@ class EtcdRegistry:
             return errors.StoreError(f"{where}: precondition failed")
         return errors.StoreError(f"{where}: {type(e).__name__}: {e}")
 
-    def _convert_status(self, code: grpc.StatusCode, details: str, where: str) -> Exception:
-        """A gRPC status (from gRPC, or etcd's JSON gateway's ``code``) → the flannel error."""
-        if code == grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in details:
+    def _convert_status(self, code: int, details: str, where: str) -> Exception:
+        """A gRPC status code (from gRPC, or etcd's JSON gateway's ``code``) → the flannel error."""
+        if code == _UNAUTHENTICATED or "auth store is old" in details:
             return _Reauthenticate(details)
-        if code == grpc.StatusCode.PERMISSION_DENIED:
+        if code == _PERMISSION_DENIED:
             return errors.PermissionDenied(f"{where}: permission denied for user "
                                            f"{self._username or '(none)'}: {details}")
-        if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
+        if code == _INVALID_ARGUMENT and "authentication failed" in details:
             return errors.PermissionDenied(f"{where}: authentication failed for user "
                                            f"{self._username!r}: invalid user name or password")
-        if code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in details:
+        if code == _INVALID_ARGUMENT and "user name is empty" in details:
             return errors.PermissionDenied(f"{where}: etcd requires authentication; set --etcd-username and "
                                            f"--etcd-password")
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "authentication is not enabled" in details:
+        if code == _FAILED_PRECONDITION and "authentication is not enabled" in details:
             return errors.ConfigError(f"{where}: --etcd-username given but etcd has authentication "
                                       f"disabled")
-        if code in _UNAVAILABLE_CODES:
-            return errors.StoreUnavailable(f"{where}: {code.name.lower()}: {details}")
-        return errors.StoreError(f"{where}: {code.name}: {details}")
+        name = _CODE_NAMES.get(code, f"code {code}")
+        if code in _UNAVAILABLE_CODES or code not in _CODE_NAMES:
+            return errors.StoreUnavailable(f"{where}: {name.lower()}: {details}")
+        return errors.StoreError(f"{where}: {name}: {details}")
 
-    def _tls_problem(self, details: str) -> Exception | None:
+    def _tls_problem(self, details: str, via: str = "gRPC") -> Exception | None:
         """gRPC's connection error text → what is most likely wrong with TLS, and which flag fixes it.
 
         gRPC reports a refused client certificate as ``Unwrap failed (TSI_DATA_CORRUPTED)`` (the
@@ -460,7 +530,7 @@ class EtcdRegistry:
         and a name mismatch as ``Hostname Verification Check failed``; retrying fixes none of them.
         """
         where = f"TLS handshake with etcd ({','.join(self._urls)}) failed"
-        got = f" (gRPC: {details[:300]})" if details else ""
+        got = f" ({via}: {details[:300]})" if details else ""
         if any(m in details for m in ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                       "UNKNOWN_CA", "CERTIFICATE_EXPIRED")) and "VERIFY_FAILED" not in details:
             if not (self._certfile and self._keyfile):
@@ -485,15 +555,111 @@ class EtcdRegistry:
                 f"address, use an http:// endpoint{got}")
         return None
 
-    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(client)``, converting errors. Re-authenticates once on a rejected token and
-        moves on to the next endpoint when one is down (pyetcd fails over, but does not retry)."""
+    def _call(self, what: str, fn: Callable[[_KV], T]) -> T:
+        """Run ``fn(kv)`` as gRPC over our HTTP/2 client (the default), through etcd's JSON gateway
+        ($FLANNEL_ETCD_TRANSPORT=gateway) until an endpoint turns out not to serve it, or through
+        grpcio ($FLANNEL_ETCD_TRANSPORT=grpc, or after that fallback), converting errors."""
+        if self._mode != "grpc":
+            try:
+                return self._gateway_call(what, fn)
+            except gateway.NotGateway as e:   # (the gateway transport only)
+                self._fall_back(e)
+        return self._grpc_call(what, lambda client: fn(_GrpcKV(client)))
+
+    def _fall_back(self, e: BaseException) -> None:
+        """The endpoint does not serve the JSON gateway: watches go through gRPC from now on, and so
+        do unary calls if they went through the gateway (said once, at INFO). Unary calls over h2
+        need no fallback: they are gRPC already."""
+        with self._gw_lock:
+            if self._watch_grpc:
+                return
+            self._watch_grpc = True
+            unary_too = self._mode == "gateway"
+            if unary_too:
+                self._mode = "grpc"
+        if unary_too:
+            for unary in self._gw_unary:
+                unary.close()
+        log.info("etcd (%s) does not serve its JSON gateway (%s): using gRPC for its %s",
+                 ",".join(self._urls), e, "calls and watches" if unary_too else "watches")
+
+    def _kv(self, index: int, token: str, what: str) -> _KV:
+        if self._mode == "h2":
+            return _H2KV(self._h2_unary[index], token, what)
+        return _GatewayKV(self._gw_unary[index], token, what)
+
+    def _gateway_call(self, what: str, fn: Callable[[_KV], T]) -> T:
+        """Run ``fn(kv)`` over h2 or the gateway, starting at the endpoint that last worked:
+        re-authenticates once on a rejected token, and moves on to the next endpoint when one is
+        down (refused, timed out, closed, an "unavailable" answer); the next call starts at the one
+        that worked. A call that timed out is not sent again to the same endpoint.
+
+        :raises gateway.NotGateway: the endpoint does not serve the gateway (use gRPC).
+        """
+        if self._closed:
+            raise errors.StoreUnavailable(f"{self.describe()}: client closed")
+        eps = self._gateway_endpoints()
+        attempts = max(2, len(eps))
+        index, stale, token = self._gw_next, "", ""
+        for attempt in range(attempts):
+            more_endpoints = attempt + 1 < len(eps)
+            try:
+                token = self._token(index, stale)
+                result = fn(self._kv(index, token, what))
+            except gateway.GatewayError as e:
+                err = self._gateway_error(e, what)
+                if isinstance(err, _Reauthenticate):
+                    if attempt + 1 < attempts and token and not stale:
+                        log.info("etcd rejected our auth token (%s); authenticating again", err)
+                        stale = token
+                        continue
+                    err = errors.PermissionDenied(f"etcd {what}: authentication token rejected: {err}")
+                elif isinstance(err, errors.StoreUnavailable) and more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise err from e
+            except gateway.TLSFailure as e:
+                tls = self._tls_problem(e.details, "ssl")
+                if more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise (tls or e) from e
+            except errors.StoreUnavailable as e:
+                if isinstance(e, _Reauthenticate):
+                    raise
+                self._count_no_answer(e)
+                if more_endpoints:
+                    index = (index + 1) % len(eps)
+                    continue
+                raise
+            self._no_answers = 0
+            self._gw_next = index
+            return result
+        raise AssertionError("unreachable")
+
+    def _count_no_answer(self, e: errors.StoreUnavailable) -> None:
+        """NO_ANSWER_FALLBACK answers in a row of "closed without a byte" (calls and watches alike):
+        the endpoint does not speak HTTP/1.1 (a gRPC-only server or proxy).
+
+        :raises gateway.NotGateway: that many in a row.
+        """
+        if isinstance(e, gateway.NoAnswer):
+            self._no_answers += 1
+            if self._no_answers >= NO_ANSWER_FALLBACK:
+                raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
+                                         f"the connection") from e
+
+    def _grpc_call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(client)`` with the gRPC client, converting errors. Re-authenticates once on a
+        rejected token and moves on to the next endpoint when one is down (pyetcd fails over, but
+        does not retry)."""
+        library_errors = _library_errors()
         attempts = max(2, len(self._endpoints))
         for attempt in range(attempts):
             client = self._connect()
             try:
                 result = fn(client)
-            except _LIBRARY_ERRORS as e:
+            except library_errors as e:
                 self._release()
                 err = self._convert(e, what)
                 if isinstance(err, errors.StoreUnavailable) and not isinstance(err, _Reauthenticate):
@@ -541,13 +707,12 @@ class EtcdRegistry:
     def lease_key(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> str:
         return self.subnets_prefix + wire.format_subnet_key(subnet, ipv6_subnet)
 
-    def _expiration(self, client: Any, lease_id: int, ttl: bool) -> float | None:
+    def _expiration(self, kv: _KV, lease_id: int, ttl: bool) -> float | None:
         if lease_id == 0:
             return None  # a reservation: no etcd lease, never expires
         if not ttl:
             return TTL_NOT_LOOKED_UP
-        remaining = int(client.get_lease_info(lease_id).TTL)
-        return time.time() + max(remaining, 0)
+        return time.time() + max(kv.time_to_live(lease_id), 0)
 
     def _untrusted(self, key: Any, decode: Callable[[], T]) -> T | None:
         """Run ``decode`` on one untrusted record; on any failure skip the record (None).
@@ -630,17 +795,18 @@ class EtcdRegistry:
             raise errors.BadLeaseRecord(f"{name[:80]!r} is not a subnet key (expected like 10.5.34.0-24)", "key")
         return nets
 
-    def _get_one(self, c: Any, key: str) -> tuple[Any, int, bool]:
+    def _get_one(self, c: _KV, key: str) -> tuple[Any, int, bool]:
         """One key: ``(kv or None, header revision, whether its value was too large to receive)``.
         A value over MAX_RECEIVE_BYTES is read again without it (``kv.value`` is then empty)."""
+        raw = key.encode("utf-8")
         try:
-            resp = c.get_response(key)
-        except grpc.RpcError as e:
+            resp = c.range(raw, b"")
+        except Exception as e:   # only a too-large answer is handled here: anything else is re-raised
             if not _too_large(e):
                 raise
-            resp = c.get_response(key, keys_only=True)
-            return (resp.kvs[0] if resp.count else None), int(resp.header.revision), bool(resp.count)
-        return (resp.kvs[0] if resp.count else None), int(resp.header.revision), False
+            resp = c.range(raw, b"", keys_only=True)
+            return (resp.kvs[0] if resp.kvs else None), resp.revision, bool(resp.kvs)
+        return (resp.kvs[0] if resp.kvs else None), resp.revision, False
 
     # -- config ----------------------------------------------------------------------------------
 
@@ -666,7 +832,7 @@ class EtcdRegistry:
             raise errors.ConfigError(f"invalid network config in etcd key {self.config_key}: not UTF-8: {e}") from None
 
     def put_config(self, text: str) -> None:
-        self._call(f"writing {self.config_key}", lambda c: c.put(self.config_key, text.encode("utf-8")))
+        self._call(f"writing {self.config_key}", lambda c: c.put(self._config_key_bytes, text.encode("utf-8")))
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -686,58 +852,77 @@ class EtcdRegistry:
         with memory.gc_paused():   # thousands of leases, kept: no full collection in the middle of them
             return self._call(f"listing {self.subnets_prefix}", op)
 
-    def _list_pages(self, c: Any, ttl: bool) -> Listing:
+    def _list_pages(self, c: _KV, ttl: bool) -> Listing:
+        """The pages of one listing. The next page is asked for (``_NextPage``) as soon as a page
+        has arrived, before it is decoded: etcd's gateway takes ~28 ms to marshal a page of 1000
+        leases as JSON, about what we take to decode one, and the two now overlap on two cores
+        (at 10 000 leases: 0.50-0.59 s → see docs/benchmarks.md)."""
         start = self.subnets_prefix.encode("utf-8")
-        end = pyetcd.utils.prefix_range_end(start)
+        end = _prefix_range_end(start)
         revision = 0
         limit = LIST_PAGE_KEYS
         out: list[Lease] = []
         occupied: list[Subnets] = []
-        while True:
-            try:
-                resp = c.get_range_response(start, end, limit=limit, revision=revision or None)
-            except grpc.RpcError as e:
-                if _compacted_range(e):
-                    raise _Restart() from e
-                if not _too_large(e):
-                    raise
-                if limit > 1:
-                    limit = max(1, limit // 4)
+        ahead: _NextPage | None = None
+        try:
+            while True:
+                try:
+                    resp = ahead.result() if ahead is not None else c.range(start, end, limit=limit,
+                                                                             revision=revision)
+                    ahead = None
+                except Exception as e:   # compaction and a too-large page are handled: anything else is re-raised
+                    ahead = None
+                    if _compacted_range(e):
+                        raise _Restart() from e
+                    if not _too_large(e):
+                        raise
+                    if limit > 1:
+                        limit = max(1, limit // 4)
+                        continue
+                    resp = c.range(start, end, limit=1, revision=revision, keys_only=True)
+                    revision = revision or resp.revision
+                    if not resp.kvs:
+                        break
+                    nets = self._too_large_record(resp.kvs[0].key)
+                    if nets is not None:
+                        occupied.append(nets)
+                    start = bytes(resp.kvs[0].key) + b"\0"
+                    if not resp.more:
+                        break
                     continue
-                resp = c.get_range_response(start, end, limit=1, revision=revision or None, keys_only=True)
-                revision = revision or int(resp.header.revision)
-                if not resp.kvs:
+                revision = revision or resp.revision
+                last = not resp.more or not resp.kvs
+                if not last:
+                    start = bytes(resp.kvs[-1].key) + b"\0"
+                    limit = min(LIST_PAGE_KEYS, limit * 2)
+                    ahead = _NextPage(c, start, end, limit, revision)
+                self._decode_page(c, resp, ttl, out, occupied)
+                if last:
                     break
-                nets = self._too_large_record(resp.kvs[0].key)
-                if nets is not None:
-                    occupied.append(nets)
-                start = bytes(resp.kvs[0].key) + b"\0"
-                if not resp.more:
-                    break
-                continue
-            revision = revision or int(resp.header.revision)
-            record = self._record
-            for kv in resp.kvs:
-                lease_id = kv.lease
-                # the expiration goes in at once when no RPC is needed for it (a listing of
-                # thousands of leases); a looked-up TTL is asked for good records only
-                lease, nets = record(kv.key, kv.value, None if lease_id == 0 else TTL_NOT_LOOKED_UP)
-                if lease is not None:
-                    if ttl and lease_id != 0:
-                        lease = dataclasses.replace(lease, expiration=self._expiration(c, lease_id, ttl))
-                    out.append(lease)
-                elif nets is not None:
-                    occupied.append(nets)
-            if not resp.more or not resp.kvs:
-                break
-            start = bytes(resp.kvs[-1].key) + b"\0"
-            limit = min(LIST_PAGE_KEYS, limit * 2)
+        finally:
+            if ahead is not None:
+                ahead.abandon()
         return Listing(out, revision, tuple(occupied))
+
+    def _decode_page(self, c: _KV, resp: gateway.RangeResult, ttl: bool, out: list[Lease],
+                     occupied: list[Subnets]) -> None:
+        record = self._record
+        for kv in resp.kvs:
+            lease_id = kv.lease
+            # the expiration goes in at once when no RPC is needed for it (a listing of
+            # thousands of leases); a looked-up TTL is asked for good records only
+            lease, nets = record(kv.key, kv.value, None if lease_id == 0 else TTL_NOT_LOOKED_UP)
+            if lease is not None:
+                if ttl and lease_id != 0:
+                    lease = dataclasses.replace(lease, expiration=self._expiration(c, lease_id, ttl))
+                out.append(lease)
+            elif nets is not None:
+                occupied.append(nets)
 
     def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, *, ttl: bool = True) -> Stored:
         key = self.lease_key(subnet, ipv6_subnet)
 
-        def op(c: Any) -> Stored:
+        def op(c: _KV) -> Stored:
             kv, rev, too_large = self._get_one(c, key)
             if kv is None:
                 return Stored(None, False, 0, rev)
@@ -755,59 +940,51 @@ class EtcdRegistry:
                      ttl: int) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
-            grant = c.lease(ttl)
+        def op(c: _KV) -> Lease:
+            grant, granted = c.grant(ttl)
             # An error here is ambiguous (a timeout: the key may now exist, attached to ``grant``):
             # revoking would delete it. The grant expires on its own; the caller re-lists and finds
             # the key by our public IP if the create did happen.
-            ok, _ = c.transaction(compare=[c.transactions.version(key) == 0],
-                                  success=[c.transactions.put(key, value, lease=grant.id)], failure=[])
-            if not ok:
-                self._revoke(c, grant.id)  # certain: nothing was written, nothing is attached to it
+            if not c.put_if(raw, value, grant, version=0):
+                c.revoke_quietly(grant)  # certain: nothing was written, nothing is attached to it
                 raise errors.LeaseConflict(f"subnet {subnet} is already taken (key {key} exists)")
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"creating {key}", op)
 
     def update_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs,
                      ttl: int | None) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
+        def op(c: _KV) -> Lease:
             if ttl is None:
-                c.put(key, value)
+                c.put(raw, value)
                 return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=None)
-            grant = c.lease(ttl)
-            c.put(key, value, lease=grant.id)  # a failure may be a put that happened: never revoke
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            grant, granted = c.grant(ttl)
+            c.put(raw, value, lease=grant)  # a failure may be a put that happened: never revoke
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"writing {key}", op)
 
     def renew_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs,
                     ttl: int, *, mod_revision: int) -> Lease:
         key = self.lease_key(subnet, ipv6_subnet)
         value = wire.encode_attrs(attrs).encode("utf-8")
+        raw = key.encode("utf-8")
 
-        def op(c: Any) -> Lease:
-            grant = c.lease(ttl)
-            ok, _ = c.transaction(compare=[c.transactions.mod(key) == mod_revision],
-                                  success=[c.transactions.put(key, value, lease=grant.id)], failure=[])
-            if not ok:
-                self._revoke(c, grant.id)
+        def op(c: _KV) -> Lease:
+            grant, granted = c.grant(ttl)
+            if not c.put_if(raw, value, grant, mod_revision=mod_revision):
+                c.revoke_quietly(grant)
                 raise KeyChanged(f"{key} changed since revision {mod_revision} (deleted, expired or rewritten)")
-            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + grant.ttl)
+            return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs, expiration=time.time() + granted)
         return self._call(f"renewing {key}", op)
 
     def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> None:
         key = self.lease_key(subnet, ipv6_subnet)
-        self._call(f"deleting {key}", lambda c: c.delete(key))
-
-    @staticmethod
-    def _revoke(c: Any, lease_id: int) -> None:
-        try:
-            c.revoke_lease(lease_id)
-        except _LIBRARY_ERRORS as e:  # it expires on its own; nothing is attached to it
-            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+        self._call(f"deleting {key}", lambda c: c.delete(key.encode("utf-8")))
 
     # -- watches ---------------------------------------------------------------------------------
 
@@ -823,45 +1000,65 @@ class EtcdRegistry:
     def _watch(self, key: str, *, prefix: bool, start_revision: int) -> WatchHandle:
         raw = key.encode("utf-8")
         start = max(1, start_revision)
-        range_end = pyetcd.utils.prefix_range_end(raw) if prefix else b""
+        range_end = _prefix_range_end(raw) if prefix else b""
         what = f"watching {key} from revision {start_revision}"
-        if self._watch_mode == "gateway":
+        if not self._watch_grpc:
             try:
                 return self._gateway_watch(key, raw, range_end, start, what)
             except gateway.NotGateway as e:
-                self._watch_mode = "grpc"
-                log.info("etcd (%s) does not serve its JSON gateway for watches (%s): watching through gRPC",
-                         ",".join(self._urls), e)
+                self._fall_back(e)
+        from pyetcd import etcdrpc  # the gRPC path only
         create = etcdrpc.WatchCreateRequest(key=raw, start_revision=start, progress_notify=True)
         if prefix:
             create.range_end = range_end
         request = etcdrpc.WatchRequest(create_request=create)
-        return self._call(what, lambda c: _Stream(self, c, key, request))
+        return self._grpc_call(what, lambda c: _Stream(self, c, key, request))
         # (errors of the watch itself, e.g. a compacted start revision, are raised by its ``next``)
 
     # -- watches through etcd's JSON gateway (gateway.py) ----------------------------------------
 
     def _gateway_endpoints(self) -> list[gateway.Endpoint]:
         if self._gw_endpoints is None:
-            tls: ssl.SSLContext | None = None
-            if any(https for _, _, https in self._endpoints):
-                client_cert = bool(self._certfile and self._keyfile)
-                try:
-                    tls = gateway.tls_context(self._cafile, self._certfile if client_cert else "",
-                                              self._keyfile if client_cert else "")
-                except (OSError, ssl.SSLError) as e:
-                    raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
-                                             f"files: {e}") from None
-            self._gw_endpoints = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
-                                  for host, port, https in self._endpoints]
+            with self._gw_lock:
+                if self._gw_endpoints is None:
+                    self._gw_endpoints = self._make_gateway_endpoints()
         return self._gw_endpoints
+
+    def _make_gateway_endpoints(self) -> list[gateway.Endpoint]:
+        """(under _gw_lock) The endpoints and their unary clients (``_gw_unary``), built once."""
+        tls: ssl.SSLContext | None = None
+        h2tls: ssl.SSLContext | None = None
+        if any(https for _, _, https in self._endpoints):
+            client_cert = bool(self._certfile and self._keyfile)
+            files = (self._cafile, self._certfile if client_cert else "", self._keyfile if client_cert else "")
+            try:
+                tls = gateway.tls_context(*files)
+                h2tls = h2grpc.tls_context(*files) if self._mode == "h2" else None   # (ALPN h2, for HTTP/2)
+            except (OSError, ssl.SSLError) as e:
+                raise errors.ConfigError(f"--etcd-cafile/--etcd-certfile/--etcd-keyfile: cannot load the TLS "
+                                         f"files: {e}") from None
+        eps = [gateway.Endpoint(host.strip("[]"), port, tls if https else None)
+               for host, port, https in self._endpoints]
+        for url, (_, _, https) in zip(self._urls, self._endpoints):
+            if not https:
+                self._warn_insecure(url)
+        ka = self._keepalive()
+        if self._mode == "h2":
+            self._h2_unary = [h2grpc.Unary(gateway.Endpoint(ep.host, ep.port, h2tls if ep.tls else None),
+                                           timeout=self._timeout, keepalive=ka, max_bytes=MAX_RECEIVE_BYTES)
+                              for ep in eps]
+        else:
+            self._gw_unary = [gateway.Unary(ep, timeout=self._timeout, keepalive=ka,
+                                            max_bytes=_gateway_line_limit()) for ep in eps]
+        return eps
 
     def _keepalive(self) -> gateway.Keepalive:
         return gateway.Keepalive(*keepalive_seconds())
 
-    def _token(self, ep: gateway.Endpoint, stale: str) -> str:
-        """The auth token for gateway requests ("" without --etcd-username): the one we have,
-        or a new one when we have none or ``stale`` (the one etcd just rejected) is current."""
+    def _token(self, index: int, stale: str) -> str:
+        """The auth token for h2 and gateway requests ("" without --etcd-username): the one we have,
+        or a new one from endpoint ``index`` (over h2 when unary calls go that way, else through
+        the gateway) when we have none or ``stale`` (the one etcd just rejected) is current."""
         if not self._username:
             return ""
         with self._gw_lock:
@@ -869,15 +1066,19 @@ class EtcdRegistry:
                 return self._gw_token
             what = f"authenticating as {self._username}"
             try:
-                self._gw_token = gateway.authenticate(ep, self._username, self._password, timeout=self._timeout,
-                                                      keepalive=self._keepalive())
+                if self._mode == "h2":
+                    self._gw_token = self._h2_unary[index].authenticate(self._username, self._password)
+                else:
+                    assert self._gw_endpoints is not None   # (built before any call asks for a token)
+                    self._gw_token = gateway.authenticate(self._gw_endpoints[index], self._username,
+                                                          self._password, timeout=self._timeout,
+                                                          keepalive=self._keepalive())
             except gateway.GatewayError as e:
                 raise self._gateway_error(e, what) from None
             return self._gw_token
 
     def _gateway_error(self, e: gateway.GatewayError, what: str) -> Exception:
-        code = _STATUS_CODES.get(e.code, grpc.StatusCode.UNKNOWN)
-        return self._convert_status(code, e.message, f"etcd ({','.join(self._urls)}) {what}")
+        return self._convert_status(e.code, e.message, f"etcd ({','.join(self._urls)}) {what}")
 
     def _gateway_watch(self, key: str, raw: bytes, range_end: bytes, start: int, what: str) -> _GatewayStream:
         """A watch through the gateway, on the first endpoint that takes it (starting from the one
@@ -893,7 +1094,7 @@ class EtcdRegistry:
         while True:
             ep = eps[index]
             try:
-                token = self._token(ep, stale)
+                token = self._token(index, stale)
                 w = gateway.Watch(ep, request, token, timeout=self._timeout, keepalive=self._keepalive(),
                                   max_bytes=_gateway_line_limit(), silence=WATCH_SILENCE_SECONDS, what=what)
             except gateway.GatewayError as e:
@@ -904,11 +1105,7 @@ class EtcdRegistry:
                     continue
                 raise err from e
             except errors.StoreUnavailable as e:
-                if isinstance(e, gateway.NoAnswer):
-                    self._no_answers += 1
-                    if self._no_answers >= NO_ANSWER_FALLBACK:
-                        raise gateway.NotGateway(f"{self._no_answers} requests in a row were answered by closing "
-                                                 f"the connection") from e
+                self._count_no_answer(e)
                 failed += 1
                 if failed >= len(eps):
                     raise
@@ -992,14 +1189,173 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-#: gRPC status codes by number (the JSON gateway reports the number)
-_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _gateway_line_limit() -> int:
     """The longest line of a gateway watch stream we read (one response as JSON): a response of
     MAX_RECEIVE_BYTES of keys and values is 4/3 of it in base64, plus the JSON around each event."""
     return MAX_RECEIVE_BYTES * 3 // 2
+
+
+class _NextPage:
+    """The next page of a listing, asked for on a thread of its own while the current one is
+    decoded. ``result()`` is that call's answer or raises what it raised, exactly as calling
+    ``c.range`` at that point would (the listing's error handling is the same either way)."""
+
+    def __init__(self, c: _KV, start: bytes, end: bytes, limit: int, revision: int) -> None:
+        self._answer: gateway.RangeResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(c, start, end, limit, revision),
+                                        name="etcd-next-page", daemon=True)
+        self._thread.start()
+
+    def _run(self, c: _KV, start: bytes, end: bytes, limit: int, revision: int) -> None:
+        try:
+            self._answer = c.range(start, end, limit=limit, revision=revision)
+        except BaseException as e:   # handed to the listing, which handles or raises it
+            self._error = e
+
+    def result(self) -> gateway.RangeResult:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
+
+    def abandon(self) -> None:
+        """The listing ended early (an error): wait for the call (bounded by its timeout), drop its answer."""
+        self._thread.join()
+
+
+class _KV(Protocol):
+    """The unary calls the registry's operations make, over either transport (``_GatewayKV``,
+    ``_GrpcKV``): raising that transport's errors, which ``EtcdRegistry._call`` converts."""
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult: ...
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool: ...
+
+    def grant(self, ttl: int) -> tuple[int, int]: ...
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        """Revoke an etcd lease nothing is attached to; a failure is only logged (it expires on its own)."""
+
+    def time_to_live(self, lease_id: int) -> int: ...
+
+
+class _GatewayKV:
+    """``_KV`` over etcd's JSON gateway: one endpoint's kept connection (gateway.Unary) and our token."""
+
+    def __init__(self, unary: gateway.Unary, token: str, what: str) -> None:
+        self._u, self._token, self._what = unary, token, what
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        return self._u.range(key, range_end, self._token, self._what, limit=limit, revision=revision,
+                             keys_only=keys_only)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._u.put(key, value, lease, self._token, self._what)
+
+    def delete(self, key: bytes) -> None:
+        self._u.delete(key, self._token, self._what)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        return self._u.put_if(key, value, lease, self._token, self._what, version=version, mod_revision=mod_revision)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return self._u.grant(ttl, self._token, self._what)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._u.revoke(lease_id, self._token, self._what)
+        except (errors.StoreError, gateway.NotGateway) as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return self._u.time_to_live(lease_id, self._token, self._what)
+
+
+class _H2KV:
+    """``_KV`` as gRPC over our HTTP/2 client (h2grpc.Unary: one endpoint's kept connection) and our token."""
+
+    def __init__(self, unary: h2grpc.Unary, token: str, what: str) -> None:
+        self._u, self._token, self._what = unary, token, what
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        return self._u.range(key, range_end, self._token, self._what, limit=limit, revision=revision,
+                             keys_only=keys_only)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._u.put(key, value, lease, self._token, self._what)
+
+    def delete(self, key: bytes) -> None:
+        self._u.delete(key, self._token, self._what)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        return self._u.put_if(key, value, lease, self._token, self._what, version=version, mod_revision=mod_revision)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return self._u.grant(ttl, self._token, self._what)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._u.revoke(lease_id, self._token, self._what)
+        except errors.StoreError as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return self._u.time_to_live(lease_id, self._token, self._what)
+
+
+class _GrpcKV:
+    """``_KV`` over pyetcd's gRPC client (FLANNEL_ETCD_TRANSPORT=grpc, or the gateway's fallback)."""
+
+    def __init__(self, client: Any) -> None:
+        self._c = client
+
+    def range(self, key: bytes, range_end: bytes, *, limit: int = 0, revision: int = 0,
+              keys_only: bool = False) -> gateway.RangeResult:
+        if range_end:
+            resp = self._c.get_range_response(key, range_end, limit=limit, revision=revision or None,
+                                              keys_only=keys_only)
+        else:
+            resp = self._c.get_response(key, keys_only=keys_only)
+        # the protobuf KeyValues have the attributes the registry reads (key, value, mod_revision, lease)
+        return gateway.RangeResult(list(resp.kvs), bool(resp.more), int(resp.count), int(resp.header.revision))
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self._c.put(key, value, lease=lease or None)
+
+    def delete(self, key: bytes) -> None:
+        self._c.delete(key)
+
+    def put_if(self, key: bytes, value: bytes, lease: int, *, version: int | None = None,
+               mod_revision: int | None = None) -> bool:
+        t = self._c.transactions
+        compare = t.version(key) == version if version is not None else t.mod(key) == mod_revision
+        ok, _ = self._c.transaction(compare=[compare], success=[t.put(key, value, lease=lease or None)], failure=[])
+        return bool(ok)
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        grant = self._c.lease(ttl)
+        return int(grant.id), int(grant.ttl)
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._c.revoke_lease(lease_id)
+        except _library_errors() as e:  # it expires on its own; nothing is attached to it
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, e)
+
+    def time_to_live(self, lease_id: int) -> int:
+        return int(self._c.get_lease_info(lease_id).TTL)
 
 
 class _GatewayStream:
@@ -1055,6 +1411,8 @@ class _Stream:
     def __init__(self, reg: EtcdRegistry, client: Any, key: str, request: Any) -> None:
         self._reg, self._client, self._key = reg, client, key
         self._cancelled = False
+        from grpc._cython import cygrpc  # the gRPC path only
+        from pyetcd import etcdrpc
         grpcwait.lengthen_signal_checks(cygrpc)   # a blocked next() sleeps instead of waking 5×/s (see grpcwait)
         method = client.channel.unary_stream(_WATCH_METHOD, request_serializer=etcdrpc.WatchRequest.SerializeToString,
                                              response_deserializer=etcdrpc.WatchResponse.FromString)
@@ -1080,7 +1438,7 @@ class _Stream:
         except StopIteration:
             self._let_go()
             raise errors.StoreUnavailable(f"etcd watch on {self._key} ended") from None
-        except grpc.RpcError as e:
+        except _library_errors() as e:
             self._let_go()
             if self._cancelled:
                 raise errors.StoreUnavailable(f"etcd watch on {self._key} cancelled") from None

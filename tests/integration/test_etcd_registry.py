@@ -309,6 +309,40 @@ def test_tls_wrong_server_name(pki, tmp_path):
         srv.close()
 
 
+@pytest.mark.parametrize("transport", ["h2", "gateway"])
+def test_a_kept_tls_connection_closed_by_the_server_is_replaced_not_taken_for_a_refused_certificate(
+        pki, tmp_path, monkeypatch, transport):
+    """A TLS etcd (--client-cert-auth) behind a TCP proxy that drops the idle kept connection: the
+    next unary call asks again on a new TLS connection and succeeds (a close after the handshake on a
+    *new* connection is how etcd refuses a certificate; on a kept one it is only a stale connection)."""
+    from tests.support import GatewayProxy
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, transport)
+    srv = tls_etcd(pki, tmp_path)
+    srv.start()
+    proxy = GatewayProxy(srv.host, srv.client_port)   # TLS bytes are forwarded as they are
+    try:
+        reg = EtcdRegistry(endpoints=[f"https://127.0.0.1:{proxy.port}"], prefix=PREFIX, cafile=str(pki / "ca.crt"),
+                           certfile=str(pki / "client.crt"), keyfile=str(pki / "client.key"))
+        try:
+            reg.put_config(CONFIG)
+            unary = reg._h2_unary[0] if transport == "h2" else reg._gw_unary[0]
+            assert unary.connections == 1
+            with proxy._lock:
+                socks = list(proxy._socks)
+            for s in socks:
+                try:
+                    s.shutdown(2)
+                except OSError:   # already shut down by the proxy (closing one end closes the other)
+                    pass
+            assert reg.get_config() == CONFIG
+            assert unary.connections == 2 and reg._mode == transport
+        finally:
+            reg.close()
+    finally:
+        proxy.close()
+        srv.close()
+
+
 def test_the_gateway_watch_probes_a_tls_etcd_with_its_client_certificate(pki, tmp_path, monkeypatch):
     """With --client-cert-auth, the liveness probe's connection must present the same client
     certificate as the watch (etcd refuses the handshake otherwise): a quiet TLS etcd keeps the
@@ -396,6 +430,7 @@ def test_calls_failing_as_unavailable_for_a_while_open_a_fresh_connection(etcd_s
 
     caplog.set_level(logging.INFO, logger=registry_mod.__name__)
     monkeypatch.setattr(registry_mod, "FRESH_CONNECTION_AFTER_SECONDS", 0.5)
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, "grpc")   # about the gRPC channel
     reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX, timeout=1)
     try:
         reg.put_config(CONFIG)

@@ -16,7 +16,7 @@ import pytest
 from flannel import errors, wire
 from flannel.lease import EventType, LeaseAttrs
 from flannel.options import AgentOptions
-from flannel.subnet_managers.etcd import EtcdSubnetManager
+from flannel.subnet_managers.etcd import EtcdSubnetManager, gateway, h2grpc
 from flannel.subnet_managers.etcd import registry as registry_mod
 from flannel.subnet_managers.etcd.registry import EtcdRegistry
 from tests.support import Follower, FreezableProxy, acquire, read_watch, wait_for
@@ -78,6 +78,11 @@ def reg(etcd_server):  # type: ignore[no-untyped-def]
 
 def raw_put(reg: EtcdRegistry, key: bytes, value: bytes) -> None:
     reg._call("test put", lambda c: c.put(key, value))
+
+
+def raw_get(reg: EtcdRegistry, key: str) -> bytes:
+    resp = reg._call("test get", lambda c: c.range(key.encode(), b""))
+    return bytes(resp.kvs[0].value)
 
 
 @pytest.fixture
@@ -142,7 +147,7 @@ def test_hint_on_an_unreadable_key_does_not_crash_loop(reg, make_manager, tmp_pa
     for _ in range(2):  # the first start and a restart: both get a lease, neither tries the key twice
         lease = acquire(make_manager(subnet_file=str(env)), attrs("192.0.2.1"))
         assert lease.subnet is not None and lease.subnet != IPv4Network("10.8.7.0/24")
-    assert reg._call("get", lambda c: c.get(SUBNETS + "10.8.7.0-24"))[0] == deep(5000)  # left alone
+    assert raw_get(reg, SUBNETS + "10.8.7.0-24") == deep(5000)  # left alone
 
 
 def test_a_stray_lease_with_our_ip_does_not_take_over_on_restart(reg, make_manager, tmp_path, caplog):
@@ -152,10 +157,10 @@ def test_a_stray_lease_with_our_ip_does_not_take_over_on_restart(reg, make_manag
     assert first.subnet is not None
     env.write_text(f"FLANNEL_NETWORK=10.8.0.0/16\nFLANNEL_SUBNET={first.subnet.network_address + 1}/24\n")
     stray_key = SUBNETS + "10.8.0.0-24"  # sorts before every allocatable subnet
-    reg._call("put", lambda c: c.put(stray_key, peer("192.0.2.1")))
+    raw_put(reg, stray_key.encode(), peer("192.0.2.1"))
     again = acquire(make_manager(subnet_file=str(env)), attrs("192.0.2.1"))
     assert again.subnet == first.subnet
-    assert reg._call("get", lambda c: c.get(stray_key))[0] == peer("192.0.2.1")  # not deleted, not rewritten
+    assert raw_get(reg, stray_key) == peer("192.0.2.1")  # not deleted, not rewritten
     assert "2 leases carry our public IP 192.0.2.1" in caplog.text and "10.8.0.0/24" in caplog.text
 
 
@@ -169,7 +174,7 @@ def test_watch_resumes_after_the_last_delivered_event_during_catch_up(reg, etcd_
 
     def put_all(c: Any) -> None:
         for k in keys:
-            c.put(k, peer("198.18.0.1"))
+            c.put(k.encode(), peer("198.18.0.1"))
     reg._call("bulk put", put_all)
     handle = reg.watch_leases(start)
     try:
@@ -189,42 +194,64 @@ def test_watch_resumes_after_the_last_delivered_event_during_catch_up(reg, etcd_
     assert [str(s) for s in seen] == [str(wire.parse_subnet_key(k[len(SUBNETS):])[0]) for k in keys]  # type: ignore[index]
 
 
-class _Timeout(registry_mod.grpc.RpcError):  # type: ignore[misc]
-    """What a write whose answer was lost looks like: it may have been applied."""
-
-    def code(self) -> Any:
-        return registry_mod.grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "Deadline Exceeded"
-
-
+@pytest.mark.parametrize("transport", ["h2", "gateway", "grpc"])
 @pytest.mark.parametrize("write", ["update", "renew"])
-def test_an_ambiguous_write_failure_never_deletes_our_key(reg, write):
+def test_an_ambiguous_write_failure_never_deletes_our_key(etcd_server, write, transport, monkeypatch, request):
     """The put is applied, then the call times out: flannel revoked the new etcd lease, which
     deleted the key it had just renewed. We leave everything as it is; the caller re-reads."""
+    import grpc
+    monkeypatch.setenv(registry_mod.TRANSPORT_ENV, transport)
+    reg = EtcdRegistry(endpoints=[etcd_server.endpoint], prefix=PREFIX)
+    request.addfinalizer(reg.close)
     sn = IPv4Network("10.8.5.0/24")
     lease = reg.create_lease(sn, None, attrs("192.0.2.1"), 600)
     mod = reg.get_lease(sn, None).mod_revision
-    client = reg._connect()
-    real_put, real_txn = client.put, client.transaction
+    if transport == "h2":
+        real_h2_call = h2grpc.Unary.call
 
-    def put_then_time_out(*a: Any, **k: Any) -> Any:
-        real_put(*a, **k)
-        raise _Timeout()
+        def h2_call_then_time_out(self: h2grpc.Unary, method: str, *a: Any) -> Any:
+            answer = real_h2_call(self, method, *a)
+            if method in (h2grpc.PUT, h2grpc.TXN):
+                raise errors.StoreUnavailable("timed out")   # what Unary.call raises when the answer is late
+            return answer
+        monkeypatch.setattr(h2grpc.Unary, "call", h2_call_then_time_out)
+    elif transport == "gateway":
+        real_call = gateway.Unary.call
 
-    def txn_then_time_out(*a: Any, **k: Any) -> Any:
-        real_txn(*a, **k)
-        raise _Timeout()
-    client.put, client.transaction = put_then_time_out, txn_then_time_out
-    try:
-        with pytest.raises(errors.StoreUnavailable):
-            if write == "update":
-                reg.update_lease(sn, None, lease.attrs, 600)
-            else:
-                reg.renew_lease(sn, None, lease.attrs, 600, mod_revision=mod)
-    finally:
-        client.put, client.transaction = real_put, real_txn
+        def call_then_time_out(self: gateway.Unary, path: str, *a: Any) -> Any:
+            answer = real_call(self, path, *a)
+            if path in (gateway.PUT_PATH, gateway.TXN_PATH):
+                raise errors.StoreUnavailable("timed out")   # what Unary.call raises when the answer is late
+            return answer
+        monkeypatch.setattr(gateway.Unary, "call", call_then_time_out)
+    else:
+        class Timeout(grpc.RpcError):  # type: ignore[misc]
+            """What a write whose answer was lost looks like: it may have been applied."""
+
+            def code(self) -> Any:
+                return grpc.StatusCode.DEADLINE_EXCEEDED
+
+            def details(self) -> str:
+                return "Deadline Exceeded"
+        reg._mode = "grpc"
+        client = reg._connect()
+        real_put, real_txn = client.put, client.transaction
+
+        def put_then_time_out(*a: Any, **k: Any) -> Any:
+            real_put(*a, **k)
+            raise Timeout()
+
+        def txn_then_time_out(*a: Any, **k: Any) -> Any:
+            real_txn(*a, **k)
+            raise Timeout()
+        monkeypatch.setattr(client, "put", put_then_time_out)
+        monkeypatch.setattr(client, "transaction", txn_then_time_out)
+    with pytest.raises(errors.StoreUnavailable):
+        if write == "update":
+            reg.update_lease(sn, None, lease.attrs, 600)
+        else:
+            reg.renew_lease(sn, None, lease.attrs, 600, mod_revision=mod)
+    monkeypatch.undo()
     stored = reg.get_lease(sn, None)
     assert stored.exists and stored.lease is not None and stored.lease.attrs == lease.attrs
     assert stored.mod_revision > mod  # the write did happen ...
