@@ -29,15 +29,20 @@ _M_ARENA_MAX = -8
 ARENAS = 1
 
 
+def _libc() -> ctypes.CDLL | None:
+    """libc, already in the process (no library search: find_library may run a compiler)."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     """Cap glibc's malloc arenas, before the agent starts its threads. True if it was set here."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    try:   # libc is already in the process (no library search: find_library may run a compiler)
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
     if mallopt is None:
         return False
     ok = bool(mallopt(_M_ARENA_MAX, arenas))
@@ -49,11 +54,9 @@ def trim_heap() -> None:
     """Give the memory a big burst of work used (a full reconcile's dump, desired state and plan)
     back to the system: glibc keeps freed heap pages otherwise, and RSS at 5000 peers would carry
     the cold start's peak. Best effort: nothing happens without glibc's ``malloc_trim``."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass   # not glibc: nothing to do
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:   # (not glibc: nothing to do)
+        trim(0)
 
 
 @contextlib.contextmanager

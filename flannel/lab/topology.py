@@ -11,10 +11,17 @@ Only addresses in 198.18.0.0/15 are used on the underlay.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
 from flannel.lab.netns import NetNS, run, veth_pair
+
+
+def _local_mac(seed: str) -> str:
+    """A locally administered unicast MAC derived from ``seed`` (stable for one lab)."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 DEFAULT_UNDERLAY = "198.18.0.0/24"
 
@@ -38,6 +45,14 @@ class Underlay:
         self.hub_ip = self.subnet.network_address + 254
         self.hub = NetNS(prefix + "hub")
         self.hub.ip("link", "add", "br0", "type", "bridge")
+        # A MAC of its own, set explicitly: a bridge without one takes the lowest MAC of its ports and
+        # changes it when a host joins with a lower one. Every host's ARP entry for the hub address
+        # then names a MAC the hub's IP stack no longer accepts (a port's: the frames go up as
+        # "other host" and are dropped), and a host that keeps hearing from the hub (retransmissions,
+        # keepalives) keeps that entry REACHABLE: its packets to etcd vanished for 30 s and more
+        # after another host joined (CI: test_agents_survive_an_etcd_outage). A real node's gateway
+        # does not change its MAC under it.
+        self.hub.ip("link", "set", "br0", "address", _local_mac(prefix))
         self.hub.ip("addr", "add", f"{self.hub_ip}/{self.subnet.prefixlen}", "dev", "br0")
         self.hub.ip("link", "set", "br0", "up")
         self.hosts: dict[str, Host] = {}

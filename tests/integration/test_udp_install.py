@@ -139,9 +139,8 @@ def test_nothing_in_the_package_compiles_or_reads_a_cache_at_run_time() -> None:
     assert sorted(cdll) == sorted([
         "backends/udp/accel.py: ctypes.CDLL(str(path))",
         "flannel/lab/netns.py: ctypes.CDLL(None, use_errno=True)",
-        "backends/routed/reconcile.py: ctypes.CDLL(None)",   # libc, already in the process (malloc_trim)
         "flannel/threadname.py: ctypes.CDLL(None, use_errno=True)",   # libc (prctl: thread names)
-        "flannel/memory.py: ctypes.CDLL(None)",   # libc (mallopt: one malloc arena)
+        "flannel/memory.py: ctypes.CDLL(None)",   # libc (mallopt: one malloc arena; malloc_trim)
     ]), cdll
     src = (ROOT / "backends" / "udp" / "accel.py").read_text()
     assert "path = library_path()" in src
